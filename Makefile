@@ -1,0 +1,28 @@
+# Two entry points: `make run` (set up + quick reproduction) and `make test` (set up + tests).
+# TORCH_SPEC pins the CPU build that lies on this lab's disk; on a GPU machine use e.g.
+#   make run TORCH_SPEC="torch"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/backproplab reproduce --quick --out results
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_loop_overhead.py
+
+clean:
+	rm -rf $(VENV) results

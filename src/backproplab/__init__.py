@@ -1,0 +1,13 @@
+"""backproplab: training algorithms that change how deep nets are trained by backpropagation.
+
+The foundation: ``data`` (offline and local-file datasets), ``models`` (model zoo by name),
+``train`` (one loop with step, callback and transform plug points; DDP under torchrun),
+``experiments`` (registered reproductions) and ``report`` (results -> HTML).
+"""
+
+from .data import Data, load_dataset
+from .models import build_model
+from .train import Batch, TrainConfig, TrainState, fit, standard_step
+
+__all__ = ["Data", "load_dataset", "build_model", "Batch", "TrainConfig", "TrainState", "fit", "standard_step"]
+__version__ = "0.1.0"

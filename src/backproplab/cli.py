@@ -1,0 +1,74 @@
+"""Command line: ``backproplab list | run | report | reproduce``.
+
+Runs under ``torchrun --nproc_per_node=N -m backproplab run ...`` data-parallel; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import experiments
+from .report import build_report
+from .train import init_distributed
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="backproplab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="experiments with one-line descriptions")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--quick", action="store_true", help="the short version (minutes on a laptop)")
+        sp.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+        sp.add_argument("--out", default="results", help="results folder (default: results)")
+        sp.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+        sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="skip finished runs and continue interrupted ones from their checkpoints (default)")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("run", help="run one experiment")
+    r.add_argument("name")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    common(r)
+    rep = sub.add_parser("report", help="one HTML page from a results folder")
+    rep.add_argument("dir")
+    rep.add_argument("--output", help="output file (default DIR/report.html)")
+    rp = sub.add_parser("reproduce", help="every registered reproduction, then the report")
+    common(rp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            for exp in experiments.all_experiments():
+                print(f"{exp.name:20s} {exp.description}")
+            return 0
+        if args.command == "report":
+            print(build_report(args.dir, args.output))
+            return 0
+        todo = [experiments.get(args.name)] if args.command == "run" else experiments.all_experiments()
+        overrides = args.set if args.command == "run" else []
+        # validate every config before any training starts
+        configs = [(e, experiments.make_config(e, overrides, quick=args.quick, seeds=args.seeds, device=args.device))
+                   for e in todo]
+    except (experiments.ConfigError, FileNotFoundError) as e:
+        print(f"backproplab: error: {e}", file=sys.stderr)
+        return 2
+    rank, _ = init_distributed(configs[0][1].device)
+    t0 = time.perf_counter()
+    for exp, cfg in configs:
+        exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
+        if rank == 0:
+            print(f"{exp.name}: results in {exp_dir}")
+    if rank == 0:
+        report = build_report(args.out)
+        print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

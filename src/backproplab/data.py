@@ -1,0 +1,285 @@
+"""Datasets as in-memory tensors: offline ones made here, real ones read from local files.
+
+Every loader returns a :class:`Data`: ``x_train`` of shape ``(N, *input_shape)`` float32,
+``y_train`` of shape ``(N,)`` int64 class labels (or ``(N, out_dim)`` float32 targets for
+regression, where ``num_classes == 0``), and the same for the test split. Inputs are
+standardised with training-set statistics. Splits and subsets are a pure function of ``seed``.
+
+Offline (always available):
+  ``digits``           scikit-learn's bundled 8x8 handwriting, (1, 8, 8), 10 classes, 1797 examples
+                       split 80/20 stratified by ``seed``.
+  ``mnist1d``          MNIST-1D generated locally (``mnist1d.data.make_dataset``, its default seed 42),
+                       (1, 40), 10 classes, 4000 train / 1000 test; cached on disk after the first call.
+  ``gaussian_teacher`` Gaussian inputs labelled by a fixed random ReLU teacher (regression).
+
+Local files in their official formats, under ``root`` (default ``$BACKPROPLAB_DATA`` or ``./data``):
+  ``cifar10``          ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (python pickles), (3, 32, 32).
+  ``mnist``            ``mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``, (1, 28, 28).
+  ``fashion_mnist``    the same four IDX files under ``fashion_mnist/``.
+  ``svhn``             ``svhn/{train,test}_32x32.mat`` (cropped digits; label 10 means 0), (3, 32, 32).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _io
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's local files are missing; the message names the expected path and layout."""
+
+
+@dataclass(frozen=True)
+class Data:
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int  # 0 for regression targets
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_classes if self.num_classes else int(self.y_train.shape[1])
+
+    def subset(self, n_train: int, seed: int = 0) -> "Data":
+        """The same data with ``n_train`` training examples drawn without replacement by ``seed``."""
+        n = len(self.x_train)
+        if not 0 < n_train <= n:
+            raise ValueError(f"n_train={n_train} must be in [1, {n}] for dataset {self.name!r}")
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_train].sort().values
+        return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
+
+    def to(self, device: torch.device | str) -> "Data":
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+
+
+DATASETS: dict[str, Callable[..., Data]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Data]], Callable[..., Data]]:
+    """Register a loader ``fn(seed=..., root=..., **kwargs) -> Data`` under ``name`` (later ones replace)."""
+
+    def deco(fn: Callable[..., Data]) -> Callable[..., Data]:
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+def load_dataset(name: str, *, n_train: int | None = None, seed: int = 0,
+                 root: str | os.PathLike | None = None, **kwargs) -> Data:
+    """Load dataset ``name``; ``n_train`` keeps a seeded random subset of the training set."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+    data = DATASETS[name](seed=seed, root=Path(root) if root else default_root(), **kwargs)
+    return data.subset(n_train, seed) if n_train else data
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("BACKPROPLAB_DATA", "data"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BACKPROPLAB_CACHE", Path.home() / ".cache" / "backproplab"))
+
+
+def _standardise(name: str, x_train: np.ndarray, y_train, x_test: np.ndarray, y_test, num_classes: int,
+                 per_channel: bool = True) -> Data:
+    x_train = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32)
+    x_test = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32)
+    dims = [0] + list(range(2, x_train.dim())) if per_channel else list(range(x_train.dim()))
+    mean = x_train.mean(dim=dims, keepdim=True)
+    std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    label = torch.int64 if num_classes else torch.float32
+    return Data(name, (x_train - mean) / std, torch.as_tensor(np.asarray(y_train), dtype=label),
+                (x_test - mean) / std, torch.as_tensor(np.asarray(y_test), dtype=label), num_classes)
+
+
+def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * test_fraction))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+# ---------------------------------------------------------------- offline datasets
+
+
+@register_dataset("digits")
+def digits(seed: int = 0, root: Path | None = None, test_fraction: float = 0.2) -> Data:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = bunch.images.astype(np.float32)[:, None] / 16.0
+    y = bunch.target.astype(np.int64)
+    tr, te = _stratified_split(y, test_fraction, seed)
+    return _standardise("digits", x[tr], y[tr], x[te], y[te], 10, per_channel=False)
+
+
+@register_dataset("mnist1d")
+def mnist1d(seed: int = 0, root: Path | None = None, num_samples: int = 5000, generator_seed: int = 42) -> Data:
+    """MNIST-1D made locally; ``seed`` only affects subsets (the split is the generator's 80/20)."""
+    path = cache_dir() / f"mnist1d_{num_samples}_{generator_seed}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    else:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples, args.seed = num_samples, generator_seed
+        saved = np.random.get_state()  # make_dataset reseeds numpy's global generator
+        try:
+            d = make_dataset(args)
+        finally:
+            np.random.set_state(saved)
+        arrays = {"x": d["x"], "y": d["y"], "x_test": d["x_test"], "y_test": d["y_test"]}
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        _io.write_bytes(path, buf.getvalue())
+    x, xt = arrays["x"][:, None].astype(np.float32), arrays["x_test"][:, None].astype(np.float32)
+    return _standardise("mnist1d", x, arrays["y"].astype(np.int64), xt, arrays["y_test"].astype(np.int64), 10)
+
+
+@register_dataset("gaussian_teacher")
+def gaussian_teacher(seed: int = 0, root: Path | None = None, input_dim: int = 20,
+                     widths: tuple[int, ...] = (10, 15, 20, 25), output_dim: int = 10,
+                     n_train: int = 10000, n_test: int = 2000, input_std: float = 10.0) -> Data:
+    """Gaussian inputs ``N(0, input_std^2 I)`` labelled by a random ReLU MLP teacher fixed by ``seed``.
+
+    A generic teacher; the teacher-student module registers the Luck Matters teachers.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dims = (input_dim, *widths, output_dim)
+    layers = [(torch.randn(o, i, generator=g) / i**0.5, torch.rand(o, generator=g) - 0.5)
+              for i, o in zip(dims[:-1], dims[1:])]
+
+    def teacher(x: Tensor) -> Tensor:
+        for k, (w, b) in enumerate(layers):
+            x = x @ w.T + b
+            if k < len(layers) - 1:
+                x = torch.relu(x)
+        return x
+
+    x = torch.randn(n_train + n_test, input_dim, generator=g) * input_std
+    y = teacher(x)
+    return Data("gaussian_teacher", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 0)
+
+
+# ---------------------------------------------------------------- local files, official formats
+
+
+def _missing(name: str, expected: Path, layout: str) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"{name}: expected {expected} (layout: {layout}). Put the official files there, or point "
+        f"--set data_root=DIR / $BACKPROPLAB_DATA at the folder that holds them; nothing is downloaded.")
+
+
+@register_dataset("cifar10")
+def cifar10(seed: int = 0, root: Path | None = None) -> Data:
+    folder = (root or default_root()) / "cifar-10-batches-py"
+    layout = "cifar-10-batches-py/data_batch_1 .. data_batch_5 and test_batch, the python pickle version"
+    files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+    for f in files:
+        if not f.exists():
+            raise _missing("cifar10", f, layout)
+
+    def read(f: Path) -> tuple[np.ndarray, np.ndarray]:
+        with open(f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
+
+    train = [read(f) for f in files[:5]]
+    xt, yt = read(files[5])
+    x = np.concatenate([a for a, _ in train]).astype(np.float32) / 255
+    y = np.concatenate([b for _, b in train])
+    return _standardise("cifar10", x, y, xt.astype(np.float32) / 255, yt, 10)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {zero:#x} {dtype_code:#x})")
+        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        arr = np.frombuffer(f.read(), dtype=np.uint8)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but holds {arr.size} bytes")
+    return arr.reshape(shape)
+
+
+def _idx_dataset(name: str, root: Path | None) -> Data:
+    root = root or default_root()
+    candidates = [root / name, root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw"]
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    for folder in candidates:
+        paths = []
+        for stem in stems:
+            found = [p for p in (folder / stem, folder / f"{stem}.gz") if p.exists()]
+            paths.append(found[0] if found else None)
+        if all(paths):
+            x, y, xt, yt = (read_idx(p) for p in paths)
+            return _standardise(name, x[:, None].astype(np.float32) / 255, y.astype(np.int64),
+                                xt[:, None].astype(np.float32) / 255, yt.astype(np.int64), 10)
+    raise _missing(name, candidates[0] / stems[0],
+                   f"{name}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, gzipped (.gz) or not")
+
+
+@register_dataset("mnist")
+def mnist(seed: int = 0, root: Path | None = None) -> Data:
+    return _idx_dataset("mnist", root)
+
+
+@register_dataset("fashion_mnist")
+def fashion_mnist(seed: int = 0, root: Path | None = None) -> Data:
+    return _idx_dataset("fashion_mnist", root)
+
+
+@register_dataset("svhn")
+def svhn(seed: int = 0, root: Path | None = None) -> Data:
+    from scipy.io import loadmat
+
+    folder = (root or default_root()) / "svhn"
+    arrays = []
+    for split in ("train", "test"):
+        f = folder / f"{split}_32x32.mat"
+        if not f.exists():
+            raise _missing("svhn", f, "svhn/train_32x32.mat and svhn/test_32x32.mat (cropped digits, format 2)")
+        m = loadmat(f)
+        x = np.transpose(m["X"], (3, 2, 0, 1)).astype(np.float32) / 255  # (32,32,3,N) -> (N,3,32,32)
+        y = m["y"].reshape(-1).astype(np.int64) % 10  # the format stores digit 0 as label 10
+        arrays += [x, y]
+    return _standardise("svhn", *arrays, 10)
+
+
+def fingerprint(data: Data) -> str:
+    """A short hash of the training tensors, recorded with runs so results name their data."""
+    h = hashlib.sha1()
+    for t in (data.x_train, data.y_train):
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]

@@ -1,0 +1,174 @@
+"""Model zoo by name: ``build_model(name, input_shape, num_classes, **kwargs)``.
+
+Every model is a plain ``nn.Module`` whose activations are module instances (so a transform such as
+linear backprop can swap them) and whose final linear layer is the attribute ``head`` (so a callback
+such as RIFLE can re-initialise it). Convolutional models work on 1-D inputs ``(C, L)`` and 2-D
+inputs ``(C, H, W)`` alike; pooling stops once a spatial side reaches 1, so 8x8 digits fit too.
+
+  ``mlp``      widths=(256, 256), activation="relu"
+  ``cnn``      channels=(32, 64), hidden=128, batchnorm=False, activation="relu": conv-act-pool stages
+  ``vgg11``    VGG-11 (Simonyan & Zisserman 2015) CIFAR variant, width multiplier ``width``
+  ``vgg11_bn`` the same with BatchNorm after every convolution
+  ``resnet18`` ResNet-18 (He et al. 2016) with the CIFAR 3x3 stem, width multiplier ``width``
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
+    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "hardtanh": nn.Hardtanh, "softplus": nn.Softplus,
+    "identity": nn.Identity,
+}
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        MODELS[name] = fn
+        return fn
+    return deco
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
+    """Build model ``name`` for inputs of shape ``input_shape`` (no batch dim) and ``num_classes`` outputs."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    return MODELS[name](tuple(input_shape), num_classes, **kwargs)
+
+
+def get_activation(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; available: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
+
+
+def _layers(input_shape: Sequence[int]) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """(Conv, BatchNorm, MaxPool, AdaptiveAvgPool) for 1-D or 2-D inputs."""
+    if len(input_shape) == 2:
+        return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d
+    if len(input_shape) == 3:
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d
+    raise ValueError(f"convolutional models take inputs (C, L) or (C, H, W), got shape {tuple(input_shape)}; "
+                     "use model=mlp for flat inputs")
+
+
+class MLP(nn.Module):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (256, 256),
+                 activation: str = "relu"):
+        super().__init__()
+        act = get_activation(activation)
+        dims = [math.prod(input_shape), *widths]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, o in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(i, o), act()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
+                 hidden: int = 128, batchnorm: bool = False, activation: str = "relu"):
+        super().__init__()
+        act = get_activation(activation)
+        conv, bn, pool, _ = _layers(input_shape)
+        c, spatial = input_shape[0], list(input_shape[1:])
+        layers: list[nn.Module] = []
+        for width in channels:
+            layers += [conv(c, width, 3, padding=1, bias=not batchnorm)]
+            layers += [bn(width)] if batchnorm else []
+            layers += [act()]
+            if min(spatial) >= 2:
+                layers += [pool(2)]
+                spatial = [s // 2 for s in spatial]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * math.prod(spatial), hidden), act())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.classifier(self.features(x)))
+
+
+VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG(nn.Module):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, config: Sequence = VGG11,
+                 batchnorm: bool = False, width: float = 1.0, activation: str = "relu"):
+        super().__init__()
+        act = get_activation(activation)
+        conv, bn, pool, avg = _layers(input_shape)
+        c, spatial = input_shape[0], list(input_shape[1:])
+        layers: list[nn.Module] = []
+        for item in config:
+            if item == "M":
+                if min(spatial) >= 2:
+                    layers.append(pool(2))
+                    spatial = [s // 2 for s in spatial]
+                continue
+            out = max(1, int(round(item * width)))
+            layers += [conv(c, out, 3, padding=1, bias=not batchnorm)]
+            layers += [bn(out)] if batchnorm else []
+            layers += [act()]
+            c = out
+        self.features = nn.Sequential(*layers, avg(1), nn.Flatten())
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, conv, bn, act, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = bn(c_out)
+        self.act1 = act()
+        self.conv2 = conv(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = bn(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride=stride, bias=False), bn(c_out))
+        self.act2 = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, blocks: Sequence[int] = (2, 2, 2, 2),
+                 width: float = 1.0, activation: str = "relu"):
+        super().__init__()
+        act = get_activation(activation)
+        conv, bn, _, avg = _layers(input_shape)
+        widths = [max(1, int(round(w * width))) for w in (64, 128, 256, 512)]
+        self.stem = nn.Sequential(conv(input_shape[0], widths[0], 3, padding=1, bias=False), bn(widths[0]), act())
+        stages, c = [], widths[0]
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            stages.append(nn.Sequential(*[BasicBlock(conv, bn, act, c if j == 0 else w, w,
+                                                     (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]))
+            c = w
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.Sequential(avg(1), nn.Flatten())
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.layers(self.stem(x))))
+
+
+register_model("mlp")(MLP)
+register_model("cnn")(SmallCNN)
+register_model("vgg11")(lambda shape, k, **kw: VGG(shape, k, VGG11, batchnorm=False, **kw))
+register_model("vgg11_bn")(lambda shape, k, **kw: VGG(shape, k, VGG11, batchnorm=True, **kw))
+register_model("resnet18")(ResNet)

@@ -1,0 +1,378 @@
+"""One ordinary training loop with three plug points: a *step*, *callbacks* and model *transforms*.
+
+``fit(model, data, config)`` runs epochs of shuffled mini-batches (or a step budget), evaluates,
+writes ``metrics.jsonl``, checkpoints atomically and resumes exactly. Under ``torchrun`` it runs
+data-parallel (DDP; gloo on CPU, NCCL on GPUs): ``config.batch_size`` is the *global* batch, each
+rank takes its share through a ``DistributedSampler``, and only rank 0 writes files.
+
+Plug points
+  step       ``step(batch, state) -> loss``: one training iteration. The default,
+             :func:`standard_step`, is ``zero_grad; loss(model(x), y).backward(); optimizer.step()``,
+             accumulating over chunks when a batch is larger than ``config.chunk_size`` (full-batch GD).
+  callbacks  objects with any of ``on_train_start, on_epoch_start, on_step_end, on_epoch_end,
+             on_eval, on_train_end`` taking the :class:`TrainState`; a callback with ``state_dict`` /
+             ``load_state_dict`` is checkpointed with the run. ``on_train_start`` also runs on resume.
+  transforms functions ``nn.Module -> nn.Module`` registered in :data:`TRANSFORMS`, applied before training.
+
+Determinism: the shuffling of epoch ``e`` is a function of ``(seed, e)`` alone, and the checkpoint holds
+the model, optimizer, RNG states, callback states, loss accumulators and the position inside the
+epoch, so a resumed run ends with exactly the metrics of an uninterrupted one (timing fields aside).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+
+from . import _io
+from .data import Data
+
+TIMING_KEYS = ("examples_per_s", "step_time", "wall_time")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """What the loop needs; experiments embed these fields in their own config dataclasses."""
+
+    optimizer: str = "sgd"  # sgd | adam | gd (full-batch SGD) | anything in OPTIMIZERS
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 64  # global batch; <= 0 means the whole training set
+    epochs: int = 10
+    max_steps: int = 0  # > 0: stop after this many steps (a step budget)
+    eval_every: int = 0  # 0: evaluate at each epoch's end; > 0: every N steps
+    eval_train: bool = False  # also evaluate loss/accuracy on the whole training set
+    checkpoint_every: int = 0  # 0: no periodic checkpoints
+    loss: str = "cross_entropy"  # cross_entropy | mse
+    chunk_size: int = 2048  # larger batches are accumulated in chunks of this size
+    eval_batch_size: int = 2048
+    finite_check_every: int = 1  # check the loss for NaN/inf every N steps (each is a host sync on GPUs)
+    seed: int = 0
+    device: str = "cpu"
+
+
+class Batch(NamedTuple):
+    x: Tensor
+    y: Tensor
+    index: Tensor  # positions of the examples in the training set (for per-example weighting)
+
+
+@dataclass
+class TrainState:
+    model: nn.Module  # the bare model
+    net: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[..., Tensor]
+    config: TrainConfig
+    data: Data
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    step: int = 0
+    epoch: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False  # a callback may set this to end training early
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Step(Protocol):
+    def __call__(self, batch: Batch, state: TrainState) -> Tensor: ...
+
+
+# ---------------------------------------------------------------- losses, optimizers, transforms
+
+
+def cross_entropy(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    return F.cross_entropy(outputs, targets, reduction=reduction)
+
+
+def mse(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Squared error averaged over output dimensions, then reduced over examples."""
+    per_example = (outputs - targets).pow(2).flatten(1).mean(1)
+    return per_example if reduction == "none" else per_example.sum() if reduction == "sum" else per_example.mean()
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {"cross_entropy": cross_entropy, "mse": mse}
+
+
+def _sgd(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _adam(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam, "gd": _sgd}
+FULL_BATCH_OPTIMIZERS = {"gd"}
+
+TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; available: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[cfg.optimizer](params, cfg)
+
+
+def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    for name in names:
+        if name not in TRANSFORMS:
+            raise ValueError(f"unknown model transform {name!r}; available: {', '.join(sorted(TRANSFORMS)) or 'none'}")
+        model = TRANSFORMS[name](model)
+    return model
+
+
+# ---------------------------------------------------------------- seeding and distribution
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        if device == "cuda" and dist.is_initialized():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------- the step and evaluation
+
+
+def standard_step(batch: Batch, state: TrainState) -> Tensor:
+    """``zero_grad; mean loss over the batch .backward(); optimizer.step()``; returns the detached loss.
+
+    A batch larger than ``config.chunk_size`` is processed in chunks whose gradients add up to the
+    full-batch gradient (BatchNorm then sees chunk statistics), with DDP's all-reduce only on the last.
+    """
+    opt, net, n, cs = state.optimizer, state.net, len(batch.x), state.config.chunk_size
+    opt.zero_grad(set_to_none=True)
+    if n <= cs:
+        loss = state.loss_fn(net(batch.x), batch.y)
+        loss.backward()
+    else:
+        loss = torch.zeros((), device=batch.x.device)
+        starts = range(0, n, cs)
+        for s in starts:
+            last = s == starts[-1]
+            sync = nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+            with sync:
+                part = state.loss_fn(net(batch.x[s:s + cs]), batch.y[s:s + cs]) * (min(cs, n - s) / n)
+                part.backward()
+            loss += part.detach()
+    opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[..., Tensor],
+             batch_size: int = 2048, classification: bool = True) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of ``model`` in eval mode over ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for s in range(0, len(x), batch_size):
+        out = model(x[s:s + batch_size])
+        total += float(loss_fn(out, y[s:s + batch_size], reduction="sum"))
+        if classification:
+            correct += int((out.argmax(1) == y[s:s + batch_size]).sum())
+    model.train(was_training)
+    metrics = {"loss": total / len(x)}
+    if classification:
+        metrics["acc"] = correct / len(x)
+    return metrics
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step = standard_step,
+        callbacks: Sequence[Any] = (), optimizer: torch.optim.Optimizer | None = None,
+        out_dir: str | os.PathLike | None = None, resume: bool = True) -> list[dict]:
+    """Train ``model`` on ``data``; returns the metric records (also written to ``out_dir/metrics.jsonl``).
+
+    The model must already be initialised (seed before building it). With ``out_dir``, a checkpoint
+    there is resumed when ``resume`` is true; the finished run leaves ``model.pt`` and ``final.json``.
+    """
+    cfg = config
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; available: {', '.join(LOSSES)}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = resolve_device(cfg.device)
+    data = data.to(device)
+    model.to(device)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = optimizer or make_optimizer(model.parameters(), cfg)
+    state = TrainState(model, net, optimizer, LOSSES[cfg.loss], cfg, data, device, rank, world)
+
+    n = len(data.x_train)
+    full_batch = cfg.optimizer in FULL_BATCH_OPTIMIZERS or cfg.batch_size <= 0 or cfg.batch_size >= n
+    global_batch = n if full_batch else cfg.batch_size
+    if global_batch % world:
+        raise ValueError(f"batch_size={global_batch} must be divisible by the {world} processes")
+    local_batch = global_batch // world
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=not full_batch, seed=cfg.seed)
+    state.steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    state.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * state.steps_per_epoch
+
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    position = 0  # the next batch inside the current epoch
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        position, loss_sum, loss_count = _load_checkpoint(ckpt_path, state, callbacks, device)
+
+    _call(callbacks, "on_train_start", state)
+    examples, t_interval, steps_interval, t_start = 0, time.perf_counter(), 0, time.perf_counter()
+    wall_offset = state.history[-1]["wall_time"] if state.history else 0.0
+
+    def record() -> None:
+        nonlocal loss_sum, loss_count, examples, t_interval, steps_interval
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t_interval
+        train_loss = loss_sum.clone()
+        if world > 1:
+            dist.all_reduce(train_loss)
+            train_loss /= world
+        row = {"step": state.step, "epoch": state.epoch + state_fraction(),
+               "train_loss": float(train_loss) / max(loss_count, 1)}
+        classification = data.num_classes > 0
+        test = evaluate(model, data.x_test, data.y_test, state.loss_fn, cfg.eval_batch_size, classification)
+        row.update({f"test_{k}": v for k, v in test.items()})
+        if cfg.eval_train:
+            tr = evaluate(model, data.x_train, data.y_train, state.loss_fn, cfg.eval_batch_size, classification)
+            row.update({f"train_full_{k}": v for k, v in tr.items()})
+        if not math.isfinite(row["train_loss"]):
+            raise NonFiniteLossError(_nan_message(state))
+        row.update({"examples_per_s": examples * world / max(elapsed, 1e-12),
+                    "step_time": elapsed / max(steps_interval, 1),
+                    "wall_time": wall_offset + time.perf_counter() - t_start})
+        state.history.append(row)
+        _call(callbacks, "on_eval", state)
+        if rank == 0 and out is not None:
+            _io.write_jsonl(out / "metrics.jsonl", state.history)
+        loss_sum, loss_count, examples, steps_interval = torch.zeros((), device=device), 0, 0, 0
+        t_interval = time.perf_counter()
+
+    def state_fraction() -> float:
+        return position / state.steps_per_epoch
+
+    model.train()
+    while state.step < state.total_steps and not state.stop:
+        sampler.set_epoch(state.epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.long, device=device)
+        if position == 0:
+            _call(callbacks, "on_epoch_start", state)
+        while position < state.steps_per_epoch and state.step < state.total_steps and not state.stop:
+            idx = order[position * local_batch:(position + 1) * local_batch]
+            loss = step(Batch(data.x_train[idx], data.y_train[idx], idx), state)
+            state.step += 1
+            position += 1
+            steps_interval += 1
+            examples += len(idx)
+            loss_sum += loss
+            loss_count += 1
+            if cfg.finite_check_every and state.step % cfg.finite_check_every == 0 and not torch.isfinite(loss):
+                raise NonFiniteLossError(_nan_message(state))
+            _call(callbacks, "on_step_end", state)
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                record()
+            if ckpt_path is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt_path, state, callbacks, position, loss_sum, loss_count)
+        if position >= state.steps_per_epoch:
+            if not cfg.eval_every:
+                record()
+            _call(callbacks, "on_epoch_end", state)
+            state.epoch += 1
+            position = 0
+    if not state.history or state.history[-1]["step"] != state.step:
+        record()
+    _call(callbacks, "on_train_end", state)
+    if rank == 0 and out is not None:
+        _io.torch_save(out / "model.pt", model.state_dict())
+        _io.write_json(out / "final.json", state.history[-1])
+        if ckpt_path.exists():
+            ckpt_path.unlink()
+    return state.history
+
+
+def _nan_message(state: TrainState) -> str:
+    return (f"training loss is not finite at step {state.step} (epoch {state.epoch}, optimizer "
+            f"{state.config.optimizer!r}, lr={state.config.lr}); lower the learning rate or check the data")
+
+
+def _call(callbacks: Sequence[Any], event: str, state: TrainState) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(state)
+
+
+def _save_checkpoint(path: Path, state: TrainState, callbacks, position: int, loss_sum: Tensor, loss_count: int) -> None:
+    if state.rank != 0:
+        return
+    ckpt = {
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "step": state.step, "epoch": state.epoch, "position": position,
+        "loss_sum": loss_sum.detach().cpu(), "loss_count": loss_count, "history": state.history,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
+    }
+    _io.torch_save(path, ckpt)
+
+
+def _load_checkpoint(path: Path, state: TrainState, callbacks, device: torch.device) -> tuple[int, Tensor, int]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.step, state.epoch, state.history = ckpt["step"], ckpt["epoch"], list(ckpt["history"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    for cb, s in zip(callbacks, ckpt["callbacks"]):
+        if s is not None and hasattr(cb, "load_state_dict"):
+            cb.load_state_dict(s)
+    return ckpt["position"], ckpt["loss_sum"].to(device), ckpt["loss_count"]
+
+
+def config_dict(cfg: Any) -> dict:
+    return asdict(cfg)
