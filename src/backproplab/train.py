@@ -3,7 +3,8 @@
 ``fit(model, data, config)`` runs epochs of shuffled mini-batches (or a step budget), evaluates,
 writes ``metrics.jsonl``, checkpoints atomically and resumes exactly. Under ``torchrun`` it runs
 data-parallel (DDP; gloo on CPU, NCCL on GPUs): ``config.batch_size`` is the *global* batch, each
-rank takes its share through a ``DistributedSampler``, and only rank 0 writes files.
+rank takes its share in exactly the order of ``torch.utils.data.DistributedSampler`` (see
+:func:`epoch_order`), and only rank 0 writes files.
 
 Plug points
   step       ``step(batch, state) -> loss``: one training iteration. The default,
@@ -35,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
 
 from . import _io
 from .data import Data
@@ -248,8 +248,8 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step = stand
     if global_batch % world:
         raise ValueError(f"batch_size={global_batch} must be divisible by the {world} processes")
     local_batch = global_batch // world
-    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=not full_batch, seed=cfg.seed)
-    state.steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    per_rank = math.ceil(n / world)
+    state.steps_per_epoch = math.ceil(per_rank / local_batch)
     state.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * state.steps_per_epoch
 
     out = Path(out_dir) if out_dir is not None else None
@@ -297,8 +297,7 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step = stand
 
     model.train()
     while state.step < state.total_steps and not state.stop:
-        sampler.set_epoch(state.epoch)
-        order = torch.tensor(list(iter(sampler)), dtype=torch.long, device=device)
+        order = epoch_order(n, state.epoch, cfg.seed, rank, world, shuffle=not full_batch).to(device)
         if position == 0:
             _call(callbacks, "on_epoch_start", state)
         while position < state.steps_per_epoch and state.step < state.total_steps and not state.stop:
@@ -310,7 +309,7 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step = stand
             examples += len(idx)
             loss_sum += loss
             loss_count += 1
-            if cfg.finite_check_every and state.step % cfg.finite_check_every == 0 and not torch.isfinite(loss):
+            if cfg.finite_check_every and state.step % cfg.finite_check_every == 0 and not math.isfinite(loss):
                 raise NonFiniteLossError(_nan_message(state))
             _call(callbacks, "on_step_end", state)
             if cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -332,6 +331,19 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step = stand
         if ckpt_path.exists():
             ckpt_path.unlink()
     return state.history
+
+
+def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> Tensor:
+    """This rank's example order for ``epoch``: exactly ``torch.utils.data.DistributedSampler``'s
+    (seeded permutation, padded by wrapping to a multiple of ``world``, strided by rank), as a tensor."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    else:
+        order = torch.arange(n)
+    total = math.ceil(n / world) * world
+    if total > n:
+        order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[:total - n]])
+    return order[rank:total:world]
 
 
 def _nan_message(state: TrainState) -> str:

@@ -1,0 +1,150 @@
+"""Timing harness: a method's training step against a baseline step, in the same process.
+
+``compare(candidates, baseline=...)`` takes ``{name: factory}`` where ``factory(device) -> step`` builds
+the model, data and optimizer and returns a zero-argument callable doing one training step. Times are
+taken in interleaved rounds (baseline, method, baseline, method, ...) so drift and turbo affect both
+alike; the table gives each median, its ratio to the baseline's median, and peak memory.
+
+Peak memory is what the steps add on top of the set-up (model and data), including optimizer state
+created by the first step: on CUDA ``max_memory_allocated`` after a reset; on CPU the growth of the
+resident set's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) measured in a fresh
+process per candidate, so one candidate's freed memory cannot hide another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+Factory = Callable[[str], Callable[[], None]]
+
+
+@dataclass
+class Result:
+    name: str
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    ratio: float  # median / baseline median
+    peak_mb: float | None
+    peak_ratio: float | None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], device: str = "cpu", repeats: int = 30,
+                     warmup: int = 3, inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each step, ``repeats`` rounds, candidates interleaved within a round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(inner):
+                steps[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t) / inner)
+    return times
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_peak_child(factory: Factory, steps: int, queue) -> None:
+    torch.manual_seed(0)
+    step = factory("cpu")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _rss_kb("VmRSS")
+    for _ in range(steps):
+        step()
+    queue.put((_rss_kb("VmHWM") - before) * 1024)
+
+
+def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3) -> int | None:
+    """Bytes the first ``steps`` training steps add at their peak over the set-up."""
+    if device.startswith("cuda"):
+        torch.manual_seed(0)
+        step = factory(device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_cpu_peak_child, args=(factory, steps, queue))
+    proc.start()
+    value = queue.get(timeout=600)
+    proc.join()
+    return value
+
+
+def compare(candidates: dict[str, Factory], baseline: str, device: str = "cpu", repeats: int = 30,
+            warmup: int = 3, inner: int = 1, memory: bool = True) -> list[Result]:
+    torch.manual_seed(0)
+    steps = {name: f(device) for name, f in candidates.items()}
+    times = time_interleaved(steps, device, repeats, warmup, inner)
+    peaks = {name: peak_memory(f, device) if memory else None for name, f in candidates.items()}
+    base_t = statistics.median(times[baseline])
+    base_m = peaks[baseline]
+    results = []
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        m = peaks[name]
+        results.append(Result(name, 1e3 * statistics.median(ts), 1e3 * q[0], 1e3 * q[2],
+                              statistics.median(ts) / base_t,
+                              None if m is None else m / 2**20,
+                              None if (m is None or not base_m) else m / base_m))
+    return results
+
+
+def table(results: list[Result], title: str) -> str:
+    lines = [title, f"{'name':32s} {'median ms':>10s} {'IQR ms':>15s} {'ratio':>7s} {'peak MB':>9s} {'mem ratio':>9s}"]
+    for r in results:
+        peak = "-" if r.peak_mb is None else f"{r.peak_mb:9.2f}"
+        pr = "-" if r.peak_ratio is None else f"{r.peak_ratio:9.2f}"
+        lines.append(f"{r.name:32s} {r.median_ms:10.3f} {r.q1_ms:7.3f}-{r.q3_ms:<7.3f} {r.ratio:7.3f} {peak:>9s} {pr:>9s}")
+    return "\n".join(lines)
+
+
+def cli(description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", help="write the results as JSON here")
+    return p.parse_args()
+
+
+def report(results_by_case: dict[str, list[Result]], args: argparse.Namespace, title: str) -> None:
+    print(f"# {title} (device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    for case, results in results_by_case.items():
+        print(table(results, f"\n## {case}"))
+    if args.out:
+        Path(args.out).write_text(json.dumps({c: [asdict(r) for r in rs] for c, rs in results_by_case.items()},
+                                             indent=2))
+    sys.stdout.flush()

@@ -1,0 +1,142 @@
+"""The command line end to end: config validation, runs, report, torchrun, kill-and-resume."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from backproplab import experiments
+from backproplab.cli import main
+from backproplab.train import TIMING_KEYS
+
+TINY = ["datasets=digits", "models=mlp", "optimizers=sgd,adam", "epochs=2"]
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "backproplab", *args], capture_output=True, text=True,
+                          env=env, timeout=kw.pop("timeout", 300), **kw)
+
+
+def test_list_names_every_registered_experiment(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for exp in experiments.all_experiments():
+        assert exp.name in out and exp.description in out
+
+
+def test_unknown_set_key_fails_fast_listing_valid_keys(tmp_path, capsys):
+    code = main(["run", "baselines", "--set", "epochz=3", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown key 'epochz'" in err
+    for field in ("epochs (int", "optimizers (comma-separated list of str", "adam_lr (float"):
+        assert field in err
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+@pytest.mark.parametrize("bad,expect", [("epochs=three", "expected int"), ("optimizers=sgd,lbfgs", "lbfgs"),
+                                        ("noequals", "key=value")])
+def test_bad_values_fail_before_training(tmp_path, capsys, bad, expect):
+    assert main(["run", "baselines", "--set", bad, "--out", str(tmp_path)]) == 2
+    assert expect in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_config_parsing_types():
+    exp = experiments.get("baselines")
+    cfg = experiments.make_config(exp, ["adam_lr=0.01", "models=cnn", "epochs=4"], quick=True, seeds=5)
+    assert cfg.adam_lr == 0.01 and cfg.models == ("cnn",) and cfg.epochs == 4 and cfg.seeds == 5
+    assert experiments.make_config(exp, quick=True).epochs == exp.quick["epochs"]
+
+
+def test_run_writes_layout_and_report_has_one_figure_section_per_experiment(tmp_path):
+    out = tmp_path / "res"
+    assert main(["run", "baselines", "--set", *TINY, "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    exp_dir = out / "baselines"
+    for arm in ("digits-mlp-sgd", "digits-mlp-adam"):
+        for seed in (0, 1):
+            run = exp_dir / arm / f"seed{seed}"
+            assert {"config.json", "metrics.jsonl", "final.json", "model.pt"} <= {p.name for p in run.iterdir()}
+            assert json.loads((run / "config.json").read_text())["seed"] == seed
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    assert summary["verdict"] and summary["figures"]
+    page = (out / "report.html").read_text()
+    sections = page.split("<h2")[1:]
+    assert len(sections) == len(list(out.glob("*/summary.json")))
+    for section in sections:
+        assert section.count("<img") == len(summary["figures"]) >= 1
+        assert "data:image/png;base64," in section
+    # the table reports mean ± std over the 2 seeds, from the runs' own final.json
+    finals = [json.loads((exp_dir / "digits-mlp-adam" / f"seed{s}" / "final.json").read_text())["test_acc"]
+              for s in (0, 1)]
+    mean = sum(finals) / 2
+    assert re.search(rf"digits-mlp-adam</td><td>2</td><td>{mean:.4g} ±", page)
+
+
+def test_rerun_skips_finished_runs(tmp_path):
+    tail = ["--seeds", "1", "--out", str(tmp_path), "--no-progress"]
+    args = ["run", "baselines", "--set", *TINY, *tail]
+    assert main(args) == 0
+    model = tmp_path / "baselines" / "digits-mlp-sgd" / "seed0" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    assert main(args) == 0
+    assert model.stat().st_mtime_ns == stamp
+    # a changed config re-runs
+    assert main(["run", "baselines", "--set", *TINY, "epochs=1", *tail]) == 0
+    assert model.stat().st_mtime_ns != stamp
+
+
+def _final_weights(folder):
+    return torch.load(Path(folder) / "baselines" / "digits-mlp-momentum" / "seed0" / "model.pt")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    """2 gloo ranks x 32 examples == 1 process x 64 examples, step for step (n_train divisible by 64)."""
+    args = ["run", "baselines", "--set", "datasets=digits", "models=mlp", "optimizers=momentum", "epochs=2",
+            "n_train=1280", "batch_size=64", "--seeds", "1", "--no-progress"]
+    single = _cli(*args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "backproplab", *args, "--out", str(tmp_path / "two")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    run = tmp_path / "two" / "baselines" / "digits-mlp-momentum" / "seed0"
+    assert len(json.loads((run / "final.json").read_text())) > 0
+
+
+@pytest.mark.slow
+def test_killed_cli_run_resumes_to_the_uninterrupted_metrics(tmp_path):
+    args = ["run", "baselines", "--set", "datasets=digits", "models=cnn", "optimizers=momentum", "epochs=6",
+            "checkpoint_every=10", "--seeds", "1", "--no-progress"]
+    full = _cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    run = tmp_path / "cut" / "baselines" / "digits-cnn-momentum" / "seed0"
+    proc = subprocess.Popen([sys.executable, "-m", "backproplab", *args, "--out", str(tmp_path / "cut")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final.json").exists(), "the run finished before it could be killed"
+    resumed = _cli(*args, "--out", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr
+
+    def metrics(folder):
+        rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+    assert metrics(run) == metrics(tmp_path / "full" / "baselines" / "digits-cnn-momentum" / "seed0")

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from backproplab.models import ACTIVATIONS, build_model
+
+SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "cifar": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("name,kwargs", [("mlp", {}), ("cnn", {}), ("cnn", {"batchnorm": True}),
+                                         ("vgg11", {"width": 0.125}), ("vgg11_bn", {"width": 0.125}),
+                                         ("resnet18", {"width": 0.125})])
+def test_models_build_and_run(name, kwargs, shape):
+    torch.manual_seed(0)
+    model = build_model(name, shape, 7, **kwargs)
+    out = model(torch.randn(3, *shape))
+    assert out.shape == (3, 7)
+    assert isinstance(model.head, nn.Linear) and model.head.out_features == 7
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+class _RecordFunctions(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "vgg11", "resnet18"])
+def test_activations_are_swappable_modules(name):
+    """After swapping every ReLU module for Identity no relu is computed: none is hidden in a forward()."""
+    kwargs = {} if name in ("mlp", "cnn") else {"width": 0.125}
+    model = build_model(name, (3, 16, 16), 5, **kwargs).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with _RecordFunctions() as before:
+        model(x)
+    assert "relu" in before.names
+    acts = [(parent, n) for parent in model.modules() for n, c in parent.named_children() if isinstance(c, nn.ReLU)]
+    for parent, n in acts:
+        setattr(parent, n, nn.Identity())
+    with _RecordFunctions() as after:
+        model(x)
+    assert "relu" not in after.names and "relu_" not in after.names
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_mlp_activation_by_name(act):
+    model = build_model("mlp", (4,), 2, widths=(8,), activation=act)
+    assert isinstance(model.body[2], ACTIVATIONS[act])
+
+
+def test_vgg11_layout():
+    model = build_model("vgg11_bn", (3, 32, 32), 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 8
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+
+
+def test_resnet18_cifar_stem_and_size():
+    model = build_model("resnet18", (3, 32, 32), 10)
+    assert model.stem[0].kernel_size == (3, 3) and model.stem[0].stride == (1, 1)
+    assert 11.1e6 < sum(p.numel() for p in model.parameters()) < 11.2e6  # the CIFAR ResNet-18 count
+
+
+def test_unknown_names_are_reported():
+    with pytest.raises(ValueError, match="available"):
+        build_model("alexnet", (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="available"):
+        build_model("mlp", (4,), 2, activation="swoosh")
+    with pytest.raises(ValueError, match="flat inputs"):
+        build_model("cnn", (4,), 2)
