@@ -20,10 +20,42 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+class _SignSTE(torch.autograd.Function):
+    """sign(x) forward; straight-through gradient 1_{|x| <= 1} (Hubara, Courbariaux et al. 2016)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return tangent * (x.abs() <= 1).to(tangent.dtype)
+
+
+class Sign(nn.Module):
+    """Binary activation sign(x) with the clipped straight-through estimator as its derivative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SignSTE.apply(x)
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "hardtanh": nn.Hardtanh, "softplus": nn.Softplus,
-    "identity": nn.Identity,
+    "sign": Sign, "identity": nn.Identity,
 }
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -123,6 +155,11 @@ class VGG(nn.Module):
             c = out
         self.features = nn.Sequential(*layers, avg(1), nn.Flatten())
         self.head = nn.Linear(c, num_classes)
+        for m in self.modules():  # torchvision's VGG initialisation; without it the plain VGG barely trains
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -38,6 +38,14 @@ class ExperimentConfig:
     seeds: int = 3
     device: str = "cpu"
     data_root: str = ""  # where local dataset files live ('' = $BACKPROPLAB_DATA or ./data)
+    linear_backprop: bool = False  # train every model of the experiment with linear backprop
+
+
+def prepare_model(cfg: ExperimentConfig, model):
+    """Apply the model transforms the config asks for (``--set linear_backprop=true``)."""
+    from ..train import apply_transforms
+
+    return apply_transforms(model, ["linear_backprop"] if cfg.linear_backprop else [])
 
 
 @dataclass
@@ -73,7 +81,7 @@ def all_experiments() -> list[Experiment]:
 
 
 def _load_builtin() -> None:
-    from . import baselines  # noqa: F401  (registers itself)
+    from . import baselines, linear_backprop  # noqa: F401  (each registers itself)
 
 
 # ---------------------------------------------------------------- config parsing

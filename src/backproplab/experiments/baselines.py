@@ -15,7 +15,7 @@ from .. import plots
 from ..data import load_dataset
 from ..models import build_model
 from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, check_choices, load_runs, register
+from . import Experiment, ExperimentConfig, check_choices, load_runs, prepare_model, register
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
 
@@ -58,7 +58,7 @@ def run_arm(cfg: BaselinesConfig, arm: str, seed: int, run_dir: Path, resume: bo
     dataset, model_name, optimizer = arm.split("-")
     data = load_dataset(dataset, n_train=cfg.n_train or None, root=cfg.data_root or None)
     seed_everything(seed)
-    model = build_model(model_name, data.input_shape, data.num_classes)
+    model = prepare_model(cfg, build_model(model_name, data.input_shape, data.num_classes))
     fit(model, data, train_config(cfg, optimizer, seed), out_dir=run_dir, resume=resume)
 
 

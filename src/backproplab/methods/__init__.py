@@ -1,0 +1,1 @@
+"""One module per paper, named after the method."""

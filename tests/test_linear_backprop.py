@@ -1,0 +1,154 @@
+"""Linear backprop against hand-built references in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from backproplab.methods.linear_backprop import (KNOWN_ACTIVATIONS, LinearBackward, linear_backprop,
+                                                 linear_backprop_scope, standard_backprop)
+from backproplab.models import Sign, build_model
+
+ACTS = [cls() for cls in KNOWN_ACTIVATIONS]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_forward_is_bit_identical(act, dtype):
+    x = (torch.randn(257, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    wrapped = linear_backprop(nn.Sequential(act))
+    assert isinstance(wrapped[0], LinearBackward)
+    assert torch.equal(wrapped(x), act(x))
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
+def test_activation_derivative_is_one(act):
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(50, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(linear_backprop(nn.Sequential(act))(x), x, g)
+    assert torch.equal(dx, g)
+
+
+def _mlp_reference_grads(model, x, y):
+    """Same MLP by hand: h = z + (f(z) - z).detach(), exact in float64, so f' = 1 in backward only."""
+    h = x.flatten(1)
+    layers = [m for m in model.body if isinstance(m, nn.Linear)]
+    acts = [m.activation if isinstance(m, LinearBackward) else m for m in model.body
+            if not isinstance(m, (nn.Linear, nn.Flatten))]
+    params = []
+    for lin, act in zip(layers, acts):
+        w, b = lin.weight.detach().clone().requires_grad_(), lin.bias.detach().clone().requires_grad_()
+        params += [w, b]
+        z = h @ w.T + b
+        h = z + (act(z) - z).detach()
+    w, b = model.head.weight.detach().clone().requires_grad_(), model.head.bias.detach().clone().requires_grad_()
+    params += [w, b]
+    loss = F.cross_entropy(h @ w.T + b, y)
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu", "softplus", "elu"])
+def test_mlp_gradients_match_hand_built_reference(activation):
+    torch.manual_seed(0)
+    model = build_model("mlp", (12,), 4, widths=(16, 8), activation=activation).double()
+    x, y = torch.randn(10, 12, dtype=torch.float64), torch.randint(0, 4, (10,))
+    linear_backprop(model)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for g, r in zip(grads, _mlp_reference_grads(model, x, y)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_cnn_gradients_match_hand_built_reference():
+    torch.manual_seed(1)
+    model = build_model("cnn", (1, 8, 8), 3, channels=(4, 6), hidden=10, activation="tanh").double()
+    x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    linear_backprop(model)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+
+    c1, c2 = model.features[0], model.features[3]
+    l1, head = model.classifier[1], model.head
+    params = [p.detach().clone().requires_grad_() for p in (c1.weight, c1.bias, c2.weight, c2.bias,
+                                                            l1.weight, l1.bias, head.weight, head.bias)]
+
+    def lin_tanh(z):
+        return z + (torch.tanh(z) - z).detach()
+
+    h = F.max_pool2d(lin_tanh(F.conv2d(x, params[0], params[1], padding=1)), 2)
+    h = F.max_pool2d(lin_tanh(F.conv2d(h, params[2], params[3], padding=1)), 2)
+    h = lin_tanh(F.linear(h.flatten(1), params[4], params[5]))
+    reference = torch.autograd.grad(F.cross_entropy(F.linear(h, params[6], params[7]), y), params)
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_restoring_gives_the_original_gradients_back():
+    torch.manual_seed(2)
+    model = build_model("mlp", (6,), 3, widths=(7,), activation="sigmoid").double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+
+    def grads():
+        return torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+
+    original = grads()
+    with linear_backprop_scope(model):
+        linear = grads()
+    restored = grads()
+    assert not all(torch.equal(a, b) for a, b in zip(original, linear))
+    assert all(torch.equal(a, b) for a, b in zip(original, restored))
+    assert not any(isinstance(m, LinearBackward) for m in model.modules())
+    assert list(model.state_dict()) == list(standard_backprop(model).state_dict())
+
+
+def test_under_torch_func_vmap_and_jvp():
+    """jvp w.r.t. the input equals the product of the weight matrices (the linearised network);
+    vmap(grad) gives the per-example gradients of a Python loop."""
+    torch.manual_seed(3)
+    model = linear_backprop(build_model("mlp", (5,), 2, widths=(6, 4), activation="tanh").double())
+    x, v = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    out, tangent = jvp(lambda inp: model(inp[None])[0], (x,), (v,))
+    w = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    torch.testing.assert_close(tangent, w[2] @ w[1] @ w[0] @ v)
+    torch.testing.assert_close(out, model(x[None])[0])
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    xs, ys = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 2, (7,))
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    batched = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
+    for i in range(7):
+        single = torch.autograd.grad(loss(dict(model.named_parameters()), xs[i], ys[i]), list(model.parameters()))
+        for (name, _), g in zip(model.named_parameters(), single):
+            torch.testing.assert_close(batched[name][i], g)
+
+
+def test_unknown_activation_is_reported_by_name():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Mish(), nn.Linear(3, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"1 \(Mish\)"):
+        linear_backprop(model)
+    linear_backprop(model, ignore=(nn.Mish,))
+    assert isinstance(model[1], nn.Mish) and isinstance(model[3], LinearBackward)
+    other = nn.Sequential(nn.Mish())
+    linear_backprop(other, activations=KNOWN_ACTIVATIONS + (nn.Mish,))
+    assert isinstance(other[0], LinearBackward)
+
+
+def test_sign_uses_the_clipped_straight_through_estimator():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.7, 3.0], requires_grad=True)
+    y = Sign()(x)
+    assert torch.equal(y, torch.sign(x.detach()))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert g.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    (g,) = torch.autograd.grad(linear_backprop(nn.Sequential(Sign()))(x).sum(), x)
+    assert g.tolist() == [1.0] * 5
+
+
+def test_runner_flag_switches_linear_backprop_on(tmp_path):
+    from backproplab import experiments
+    from backproplab.experiments import prepare_model
+
+    cfg = experiments.make_config(experiments.get("baselines"), ["linear_backprop=true"])
+    model = prepare_model(cfg, build_model("mlp", (4,), 2))
+    assert sum(isinstance(m, LinearBackward) for m in model.modules()) == 2
