@@ -115,24 +115,27 @@ def mse(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
 LOSSES: dict[str, Callable[..., Tensor]] = {"cross_entropy": cross_entropy, "mse": mse}
 
 
-def _sgd(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def _sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _adam(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _adam(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam, "gd": _sgd}
+# name -> factory(model, config); optimizers whose step is not `optimizer.step()` register their step too
+OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam,
+                                                                                     "gd": _sgd}
+OPTIMIZER_STEPS: dict[str, "Step"] = {}
 FULL_BATCH_OPTIMIZERS = {"gd"}
 
 TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; available: {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[cfg.optimizer](params, cfg)
+    return OPTIMIZERS[cfg.optimizer](model, cfg)
 
 
 def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:
@@ -221,12 +224,13 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[..., Tens
 # ---------------------------------------------------------------- the loop
 
 
-def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step = standard_step,
+def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None = None,
         callbacks: Sequence[Any] = (), optimizer: torch.optim.Optimizer | None = None,
         out_dir: str | os.PathLike | None = None, resume: bool = True) -> list[dict]:
     """Train ``model`` on ``data``; returns the metric records (also written to ``out_dir/metrics.jsonl``).
 
-    The model must already be initialised (seed before building it). With ``out_dir``, a checkpoint
+    The model must already be initialised (seed before building it). ``step`` defaults to the one the
+    optimizer registered in ``OPTIMIZER_STEPS`` (CurveBall's), else :func:`standard_step`. With ``out_dir``, a checkpoint
     there is resumed when ``resume`` is true; the finished run leaves ``model.pt`` and ``final.json``.
     """
     cfg = config
@@ -239,7 +243,8 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step = stand
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = optimizer or make_optimizer(model.parameters(), cfg)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    step = step or OPTIMIZER_STEPS.get(cfg.optimizer, standard_step)
     state = TrainState(model, net, optimizer, LOSSES[cfg.loss], cfg, data, device, rank, world)
 
     n = len(data.x_train)

@@ -58,6 +58,7 @@ class Experiment:
     analyze: Callable[[Path, Any], list[str]]
     quick: dict[str, Any] = dataclasses.field(default_factory=dict)
     table_metrics: tuple[str, ...] = ("test_acc", "test_loss", "train_loss")
+    seeds_for: Callable[[Any, str], int] | None = None  # per-arm seed count (default: cfg.seeds)
 
 
 REGISTRY: dict[str, Experiment] = {}
@@ -81,7 +82,7 @@ def all_experiments() -> list[Experiment]:
 
 
 def _load_builtin() -> None:
-    from . import baselines, linear_backprop  # noqa: F401  (each registers itself)
+    from . import baselines, curveball, linear_backprop  # noqa: F401  (each registers itself)
 
 
 # ---------------------------------------------------------------- config parsing
@@ -187,7 +188,8 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
     """Run every arm and seed of ``exp`` under ``out/<name>/``, then analyze; returns the experiment folder."""
     exp_dir = Path(out) / exp.name
     record = dataclasses.asdict(cfg)
-    jobs = [(arm, seed) for arm in exp.arms(cfg) for seed in range(cfg.seeds)]
+    jobs = [(arm, seed) for arm in exp.arms(cfg)
+            for seed in range(exp.seeds_for(cfg, arm) if exp.seeds_for else cfg.seeds)]
     bar = tqdm(jobs, desc=exp.name, unit="run", disable=not progress or _rank() != 0, file=sys.stderr)
     for arm, seed in bar:
         bar.set_postfix_str(f"{arm} seed {seed}")

@@ -1,0 +1,58 @@
+"""CurveBall's step against SGD with momentum: same model, batch; time and peak memory ratios.
+
+Goal: <= 2.0x time and <= 1.5x peak memory. Variants: automatic rho/beta (two forward-mode passes and
+one reverse pass per step) and fixed lr/momentum (one of each, plus the lambda pass every 5 steps).
+
+    python benchmarks/bench_curveball.py [--device cuda] [--out curveball.json]
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import cli, compare, report  # noqa: E402
+
+from backproplab.methods.curveball import CrossEntropy, CurveBall  # noqa: E402
+from backproplab.models import build_model  # noqa: E402
+
+CASES = {
+    "small CNN (32-64, BN) on 1x28x28, batch 128": ("cnn", (1, 28, 28), {"batchnorm": True}, 128),
+    "MLP 784-512-512-10, batch 128": ("mlp", (1, 28, 28), {"widths": (512, 512)}, 128),
+}
+
+
+def step(name, shape, kwargs, batch, method, device):
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10, **kwargs).to(device)
+    x, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
+    if method == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return run
+    fixed = {"lr": 0.01, "momentum": 0.9} if method == "curveball fixed" else {}
+    opt = CurveBall(model.parameters(), model=model, on_nonfinite="skip", **fixed)
+    loss = CrossEntropy(y)
+    return lambda: opt.step(lambda: model(x), loss)
+
+
+def main() -> None:
+    args = cli(__doc__.splitlines()[0])
+    results = {case: compare({m: functools.partial(step, *spec, m) for m in
+                              ("sgd", "curveball auto", "curveball fixed")},
+                             baseline="sgd", device=args.device, repeats=args.repeats)
+               for case, spec in CASES.items()}
+    report(results, args, "CurveBall step vs SGD+momentum")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""CurveBall against dense float64 references built from explicit Jacobians (torch.func.jacrev)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from backproplab.methods.curveball import CrossEntropy, CurveBall, MeanSquaredError, NonFiniteCurveBallError
+
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _cnn_bn():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 3))
+
+
+def _batch(model):
+    torch.manual_seed(2)
+    x = torch.randn(6, 5) if isinstance(model[0], nn.Linear) else torch.randn(6, 1, 4, 4)
+    return x, torch.randint(0, 3, (6,))
+
+
+def dense_reference(model, x, y, loss="ce"):
+    """(flat params, gradient g, GGN matrix G) from explicit Jacobians; BatchNorm in train mode."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def outputs(flat):
+        ps, i = {}, 0
+        for n in names:
+            ps[n] = flat[i:i + params[n].numel()].view_as(params[n])
+            i += params[n].numel()
+        return functional_call(model, ({**ps}, {k: v.clone() for k, v in buffers.items()}), (x,))
+
+    def loss_of_outputs(out):
+        return F.cross_entropy(out, y) if loss == "ce" else F.mse_loss(out, y)
+
+    w = torch.cat([params[n].reshape(-1) for n in names])
+    out = outputs(w)
+    J = jacrev(outputs)(w).reshape(out.numel(), -1)
+    HL = hessian(lambda o: loss_of_outputs(o.view_as(out)))(out.reshape(-1))
+    g = torch.autograd.functional.jacobian(lambda f: loss_of_outputs(outputs(f)), w)
+    return w, g, J.T @ HL @ J
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _set_z(opt, model, v):
+    i = 0
+    for p in model.parameters():
+        opt.state[p]["z"] = v[i:i + p.numel()].view_as(p).clone()
+        i += p.numel()
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn_bn], ids=["mlp", "cnn_bn"])
+@pytest.mark.parametrize("with_model", [True, False], ids=["forward_mode", "double_backward"])
+def test_ggn_vector_product_equals_explicit_jacobians(make, with_model):
+    model = make()
+    x, y = _batch(model)
+    w, g, G = dense_reference(model, x, y)
+    v = torch.randn(w.numel(), generator=torch.Generator().manual_seed(3))
+    # lambda = 0, beta = 1, rho = 0: the new z is exactly -(G v + g)
+    opt = CurveBall(model.parameters(), model=model if with_model else None, lr=1.0, momentum=0.0, lambd=0.0,
+                    auto_lambda=False)
+    _set_z(opt, model, v)
+    opt.step(lambda: model(x), CrossEntropy(y))
+    z = _flat(opt.state[p]["z"] for p in model.parameters())
+    torch.testing.assert_close(-z, G @ v + g, rtol=1e-9, atol=1e-11)
+
+
+def test_autograd_loss_path_equals_closed_form():
+    model = _mlp()
+    x, y = _batch(model)
+    target = torch.randn(6, 3)
+    w, g, G = dense_reference(model, x, target, loss="mse")
+    v = torch.randn(w.numel(), generator=torch.Generator().manual_seed(4))
+    for loss_fn in (MeanSquaredError(target), lambda out: ((out - target) ** 2).mean()):
+        model = _mlp()
+        opt = CurveBall(model.parameters(), model=model, lr=1.0, momentum=0.0, lambd=0.0, auto_lambda=False)
+        _set_z(opt, model, v)
+        opt.step(lambda: model(x), loss_fn)
+        z = _flat(opt.state[p]["z"] for p in model.parameters())
+        torch.testing.assert_close(-z, G @ v + g, rtol=1e-9, atol=1e-11)
+
+
+def _brute_force_min(f, center, width, rounds=6, n=81):
+    """Minimise f(rho, beta) by repeatedly refined grid search."""
+    c = torch.tensor(center)
+    for _ in range(rounds):
+        grid = torch.linspace(-width, width, n)
+        rr, bb = torch.meshgrid(c[0] + grid, c[1] + grid, indexing="ij")
+        vals = f(rr, bb)
+        k = torch.argmin(vals)
+        c = torch.stack([rr.reshape(-1)[k], bb.reshape(-1)[k]])
+        width = width * 4 / n
+    return c
+
+
+def test_automatic_rho_beta_minimise_the_quadratic_model():
+    model = _mlp()
+    x, y = _batch(model)
+    w, g, G = dense_reference(model, x, y)
+    lam = 0.3
+    H = G + lam * torch.eye(len(w))
+    v = 0.1 * torch.randn(w.numel(), generator=torch.Generator().manual_seed(5))
+    opt = CurveBall(model.parameters(), model=model, lambd=lam, auto_lambda=False)
+    opt.curveball_state["step"] = 1  # not the first step: z = v is a real direction
+    _set_z(opt, model, v)
+    opt.step(lambda: model(x), CrossEntropy(y))
+    rho, beta = float(opt.curveball_state["rho"]), float(opt.curveball_state["beta"])
+    dz = H @ v + g
+
+    def model_change(r, b):
+        dw = r[..., None] * v - b[..., None] * dz
+        return dw @ g + 0.5 * ((dw @ H) * dw).sum(-1)
+
+    best = _brute_force_min(model_change, [0.0, 0.0], 20.0)
+    assert math.isclose(rho, float(best[0]), rel_tol=1e-4, abs_tol=1e-6)
+    assert math.isclose(beta, float(best[1]), rel_tol=1e-4, abs_tol=1e-6)
+    # and the weights moved by exactly z = rho v - beta dz
+    torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w + rho * v - beta * dz)
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn_bn], ids=["mlp", "cnn_bn"])
+def test_first_step_is_the_exact_line_search(make):
+    model = make()
+    x, y = _batch(model)
+    w, g, G = dense_reference(model, x, y)
+    H = G + 1.0 * torch.eye(len(w))
+    opt = CurveBall(model.parameters(), model=model, lambd=1.0)
+    opt.step(lambda: model(x), CrossEntropy(y))
+    beta = (g @ g) / (g @ H @ g)
+    torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w - beta * g)
+    assert float(opt.curveball_state["rho"]) == 0.0
+
+
+@pytest.mark.parametrize("gamma,expected", [(0.2, 1 / 0.999**5), (-3.0, 1 / 0.999**5), (1.0, 1.0), (0.5, 1.0),
+                                            (1.5, 1.0), (1.7, 0.999**5)])
+def test_lambda_rule(gamma, expected):
+    group = dict(lambda_factor=0.999, lambda_interval=5, lambda_low=0.5, lambda_high=1.5)
+    new = CurveBall.lambda_update(torch.tensor(2.0), torch.tensor(gamma), group)
+    assert math.isclose(float(new), 2.0 * expected, rel_tol=1e-12)
+
+
+def test_lambda_moves_only_every_interval_steps():
+    model = _mlp()
+    x, y = _batch(model)
+    opt = CurveBall(model.parameters(), model=model, lambd=1.0)
+    lambdas = []
+    for _ in range(10):
+        opt.step(lambda: model(x), CrossEntropy(y))
+        lambdas.append(float(opt.curveball_state["lambd"]))
+    changes = [i + 1 for i in range(1, 10) if lambdas[i] != lambdas[i - 1]]
+    assert set(changes) <= {5, 10} and lambdas[0] == lambdas[3] == 1.0
+
+
+def test_converges_on_a_convex_quadratic():
+    torch.manual_seed(6)
+    A, b = torch.randn(40, 8), torch.randn(40, 1)
+    model = nn.Linear(8, 1, bias=False)
+    opt = CurveBall(model.parameters(), model=model)
+    for _ in range(60):
+        opt.step(lambda: model(A), MeanSquaredError(b))
+    solution = torch.linalg.lstsq(A, b).solution.T
+    torch.testing.assert_close(model.weight.detach(), solution, rtol=1e-6, atol=1e-8)
+
+
+def test_state_dict_round_trip_resumes_bit_identically():
+    x, y = _batch(_mlp())
+
+    def run(model, opt, n):
+        for _ in range(n):
+            opt.step(lambda: model(x), CrossEntropy(y))
+
+    model = _mlp()
+    opt = CurveBall(model.parameters(), model=model)
+    run(model, opt, 3)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # like torch.optim, state_dict holds references
+    run(model, opt, 7)
+    other = _mlp()
+    other.load_state_dict(saved_model)
+    opt2 = CurveBall(other.parameters(), model=other)
+    opt2.load_state_dict(saved_opt)
+    run(other, opt2, 7)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert torch.equal(opt.curveball_state["lambd"], opt2.curveball_state["lambd"])
+
+
+def test_batchnorm_statistics_move_once_per_step():
+    model = _cnn_bn()
+    x, y = _batch(model)
+    reference = _cnn_bn()
+    reference(x)  # one ordinary train-mode forward
+    opt = CurveBall(model.parameters(), model=model, lambda_interval=1)  # the lambda pass runs too
+    opt.step(lambda: model(x), CrossEntropy(y))
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_dropout_mask_is_shared_by_the_passes_of_one_step():
+    """With dropout, the first step is still the exact line search for the *same* mask in every pass."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    torch.manual_seed(11)
+    mask_state = torch.get_rng_state()
+    # the reference: the same mask, drawn from the same RNG state, fixed in a deterministic model
+    model.eval()
+    mask = F.dropout(torch.ones(6, 8), 0.5, training=True)
+    torch.set_rng_state(mask_state)
+    fixed = nn.Sequential(model[0], model[1], _Mul(mask), model[3])
+    w, g, G = dense_reference(fixed, x, y)
+    model.train()
+    opt = CurveBall(model.parameters(), model=model, lambd=1.0)
+    opt.step(lambda: model(x), CrossEntropy(y))
+    beta = (g @ g) / (g @ (G + torch.eye(len(w))) @ g)
+    torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w - beta * g)
+
+
+class _Mul(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def test_frozen_parameters_are_skipped():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.clone()
+    x, y = _batch(model)
+    opt = CurveBall(model.parameters(), model=model)
+    opt.step(lambda: model(x), CrossEntropy(y))
+    assert torch.equal(model[0].weight, frozen) and not torch.equal(model[2].weight, _mlp()[2].weight)
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_non_finite_loss_never_reaches_the_weights(mode):
+    model = _mlp()
+    x, y = _batch(model)
+    x[0, 0] = float("nan")
+    before = [p.clone() for p in model.parameters()]
+    opt = CurveBall(model.parameters(), model=model, on_nonfinite=mode)
+    if mode == "raise":
+        with pytest.raises(NonFiniteCurveBallError, match="not finite"):
+            opt.step(lambda: model(x), CrossEntropy(y))
+    else:
+        opt.step(lambda: model(x), CrossEntropy(y))
+        assert int(opt.curveball_state["skipped"]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_parameter_groups_must_share_settings():
+    model = _mlp()
+    with pytest.raises(ValueError, match="same 'lr'"):
+        CurveBall([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}], model=model)
+    CurveBall([{"params": model[0].parameters()}, {"params": model[2].parameters()}], model=model)
+
+
+def test_runner_optimizer_curveball_trains():
+    from backproplab.data import load_dataset
+    from backproplab.models import build_model
+    from backproplab.train import TrainConfig, fit
+
+    torch.set_default_dtype(torch.float32)
+    data = load_dataset("digits", n_train=300)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, 10, widths=(32,))
+    history = fit(model, data, TrainConfig(optimizer="curveball", lr=0, momentum=0, epochs=3, batch_size=50))
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"] and history[-1]["test_acc"] > 0.8
