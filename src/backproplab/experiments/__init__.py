@@ -82,7 +82,7 @@ def all_experiments() -> list[Experiment]:
 
 
 def _load_builtin() -> None:
-    from . import baselines, curveball, linear_backprop  # noqa: F401  (each registers itself)
+    from . import baselines, curveball, linear_backprop, msgd  # noqa: F401  (each registers itself)
 
 
 # ---------------------------------------------------------------- config parsing
@@ -190,9 +190,10 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
     record = dataclasses.asdict(cfg)
     jobs = [(arm, seed) for arm in exp.arms(cfg)
             for seed in range(exp.seeds_for(cfg, arm) if exp.seeds_for else cfg.seeds)]
-    bar = tqdm(jobs, desc=exp.name, unit="run", disable=not progress or _rank() != 0, file=sys.stderr)
+    bar = tqdm(jobs, desc=exp.name, unit="run", disable=not progress or _rank() != 0, file=sys.stderr,
+               mininterval=0.2 if sys.stderr.isatty() else 20)  # a log file gets a line every 20 s
     for arm, seed in bar:
-        bar.set_postfix_str(f"{arm} seed {seed}")
+        bar.set_postfix_str(f"{arm} seed {seed}", refresh=False)
         run_dir = exp_dir / arm / f"seed{seed}"
         run_config = {"experiment": exp.name, "arm": arm, "seed": seed, "config": record}
         status = _status(run_dir, run_config)

@@ -1,0 +1,191 @@
+"""MSGD weightings against per-example gradients from torch.func (vmap(grad)), float64.
+
+Covariance checks use K draws with a fixed seed; the relative Frobenius error of an empirical
+covariance from K draws is about sqrt(2/K) x (a few) here, so K = 40000 and tolerance 0.06.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from backproplab.methods import msgd
+
+N, B, D_IN = 24, 4, 3
+K, TOL = 40000, 0.06
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(N, D_IN, dtype=torch.float64), torch.randint(0, 2, (N,))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    G = torch.cat([per[k].reshape(N, -1) for k in params], 1)  # (n, d): row i = grad l_i
+    return model, x, y, G
+
+
+def _weighted_grad(model, x, y, idx, w):
+    model.zero_grad()
+    losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
+    msgd.LossWeighting.weighted_loss(losses, w).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", sorted(msgd.WEIGHTINGS))
+def test_weighted_loss_gradient_is_G_w(problem, name):
+    model, x, y, G = problem
+    weighting = _make(name)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        idx, w = weighting.sample(g)
+        dense = torch.zeros(N, dtype=torch.float64).index_add_(0, idx, w.double())
+        torch.testing.assert_close(_weighted_grad(model, x, y, idx, w.double()), G.T @ dense, rtol=1e-10, atol=1e-12)
+
+
+def _make(name):
+    cls = msgd.WEIGHTINGS[name]
+    if name == "msgd_fisher_b":
+        return cls(N, B, noise_batch=6)
+    if name == "large_batch":
+        return cls(N, B, large_batch=12)
+    return cls(N, B)
+
+
+def _draws(weighting, k=K):
+    g = torch.Generator().manual_seed(2)
+    torch.set_default_dtype(torch.float64)
+    try:
+        return torch.stack([weighting.dense(g) for _ in range(k)])
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", sorted(msgd.WEIGHTINGS))
+def test_mean_is_the_gd_gradient(problem, name):
+    _, _, _, G = problem
+    W = _draws(_make(name), 20000)
+    gd = G.mean(0)
+    noise_scale = (G.T @ (W - 1 / N).T).std(1).norm() / math.sqrt(20000)  # standard error of the mean
+    assert float((G.T @ W.mean(0) - gd).norm()) < 5 * float(noise_scale) + 1e-12
+
+
+def test_covariances_match_their_formulas(problem):
+    _, _, _, G = problem
+    C = (G - G.mean(0)).T @ (G - G.mean(0)) / N
+    Fisher = G.T @ G / N
+    sgd_cov = msgd.sgd_noise_covariance(G, B)
+    torch.testing.assert_close(sgd_cov, (N - B) / (B * (N - 1)) * C)
+
+    def empirical(weighting):
+        W = _draws(weighting)
+        V = W - W.mean(0)
+        return G.T @ (V.T @ V / (len(W) - 1)) @ G
+
+    cases = {
+        "sgd": (msgd.SGD(N, B), sgd_cov),
+        "msgd_cov (matches SGD exactly)": (msgd.MSGDCov(N, B), sgd_cov),
+        "msgd_fisher": (msgd.MSGDFisher(N, B), (N / B - 1) / N * Fisher),
+        "msgd_bernoulli": (msgd.MSGDBernoulli(N, B), (1 / B - 1 / N) * Fisher),
+        "msgd_fisher_b": (msgd.MSGDFisherB(N, B, noise_batch=6), Fisher / B),
+    }
+    lb = msgd.LargeBatchWeighted(N, B, large_batch=12)
+    cases["large_batch"] = (lb, (N - 12) / (12 * (N - 1)) * C + lb.scale**2 / 12 * Fisher)
+    for label, (weighting, expected) in cases.items():
+        assert _rel(empirical(weighting), expected) < TOL, label
+
+
+def test_default_scales_follow_from_n_and_b():
+    assert math.isclose(msgd.MSGDCov(1000, 50).scale ** 2, (950 / 50) * 1000 / 999)
+    assert math.isclose(msgd.MSGDFisher(1000, 50).scale ** 2, 19.0)
+    assert math.isclose(msgd.MSGDFisherB(1000, 50, noise_batch=100).scale ** 2, 1000**2 / (100 * 50))
+    assert math.isclose(msgd.LargeBatchWeighted(1000, 50, large_batch=1000).scale ** 2, 19.0)
+    assert msgd.MSGDFisher(1000, 50, scale=0.5).scale == 0.5
+
+
+def test_gld_trace_estimate_matches_the_sgd_noise_trace(problem):
+    model, x, y, G = problem
+    gld = msgd.GLD(N, B, probes=4000)
+    full = G.mean(0)
+    estimate = gld.estimate_trace(model, lambda o, t: F.cross_entropy(o, t), x, y, full,
+                                  generator=torch.Generator().manual_seed(3))
+    exact = float(torch.trace(msgd.sgd_noise_covariance(G, B)))
+    assert abs(estimate - exact) / exact < 0.05
+
+
+def test_gld_step_adds_noise_of_the_estimated_trace(problem):
+    """The step's gradient minus the GD gradient has E|.|^2 = sigma^2 d = the estimated trace."""
+    from backproplab.data import Data
+    from backproplab.train import TrainConfig, fit
+
+    model, x, y, G = problem
+    data = Data("toy", x, y, x, y, 2)
+    gld = msgd.GLD(N, B, every=1, probes=64)
+    d = G.shape[1]
+    seen = []
+
+    class Record:
+        def on_step_end(self, state):
+            seen.append(gld.sigma**2 * d / gld.trace)
+
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(D_IN, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    m.load_state_dict(model.state_dict())
+    fit(m, data, TrainConfig(optimizer="gd", lr=0.0, epochs=3), step=gld.training_step(), callbacks=[Record(), gld])
+    assert all(math.isclose(s, 1.0, rel_tol=1e-9) for s in seen) and gld.sigma > 0
+    # and the noise actually added has that variance
+    torch.manual_seed(5)
+    params = list(m.parameters())
+    noise = []
+    for _ in range(400):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        with torch.no_grad():
+            for p in params:
+                p.grad.add_(torch.randn_like(p), alpha=gld.sigma)
+        noise.append(torch.cat([p.grad.reshape(-1) for p in params]).pow(2).sum())
+    assert abs(float(torch.stack(noise).mean()) / gld.trace - 1) < 0.1
+
+
+def test_weighted_step_in_the_loop_equals_G_w(problem):
+    """Through fit(): one step with lr 1 moves the weights by -G w for the weights the step drew."""
+    from backproplab.data import Data
+    from backproplab.train import TrainConfig, fit
+
+    model, x, y, G = problem
+    data = Data("toy", x, y, x, y, 2)
+    weighting = msgd.MSGDCov(N, B)
+    drawn = []
+    original = weighting.sample
+
+    def spy(generator=None, device="cpu"):
+        idx, w = original(generator, device)
+        drawn.append(torch.zeros(N, dtype=torch.float64).index_add_(0, idx, w.double()))
+        return idx, w
+
+    weighting.sample = spy
+    m = nn.Sequential(nn.Linear(D_IN, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    m.load_state_dict(model.state_dict())
+    before = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    fit(m, data, TrainConfig(optimizer="gd", lr=1.0, max_steps=1), step=msgd.weighted_gradient_step(weighting, 5))
+    after = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    torch.testing.assert_close(after, before - G.T @ drawn[0], rtol=1e-10, atol=1e-12)
+
+
+def test_bad_sizes_are_rejected():
+    with pytest.raises(ValueError, match="batch_size"):
+        msgd.SGD(10, 20)
+    with pytest.raises(ValueError, match="large_batch"):
+        msgd.LargeBatchWeighted(10, 4, large_batch=2)
