@@ -1,0 +1,252 @@
+"""RIFLE and the transfer-learning regularizers and baselines it is compared with.
+
+Li, Xiong, et al., "RIFLE: Backpropagation in Depth for Deep Transfer Learning through Re-Initializing
+the Fully-connected LayEr", ICML 2020 (arXiv 2007.03349). While fine-tuning, the classification head is
+re-initialised K times at evenly spaced epochs, so that larger gradients reach the deep layers; unlike the
+authors' code, never after the last period, so the returned model has a trained head.
+
+Regularizers (loss terms, added by :func:`penalized_step`):
+  * L2: (alpha/2) |w|^2 over all weights (or the optimizer's ``weight_decay``).
+  * L2-SP (Li, Grandvalet, Davoine, ICML 2018): (alpha/2) |w_S - w_S^0|^2 on the pretrained part plus
+    (beta/2) |w_new|^2 on the new head. Defaults alpha = 0.1, beta = 0.01 (the L2-SP authors' code; the
+    RIFLE code uses alpha = 0.01, beta = 1e-4).
+Baselines: dropout on the head input, DropConnect on the head (Wan et al. 2013), stochastic depth on
+ResNet blocks (Huang et al. 2016), DisturbLabel (Xie et al. 2016), cyclic (cosine, restarting) learning
+rate with the same period as RIFLE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import BasicBlock
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        raise ValueError(f"model has no submodule {path!r}; available: {', '.join(names[:30])}") from None
+
+
+def reset_module(module: nn.Module, initializer: Callable[[nn.Module], None] | None = None) -> None:
+    """Re-draw every parameter of ``module``: ``initializer(m)`` or each submodule's ``reset_parameters``."""
+    found = False
+    for m in module.modules():
+        if initializer is not None and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            initializer(m)
+            found = True
+        elif initializer is None and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+            found = True
+    if not found:
+        raise ValueError(f"{type(module).__name__} has nothing to re-initialise (no reset_parameters)")
+
+
+def reset_epochs(epochs: int, times: int, every: int | None = None) -> list[int]:
+    """Epochs at whose start the head is re-initialised: K evenly spaced, or every ``every`` epochs,
+    never inside the last period (after the last reset a full period of training remains)."""
+    if every:
+        return [e for e in range(every, epochs, every) if e + every <= epochs]
+    marks = {round(k * epochs / (times + 1)) for k in range(1, times + 1)}
+    return sorted(e for e in marks if 0 < e < epochs)
+
+
+class RIFLE:
+    """Callback: re-initialise ``head`` (an attribute path such as ``"head"``) K times while fine-tuning.
+
+    At each planned epoch start the head's parameters are freshly drawn (its ``reset_parameters`` or
+    ``initializer``) and the optimizer state of exactly those parameters (momentum, Adam moments) is
+    cleared; the backbone's state is untouched. ``resets`` lists (epoch, step) of the resets done.
+    """
+
+    def __init__(self, head: str = "head", times: int = 3, every: int | None = None,
+                 initializer: Callable[[nn.Module], None] | None = None):
+        self.head, self.times, self.every, self.initializer = head, times, every, initializer
+        self.planned: list[int] = []
+        self.resets: list[tuple[int, int]] = []
+
+    def on_train_start(self, state) -> None:
+        epochs = math.ceil(state.total_steps / state.steps_per_epoch)
+        self.planned = reset_epochs(epochs, self.times, self.every)
+
+    def on_epoch_start(self, state) -> None:
+        if state.epoch in self.planned and (state.epoch, state.step) not in self.resets:
+            head = get_submodule(state.model, self.head)
+            reset_module(head, self.initializer)
+            for p in head.parameters():
+                state.optimizer.state.pop(p, None)
+            self.resets.append((state.epoch, state.step))
+
+    def state_dict(self) -> dict:
+        return {"resets": [list(r) for r in self.resets]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.resets = [tuple(r) for r in sd["resets"]]
+
+
+class CyclicLR:
+    """Callback: cosine learning rate restarting at the start of each period (SGDR-style), with the same
+    period boundaries as RIFLE (``reset_epochs``), from ``base_lr`` down to ``min_lr``."""
+
+    def __init__(self, times: int = 3, every: int | None = None, min_lr: float = 0.0):
+        self.times, self.every, self.min_lr = times, every, min_lr
+        self.base: list[float] = []
+
+    def on_train_start(self, state) -> None:
+        epochs = math.ceil(state.total_steps / state.steps_per_epoch)
+        bounds = [0] + reset_epochs(epochs, self.times, self.every) + [epochs]
+        self.bounds = [b * state.steps_per_epoch for b in bounds]
+        if not self.base:
+            self.base = [g["lr"] for g in state.optimizer.param_groups]
+        self._set(state)
+
+    def _set(self, state) -> None:
+        step = state.step
+        k = max(i for i, b in enumerate(self.bounds[:-1]) if b <= step)
+        start, end = self.bounds[k], self.bounds[k + 1]
+        frac = (step - start) / max(end - start, 1)
+        for g, base in zip(state.optimizer.param_groups, self.base):
+            g["lr"] = self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * frac))
+
+    def on_step_end(self, state) -> None:
+        if state.step < state.total_steps:
+            self._set(state)
+
+    def state_dict(self) -> dict:
+        return {"base": list(self.base)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.base = list(sd["base"])
+
+
+class L2SP:
+    """(alpha/2) sum_{w in S} |w - w^0|^2 + (beta/2) sum_{w in head} |w|^2, with w^0 the pretrained
+    weights of every parameter outside ``head`` captured at construction."""
+
+    def __init__(self, model: nn.Module, head: str = "head", alpha: float = 0.1, beta: float = 0.01):
+        head_ids = {id(p) for p in get_submodule(model, head).parameters()}
+        self.alpha, self.beta = alpha, beta
+        self.start = [(p, p.detach().clone()) for p in model.parameters() if id(p) not in head_ids]
+        self.new = [p for p in model.parameters() if id(p) in head_ids]
+
+    def __call__(self, model: nn.Module) -> Tensor:
+        sp = sum((p - p0).pow(2).sum() for p, p0 in self.start)
+        return 0.5 * self.alpha * sp + 0.5 * self.beta * sum(p.pow(2).sum() for p in self.new)
+
+
+class L2:
+    """(alpha/2) |w|^2 over all parameters."""
+
+    def __init__(self, alpha: float = 0.01):
+        self.alpha = alpha
+
+    def __call__(self, model: nn.Module) -> Tensor:
+        return 0.5 * self.alpha * sum(p.pow(2).sum() for p in model.parameters())
+
+
+def disturb_labels(y: Tensor, alpha: float, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """DisturbLabel: each label is, with probability alpha, replaced by a class drawn uniformly from all
+    ``num_classes`` (so it actually changes with probability alpha (C - 1) / C)."""
+    resample = torch.rand(y.shape, generator=generator, device="cpu").to(y.device) < alpha
+    random = torch.randint(0, num_classes, y.shape, generator=generator, device="cpu").to(y.device)
+    return torch.where(resample, random, y)
+
+
+def penalized_step(penalty: Callable[[nn.Module], Tensor] | None = None, disturb_label: float = 0.0,
+                   num_classes: int = 0) -> Callable:
+    """A training-loop step: loss(model(x), y') + penalty(model), y' = DisturbLabel(y) when asked.
+    Returns the data loss (what the curves show)."""
+
+    def step(batch, state) -> Tensor:
+        y = disturb_labels(batch.y, disturb_label, num_classes) if disturb_label > 0 else batch.y
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = state.loss_fn(state.net(batch.x), y)
+        total = loss + penalty(state.model) if penalty is not None else loss
+        total.backward()
+        state.optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+class DropConnectLinear(nn.Module):
+    """A linear layer whose weights (not activations) are dropped with probability p in training:
+    y = x (W * M)^T / (1 - p) + b, one Bernoulli mask M per forward pass; ``last_mask`` keeps it."""
+
+    def __init__(self, linear: nn.Linear, p: float = 0.5):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"DropConnect p must be in [0, 1), got {p}")
+        self.linear, self.p = linear, p
+        self.last_mask: Tensor | None = None
+
+    def reset_parameters(self) -> None:
+        self.linear.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return self.linear(x)
+        mask = (torch.rand_like(self.linear.weight) >= self.p).to(x.dtype)
+        self.last_mask = mask
+        return F.linear(x, self.linear.weight * mask / (1 - self.p), self.linear.bias)
+
+
+class StochasticDepthBlock(nn.Module):
+    """A residual block whose residual branch is dropped with probability p in training (Huang et al.
+    2016): out = act(shortcut(x) + m * branch(x)), m ~ Bernoulli(1 - p); at test m = 1 - p."""
+
+    def __init__(self, block: BasicBlock, p: float):
+        super().__init__()
+        self.block, self.p = block, p
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.block
+        branch = b.bn2(b.conv2(b.act1(b.bn1(b.conv1(x)))))
+        if self.training:
+            keep = float(torch.rand(()) >= self.p)
+            branch = branch * keep
+        else:
+            branch = branch * (1 - self.p)
+        return b.act2(branch + b.shortcut(x))
+
+
+def with_head_dropout(model: nn.Module, p: float = 0.5, head: str = "head") -> nn.Module:
+    """Dropout on the head's input (in place)."""
+    parent, _, name = head.rpartition(".")
+    owner = get_submodule(model, parent) if parent else model
+    setattr(owner, name, nn.Sequential(nn.Dropout(p), getattr(owner, name)))
+    return model
+
+
+def with_dropconnect(model: nn.Module, p: float = 0.5, head: str = "head") -> nn.Module:
+    """DropConnect on the head's weights (in place)."""
+    parent, _, name = head.rpartition(".")
+    owner = get_submodule(model, parent) if parent else model
+    layer = getattr(owner, name)
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"DropConnect needs {head!r} to be nn.Linear, got {type(layer).__name__}")
+    setattr(owner, name, DropConnectLinear(layer, p))
+    return model
+
+
+def with_stochastic_depth(model: nn.Module, p_last: float = 0.5) -> nn.Module:
+    """Stochastic depth on every ResNet ``BasicBlock``, drop probability rising linearly to ``p_last``."""
+    blocks = [(parent, name) for parent in model.modules() for name, c in parent.named_children()
+              if isinstance(c, BasicBlock)]
+    if not blocks:
+        raise ValueError("stochastic depth needs residual blocks (backproplab.models.BasicBlock); use resnet18")
+    for i, (parent, name) in enumerate(blocks):
+        setattr(parent, name, StochasticDepthBlock(getattr(parent, name), p_last * (i + 1) / len(blocks)))
+    return model
+
+
+def layer_grad_norms(model: nn.Module, names: Sequence[str]) -> dict[str, float]:
+    return {n: float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in get_submodule(model, n).parameters()
+                                    if p.grad is not None))) for n in names}

@@ -1,0 +1,174 @@
+"""RIFLE's schedule and state handling, the regularizers' gradients and the baselines' mechanics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backproplab.data import load_dataset
+from backproplab.methods import rifle
+from backproplab.models import build_model
+from backproplab.train import TrainConfig, fit, seed_everything
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", n_train=200)
+
+
+@pytest.mark.parametrize("epochs,times,every,expected", [(8, 3, None, [2, 4, 6]), (10, 3, None, [2, 5, 8]),
+                                                         (10, 1, None, [5]), (10, 0, 3, [3, 6]), (9, 0, 3, [3, 6])])
+def test_reset_epochs_are_evenly_spaced_and_never_in_the_last_period(epochs, times, every, expected):
+    assert rifle.reset_epochs(epochs, times, every) == expected
+
+
+class _Spy:
+    """Records head weights and optimizer state around every epoch start (runs before RIFLE)."""
+
+    def __init__(self):
+        self.before = {}
+
+    def on_epoch_start(self, state):
+        head = state.model.head
+        self.before[state.epoch] = {
+            "head": head.weight.detach().clone(),
+            "rng": torch.get_rng_state(),
+            "backbone_state": {id(p): {k: v.clone() for k, v in state.optimizer.state[p].items()}
+                               for p in state.model.body.parameters() if p in state.optimizer.state},
+        }
+
+
+class _After:
+    def __init__(self):
+        self.after = {}
+
+    def on_epoch_start(self, state):
+        self.after[state.epoch] = {
+            "head": state.model.head.weight.detach().clone(),
+            "head_state": [state.optimizer.state.get(p, {}) for p in state.model.head.parameters()],
+            "backbone_state": {id(p): {k: v.clone() for k, v in state.optimizer.state[p].items()}
+                               for p in state.model.body.parameters() if p in state.optimizer.state},
+        }
+
+
+def test_resets_at_the_planned_steps_with_fresh_head_and_cleared_state(data):
+    seed_everything(0)
+    model = build_model("mlp", data.input_shape, 10, widths=(32,))
+    spy, cb, after = _Spy(), rifle.RIFLE("head", times=3), _After()
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=50, epochs=8)
+    fit(model, data, cfg, callbacks=[spy, cb, after])
+    spe = 4
+    assert cb.resets == [(2, 2 * spe), (4, 4 * spe), (6, 6 * spe)]
+    for epoch, _ in cb.resets:
+        b, a = spy.before[epoch], after.after[epoch]
+        # freshly drawn: exactly what nn.Linear's own initialisation draws from the same RNG state
+        torch.set_rng_state(b["rng"])
+        fresh = nn.Linear(32, 10)
+        assert torch.equal(a["head"], fresh.weight) and not torch.equal(a["head"], b["head"])
+        assert all(len(s) == 0 for s in a["head_state"])
+        assert a["backbone_state"].keys() == b["backbone_state"].keys() and b["backbone_state"]
+        for k in b["backbone_state"]:
+            assert all(torch.equal(a["backbone_state"][k][n], b["backbone_state"][k][n]) for n in b["backbone_state"][k])
+    for epoch in set(range(8)) - {2, 4, 6}:
+        if epoch in after.after and epoch in spy.before:
+            assert torch.equal(after.after[epoch]["head"], spy.before[epoch]["head"])
+
+
+def test_returned_model_has_the_trained_head(data):
+    seed_everything(1)
+    model = build_model("mlp", data.input_shape, 10, widths=(32,))
+    cb = rifle.RIFLE("head", times=2)
+    snapshots = {}
+
+    class Last:
+        def on_epoch_start(self, state):
+            snapshots["last_reset_or_start"] = state.model.head.weight.detach().clone()
+
+        def on_train_end(self, state):
+            snapshots["end"] = state.model.head.weight.detach().clone()
+
+    history = fit(model, data, TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=50, epochs=6),
+                  callbacks=[cb, Last()])
+    assert cb.resets[-1][0] < 6 - 1
+    assert torch.equal(model.head.weight, snapshots["end"])  # nothing happens to the head after training
+    assert not torch.equal(model.head.weight, snapshots["last_reset_or_start"])  # it was trained after the reset
+    from backproplab.train import cross_entropy, evaluate
+
+    trained = evaluate(model, data.x_test, data.y_test, cross_entropy)["acc"]
+    assert math.isclose(trained, history[-1]["test_acc"])
+    model.head.reset_parameters()  # what the authors' code returns: a random head
+    assert evaluate(model, data.x_test, data.y_test, cross_entropy)["acc"] < trained - 0.1
+
+
+def test_l2sp_gradient_is_analytic():
+    torch.manual_seed(0)
+    model = build_model("mlp", (4,), 3, widths=(5,))
+    reg = rifle.L2SP(model, "head", alpha=0.3, beta=0.07)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    grads = torch.autograd.grad(reg(model), list(model.parameters()))
+    for (n, p), g in zip(model.named_parameters(), grads):
+        expected = 0.07 * p if n.startswith("head") else 0.3 * (p - start[n])
+        torch.testing.assert_close(g, expected.detach())
+
+
+def test_disturblabel_rate_matches_alpha():
+    g = torch.Generator().manual_seed(0)
+    n, alpha, classes = 200_000, 0.2, 10
+    y = torch.randint(0, classes, (n,), generator=g)
+    y2 = rifle.disturb_labels(y, alpha, classes, generator=g)
+    rate = (y2 != y).double().mean().item()
+    expected = alpha * (classes - 1) / classes  # resampled uniformly, so 1/C of resamples keep the label
+    sigma = math.sqrt(expected * (1 - expected) / n)
+    assert abs(rate - expected) < 4 * sigma
+    # the new labels are uniform over all classes
+    counts = torch.bincount(y2[y2 != y], minlength=classes).double()
+    assert counts.min() > 0
+
+
+def test_dropconnect_masks_weights_not_activations():
+    torch.manual_seed(0)
+    layer = rifle.DropConnectLinear(nn.Linear(6, 4), p=0.5)
+    x = torch.randn(3, 6)
+    out = layer(x)
+    mask = layer.last_mask
+    assert mask.shape == layer.linear.weight.shape
+    torch.testing.assert_close(out, F.linear(x, layer.linear.weight * mask / 0.5, layer.linear.bias))
+    assert 0.3 < mask.mean() < 0.7  # about half the weights dropped, each independently
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.linear(x))
+
+
+def test_cyclic_lr_restarts_at_the_rifle_boundaries(data):
+    seed_everything(0)
+    model = build_model("mlp", data.input_shape, 10, widths=(16,))
+    lrs = []
+
+    class Rec:
+        def on_step_end(self, state):
+            lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    cyc = rifle.CyclicLR(times=3)
+    fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=50, epochs=8), callbacks=[cyc, Rec()])
+    # lrs[i] is the lr for step i+1; periods start at steps 0, 8, 16, 24 (4 steps per epoch)
+    starts = [8, 16, 24]
+    for s in starts:
+        assert math.isclose(lrs[s - 1], 0.1)
+        assert lrs[s - 2] < 0.02
+
+
+def test_stochastic_depth_needs_residual_blocks_and_drops_branches():
+    with pytest.raises(ValueError, match="residual blocks"):
+        rifle.with_stochastic_depth(build_model("mlp", (4,), 2))
+    torch.manual_seed(0)
+    model = rifle.with_stochastic_depth(build_model("resnet18", (1, 8, 8), 3, width=0.125), p_last=1.0)
+    blocks = [m for m in model.modules() if isinstance(m, rifle.StochasticDepthBlock)]
+    assert len(blocks) == 8 and blocks[-1].p == 1.0
+    last = blocks[-1]
+    x = torch.randn(2, last.block.conv1.in_channels, 1, 1)
+    last.train()
+    torch.testing.assert_close(last(x), last.block.act2(last.block.shortcut(x)))  # p = 1: branch always dropped
