@@ -138,6 +138,28 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.optimizer](model, cfg)
 
 
+class StepDecay:
+    """Callback: lr = base_lr * factor^(epoch // every) at every epoch start (torch's StepLR schedule)."""
+
+    def __init__(self, every: int, factor: float = 0.2):
+        self.every, self.factor = every, factor
+        self.base: list[float] = []
+
+    def on_train_start(self, state: "TrainState") -> None:
+        if not self.base:
+            self.base = [g["lr"] for g in state.optimizer.param_groups]
+
+    def on_epoch_start(self, state: "TrainState") -> None:
+        for g, base in zip(state.optimizer.param_groups, self.base):
+            g["lr"] = base * self.factor ** (state.epoch // self.every)
+
+    def state_dict(self) -> dict:
+        return {"base": list(self.base)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.base = list(sd["base"])
+
+
 def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:
     for name in names:
         if name not in TRANSFORMS:

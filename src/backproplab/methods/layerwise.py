@@ -1,0 +1,237 @@
+"""Greedy layerwise learning: a CNN built block by block from shallow auxiliary problems.
+
+Belilovsky, Eickenberg, Oyallon, "Greedy Layerwise Learning Can Scale to ImageNet", ICML 2019 (the ICLR
+2019 submission "Shallow Learning For Deep Networks"). Block j is trained on a shallow supervised problem,
+block j followed by an auxiliary classifier with k hidden layers, while blocks 1..j-1 are frozen (eval
+mode, BatchNorm statistics fixed); then block j+1 is added.
+
+* Block: optional invertible downsampling (Dinh et al. 2017's space-to-depth "squeeze"), a 3x3 convolution
+  (stride 1, pad 1), optional BatchNorm, ReLU. A downsampling block maps the 4C (2-D) or 2C (1-D) squeezed
+  channels to 2C output channels. No pooling in the trunk.
+* Auxiliary classifier for k: k - 1 convolutions of constant width (3x3, ReLU), spatial averaging to a 2x2
+  (2-D) or length-2 (1-D) map, a linear layer. k = 1 is a linear model on the averaged features.
+* The final model is the trunk plus the last block's auxiliary classifier.
+
+:class:`InvertibleDownsample` orders channels by sub-pixel position first: output channel
+``s * C + c`` holds input channel c at sub-pixel s = 2 i + j (row offset i, column offset j). That is
+``nn.PixelUnshuffle(2)`` (channel ``c * 4 + s``) followed by the fixed permutation
+:func:`pixel_unshuffle_order`; 1-D inputs use s = the offset in {0, 1}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Data
+from ..train import TrainConfig, cross_entropy, evaluate, fit, seed_everything
+
+
+def pixel_unshuffle_order(channels: int, dims: int = 2) -> Tensor:
+    """perm such that ``InvertibleDownsample(x) == pixel_unshuffle(x, 2)[:, perm]``."""
+    sub = 2**dims
+    return torch.tensor([c * sub + s for s in range(sub) for c in range(channels)])
+
+
+class InvertibleDownsample(nn.Module):
+    """Space-to-depth by 2 (lossless): (C, H, W) -> (4C, H/2, W/2) or (C, L) -> (2C, L/2)."""
+
+    def __init__(self, dims: int = 2):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dims == 2:
+            n, c, h, w = x.shape
+            if h % 2 or w % 2:
+                raise ValueError(f"invertible downsampling needs even sides, got {h}x{w}")
+            y = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)  # n, i, j, c, h/2, w/2
+            return y.reshape(n, 4 * c, h // 2, w // 2)
+        n, c, length = x.shape
+        if length % 2:
+            raise ValueError(f"invertible downsampling needs an even length, got {length}")
+        return x.view(n, c, length // 2, 2).permute(0, 3, 1, 2).reshape(n, 2 * c, length // 2)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        if self.dims == 2:
+            n, c4, h, w = y.shape
+            c = c4 // 4
+            return y.view(n, 2, 2, c, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c, 2 * h, 2 * w)
+        n, c2, length = y.shape
+        c = c2 // 2
+        return y.view(n, 2, c, length).permute(0, 2, 3, 1).reshape(n, c, 2 * length)
+
+
+def _nd(dims: int):
+    return (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d,
+                                                                                nn.AdaptiveAvgPool2d)
+
+
+class Block(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, dims: int, downsample: bool, batchnorm: bool):
+        conv, bn, _ = _nd(dims)
+        layers: list[nn.Module] = []
+        if downsample:
+            layers.append(InvertibleDownsample(dims))
+            c_in *= 2**dims
+        layers.append(conv(c_in, c_out, 3, padding=1, bias=not batchnorm))
+        if batchnorm:
+            layers.append(bn(c_out))
+        layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+
+class AuxClassifier(nn.Sequential):
+    """k - 1 conv layers (3x3, ReLU) of width ``width``, average to 2x2 (or 2), linear to the classes."""
+
+    def __init__(self, c_in: int, num_classes: int, k: int, dims: int, width: int | None = None):
+        conv, _, avg = _nd(dims)
+        width = width or c_in
+        layers: list[nn.Module] = []
+        c = c_in
+        for _ in range(k - 1):
+            layers += [conv(c, width, 3, padding=1), nn.ReLU()]
+            c = width
+        layers += [avg(2), nn.Flatten(), nn.Linear(c * 2**dims, num_classes)]
+        super().__init__(*layers)
+
+    @property
+    def conv_layers(self) -> int:
+        return sum(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in self)
+
+
+class LayerwiseCNN(nn.Module):
+    """Trunk of blocks, one auxiliary classifier per block; ``forward`` = trunk + the last aux classifier.
+
+    Args:
+        input_shape: (C, L) or (C, H, W). widths: output channels of each block. downsample: indices of the
+        blocks that start with invertible downsampling. k: hidden layers of the auxiliary classifiers.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 64, 64, 128),
+                 downsample: Sequence[int] = (1, 3), k: int = 1, batchnorm: bool = True, aux_width: int | None = None):
+        super().__init__()
+        self.dims = len(input_shape) - 1
+        if self.dims not in (1, 2):
+            raise ValueError(f"LayerwiseCNN takes (C, L) or (C, H, W) inputs, got {tuple(input_shape)}")
+        self.k = k
+        blocks, aux = [], []
+        c = input_shape[0]
+        for j, w in enumerate(widths):
+            blocks.append(Block(c, w, self.dims, j in downsample, batchnorm))
+            aux.append(AuxClassifier(w, num_classes, k, self.dims, aux_width))
+            c = w
+        self.blocks = nn.ModuleList(blocks)
+        self.aux = nn.ModuleList(aux)
+
+    def features(self, x: Tensor, depth: int | None = None) -> Tensor:
+        for block in self.blocks[: len(self.blocks) if depth is None else depth]:
+            x = block(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.aux[-1](self.features(x))
+
+    def truncated(self, depth: int) -> nn.Module:
+        """Blocks 1..depth followed by aux classifier ``depth`` (the network after stage ``depth``)."""
+        return nn.Sequential(*self.blocks[:depth], self.aux[depth - 1])
+
+
+class _Stage(nn.Module):
+    """What stage j trains: (frozen prefix, unless inputs are cached) -> block j -> aux j."""
+
+    def __init__(self, prefix: nn.Module | None, block: nn.Module, aux: nn.Module):
+        super().__init__()
+        self.prefix, self.block, self.aux = prefix, block, aux
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.prefix is not None:
+            self.prefix.eval()  # frozen blocks: BatchNorm statistics fixed
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.prefix is not None:
+            with torch.no_grad():
+                x = self.prefix(x)
+        return self.aux(self.block(x))
+
+
+@torch.no_grad()
+def _features(module: nn.Module, x: Tensor, batch: int = 1024) -> Tensor:
+    module.eval()
+    return torch.cat([module(x[s:s + batch]) for s in range(0, len(x), batch)])
+
+
+class GreedyLayerwiseTrainer:
+    """Train ``model`` block after block with the foundation's loop.
+
+    ``cache_prefix=True`` computes the frozen prefix's outputs once per stage (valid without data
+    augmentation, since the prefix is frozen and in eval mode), so block j does not recompute blocks
+    1..j-1 for every batch; ``False`` recomputes them (needed with augmentation).
+    """
+
+    def __init__(self, model: LayerwiseCNN, config: TrainConfig, cache_prefix: bool = True, callbacks=()):
+        self.model, self.config, self.cache_prefix, self.callbacks = model, config, cache_prefix, callbacks
+
+    def train_stage(self, j: int, data: Data, out_dir=None, resume: bool = True) -> list[dict]:
+        m = self.model
+        for b in m.blocks[:j]:
+            b.requires_grad_(False)
+            b.eval()
+            for p in b.parameters():
+                p.grad = None
+        prefix = nn.Sequential(*m.blocks[:j]) if j else None
+        if self.cache_prefix and prefix is not None:
+            stage = _Stage(None, m.blocks[j], m.aux[j])
+            data = replace(data, x_train=_features(prefix, data.x_train), x_test=_features(prefix, data.x_test))
+        else:
+            stage = _Stage(prefix, m.blocks[j], m.aux[j])
+        return fit(stage, data, replace(self.config, seed=self.config.seed + j), callbacks=self.callbacks,
+                   out_dir=out_dir, resume=resume)
+
+    def train(self, data: Data, out_dir=None, resume: bool = True) -> list[dict]:
+        """All stages; returns one record per depth: test accuracy of the truncated network after stage j."""
+        records = []
+        for j in range(len(self.model.blocks)):
+            stage_dir = Path(out_dir) / f"block{j + 1}" if out_dir is not None else None
+            history = self.train_stage(j, data, stage_dir, resume)
+            net = self.model.truncated(j + 1)
+            device = next(net.parameters()).device
+            test = evaluate(net, data.x_test.to(device), data.y_test.to(device), cross_entropy)
+            records.append({"depth": j + 1, "stage_train_loss": history[-1]["train_loss"],
+                            "test_acc": test["acc"], "test_loss": test["loss"]})
+        return records
+
+
+def probe(model: LayerwiseCNN, depth: int, data: Data, config: TrainConfig, p: int = 0,
+          width: int | None = None) -> float:
+    """Test accuracy of a classifier trained on the frozen features after ``depth`` blocks: p = 0 is the
+    linear separability probe (linear layer on 2x2-averaged features), p > 0 the 'CNN-p' probe."""
+    trunk = nn.Sequential(*model.blocks[:depth])
+    feats = replace(data, x_train=_features(trunk, data.x_train), x_test=_features(trunk, data.x_test))
+    seed_everything(config.seed)
+    head = AuxClassifier(feats.input_shape[0], data.num_classes, p + 1, model.dims, width)
+    history = fit(head, feats, config)
+    return history[-1]["test_acc"]
+
+
+def retrain_smaller_classifier(model: LayerwiseCNN, data: Data, config: TrainConfig, width: int) -> tuple[float, int]:
+    """The paper's size reduction: a narrower final classifier (k convs of ``width``) on the frozen trunk.
+    Returns (test accuracy, parameters of the new classifier)."""
+    trunk = nn.Sequential(*model.blocks)
+    feats = replace(data, x_train=_features(trunk, data.x_train), x_test=_features(trunk, data.x_test))
+    seed_everything(config.seed)
+    head = AuxClassifier(feats.input_shape[0], data.num_classes, model.k, model.dims, width)
+    history = fit(head, feats, config)
+    return history[-1]["test_acc"], sum(p.numel() for p in head.parameters())
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
