@@ -1,4 +1,4 @@
-"""Command line: ``backproplab list | run | report | reproduce``.
+"""Command line: ``backproplab list | run | report | reproduce | bn-bias``.
 
 Runs under ``torchrun --nproc_per_node=N -m backproplab run ...`` data-parallel; only rank 0 writes.
 """
@@ -37,7 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", help="output file (default DIR/report.html)")
     rp = sub.add_parser("reproduce", help="every registered reproduction, then the report")
     common(rp)
+    bn = sub.add_parser("bn-bias", help="fraction of negative BatchNorm biases per layer of a checkpoint")
+    bn.add_argument("checkpoint", help="a saved state_dict (model.pt) or training checkpoint (checkpoint.pt)")
     return p
+
+
+def _bn_bias(path: str) -> int:
+    import torch
+
+    from .methods.teacher_student import bn_bias_fractions
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    fractions = bn_bias_fractions(state)
+    if not fractions:
+        print(f"backproplab: {path} holds no BatchNorm layer (no '*.running_mean' entries)", file=sys.stderr)
+        return 2
+    for name, frac in fractions.items():
+        print(f"{name}: {frac:.3f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(build_report(args.dir, args.output))
             return 0
+        if args.command == "bn-bias":
+            return _bn_bias(args.checkpoint)
         todo = [experiments.get(args.name)] if args.command == "run" else experiments.all_experiments()
         overrides = args.set if args.command == "run" else []
         # validate every config before any training starts

@@ -10,7 +10,8 @@ Offline (always available):
                        split 80/20 stratified by ``seed``.
   ``mnist1d``          MNIST-1D generated locally (``mnist1d.data.make_dataset``, its default seed 42),
                        (1, 40), 10 classes, 4000 train / 1000 test; cached on disk after the first call.
-  ``gaussian_teacher`` Gaussian inputs labelled by a fixed random ReLU teacher (regression).
+  ``gaussian_teacher`` Gaussian inputs labelled by a fixed ReLU teacher (regression), provided by
+                       ``backproplab.methods.teacher_student`` (Luck Matters).
 
 Local files in their official formats, under ``root`` (default ``$BACKPROPLAB_DATA`` or ``./data``):
   ``cifar10``          ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (python pickles), (3, 32, 32).
@@ -71,6 +72,7 @@ class Data:
 
 
 DATASETS: dict[str, Callable[..., Data]] = {}
+_PROVIDED_BY = {"gaussian_teacher": "backproplab.methods.teacher_student"}
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., Data]], Callable[..., Data]]:
@@ -86,6 +88,10 @@ def register_dataset(name: str) -> Callable[[Callable[..., Data]], Callable[...,
 def load_dataset(name: str, *, n_train: int | None = None, seed: int = 0,
                  root: str | os.PathLike | None = None, **kwargs) -> Data:
     """Load dataset ``name``; ``n_train`` keeps a seeded random subset of the training set."""
+    if name not in DATASETS and name in _PROVIDED_BY:
+        import importlib
+
+        importlib.import_module(_PROVIDED_BY[name])  # registers itself
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
     data = DATASETS[name](seed=seed, root=Path(root) if root else default_root(), **kwargs)
@@ -162,31 +168,6 @@ def mnist1d(seed: int = 0, root: Path | None = None, num_samples: int = 5000, ge
         _io.write_bytes(path, buf.getvalue())
     x, xt = arrays["x"][:, None].astype(np.float32), arrays["x_test"][:, None].astype(np.float32)
     return _standardise("mnist1d", x, arrays["y"].astype(np.int64), xt, arrays["y_test"].astype(np.int64), 10)
-
-
-@register_dataset("gaussian_teacher")
-def gaussian_teacher(seed: int = 0, root: Path | None = None, input_dim: int = 20,
-                     widths: tuple[int, ...] = (10, 15, 20, 25), output_dim: int = 10,
-                     n_train: int = 10000, n_test: int = 2000, input_std: float = 10.0) -> Data:
-    """Gaussian inputs ``N(0, input_std^2 I)`` labelled by a random ReLU MLP teacher fixed by ``seed``.
-
-    A generic teacher; the teacher-student module registers the Luck Matters teachers.
-    """
-    g = torch.Generator().manual_seed(seed)
-    dims = (input_dim, *widths, output_dim)
-    layers = [(torch.randn(o, i, generator=g) / i**0.5, torch.rand(o, generator=g) - 0.5)
-              for i, o in zip(dims[:-1], dims[1:])]
-
-    def teacher(x: Tensor) -> Tensor:
-        for k, (w, b) in enumerate(layers):
-            x = x @ w.T + b
-            if k < len(layers) - 1:
-                x = torch.relu(x)
-        return x
-
-    x = torch.randn(n_train + n_test, input_dim, generator=g) * input_std
-    y = teacher(x)
-    return Data("gaussian_teacher", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 0)
 
 
 # ---------------------------------------------------------------- local files, official formats

@@ -82,7 +82,7 @@ def all_experiments() -> list[Experiment]:
 
 
 def _load_builtin() -> None:
-    from . import baselines, curveball, layerwise, linear_backprop, msgd, rifle  # noqa: F401  (each registers itself)
+    from . import baselines, curveball, layerwise, linear_backprop, luck_matters, msgd, rifle  # noqa: F401
 
 
 # ---------------------------------------------------------------- config parsing

@@ -1,0 +1,233 @@
+"""Luck Matters (Tian et al. 2019; Tian 2020): student specialization in a teacher-student setting.
+
+Teacher: the structured 2019 teacher (input 20, hidden ``teacher_widths``, output 100, seed 0) unless an
+arm says otherwise; inputs N(0, 10^2 I); ``train_size`` training and ``test_size`` evaluation inputs.
+Students: the same depth, each hidden layer ``multiplier`` times wider, plain SGD on MSE.
+Arms: ``mult{m}`` (multiplier sweep), ``random_teacher`` and ``teacher2020`` (largest multiplier, other
+teachers), ``bn_student`` (largest multiplier with BatchNorm) and ``bn_cnn_digits`` (the small CNN with
+BatchNorm on digits, for the BatchNorm-bias claim).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import _io, plots
+from ..data import load_dataset
+from ..methods import teacher_student as ts
+from ..models import build_model
+from ..train import TrainConfig, evaluate, fit, mse, seed_everything
+from . import Experiment, ExperimentConfig, load_runs, register
+
+
+@dataclass
+class LuckConfig(ExperimentConfig):
+    teacher_widths: tuple[int, ...] = (10, 15, 20, 25)
+    multipliers: tuple[int, ...] = (1, 2, 5, 10)
+    train_size: int = 100_000
+    test_size: int = 10_000
+    epochs: int = 40
+    lr: float = 0.1
+    batch_size: int = 64
+    bn_epochs: int = 20
+    seeds: int = 3
+
+
+def _max_mult(cfg: LuckConfig) -> int:
+    return max(cfg.multipliers)
+
+
+def arms(cfg: LuckConfig) -> list[str]:
+    return [f"mult{m}" for m in cfg.multipliers] + ["random_teacher", "teacher2020", "bn_student", "bn_cnn_digits"]
+
+
+class CorrelationMonitor:
+    """At every evaluation: mean best correlation and coverage per layer, added to the metrics row."""
+
+    def __init__(self, teacher, x_eval):
+        self.teacher, self.x = teacher, x_eval
+
+    def on_eval(self, state) -> None:
+        for layer, c in enumerate(ts.layer_correlations(self.teacher, state.model, self.x)):
+            table = ts.match_table(c)
+            state.history[-1][f"corr_layer{layer + 1}"] = table["mean_best"]
+            state.history[-1][f"covered_layer{layer + 1}"] = table["covered"]
+
+
+def run_arm(cfg: LuckConfig, arm: str, seed: int, run_dir: Path, resume: bool) -> None:
+    if arm == "bn_cnn_digits":
+        data = load_dataset("digits", root=cfg.data_root or None)
+        seed_everything(seed)
+        model = build_model("cnn", data.input_shape, data.num_classes, batchnorm=True, channels=(32, 64, 64))
+        fit(model, data, TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, epochs=cfg.bn_epochs, seed=seed,
+                                     device=cfg.device), out_dir=run_dir, resume=resume)
+        _add_to_final(run_dir, {"bn_negative": ts.bn_bias_fractions(model)})
+        return
+    version = {"random_teacher": "random", "teacher2020": "2020"}.get(arm, "2019")
+    mult = int(arm[4:]) if arm.startswith("mult") else _max_mult(cfg)
+    teacher = ts.make_teacher(widths=cfg.teacher_widths, version=version, seed=0)
+    data = ts.teacher_data(teacher, cfg.train_size, cfg.test_size, seed=0)
+    seed_everything(seed)
+    student = ts.ReLUNet(20, [w * mult for w in cfg.teacher_widths], 100, batchnorm=arm == "bn_student")
+    x_eval = data.x_test[:5000]
+    corr_init = ts.layer_correlations(teacher, student, x_eval)
+    tc = TrainConfig(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, loss="mse", seed=seed,
+                     device=cfg.device)
+    fit(student, data, tc, callbacks=[CorrelationMonitor(teacher, x_eval)], out_dir=run_dir, resume=resume)
+    student = student.cpu()
+    corr = ts.layer_correlations(teacher, student, x_eval)
+    fan_out = ts.fan_out_norms(student)
+    layers = []
+    for c0, c, f in zip(corr_init, corr, fan_out):
+        table = ts.match_table(c)
+        layers.append({"mean_best": table["mean_best"], "covered": table["covered"],
+                       "hits_mean": float(table["hits"].double().mean()),
+                       "teacher_best": table["best"].tolist(), "luck_rank": ts.luck_ranks(c0, c).tolist(),
+                       "student_best": c.max(0).values.tolist(), "fan_out": f.tolist(), "students": c.shape[1]})
+    extra = {"layers": layers}
+    if arm == "bn_student":
+        extra["bn_negative"] = ts.bn_bias_fractions(student)
+    if arm == f"mult{_max_mult(cfg)}":
+        extra["pruning"] = _pruning(cfg, teacher, student, corr, data, seed)
+    _add_to_final(run_dir, extra)
+
+
+def _pruning(cfg: LuckConfig, teacher, student, corr, data, seed: int) -> dict:
+    """Keep each teacher node's best student (the lucky nodes): trained weights vs re-initialised and
+    retrained, against the full student and a random choice of as many nodes."""
+    keep = [torch.unique(c.argmax(1)) for c in corr]
+    g = torch.Generator().manual_seed(seed)
+    random_keep = [torch.randperm(c.shape[1], generator=g)[:len(k)].sort().values for c, k in zip(corr, keep)]
+    x, y = data.x_test, data.y_test
+    loss = lambda m: evaluate(m, x, y, mse, classification=False)["loss"]  # noqa: E731
+    reinit = ts.prune_to_nodes(student, keep, reinit=True, seed=seed)
+    fit(reinit, data, TrainConfig(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                                  loss="mse", seed=seed))
+    return {"nodes_kept": [len(k) for k in keep], "full": loss(student),
+            "lucky_pruned": loss(ts.prune_to_nodes(student, keep)),
+            "random_pruned": loss(ts.prune_to_nodes(student, random_keep)),
+            "lucky_reinit_retrained": loss(reinit)}
+
+
+def _add_to_final(run_dir: Path, extra: dict) -> None:
+    final = json.loads((run_dir / "final.json").read_text())
+    final.update(extra)
+    _io.write_json(run_dir / "final.json", final)
+
+
+def _finals(exp_dir: Path, arm: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]
+
+
+def analyze(exp_dir: Path, cfg: LuckConfig) -> list[str]:
+    runs = load_runs(exp_dir)
+    depth = len(cfg.teacher_widths)
+    top = f"mult{_max_mult(cfg)}"
+    verdict = []
+    fig, axes = plots.subplots(2, 3)
+    # 1. mean best correlation per layer vs epoch
+    if top in runs:
+        plots_by_layer = {f"layer {l}": [[{**r, "m": r[f"corr_layer{l}"]} for r in run] for run in runs[top]]
+                          for l in range(1, depth + 1)}
+        plots.curves(axes[0][0], plots_by_layer, "m")
+        axes[0][0].set(title=f"mean best correlation, multiplier {_max_mult(cfg)}", ylabel="correlation")
+        axes[0][0].legend(fontsize=6)
+        curves = np.array([[[row[f"corr_layer{l}"] for row in run] for l in range(1, depth + 1)] for run in runs[top]])
+        mean = curves.mean(0)  # layers x evals
+        reach = [int(np.argmax(m >= 0.9 * m[-1])) + 1 for m in mean]
+        verdict.append(f"layer by layer: mean best correlation per layer at the end {', '.join(f'{v:.3f}' for v in mean[:, -1])}; "
+                       f"epoch reaching 90% of its final value, per layer: {reach} "
+                       f"({'lower layers first' if reach == sorted(reach) else 'not in layer order'}).")
+    # 2. over-parameterisation sweep
+    sweep = {m: _finals(exp_dir, f"mult{m}") for m in cfg.multipliers}
+    sweep = {m: f for m, f in sweep.items() if f}
+    if sweep:
+        ms = sorted(sweep)
+        for l in range(depth):
+            axes[0][1].plot(ms, [np.mean([f["layers"][l]["covered"] for f in sweep[m]]) for m in ms], "o-",
+                            label=f"layer {l + 1}")
+        axes[0][1].set(xscale="log", xlabel="multiplier", ylabel="teacher nodes covered (corr >= 0.95)",
+                       title="over-parameterization")
+        ax2 = axes[0][1].twinx()
+        ax2.plot(ms, [np.mean([f["test_loss"] for f in sweep[m]]) for m in ms], "k--", label="eval loss")
+        ax2.set_ylabel("eval loss")
+        axes[0][1].legend(fontsize=6)
+        cov = {m: np.mean([np.mean([layer["covered"] for layer in f["layers"]]) for f in sweep[m]]) for m in ms}
+        loss = {m: np.mean([f["test_loss"] for f in sweep[m]]) for m in ms}
+        verdict.append("over-parameterization: mean fraction of teacher nodes covered " +
+                       ", ".join(f"x{m}: {cov[m]:.2f}" for m in ms) + "; eval loss " +
+                       ", ".join(f"x{m}: {loss[m]:.3g}" for m in ms) +
+                       f" ({'more width, better recovery' if cov[ms[-1]] > cov[ms[0]] + 0.02 else 'no clear recovery gain from the smallest to the widest student'}).")
+    tops = _finals(exp_dir, top)
+    if tops:
+        # 3. luck scatter, 4. L-shape
+        ranks = np.concatenate([np.array(l["luck_rank"]) / max(l["students"] - 1, 1) for f in tops for l in f["layers"]])
+        best = np.concatenate([l["teacher_best"] for f in tops for l in f["layers"]])
+        axes[0][2].scatter(ranks, best, s=6, alpha=0.5)
+        axes[0][2].set(xlabel="rank at init of the final best student (0 = luckiest, 1 = least)",
+                       ylabel="final best correlation", title="luck")
+        for l in range(depth):
+            sb = np.concatenate([f["layers"][l]["student_best"] for f in tops])
+            fo = np.concatenate([f["layers"][l]["fan_out"] for f in tops])
+            axes[1][0].scatter(sb, fo, s=4, alpha=0.4, label=f"layer {l + 1}")
+        axes[1][0].set(xlabel="student's best correlation with a teacher node", ylabel="fan-out weight norm",
+                       title="L-shape")
+        axes[1][0].legend(fontsize=6)
+        verdict.append(f"winner takes all / luck: the final best student of a teacher node ranked, at init, in the "
+                       f"top {100 * np.mean(ranks):.0f}% on average (median {100 * np.median(ranks):.0f}%; 50% "
+                       "would mean luck does not matter).")
+        sb = np.concatenate([l["student_best"] for f in tops for l in f["layers"]])
+        fo = np.concatenate([l["fan_out"] for f in tops for l in f["layers"]])
+        lo, hi = fo[sb < 0.5], fo[sb >= 0.9]
+        if len(lo) and len(hi):
+            verdict.append(f"fan-out: unmatched students (best corr < 0.5) have mean fan-out norm {lo.mean():.3g} vs "
+                           f"{hi.mean():.3g} for matched ones (>= 0.9), ratio {lo.mean() / hi.mean():.2f}.")
+        pr = [f["pruning"] for f in tops if "pruning" in f]
+        if pr:
+            keys = ("full", "lucky_pruned", "random_pruned", "lucky_reinit_retrained")
+            vals = {k: np.array([p[k] for p in pr]) for k in keys}
+            axes[1][1].bar(range(4), [vals[k].mean() for k in keys], yerr=[vals[k].std() for k in keys], capsize=3)
+            axes[1][1].set_xticks(range(4), ["full", "lucky\npruned", "random\npruned", "lucky\nre-init"], fontsize=7)
+            axes[1][1].set(ylabel="eval loss", yscale="log", title=f"pruning to {pr[0]['nodes_kept']} nodes")
+            verdict.append("pruning to the lucky nodes: eval loss " + ", ".join(
+                f"{k} {vals[k].mean():.3g}" for k in keys) + " (re-init = same pruned shape, re-initialised and retrained).")
+    # 5. structured vs random teacher, 2020 teacher
+    rows = []
+    for arm, label in ((top, "structured 2019"), ("teacher2020", "2020 (median bias, strengths)"),
+                       ("random_teacher", "random")):
+        fs = _finals(exp_dir, arm)
+        if fs:
+            rows.append((label, [np.mean([f["layers"][l]["mean_best"] for f in fs]) for l in range(depth)]))
+    for i, (label, vals) in enumerate(rows):
+        axes[1][2].bar(np.arange(depth) + 0.25 * i, vals, width=0.25, label=label)
+    axes[1][2].set(xlabel="layer", ylabel="mean best correlation", title="teacher kind")
+    axes[1][2].set_xticks(np.arange(depth) + 0.25, [str(l + 1) for l in range(depth)])
+    axes[1][2].legend(fontsize=6)
+    if rows:
+        verdict.append("teacher kind: mean best correlation per layer " + "; ".join(
+            f"{label}: {', '.join(f'{v:.2f}' for v in vals)}" for label, vals in rows) + ".")
+    plots.save(fig, exp_dir / "luck_matters.png")
+    # 6. BatchNorm biases
+    for arm, label in (("bn_cnn_digits", "BN CNN on digits"), ("bn_student", "BN student on the teacher")):
+        fs = _finals(exp_dir, arm)
+        if fs and "bn_negative" in fs[0]:
+            names = sorted(fs[0]["bn_negative"], key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")])
+            fr = {n: np.mean([f["bn_negative"][n] for f in fs]) for n in names}
+            verdict.append(f"BatchNorm biases, {label}: fraction negative per layer " +
+                           ", ".join(f"{n} {v:.2f}" for n, v in fr.items()) +
+                           f" ({'mostly negative' if np.mean(list(fr.values())) > 0.5 else 'not mostly negative'}).")
+    return verdict
+
+
+register(Experiment(
+    name="luck_matters",
+    description="Luck Matters (Tian et al. 2019): teacher-student node specialization, luck, fan-out, pruning, BN biases.",
+    config=LuckConfig, arms=arms, run_arm=run_arm, analyze=analyze,
+    quick={"train_size": 20_000, "test_size": 5000, "epochs": 8, "bn_epochs": 5, "seeds": 2},
+    table_metrics=("test_loss", "train_loss", "corr_layer1", "corr_layer2", "corr_layer3", "corr_layer4", "test_acc"),
+))

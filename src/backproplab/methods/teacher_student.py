@@ -1,0 +1,237 @@
+"""Luck Matters: the teacher-student framework for deep ReLU networks and node specialization.
+
+Tian, Jiang, Gong, Morcos, "Luck Matters: Understanding Training Dynamics of Deep ReLU Networks"
+(arXiv 1905.13405), and Tian, "Student Specialization in Deep ReLU Networks With Finite Width and Input
+Dimension" (ICML 2020). A fixed multi-layer ReLU teacher labels Gaussian inputs; an over-parameterised
+student of the same depth is trained on the teacher's outputs (MSE), and student nodes are matched to
+teacher nodes by the Pearson correlation of their activations on held-out inputs.
+
+Teachers (:func:`make_teacher`):
+  ``"2019"``: weights drawn from {+-0.5, +-0.25, 0} with distinct rows, biases U(-0.5, 0.5), each weight row
+  scaled to unit length.
+  ``"2020"``: the same, then every hidden bias is shifted by the median pre-activation on the data so each
+  node is active on about half the inputs, and hidden node j's outgoing weights are scaled by the strength
+  (j + 1)^-``strength_decay`` (strong nodes first, weak nodes last; our choice of decay law).
+  ``"random"``: Gaussian weights N(0, 1/fan_in) and no structure (the 'random data' contrast).
+
+Metrics (any two MLPs whose activations are ``nn.ReLU`` modules): :func:`layer_correlations`,
+:func:`match_table`, :func:`luck_ranks`, :func:`fan_out_norms`; pruning to the lucky nodes:
+:func:`prune_to_nodes`; BatchNorm biases: :func:`bn_bias_fractions`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Data, register_dataset
+
+
+class ReLUNet(nn.Sequential):
+    """Linear -> [BatchNorm1d] -> ReLU per hidden layer, then a linear output layer."""
+
+    def __init__(self, input_dim: int, widths: Sequence[int], output_dim: int, batchnorm: bool = False):
+        layers: list[nn.Module] = []
+        d = input_dim
+        for w in widths:
+            layers.append(nn.Linear(d, w))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(w))
+            layers.append(nn.ReLU())
+            d = w
+        layers.append(nn.Linear(d, output_dim))
+        super().__init__(*layers)
+        self.widths = tuple(widths)
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self if isinstance(m, nn.Linear)]
+
+
+def _structured_rows(rows: int, cols: int, g: torch.Generator) -> Tensor:
+    values = torch.tensor([-0.5, -0.25, 0.0, 0.25, 0.5])
+    seen, out = set(), []
+    while len(out) < rows:
+        row = values[torch.randint(0, 5, (cols,), generator=g)]
+        key = tuple(row.tolist())
+        if key in seen or not row.abs().sum():
+            continue
+        seen.add(key)
+        out.append(row / row.norm())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def make_teacher(input_dim: int = 20, widths: Sequence[int] = (10, 15, 20, 25), output_dim: int = 100,
+                 version: str = "2019", seed: int = 0, input_std: float = 10.0, strength_decay: float = 1.0,
+                 calibration: int = 20000) -> ReLUNet:
+    """A fixed teacher network (see the module docstring for the versions)."""
+    if version not in ("2019", "2020", "random"):
+        raise ValueError(f"teacher version must be '2019', '2020' or 'random', got {version!r}")
+    g = torch.Generator().manual_seed(seed)
+    teacher = ReLUNet(input_dim, widths, output_dim)
+    for lin in teacher.linears:
+        if version == "random":
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features ** 0.5)
+            lin.bias.copy_(torch.rand(lin.bias.shape, generator=g) - 0.5)
+        else:
+            lin.weight.copy_(_structured_rows(lin.out_features, lin.in_features, g))
+            lin.bias.copy_(torch.rand(lin.bias.shape, generator=g) - 0.5)
+    if version == "2020":
+        x = torch.randn(calibration, input_dim, generator=g) * input_std
+        for i, lin in enumerate(teacher.linears[:-1]):
+            pre = lin(x)
+            lin.bias.sub_(pre.median(0).values)
+            x = torch.relu(lin(x))
+            strength = (torch.arange(lin.out_features) + 1.0) ** -strength_decay
+            teacher.linears[i + 1].weight.mul_(strength[None, :])
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def teacher_data(teacher: nn.Module, n_train: int = 100_000, n_test: int = 10_000, input_std: float = 10.0,
+                 seed: int = 0) -> Data:
+    """Gaussian inputs N(0, input_std^2 I) labelled by ``teacher`` (regression targets)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    input_dim = next(m for m in teacher.modules() if isinstance(m, nn.Linear)).in_features
+    x = torch.randn(n_train + n_test, input_dim, generator=g) * input_std
+    with torch.no_grad():
+        y = teacher(x)
+    return Data("gaussian_teacher", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 0)
+
+
+@register_dataset("gaussian_teacher")
+def gaussian_teacher(seed: int = 0, root=None, version: str = "2019", input_dim: int = 20,
+                     widths: tuple[int, ...] = (10, 15, 20, 25), output_dim: int = 100, train_size: int = 100_000,
+                     test_size: int = 10_000, input_std: float = 10.0) -> Data:
+    """The Luck Matters teacher's data, registered as the foundation's ``gaussian_teacher`` dataset."""
+    teacher = make_teacher(input_dim, widths, output_dim, version, seed, input_std)
+    return teacher_data(teacher, train_size, test_size, input_std, seed)
+
+
+# ---------------------------------------------------------------- activations and correlations
+
+
+@torch.no_grad()
+def hidden_activations(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Post-ReLU activations of every ``nn.ReLU`` module, in forward order, as (n, width) tensors."""
+    outs: list[Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().flatten(1)))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation between every column of a (n, p) and of b (n, q): a (p, q) matrix.
+    A constant (dead) node has correlation 0 with everything."""
+    a = a.double() - a.double().mean(0)
+    b = b.double() - b.double().mean(0)
+    na, nb = a.norm(dim=0), b.norm(dim=0)
+    c = (a.T @ b) / (na[:, None] * nb[None, :])
+    return torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def layer_correlations(teacher: nn.Module, student: nn.Module, x: Tensor) -> list[Tensor]:
+    """Per hidden layer, the (teacher nodes x student nodes) correlation matrix on inputs ``x``."""
+    ta, sa = hidden_activations(teacher, x), hidden_activations(student, x)
+    if len(ta) != len(sa):
+        raise ValueError(f"teacher has {len(ta)} ReLU layers, student {len(sa)}: they must have the same depth")
+    return [correlation(t, s) for t, s in zip(ta, sa)]
+
+
+def match_table(corr: Tensor, hit: float = 0.9, covered: float = 0.95) -> dict:
+    """For one layer: best correlation per teacher node, its student, their mean ('normalized
+    correlation'), the number of students with correlation >= ``hit`` per teacher node, and the
+    fraction of teacher nodes whose best student reaches ``covered``."""
+    best, idx = corr.max(1)
+    return {"best": best, "best_student": idx, "mean_best": float(best.mean()),
+            "hits": (corr >= hit).sum(1), "covered": float((best >= covered).double().mean())}
+
+
+def luck_ranks(corr_init: Tensor, corr_final: Tensor) -> Tensor:
+    """For each teacher node: the rank, by correlation at initialisation (0 = most correlated), of the
+    student that ends up best matched to it."""
+    final_best = corr_final.argmax(1)
+    order = corr_init.argsort(1, descending=True)
+    return (order == final_best[:, None]).double().argmax(1)
+
+
+def fan_out_norms(model: nn.Module) -> list[Tensor]:
+    """Per hidden layer, the norm of each node's outgoing weights (columns of the next Linear)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return [nxt.weight.detach().norm(dim=0) for nxt in linears[1:]]
+
+
+@torch.no_grad()
+def prune_to_nodes(student: ReLUNet, keep: Sequence[Tensor], reinit: bool = False, seed: int = 0) -> ReLUNet:
+    """A narrower ReLUNet with only the hidden nodes ``keep[l]`` of each layer: their trained weights
+    (``reinit=False``, pruning) or a fresh initialisation of the same shape (``reinit=True``, the
+    re-initialised 'lottery ticket')."""
+    widths = [len(k) for k in keep]
+    lin = student.linears
+    bn = any(isinstance(m, nn.BatchNorm1d) for m in student)
+    torch.manual_seed(seed)
+    small = ReLUNet(lin[0].in_features, widths, lin[-1].out_features, batchnorm=bn)
+    if reinit:
+        return small
+    rows_prev = torch.arange(lin[0].in_features)
+    for i, (src, dst) in enumerate(zip(lin, small.linears)):
+        rows = keep[i] if i < len(keep) else torch.arange(src.out_features)
+        dst.weight.copy_(src.weight[rows][:, rows_prev])
+        dst.bias.copy_(src.bias[rows])
+        rows_prev = rows
+    if bn:
+        for src, dst, k in zip([m for m in student if isinstance(m, nn.BatchNorm1d)],
+                               [m for m in small if isinstance(m, nn.BatchNorm1d)], keep):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(dst, name).copy_(getattr(src, name)[k])
+    return small
+
+
+# ---------------------------------------------------------------- BatchNorm biases
+
+
+def bn_bias_fractions(model_or_state: nn.Module | dict) -> dict[str, float]:
+    """Fraction of negative BatchNorm biases (beta) per BatchNorm layer, from a model or a state_dict
+    (a layer is recognised in a state_dict by its ``running_mean`` buffer)."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    out = {}
+    for key in state:
+        if key.endswith("running_mean"):
+            prefix = key[: -len("running_mean")]
+            bias = state.get(prefix + "bias")
+            if bias is not None:
+                out[prefix.rstrip(".")] = float((bias < 0).double().mean())
+    return out
+
+
+def duplicated_student(teacher: ReLUNet, copies: int = 2, seed: int = 0) -> ReLUNet:
+    """An exact, wider copy of ``teacher``: every hidden node duplicated ``copies`` times, nodes permuted,
+    outgoing weights split among the copies, so the function is unchanged (for tests and sanity checks)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = teacher.linears
+    student = ReLUNet(lin[0].in_features, [w * copies for w in teacher.widths], lin[-1].out_features)
+    perms = [torch.randperm(w * copies, generator=g) for w in teacher.widths]
+    with torch.no_grad():
+        src_prev = torch.arange(lin[0].in_features)
+        scale_prev = torch.ones(lin[0].in_features)
+        for i, (s, d) in enumerate(zip(lin, student.linears)):
+            if i < len(perms):
+                src = (perms[i] % teacher.widths[i])  # student node j copies teacher node src[j]
+            else:
+                src = torch.arange(s.out_features)
+            d.weight.copy_(s.weight[src][:, src_prev] * scale_prev[None, :])
+            d.bias.copy_(s.bias[src])
+            src_prev = src
+            scale_prev = torch.full((len(src),), 1.0 / copies)
+    return student
