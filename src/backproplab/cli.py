@@ -1,4 +1,4 @@
-"""Command line: ``backproplab list | run | report | reproduce | bn-bias``.
+"""Command line: ``backproplab list | run | report | reproduce | certify | bn-bias``.
 
 Runs under ``torchrun --nproc_per_node=N -m backproplab run ...`` data-parallel; only rank 0 writes.
 """
@@ -37,9 +37,48 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", help="output file (default DIR/report.html)")
     rp = sub.add_parser("reproduce", help="every registered reproduction, then the report")
     common(rp)
+    ce = sub.add_parser("certify", help="randomized-smoothing certified accuracy vs radius of a finished run")
+    ce.add_argument("run_dir", help="results/<experiment>/<arm>/seed<k>")
+    ce.add_argument("--sigma", type=float, help="noise level (default: the run's training noise)")
+    ce.add_argument("--n", type=int, default=1000, help="estimation samples per input")
+    ce.add_argument("--n0", type=int, default=100, help="selection samples per input")
+    ce.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    ce.add_argument("--examples", type=int, default=200, help="test inputs certified")
     bn = sub.add_parser("bn-bias", help="fraction of negative BatchNorm biases per layer of a checkpoint")
     bn.add_argument("checkpoint", help="a saved state_dict (model.pt) or training checkpoint (checkpoint.pt)")
     return p
+
+
+def _certify(args) -> int:
+    import json
+    from pathlib import Path
+
+    from . import _io, plots
+    from .experiments.privacy import certify_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").exists() or not (run_dir / "model.pt").exists():
+        print(f"backproplab: {run_dir} is not a finished run (needs config.json and model.pt)", file=sys.stderr)
+        return 2
+    record = json.loads((run_dir / "config.json").read_text())
+    exp = experiments.get(record["experiment"])
+    if exp.load_trained is None:
+        print(f"backproplab: experiment {exp.name!r} does not support certify (no load_trained)", file=sys.stderr)
+        return 2
+    cfg = exp.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()})
+    model, data, sigma = exp.load_trained(cfg, record["arm"], run_dir)
+    sigma = args.sigma or sigma
+    radii, acc = certify_run(model, data, sigma, args.n0, args.n, args.alpha, args.examples)
+    md, png = run_dir / f"certify_sigma{sigma:g}.md", run_dir / f"certify_sigma{sigma:g}.png"
+    table = "radius | certified accuracy\n---|---\n" + "".join(f"{r:.3g} | {a:.4f}\n" for r, a in zip(radii, acc))
+    _io.write_text(md, table)
+    fig, axes = plots.subplots(1, 1)
+    axes[0][0].plot(radii, acc, "o-")
+    axes[0][0].set(xlabel="l2 radius", ylabel="certified accuracy",
+                   title=f"sigma={sigma:g}, n={args.n}, alpha={args.alpha}")
+    plots.save(fig, png)
+    print(table + f"written: {md}, {png}")
+    return 0
 
 
 def _bn_bias(path: str) -> int:
@@ -70,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bn-bias":
             return _bn_bias(args.checkpoint)
+        if args.command == "certify":
+            return _certify(args)
         todo = [experiments.get(args.name)] if args.command == "run" else experiments.all_experiments()
         overrides = args.set if args.command == "run" else []
         # validate every config before any training starts

@@ -8,7 +8,8 @@ that reads those files back, draws figures and returns verdict lines. The runner
     <out>/<experiment>/<arm>/seed<k>/{config.json, metrics.jsonl, final.json, model.pt}
     <out>/<experiment>/{summary.json, *.png}
 
-Finished runs whose ``config.json`` matches are skipped; unfinished ones resume from their checkpoint.
+Finished runs (marked ``COMPLETE`` once ``run_arm`` returns) whose ``config.json`` matches are skipped;
+unfinished ones resume from their checkpoint.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Experiment:
     quick: dict[str, Any] = dataclasses.field(default_factory=dict)
     table_metrics: tuple[str, ...] = ("test_acc", "test_loss", "train_loss")
     seeds_for: Callable[[Any, str], int] | None = None  # per-arm seed count (default: cfg.seeds)
+    load_trained: Callable[[Any, str, Path], tuple] | None = None  # (model, data, sigma) for `certify`
 
 
 REGISTRY: dict[str, Experiment] = {}
@@ -82,7 +84,8 @@ def all_experiments() -> list[Experiment]:
 
 
 def _load_builtin() -> None:
-    from . import baselines, curveball, layerwise, linear_backprop, luck_matters, msgd, rifle  # noqa: F401
+    from . import (baselines, curveball, layerwise, linear_backprop, luck_matters, msgd,  # noqa: F401
+                   privacy, rifle)
 
 
 # ---------------------------------------------------------------- config parsing
@@ -206,6 +209,8 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
             _io.write_json(run_dir / "config.json", run_config)
         _barrier()
         exp.run_arm(cfg, arm, seed, run_dir, resume)
+        if _rank() == 0:
+            _io.write_text(run_dir / "COMPLETE", "")  # run_arm returned: everything it writes is there
     if _rank() == 0:
         verdict = exp.analyze(exp_dir, cfg)
         _io.write_json(exp_dir / "summary.json", {
@@ -223,7 +228,7 @@ def _status(run_dir: Path, run_config: dict) -> str:
         return "new"
     if json.loads(cfg_file.read_text()) != json.loads(json.dumps(run_config)):
         return "stale"
-    return "done" if (run_dir / "final.json").exists() else "partial"
+    return "done" if (run_dir / "COMPLETE").exists() else "partial"
 
 
 # ---------------------------------------------------------------- reading results back

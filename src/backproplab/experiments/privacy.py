@@ -1,0 +1,232 @@
+"""Private and certifiably robust training: the privacy-utility and robustness-utility trade-offs.
+
+On digits (CIFAR-10 is not used here: DP-SGD with per-example gradients on a CPU is out of budget), an MLP
+is trained by SGD (``nonprivate``) or DP-SGD at target epsilon in ``epsilons`` (delta = ``delta``,
+RDP accountant picks the noise multiplier; PRV epsilon reported beside it), each with and without
+adversarial training (PGD l-inf, ``adv_eps``, mixed with weight ``adv_alpha``) and with Gaussian noise
+augmentation at each sigma in ``augment_sigmas`` (0 = none). Evaluation: clean accuracy, PGD accuracy at
+``linf_eps`` and ``l2_eps``, randomized-smoothing certified accuracy versus l2 radius (sigma = the arm's
+augmentation sigma, or ``cert_sigma`` without augmentation) on ``cert_examples`` test images, epsilon spent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import _io, plots
+from ..data import Data, load_dataset
+from ..methods import privacy, robustness
+from ..models import build_model
+from ..train import TrainConfig, fit, seed_everything
+from . import Experiment, ExperimentConfig, register
+
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+
+
+@dataclass
+class PrivacyConfig(ExperimentConfig):
+    epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
+    nonprivate: bool = True
+    adversarial: tuple[str, ...] = ("clean", "adv")
+    augment_sigmas: tuple[float, ...] = (0.0, 0.25, 0.5)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0  # > 0: use this noise for every DP arm instead of the target epsilon
+    widths: tuple[int, ...] = (128,)
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.5
+    adv_eps: float = 0.3
+    adv_alpha: float = 1.0
+    adv_steps: int = 5
+    linf_eps: tuple[float, ...] = (0.1, 0.3, 0.5)
+    l2_eps: tuple[float, ...] = (0.5, 1.0, 2.0)
+    pgd_steps: int = 20
+    cert_sigma: float = 0.25
+    cert_examples: int = 200
+    cert_n0: int = 100
+    cert_n: int = 1000
+    cert_alpha: float = 0.001
+
+
+def _privacy_levels(cfg: PrivacyConfig) -> list[str]:
+    return (["nonprivate"] if cfg.nonprivate else []) + [f"eps{e:g}" for e in cfg.epsilons]
+
+
+def arms(cfg: PrivacyConfig) -> list[str]:
+    return [f"{p}-{a}-aug{s:g}" for p in _privacy_levels(cfg) for a in cfg.adversarial for s in cfg.augment_sigmas]
+
+
+def _parse(arm: str) -> tuple[float | None, bool, float]:
+    p, a, s = arm.split("-")
+    return (None if p == "nonprivate" else float(p[3:])), a == "adv", float(s[3:])
+
+
+def _model(cfg: PrivacyConfig, data: Data):
+    return build_model("mlp", data.input_shape, data.num_classes, widths=cfg.widths)
+
+
+def load_trained(cfg: PrivacyConfig, arm: str, run_dir: Path):
+    """(model, data, sigma) of a finished run, for ``backproplab certify``."""
+    data = load_dataset("digits", root=cfg.data_root or None)
+    model = _model(cfg, data)
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict({k.removeprefix("_module."): v for k, v in state.items()})
+    sigma = _parse(arm)[2] or cfg.cert_sigma
+    return model.eval(), data, sigma
+
+
+def certify_run(model, data: Data, sigma: float, n0: int, n: int, alpha: float, examples: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = data.x_test[:examples], data.y_test[:examples]
+    results = [robustness.certify(model, xi, sigma, n0, n, alpha, data.num_classes, generator=g) for xi in x]
+    radii = [r * sigma / 0.25 for r in RADII] if sigma else list(RADII)
+    return radii, robustness.certified_accuracy(results, y, radii)
+
+
+def run_arm(cfg: PrivacyConfig, arm: str, seed: int, run_dir: Path, resume: bool) -> None:
+    eps, adv, sigma = _parse(arm)
+    data = load_dataset("digits", root=cfg.data_root or None)
+    seed_everything(seed)
+    model = _model(cfg, data)
+    tc = TrainConfig(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=seed,
+                     device=cfg.device)
+    loss_terms = None
+    if adv:
+        loss_terms = robustness.adversarial_loss(robustness.pgd, cfg.adv_alpha, eps=cfg.adv_eps, steps=cfg.adv_steps)
+    if sigma > 0:
+        noisy = robustness.gaussian_augmentation(sigma)
+        loss_terms = noisy if loss_terms is None else _both(noisy, loss_terms)
+    if eps is None:
+        step = None
+        if loss_terms is not None:
+            step = _plain_step(loss_terms)
+        fit(model, data, tc, step=step, out_dir=run_dir, resume=resume)
+        trained = model
+    else:
+        model = privacy.prepare_model(model)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        dpc = privacy.DPConfig(noise_multiplier=cfg.noise_multiplier or None, max_grad_norm=cfg.max_grad_norm,
+                               target_epsilon=None if cfg.noise_multiplier else eps, delta=cfg.delta)
+        dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch_size,
+                           privacy.planned_steps(tc, len(data.x_train)), dpc)
+        fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp], out_dir=run_dir,
+            resume=resume)
+        dp.model.remove_hooks()  # evaluation and attacks need plain gradients, not per-example ones
+        trained = dp.model._module
+    trained.eval()
+    final = json.loads((run_dir / "final.json").read_text())
+    x, y = data.x_test, data.y_test
+    for e in cfg.linf_eps:
+        final[f"pgd_linf_{e:g}"] = robustness.robust_accuracy(trained, x, y, "pgd", e, steps=cfg.pgd_steps)
+    for e in cfg.l2_eps:
+        final[f"pgd_l2_{e:g}"] = robustness.robust_accuracy(trained, x, y, "pgd", e, steps=cfg.pgd_steps, norm="l2")
+    radii, cert = certify_run(trained, data, sigma or cfg.cert_sigma, cfg.cert_n0, cfg.cert_n, cfg.cert_alpha,
+                              cfg.cert_examples, seed)
+    final["certified"] = {f"{r:.3g}": a for r, a in zip(radii, cert)}
+    final["cert_sigma"] = sigma or cfg.cert_sigma
+    _io.write_json(run_dir / "final.json", final)
+
+
+def _both(first, second):
+    def loss_terms(model, x, y):
+        return 0.5 * (first(model, x, y) + second(model, x, y))
+    return loss_terms
+
+
+def _plain_step(loss_terms):
+    def step(batch, state):
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = loss_terms(state.model, batch.x, batch.y)
+        loss.backward()
+        state.optimizer.step()
+        return loss.detach()
+    return step
+
+
+def _finals(exp_dir: Path, arm: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]
+
+
+def analyze(exp_dir: Path, cfg: PrivacyConfig) -> list[str]:
+    levels = _privacy_levels(cfg)
+    finals = {arm: _finals(exp_dir, arm) for arm in arms(cfg)}
+    finals = {a: f for a, f in finals.items() if f}
+    mean = lambda arm, key: float(np.mean([f[key] for f in finals[arm]]))  # noqa: E731
+    fig, axes = plots.subplots(1, 4)
+    # privacy-utility: clean accuracy vs epsilon
+    for adv in cfg.adversarial:
+        for s in cfg.augment_sigmas:
+            xs, ys = [], []
+            for p in levels:
+                arm = f"{p}-{adv}-aug{s:g}"
+                if arm in finals:
+                    eps = mean(arm, "epsilon_rdp") if p != "nonprivate" else None
+                    xs.append(eps if eps else 30.0)
+                    ys.append(mean(arm, "test_acc"))
+            axes[0][0].plot(xs, ys, "o-", label=f"{adv}, aug {s:g}")
+    axes[0][0].set(xscale="log", xlabel="epsilon spent (RDP; 30 = non-private)", ylabel="clean accuracy",
+                   title="privacy-utility")
+    # robustness: PGD accuracy vs size, l-inf and l2 (no augmentation arms)
+    for p in levels:
+        for adv in cfg.adversarial:
+            arm = f"{p}-{adv}-aug0"
+            if arm in finals:
+                axes[0][1].plot([0, *cfg.linf_eps], [mean(arm, "test_acc")] + [mean(arm, f"pgd_linf_{e:g}") for e in cfg.linf_eps],
+                                "o-", label=f"{p} {adv}")
+                axes[0][2].plot([0, *cfg.l2_eps], [mean(arm, "test_acc")] + [mean(arm, f"pgd_l2_{e:g}") for e in cfg.l2_eps],
+                                "o-", label=f"{p} {adv}")
+    axes[0][1].set(xlabel="PGD l-inf size", ylabel="accuracy", title="l-inf attacks (no augmentation)")
+    axes[0][2].set(xlabel="PGD l2 size", ylabel="accuracy", title="l2 attacks (no augmentation)")
+    # certified accuracy vs radius (augmented arms)
+    for arm, fs in finals.items():
+        if _parse(arm)[2] == 0 and any(s > 0 for s in cfg.augment_sigmas):
+            continue  # curves of the noise-trained models only
+        radii = [float(r) for r in fs[0]["certified"]]
+        acc = [np.mean([f["certified"][k] for f in fs]) for k in fs[0]["certified"]]
+        axes[0][3].plot(radii, acc, label=arm, lw=1)
+    axes[0][3].set(xlabel="l2 radius", ylabel="certified accuracy", title="randomized smoothing")
+    for ax in axes[0]:
+        ax.legend(fontsize=5)
+    plots.save(fig, exp_dir / "privacy_robustness.png")
+    verdict = []
+    for p in levels:
+        arm = f"{p}-clean-aug0"
+        if arm in finals:
+            accs = np.array([f["test_acc"] for f in finals[arm]])
+            spent = "" if p == "nonprivate" else (f", epsilon spent RDP {mean(arm, 'epsilon_rdp'):.2f} / PRV "
+                                                   f"{mean(arm, 'epsilon_prv'):.2f} at noise {mean(arm, 'noise_multiplier'):.2f}")
+            verdict.append(f"privacy-utility: {p} clean accuracy {100 * accs.mean():.1f}±{100 * accs.std():.1f}%{spent}.")
+    mid = cfg.linf_eps[len(cfg.linf_eps) // 2]
+    for p in levels:
+        a, b = f"{p}-clean-aug0", f"{p}-adv-aug0"
+        if a in finals and b in finals:
+            verdict.append(f"robustness-utility, {p}: adversarial training moves clean accuracy "
+                           f"{100 * mean(a, 'test_acc'):.1f}% -> {100 * mean(b, 'test_acc'):.1f}% and PGD l-inf {mid:g} "
+                           f"accuracy {100 * mean(a, f'pgd_linf_{mid:g}'):.1f}% -> {100 * mean(b, f'pgd_linf_{mid:g}'):.1f}%.")
+    for p in levels:
+        for s in cfg.augment_sigmas:
+            arm = f"{p}-clean-aug{s:g}"
+            if s > 0 and arm in finals:
+                cert = finals[arm][0]["certified"]
+                keys = list(cert)
+                verdict.append(f"certified, {p}, sigma {s:g}: certified accuracy at l2 radius {' / '.join(keys[:3])}: "
+                               + " / ".join(f"{100 * np.mean([f['certified'][k] for f in finals[arm]]):.1f}%"
+                                            for k in keys[:3]) + f" (n={cfg.cert_n}, alpha={cfg.cert_alpha}).")
+    return verdict
+
+
+register(Experiment(
+    name="privacy",
+    description="DP-SGD (Opacus) at epsilon 1/3/8, adversarial training, randomized-smoothing certification on digits.",
+    config=PrivacyConfig, arms=arms, run_arm=run_arm, analyze=analyze,
+    quick={"epsilons": (1.0, 8.0), "augment_sigmas": (0.0, 0.5), "epochs": 8, "seeds": 2, "cert_examples": 60,
+           "cert_n": 300, "pgd_steps": 10, "linf_eps": (0.1, 0.3), "l2_eps": (0.5, 1.5)},
+    table_metrics=("test_acc", "epsilon_rdp", "epsilon_prv", "pgd_linf_0.3"),
+    load_trained=load_trained,
+))

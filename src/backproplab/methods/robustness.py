@@ -1,0 +1,259 @@
+"""Adversarial examples, adversarial training, and certified robustness.
+
+Attacks (on any model mapping inputs to logits; inputs are not clipped to a box since our inputs are
+standardised — pass ``clip=(lo, hi)`` to clip):
+  :func:`fgsm`  Goodfellow et al. 2015: x + eps sign(grad).
+  :func:`pgd`   Madry et al. 2018 (I-FGSM, Kurakin et al. 2017, without ``random_start``): ``steps`` steps of
+                size ``step_size`` projected onto the l-inf or l2 ball of radius eps, optional random start.
+  :func:`mim`   Dong et al. 2018, momentum iterative method: g <- mu g + grad / |grad|_1, step eps_i sign(g).
+Adversarial training (Goodfellow et al. 2015's mixture): loss = (L(x) + alpha L(x_adv)) / (1 + alpha).
+
+Certification:
+  Randomized smoothing (Cohen, Rosenfeld, Kolter 2019): g(x) = argmax_c P(f(x + N(0, sigma^2 I)) = c).
+  :func:`smoothed_predict` is their PREDICT (two-sided binomial test, abstains unless significant at alpha);
+  :func:`certify` is CERTIFY: n0 samples select the class, n fresh samples estimate its probability, the
+  one-sided Clopper-Pearson lower bound pA at level alpha gives the l2 radius sigma * Phi^-1(pA) (abstain
+  if pA <= 1/2). With n samples, pA <= alpha^(1/n), so the radius never exceeds sigma Phi^-1(alpha^(1/n)).
+  PixelDP (Lecuyer et al., S&P 2019), used by StoBatch: with noise after the first layer calibrated so that
+  the network is (eps, delta)-DP with respect to input changes of size L, a prediction is robust at L if
+  E_lb[top] > e^(2 eps) E_ub[second] + (1 + e^eps) delta (:func:`pixeldp_robust`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import beta as beta_dist
+from scipy.stats import binomtest, norm
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _input_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(model(x), y)
+        (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+def _hooks_off(model: nn.Module):
+    """Opacus's GradSampleModule must not record per-example gradients while attacks run."""
+    class _Ctx:
+        def __enter__(self):
+            self.on = getattr(model, "hooks_enabled", False)
+            if self.on:
+                model.disable_hooks()
+
+        def __exit__(self, *exc):
+            if self.on:
+                model.enable_hooks()
+    return _Ctx()
+
+
+def _flat_norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+
+
+def project(delta: Tensor, eps: float, norm_kind: str) -> Tensor:
+    if norm_kind == "linf":
+        return delta.clamp(-eps, eps)
+    if norm_kind == "l2":
+        n = _flat_norm(delta)
+        return delta * torch.clamp(eps / n, max=1.0)
+    raise ValueError(f"norm must be 'linf' or 'l2', got {norm_kind!r}")
+
+
+def _ascent(g: Tensor, norm_kind: str) -> Tensor:
+    return g.sign() if norm_kind == "linf" else g / _flat_norm(g)
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, loss_fn: LossFn = F.cross_entropy,
+         clip: tuple[float, float] | None = None) -> Tensor:
+    """One signed-gradient step of size eps (l-inf)."""
+    with _hooks_off(model):
+        adv = x + eps * _input_grad(model, x, y, loss_fn).sign()
+    return adv.clamp(*clip).detach() if clip else adv.detach()
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10, step_size: float | None = None,
+        norm: str = "linf", random_start: bool = True, loss_fn: LossFn = F.cross_entropy,
+        clip: tuple[float, float] | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Projected gradient ascent on the loss inside the ``norm`` ball of radius eps around x."""
+    step_size = step_size if step_size is not None else 2.5 * eps / steps
+    delta = torch.zeros_like(x)
+    if random_start:
+        if norm == "linf":
+            delta = (torch.rand(x.shape, generator=generator, device="cpu").to(x) * 2 - 1) * eps
+        else:
+            d = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+            r = torch.rand(len(x), generator=generator, device="cpu").to(x).view(-1, *[1] * (x.dim() - 1))
+            delta = d / _flat_norm(d) * eps * r
+    with _hooks_off(model):
+        for _ in range(steps):
+            g = _input_grad(model, x + delta, y, loss_fn)
+            delta = project(delta + step_size * _ascent(g, norm), eps, norm)
+            if clip:
+                delta = (x + delta).clamp(*clip) - x
+    return (x + delta).detach()
+
+
+def mim(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10, decay: float = 1.0,
+        loss_fn: LossFn = F.cross_entropy, clip: tuple[float, float] | None = None) -> Tensor:
+    """Momentum iterative method (l-inf): accumulate L1-normalised gradients, step eps/steps along the sign."""
+    alpha = eps / steps
+    g_acc = torch.zeros_like(x)
+    adv = x.clone()
+    with _hooks_off(model):
+        for _ in range(steps):
+            g = _input_grad(model, adv, y, loss_fn)
+            g_acc = decay * g_acc + g / g.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            adv = x + project(adv + alpha * g_acc.sign() - x, eps, "linf")
+            if clip:
+                adv = adv.clamp(*clip)
+    return adv.detach()
+
+
+ATTACKS = {"fgsm": fgsm, "pgd": pgd, "mim": mim}
+
+
+def adversarial_loss(attack: Callable[..., Tensor], alpha: float = 1.0, **attack_kwargs) -> Callable:
+    """``loss_terms(model, x, y)`` = (L(x) + alpha L(attack(x))) / (1 + alpha), each a batch mean."""
+
+    def loss_terms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        was = model.training
+        model.eval()
+        x_adv = attack(model, x, y, **attack_kwargs)
+        model.train(was)
+        return (F.cross_entropy(model(x), y) + alpha * F.cross_entropy(model(x_adv), y)) / (1 + alpha)
+
+    return loss_terms
+
+
+def gaussian_augmentation(sigma: float) -> Callable:
+    """``loss_terms`` training on x + N(0, sigma^2 I) (Cohen et al.'s noise augmentation)."""
+
+    def loss_terms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model(x + sigma * torch.randn_like(x)), y)
+
+    return loss_terms
+
+
+def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: float, batch: int = 512,
+                    **kwargs) -> float:
+    model.eval()
+    correct = 0
+    for s in range(0, len(x), batch):
+        xb, yb = x[s:s + batch], y[s:s + batch]
+        adv = ATTACKS[attack](model, xb, yb, eps, **kwargs) if eps > 0 else xb
+        with torch.no_grad():
+            correct += int((model(adv).argmax(1) == yb).sum())
+    return correct / len(x)
+
+
+# ---------------------------------------------------------------- randomized smoothing
+
+
+@torch.no_grad()
+def sample_counts(model: nn.Module, x: Tensor, sigma: float, n: int, num_classes: int, batch: int = 1000,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Class counts of f(x + N(0, sigma^2 I)) over n draws, for a single input x (no batch dim)."""
+    model.eval()
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    left = n
+    while left > 0:
+        k = min(batch, left)
+        noise = torch.randn((k, *x.shape), generator=generator, device="cpu").to(x) * sigma
+        pred = model(x.unsqueeze(0) + noise).argmax(1)
+        counts += torch.bincount(pred.cpu(), minlength=num_classes)
+        left -= k
+    return counts
+
+
+def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from k successes in n trials."""
+    return 0.0 if k == 0 else float(beta_dist.ppf(alpha, k, n - k + 1))
+
+
+def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
+    return 1.0 if k == n else float(beta_dist.ppf(1 - alpha, k + 1, n - k))
+
+
+ABSTAIN = -1
+
+
+def smoothed_predict(model: nn.Module, x: Tensor, sigma: float, n: int, alpha: float, num_classes: int,
+                     batch: int = 1000, generator: torch.Generator | None = None) -> int:
+    """Cohen et al.'s PREDICT: the top class if a two-sided binomial test of top vs runner-up counts
+    rejects p = 1/2 at level alpha, else ABSTAIN (P[returning a wrong class] <= alpha)."""
+    counts = sample_counts(model, x, sigma, n, num_classes, batch, generator)
+    top2 = counts.topk(2)
+    na, nb = int(top2.values[0]), int(top2.values[1])
+    if binomtest(na, na + nb, 0.5).pvalue > alpha:
+        return ABSTAIN
+    return int(top2.indices[0])
+
+
+def certify(model: nn.Module, x: Tensor, sigma: float, n0: int, n: int, alpha: float, num_classes: int,
+            batch: int = 1000, generator: torch.Generator | None = None) -> tuple[int, float]:
+    """Cohen et al.'s CERTIFY: (class, l2 radius) or (ABSTAIN, 0). Separate selection and estimation samples."""
+    c = int(sample_counts(model, x, sigma, n0, num_classes, batch, generator).argmax())
+    counts = sample_counts(model, x, sigma, n, num_classes, batch, generator)
+    pa = lower_confidence_bound(int(counts[c]), n, alpha)
+    if pa <= 0.5:
+        return ABSTAIN, 0.0
+    return c, sigma * float(norm.ppf(pa))
+
+
+def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return with n samples: sigma Phi^-1(alpha^(1/n))."""
+    return sigma * float(norm.ppf(alpha ** (1.0 / n)))
+
+
+def certified_accuracy(results: list[tuple[int, float]], labels: Tensor, radii: list[float]) -> list[float]:
+    """Fraction of examples certified correct with radius >= r, for each r."""
+    labels = labels.tolist()
+    return [sum(1 for (c, rad), y in zip(results, labels) if c == y and rad >= r) / len(labels) for r in radii]
+
+
+# ---------------------------------------------------------------- PixelDP
+
+
+def pixeldp_epsilon(size: float, sigma: float, sensitivity: float, delta: float, mechanism: str = "gaussian") -> float:
+    """The epsilon that noise of scale ``sigma`` after a layer of l-sensitivity ``sensitivity`` gives for
+    input changes of size ``size``: Gaussian sigma = sqrt(2 ln(1.25/delta)) Delta L / eps; Laplace b = Delta L / eps."""
+    if mechanism == "gaussian":
+        return math.sqrt(2 * math.log(1.25 / delta)) * sensitivity * size / sigma
+    if mechanism == "laplace":
+        return sensitivity * size / sigma
+    raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+
+
+def pixeldp_robust(e_lower_top: float, e_upper_second: float, eps: float, delta: float) -> bool:
+    """Lecuyer et al.'s robustness condition: E_lb(top) > e^{2 eps} E_ub(second) + (1 + e^eps) delta."""
+    return e_lower_top > math.exp(2 * eps) * e_upper_second + (1 + math.exp(eps)) * delta
+
+
+def pixeldp_certified_size(e_lower_top: float, e_upper_second: float, sigma: float, sensitivity: float,
+                           delta: float, mechanism: str = "gaussian", max_size: float = 10.0) -> float:
+    """The largest attack size L at which :func:`pixeldp_robust` holds (0 if none), by bisection
+    (the condition is monotone in L). The Gaussian mechanism's bound is only valid for eps <= 1."""
+    def ok(size: float) -> bool:
+        eps = pixeldp_epsilon(size, sigma, sensitivity, delta, mechanism)
+        if mechanism == "gaussian" and eps > 1:
+            return False
+        return pixeldp_robust(e_lower_top, e_upper_second, eps, delta if mechanism == "gaussian" else 0.0)
+
+    if not ok(1e-12):
+        return 0.0
+    lo, hi = 0.0, max_size
+    if ok(hi):
+        return hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo

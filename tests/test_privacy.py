@@ -1,0 +1,245 @@
+"""DP-SGD on Opacus, attacks and certification against independent references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import norm
+from torch import nn
+
+from backproplab.data import Data
+from backproplab.methods import privacy, robustness
+from backproplab.train import TrainConfig, fit
+
+pytest.importorskip("opacus")
+
+
+def test_accountants_reproduce_published_values():
+    """sigma 1.1, batch 256 of 60000, 60 epochs, delta 1e-5 (Abadi et al.'s MNIST setting)."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    q = 256 / 60000
+    steps = int(60 / q)
+    model = nn.Linear(2, 2)
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=60000, batch_size=256, steps=steps,
+                       config=privacy.DPConfig(noise_multiplier=1.1, delta=1e-5))
+    for acc in dp.accountants.values():
+        acc.history = [(1.1, q, steps)]
+    assert abs(dp.epsilon("rdp") - 2.60) < 0.01 and abs(dp.epsilon("prv") - 2.39) < 0.01
+    for cls, kind in ((RDPAccountant, "rdp"), (PRVAccountant, "prv")):
+        ref = cls()
+        ref.history = [(1.1, q, steps)]
+        assert math.isclose(dp.epsilon(kind), ref.get_epsilon(1e-5), rel_tol=1e-9)
+
+
+def _toy(n=64, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, d, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return Data("toy", x, y, x, y, 3)
+
+
+def test_reported_epsilon_equals_opacus_accountant_for_the_steps_taken():
+    from opacus.accountants import RDPAccountant
+
+    data = _toy()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, batch_size=16, epochs=3)
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=64, batch_size=16, steps=12,
+                       config=privacy.DPConfig(noise_multiplier=0.9, max_grad_norm=1.0, delta=1e-3))
+    history = fit(dp.model, data, cfg, optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
+    ref = RDPAccountant()
+    ref.history = [(0.9, 16 / 64, 12)]
+    assert math.isclose(history[-1]["epsilon_rdp"], ref.get_epsilon(1e-3), rel_tol=1e-9)
+    assert history[0]["epsilon_rdp"] < history[-1]["epsilon_rdp"]
+
+
+def _one_dp_step(model, x, y, lr, noise, clip):
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=lr), n=len(x), batch_size=len(x), steps=1,
+                       config=privacy.DPConfig(noise_multiplier=noise, max_grad_norm=clip))
+    dp.poisson_batch = lambda device: torch.arange(len(x))  # a fixed batch, for the comparison only
+    data = Data("toy", x, y, x, y, 3)
+
+    class State:
+        pass
+
+    state = State()
+    state.data, state.loss_fn = data, F.cross_entropy
+    dp.step()(None, state)
+    return dp
+
+
+def test_no_noise_no_clipping_equals_plain_sgd():
+    data = _toy(n=12)
+    torch.manual_seed(1)
+    a = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    b = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    b.load_state_dict(a.state_dict())
+    _one_dp_step(a, data.x_train, data.y_train, lr=0.5, noise=0.0, clip=1e9)
+    opt = torch.optim.SGD(b.parameters(), lr=0.5)
+    F.cross_entropy(b(data.x_train), data.y_train).backward()
+    opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_clipped_per_example_gradients_equal_a_micro_batch_loop():
+    data = _toy(n=10)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    reference = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    reference.load_state_dict(model.state_dict())
+    clip, lr = 0.05, 1.0
+    _one_dp_step(model, data.x_train, data.y_train, lr=lr, noise=0.0, clip=clip)
+    total = [torch.zeros_like(p) for p in reference.parameters()]
+    for i in range(10):  # one example at a time: its gradient, clipped to norm <= clip
+        grads = torch.autograd.grad(F.cross_entropy(reference(data.x_train[i:i + 1]), data.y_train[i:i + 1]),
+                                    list(reference.parameters()))
+        norm_i = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm_i) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads)]
+    for p, q, t in zip(model.parameters(), reference.parameters(), total):
+        torch.testing.assert_close(p, q - lr * t / 10, rtol=1e-4, atol=1e-6)
+
+
+def test_batchnorm_is_converted_with_a_message_and_unsupported_layers_fail_early(capsys):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    fixed = privacy.prepare_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fixed.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in fixed.modules())
+    assert "GroupNorm" in capsys.readouterr().err
+
+    class ScaleWithBuffer(nn.Module):  # trainable and holding a buffer: its buffer would not be private
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+            self.register_buffer("seen", torch.zeros(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    with pytest.raises(NotImplementedError, match="trainable layer with buffers"):
+        privacy.prepare_model(nn.Sequential(nn.Linear(3, 3), ScaleWithBuffer()))
+
+
+# ---------------------------------------------------------------- attacks
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("norm_kind", ["linf", "l2"])
+def test_pgd_increases_the_loss_and_stays_in_the_ball(classifier, norm_kind):
+    model, x, y = classifier
+    eps = 0.3
+    adv = robustness.pgd(model, x, y, eps, steps=20, norm=norm_kind, generator=torch.Generator().manual_seed(0))
+    d = adv - x
+    size = d.abs().amax(1) if norm_kind == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-6).all()
+    assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y) + 0.05
+    # and it beats a random point of the same ball
+    rnd = robustness.project(torch.randn_like(x), eps, norm_kind)
+    assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x + rnd), y)
+
+
+def test_fgsm_and_mim(classifier):
+    model, x, y = classifier
+    adv = robustness.fgsm(model, x, y, 0.1)
+    g = torch.autograd.functional.jacobian(lambda inp: F.cross_entropy(model(inp), y), x)
+    torch.testing.assert_close(adv, x + 0.1 * g.sign())
+    adv = robustness.mim(model, x, y, 0.2, steps=5)
+    assert (adv - x).abs().max() <= 0.2 + 1e-6
+    assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y)
+
+
+# ---------------------------------------------------------------- certification
+
+
+class Linear2(nn.Module):
+    """Binary linear classifier: class 1 iff w.x + b > 0. Under N(0, sigma^2 I) noise pA is known."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        s = x @ self.w + self.b
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def test_certify_radius_is_a_valid_lower_bound_on_a_linear_classifier():
+    torch.manual_seed(4)
+    w, b, sigma, alpha = torch.tensor([1.0, -2.0, 0.5]), 0.3, 0.5, 0.001
+    model = Linear2(w, b)
+    xs = torch.randn(100, 3)
+    g = torch.Generator().manual_seed(5)
+    ratios = []
+    for x in xs:
+        margin = float(x @ w + b)
+        true_class, true_radius = int(margin > 0), abs(margin) / float(w.norm())  # = sigma Phi^-1(pA)
+        c, radius = robustness.certify(model, x, sigma, n0=100, n=2000, alpha=alpha, num_classes=2, generator=g)
+        if c != robustness.ABSTAIN:
+            assert c == true_class
+            assert radius <= true_radius + 1e-9
+            ratios.append(radius / true_radius)
+    assert len(ratios) > 60 and sum(ratios) / len(ratios) > 0.5  # valid, and not trivially small
+
+
+def test_predict_abstains_at_the_stated_rate_on_the_decision_boundary():
+    w, b, sigma, alpha = torch.tensor([1.0, 0.0]), 0.0, 1.0, 0.1
+    model = Linear2(w, b)
+    x = torch.tensor([0.0, 3.0])  # on the boundary: pA = 1/2 exactly
+    g = torch.Generator().manual_seed(6)
+    answers = [robustness.smoothed_predict(model, x, sigma, 200, alpha, 2, generator=g) for _ in range(300)]
+    returned = sum(a != robustness.ABSTAIN for a in answers) / 300
+    # P[return a class] <= alpha; binomial sd at alpha=0.1, 300 trials: 0.017
+    assert returned <= alpha + 3 * 0.017
+    far = torch.tensor([3.0, 0.0])  # pA = Phi(3) = 0.9987: essentially never abstains
+    assert robustness.smoothed_predict(model, far, sigma, 200, alpha, 2, generator=g) == 1
+
+
+def test_radius_never_exceeds_the_bound_implied_by_n():
+    class Always0(nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.ones(len(x)), torch.zeros(len(x))], 1)
+
+    sigma, n, alpha = 0.25, 500, 0.001
+    c, radius = robustness.certify(Always0(), torch.zeros(4), sigma, 10, n, alpha, 2)
+    bound = robustness.max_certifiable_radius(sigma, n, alpha)
+    assert c == 0 and math.isclose(radius, bound, rel_tol=1e-9)
+    assert math.isclose(bound, sigma * norm.ppf(alpha ** (1 / n)))
+
+
+def test_pixeldp_bisection_matches_the_laplace_closed_form():
+    lower, upper, b, sens = 0.8, 0.1, 2.0, 0.5
+    size = robustness.pixeldp_certified_size(lower, upper, b, sens, delta=0.0, mechanism="laplace")
+    expected = 0.5 * math.log(lower / upper) * b / sens  # e^{2 eps} = lower/upper, eps = sens L / b
+    assert math.isclose(size, expected, rel_tol=1e-6)
+    g = robustness.pixeldp_certified_size(lower, upper, 1.0, 1.0, delta=1e-5, mechanism="gaussian")
+    eps = robustness.pixeldp_epsilon(g, 1.0, 1.0, 1e-5)
+    assert robustness.pixeldp_robust(lower, upper, eps * (1 - 1e-6), 1e-5)
+    assert not robustness.pixeldp_robust(lower, upper, eps * 1.001, 1e-5) or eps >= 1 - 1e-9
+
+
+def test_privacy_experiment_and_certify_cli(tmp_path, capsys):
+    from backproplab.cli import main
+
+    args = ["run", "privacy", "--set", "epsilons=8", "nonprivate=false", "adversarial=clean", "augment_sigmas=0.5",
+            "epochs=1", "cert_examples=5", "cert_n=50", "cert_n0=10", "linf_eps=0.1", "l2_eps=0.5", "pgd_steps=2",
+            "--seeds", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    run = tmp_path / "privacy" / "eps8-clean-aug0.5" / "seed0"
+    import json
+
+    final = json.loads((run / "final.json").read_text())
+    assert 0 < final["epsilon_rdp"] <= 8.0 + 1e-6 and "pgd_linf_0.1" in final and final["certified"]
+    capsys.readouterr()
+    assert main(["certify", str(run), "--n", "50", "--n0", "10", "--examples", "5"]) == 0
+    assert (run / "certify_sigma0.5.md").exists() and (run / "certify_sigma0.5.png").exists()
+    assert main(["certify", str(tmp_path / "nope")]) == 2
