@@ -7,11 +7,11 @@ The foundation: ``data`` (offline and local-file datasets), ``models`` (model zo
 
 from .data import Data, load_dataset
 from .models import build_model
-from .methods import layerwise, msgd, privacy, rifle, robustness, teacher_student
+from .methods import layerwise, msgd, privacy, rifle, robustness, stobatch, teacher_student
 from .methods.curveball import CurveBall
 from .methods.linear_backprop import linear_backprop, linear_backprop_scope, standard_backprop
 from .train import Batch, TrainConfig, TrainState, fit, standard_step
 
-__all__ = ["Data", "load_dataset", "build_model", "Batch", "TrainConfig", "TrainState", "fit", "standard_step", "CurveBall", "msgd", "rifle", "layerwise", "teacher_student", "privacy", "robustness",
+__all__ = ["Data", "load_dataset", "build_model", "Batch", "TrainConfig", "TrainState", "fit", "standard_step", "CurveBall", "msgd", "rifle", "layerwise", "teacher_student", "privacy", "robustness", "stobatch",
            "linear_backprop", "linear_backprop_scope", "standard_backprop"]
 __version__ = "0.1.0"

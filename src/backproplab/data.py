@@ -133,13 +133,17 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
 
 
 @register_dataset("digits")
-def digits(seed: int = 0, root: Path | None = None, test_fraction: float = 0.2) -> Data:
+def digits(seed: int = 0, root: Path | None = None, test_fraction: float = 0.2, unit_range: bool = False) -> Data:
+    """``unit_range=True`` keeps pixels in [0, 1] (for methods whose sensitivity bounds assume it)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = bunch.images.astype(np.float32)[:, None] / 16.0
     y = bunch.target.astype(np.int64)
     tr, te = _stratified_split(y, test_fraction, seed)
+    if unit_range:
+        return Data("digits", torch.as_tensor(x[tr]), torch.as_tensor(y[tr]), torch.as_tensor(x[te]),
+                    torch.as_tensor(y[te]), 10)
     return _standardise("digits", x[tr], y[tr], x[te], y[te], 10, per_channel=False)
 
 

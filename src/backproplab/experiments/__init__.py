@@ -85,7 +85,7 @@ def all_experiments() -> list[Experiment]:
 
 def _load_builtin() -> None:
     from . import (baselines, curveball, layerwise, linear_backprop, luck_matters, msgd,  # noqa: F401
-                   privacy, rifle)
+                   privacy, rifle, stobatch)
 
 
 # ---------------------------------------------------------------- config parsing

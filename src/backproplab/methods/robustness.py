@@ -235,6 +235,8 @@ def pixeldp_epsilon(size: float, sigma: float, sensitivity: float, delta: float,
 
 def pixeldp_robust(e_lower_top: float, e_upper_second: float, eps: float, delta: float) -> bool:
     """Lecuyer et al.'s robustness condition: E_lb(top) > e^{2 eps} E_ub(second) + (1 + e^eps) delta."""
+    if eps > 300:  # e^{2 eps} overflows: only a zero right-hand side can still be beaten
+        return e_upper_second == 0 and delta == 0 and e_lower_top > 0
     return e_lower_top > math.exp(2 * eps) * e_upper_second + (1 + math.exp(eps)) * delta
 
 

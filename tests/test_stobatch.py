@@ -1,0 +1,162 @@
+"""StoBatch: Taylor losses, noise scales, disjoint batches, distributed averaging, certificate, audit."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from backproplab.data import Data
+from backproplab.methods import stobatch as sb
+
+
+def test_taylor_losses_equal_their_closed_forms_and_approximation_order():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.tensor([1, 0, 5, 2]), 6).double()
+    # closed forms, written out
+    torch.testing.assert_close(sb.taylor_reconstruction(z0, x), (math.log(2) + (0.5 - x) * z0).sum(1).mean())
+    torch.testing.assert_close(sb.taylor_sigmoid_ce(z0, y), (math.log(2) + (0.5 - y) * z0 + z0**2 / 8).sum(1).mean())
+    # order: first-order error O(z^2) (halving z quarters it); second-order error O(z^4) (sixteenth)
+    err1 = [abs(float(sb.exact_reconstruction(t * z0, x) - sb.taylor_reconstruction(t * z0, x))) for t in (1e-2, 5e-3)]
+    err2 = [abs(float(sb.exact_sigmoid_ce(t * z0, y) - sb.taylor_sigmoid_ce(t * z0, y))) for t in (1e-1, 5e-2)]
+    assert err1[1] / err1[0] == pytest.approx(0.25, rel=0.02)
+    assert err2[1] / err2[0] == pytest.approx(1 / 16, rel=0.05)
+
+
+def test_noise_scales_follow_the_formulas():
+    w = torch.zeros(1, 1, 3, 3)
+    w[0, 0] = 1.0  # reshaped to (9, 1): a column of ones, spectral norm 3
+    assert float(sb.spectral_norm_w1(w)) == pytest.approx(3.0)
+    s = sb.noise_scales(eps2=1.0, eps3=2.0, batch=100, w1_norm=3.0, in_channels=1, latent_hw=16, kernel=3, hidden=64)
+    delta2 = 1 * (16 + 2) * 9  # C (HW + 2) k^2 = 162
+    gamma, gamma_x = 2 * delta2 / (100 * 3.0), delta2 / 100
+    eps2p = 1.0 / (1 + 1 / gamma + 1 / gamma_x)
+    assert s.delta2 == delta2 and s.gamma == pytest.approx(gamma) and s.gamma_x == pytest.approx(gamma_x)
+    assert s.eps2_prime == pytest.approx(eps2p)
+    assert s.input_scale == pytest.approx(delta2 / (100 * eps2p))
+    assert s.latent_scale == pytest.approx(2 * delta2 / (100 * eps2p))
+    assert s.delta3 == 128 and s.output_scale == pytest.approx(128 / (2.0 * 100))
+
+
+def test_laplace_sampler_has_the_laplace_variance():
+    x = sb.laplace((200_000,), 0.7, torch.Generator().manual_seed(0))
+    assert float(x.mean()) == pytest.approx(0.0, abs=0.01)
+    assert float(x.var()) == pytest.approx(2 * 0.7**2, rel=0.02)
+
+
+def test_disjoint_batches_are_disjoint_and_cover():
+    batches = sb.disjoint_batches(103, 10, seed=1)
+    flat = torch.cat(batches)
+    assert len(batches) == 11 and sorted(flat.tolist()) == list(range(103))
+    assert all(len(set(a.tolist()) & set(b.tolist())) == 0 for i, a in enumerate(batches) for b in batches[i + 1:])
+
+
+def test_w1_projection_enforces_the_sensitivity_bound():
+    torch.manual_seed(0)
+    model = sb.StoBatchNet()
+    with torch.no_grad():
+        model.encoder.weight.mul_(10)
+    sb.project_w1(model, 1.0)
+    assert float(sb.spectral_norm_w1(model.encoder.weight)) == pytest.approx(1.0, rel=1e-5)
+
+
+def _data(n=64):
+    g = torch.Generator().manual_seed(0)
+    return Data("toy", torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g),
+                torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g), 10)
+
+
+def _worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = sb.StoBatchNet()
+    sto = sb.StoBatch(model, 64, sb.StoBatchConfig(batch=16, workers=1, attack_steps=2))
+    data = _data()
+    idx = sto.batches[rank]
+    loss = sto.batch_loss(model, data.x_train[idx], data.y_train[idx], rank, 0, 10)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    if rank == 0:
+        torch.save(flat, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_distributed_average_equals_one_process_loop(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "grad.pt")), nprocs=2, join=True)
+    distributed = torch.load(tmp_path / "grad.pt")
+    torch.manual_seed(0)
+    model = sb.StoBatchNet()
+    sto = sb.StoBatch(model, 64, sb.StoBatchConfig(batch=16, workers=2, attack_steps=2))
+    loop = torch.cat([g.reshape(-1) for g in sb.averaged_gradient(sto, _data(), 0, [0, 1])])
+    torch.testing.assert_close(distributed, loop, rtol=1e-5, atol=1e-6)
+
+
+class _SignOfLatent(sb.StoBatchNet):
+    """Class 1 iff the first latent coordinate (plus noise) is positive: under Laplace noise of scale b,
+    P(class 1) = 1 - exp(-h/b)/2 for h > 0, so the smoothed prediction flips exactly at h = 0."""
+
+    def head_hidden(self, h1):
+        return h1.flatten(1)[:, :1]
+
+    def forward(self, x, latent_noise=None):
+        h1 = self.encode(x)
+        if latent_noise is not None:
+            h1 = h1 + latent_noise
+        h = self.head_hidden(h1)
+        return torch.cat([torch.zeros_like(h), h], 1)
+
+
+def test_pixeldp_certificate_is_a_valid_lower_bound():
+    torch.manual_seed(1)
+    model = _SignOfLatent()
+    w = model.encoder.weight.detach()
+    g = torch.Generator().manual_seed(2)
+    b = 0.2
+    checked = 0
+    for _ in range(40):
+        x = torch.rand(1, 8, 8, generator=g)
+        h = float(model.encode(x[None]).detach().flatten()[0])
+        cls, size = sb.certify_pixeldp(model, x, b, n0=50, n=2000, alpha=0.01, num_classes=2, generator=g)
+        # the smallest l1 change of x that moves h to 0: h / (largest |weight| reaching coordinate 0)
+        reach = w[0, 0].abs().max()  # first output channel, top-left position: weights on the input patch
+        true_size = abs(h) / float(reach)
+        if size > 0:
+            assert cls == int(h > 0)
+            assert size <= true_size + 1e-9
+            checked += 1
+    assert checked >= 10
+
+
+def test_audit_detects_leakage_only_when_there_is_some():
+    g = torch.Generator().manual_seed(3)
+    same = sb.audit_epsilon(torch.randn(500, generator=g), torch.randn(500, generator=g))
+    assert same["epsilon_lower_bound"] < 0.3
+    leaky = sb.audit_epsilon(torch.randn(500, generator=g) + 5, torch.randn(500, generator=g))
+    assert leaky["epsilon_lower_bound"] > 2.0
+
+
+def test_stobatch_training_step_runs_in_the_loop_and_keeps_the_bound():
+    from backproplab.train import TrainConfig, fit
+
+    data = _data(96)
+    torch.manual_seed(0)
+    model = sb.StoBatchNet()
+    sto = sb.StoBatch(model, len(data.x_train), sb.StoBatchConfig(batch=32, workers=2, attack_steps=1))
+    history = fit(model, data, TrainConfig(optimizer="sgd", lr=0.05, epochs=2, batch_size=32), step=sto.step())
+    assert math.isfinite(history[-1]["train_loss"])
+    assert float(sb.spectral_norm_w1(model.encoder.weight)) <= 1.0 + 1e-5
+    paper = sb.StoBatch(sb.StoBatchNet(), 96, sb.StoBatchConfig(batch=32, paper_compat=True))
+    a = paper._noise(0, 0, (32, 1, 8, 8), "cpu")
+    b = paper._noise(0, 7, (32, 1, 8, 8), "cpu")
+    assert torch.equal(a[0], b[0])  # paper mode: one draw reused
+    fresh = sto._noise(0, 0, (32, 1, 8, 8), "cpu")[0]
+    assert not torch.equal(fresh, sto._noise(0, 1, (32, 1, 8, 8), "cpu")[0])  # corrected: fresh every step
