@@ -1,12 +1,10 @@
 """StoBatch: Taylor losses, noise scales, disjoint batches, distributed averaging, certificate, audit."""
 
 import math
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from backproplab.data import Data
 from backproplab.methods import stobatch as sb

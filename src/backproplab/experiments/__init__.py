@@ -234,6 +234,11 @@ def _status(run_dir: Path, run_config: dict) -> str:
 # ---------------------------------------------------------------- reading results back
 
 
+def load_finals(exp_dir: Path, arm: str) -> list[dict]:
+    """Each seed's ``final.json`` of one arm (finished runs only)."""
+    return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]
+
+
 def load_runs(exp_dir: Path) -> dict[str, list[list[dict]]]:
     """``{arm: [metrics of seed 0, seed 1, ...]}`` for finished runs under ``exp_dir``."""
     runs: dict[str, list[list[dict]]] = {}

@@ -22,7 +22,7 @@ from ..data import load_dataset
 from ..methods import teacher_student as ts
 from ..models import build_model
 from ..train import TrainConfig, evaluate, fit, mse, seed_everything
-from . import Experiment, ExperimentConfig, load_runs, register
+from . import Experiment, ExperimentConfig, load_finals, load_runs, register
 
 
 @dataclass
@@ -120,9 +120,6 @@ def _add_to_final(run_dir: Path, extra: dict) -> None:
     _io.write_json(run_dir / "final.json", final)
 
 
-def _finals(exp_dir: Path, arm: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]
-
 
 def analyze(exp_dir: Path, cfg: LuckConfig) -> list[str]:
     runs = load_runs(exp_dir)
@@ -144,7 +141,7 @@ def analyze(exp_dir: Path, cfg: LuckConfig) -> list[str]:
                        f"epoch reaching 90% of its final value, per layer: {reach} "
                        f"({'lower layers first' if reach == sorted(reach) else 'not in layer order'}).")
     # 2. over-parameterisation sweep
-    sweep = {m: _finals(exp_dir, f"mult{m}") for m in cfg.multipliers}
+    sweep = {m: load_finals(exp_dir, f"mult{m}") for m in cfg.multipliers}
     sweep = {m: f for m, f in sweep.items() if f}
     if sweep:
         ms = sorted(sweep)
@@ -163,7 +160,7 @@ def analyze(exp_dir: Path, cfg: LuckConfig) -> list[str]:
                        ", ".join(f"x{m}: {cov[m]:.2f}" for m in ms) + "; eval loss " +
                        ", ".join(f"x{m}: {loss[m]:.3g}" for m in ms) +
                        f" ({'more width, better recovery' if cov[ms[-1]] > cov[ms[0]] + 0.02 else 'no clear recovery gain from the smallest to the widest student'}).")
-    tops = _finals(exp_dir, top)
+    tops = load_finals(exp_dir, top)
     if tops:
         # 3. luck scatter, 4. L-shape
         ranks = np.concatenate([np.array(l["luck_rank"]) / max(l["students"] - 1, 1) for f in tops for l in f["layers"]])
@@ -200,7 +197,7 @@ def analyze(exp_dir: Path, cfg: LuckConfig) -> list[str]:
     rows = []
     for arm, label in ((top, "structured 2019"), ("teacher2020", "2020 (median bias, strengths)"),
                        ("random_teacher", "random")):
-        fs = _finals(exp_dir, arm)
+        fs = load_finals(exp_dir, arm)
         if fs:
             rows.append((label, [np.mean([f["layers"][l]["mean_best"] for f in fs]) for l in range(depth)]))
     for i, (label, vals) in enumerate(rows):
@@ -214,7 +211,7 @@ def analyze(exp_dir: Path, cfg: LuckConfig) -> list[str]:
     plots.save(fig, exp_dir / "luck_matters.png")
     # 6. BatchNorm biases
     for arm, label in (("bn_cnn_digits", "BN CNN on digits"), ("bn_student", "BN student on the teacher")):
-        fs = _finals(exp_dir, arm)
+        fs = load_finals(exp_dir, arm)
         if fs and "bn_negative" in fs[0]:
             names = sorted(fs[0]["bn_negative"], key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")])
             fr = {n: np.mean([f["bn_negative"][n] for f in fs]) for n in names}

@@ -23,7 +23,7 @@ from ..data import Data, load_dataset
 from ..methods import privacy, robustness
 from ..models import build_model
 from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, register
+from . import Experiment, ExperimentConfig, load_finals, register
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 
@@ -149,13 +149,10 @@ def _plain_step(loss_terms):
     return step
 
 
-def _finals(exp_dir: Path, arm: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]
-
 
 def analyze(exp_dir: Path, cfg: PrivacyConfig) -> list[str]:
     levels = _privacy_levels(cfg)
-    finals = {arm: _finals(exp_dir, arm) for arm in arms(cfg)}
+    finals = {arm: load_finals(exp_dir, arm) for arm in arms(cfg)}
     finals = {a: f for a, f in finals.items() if f}
     mean = lambda arm, key: float(np.mean([f[key] for f in finals[arm]]))  # noqa: E731
     fig, axes = plots.subplots(1, 4)

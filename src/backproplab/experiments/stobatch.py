@@ -29,7 +29,7 @@ from ..data import Data, load_dataset
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
 from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, register
+from . import Experiment, ExperimentConfig, load_finals, register
 
 SIZES_L1 = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -141,12 +141,9 @@ def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: 
     _io.write_json(run_dir / "final.json", final)
 
 
-def _finals(exp_dir: Path, arm: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]
-
 
 def analyze(exp_dir: Path, cfg: StoBatchExpConfig) -> list[str]:
-    fin = {a: _finals(exp_dir, a) for a in arms(cfg)}
+    fin = {a: load_finals(exp_dir, a) for a in arms(cfg)}
     fin = {a: f for a, f in fin.items() if f}
     mean = lambda a, k: float(np.mean([f[k] for f in fin[a]]))  # noqa: E731
     kinds = {"stobatch": "StoBatch (corrected)", "stobatch_paper": "StoBatch (paper mode)",
@@ -160,7 +157,7 @@ def analyze(exp_dir: Path, cfg: StoBatchExpConfig) -> list[str]:
     if "nonprivate" in fin:
         axes[0][0].axhline(mean("nonprivate", "test_acc"), ls="--", color="k", label="non-private")
     axes[0][0].set(xscale="log", xlabel="stated epsilon", ylabel="clean accuracy", title="utility")
-    axes[0][1].set(xscale="log", xlabel="stated epsilon", ylabel=f"PGD l-inf accuracy",
+    axes[0][1].set(xscale="log", xlabel="stated epsilon", ylabel="PGD l-inf accuracy",
                    title=f"robustness, size {cfg.attack_sizes[len(cfg.attack_sizes) // 2]:g}")
     for e in cfg.epsilons:
         a = f"stobatch_eps{e:g}"

@@ -28,7 +28,6 @@ lambda <- lambda / factor^interval, gamma > ``lambda_high`` gives lambda <- lamb
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
