@@ -56,14 +56,14 @@ def step(method: str, device: str):
         return run
     weighting = {"msgd_cov": msgd.MSGDCov, "msgd_fisher": msgd.MSGDFisher,
                  "msgd_bernoulli": msgd.MSGDBernoulli}[method](N, B)
+    train_step = msgd.weighted_gradient_step(weighting, chunk_size=N)  # the library's step, as the loop runs it
 
-    def run():
-        idx, w = weighting.sample(device=device)
-        opt.zero_grad(set_to_none=True)
-        losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
-        weighting.weighted_loss(losses, w).backward()
-        opt.step()
-    return run
+    class State:
+        pass
+
+    state = State()
+    state.data, state.optimizer, state.net, state.loss_fn = data, opt, model, F.cross_entropy
+    return lambda: train_step(None, state)
 
 
 def main() -> None:

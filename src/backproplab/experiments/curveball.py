@@ -259,6 +259,9 @@ def analyze(exp_dir: Path, cfg: CurveBallConfig) -> list[str]:
                 cells.append("-")
         lines.append(f"{p} | " + " | ".join(cells))
     _io.write_text(exp_dir / "toy_table.md", "\n".join(lines) + "\n")
+    verdict.append("toy baselines' learning rates tuned on seed 0 over " +
+                   "; ".join(f"{m}: {', '.join(f'{v:g}' for v in grid)}" for m, grid in TUNING_GRID.items()) +
+                   f" (fewest iterations to tolerance, at most {cfg.max_iters}).")
     for p, row in table.items():
         if "curveball" not in row:
             continue
@@ -266,7 +269,8 @@ def analyze(exp_dir: Path, cfg: CurveBallConfig) -> list[str]:
         first_order = {m: row[m] for m in ("sgd", "adam", "lbfgs") if m in row}
         beaten = [m for m, (mean, _, ok, n) in first_order.items()
                   if cb[2] == cb[3] and (ok < n or mean > cb[0])]
-        summary = "; ".join(f"{m} {row[m][0]:.0f}±{row[m][1]:.0f} ({row[m][2]}/{row[m][3]} solved)" for m in row)
+        summary = "; ".join(f"{m} {row[m][0]:.0f}±{row[m][1]:.0f} ({row[m][2]}/{row[m][3]} solved)" if row[m][2]
+                            else f"{m} none of {row[m][3]} solved within {cfg.max_iters}" for m in row)
         verdict.append(f"toy {p}: iterations to tolerance — {summary}. CurveBall needs fewer iterations than "
                        f"{', '.join(beaten) if beaten else 'none'} of the first-order methods "
                        f"({', '.join(first_order)}).")

@@ -171,11 +171,14 @@ def analyze(exp_dir: Path, cfg: LinearBackpropConfig) -> list[str]:
             gap = lbp.mean() - bp.mean()
             spread = max(bp.std(), lbp.std())
             judged = ("matches" if abs(gap) <= spread else "beats" if gap > 0 else "falls behind")
+            line = (f"{title}: linear backprop {100 * lbp.mean():.1f}±{100 * lbp.std():.1f}% vs backprop "
+                    f"{100 * bp.mean():.1f}±{100 * bp.std():.1f}% test accuracy: ")
             if max(lbp.mean(), bp.mean()) < 0.2:
-                judged = "neither arm learned (chance is 10%); no comparison:"
-            verdict.append(f"{title}: linear backprop {100 * lbp.mean():.1f}±{100 * lbp.std():.1f}% vs backprop "
-                           f"{100 * bp.mean():.1f}±{100 * bp.std():.1f}% test accuracy: linear backprop {judged} "
-                           f"backprop (gap {100 * gap:+.1f} points, seeds' spread {100 * spread:.1f}).")
+                line += "neither arm learned (chance is 10%), so no comparison."
+            else:
+                line += (f"linear backprop {judged} backprop (gap {100 * gap:+.1f} points, seeds' spread "
+                         f"{100 * spread:.1f}).")
+            verdict.append(line)
     plots.save(fig, exp_dir / "test_accuracy.png")
     return verdict
 

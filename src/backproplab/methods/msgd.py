@@ -47,6 +47,7 @@ class LossWeighting:
     """
 
     name = "weighting"
+    all_examples = False  # True: sample() always returns every index in order (the step then slices, not gathers)
 
     def __init__(self, n: int, batch_size: int = 1, scale: float | None = None):
         if not 1 <= batch_size <= n:
@@ -81,6 +82,7 @@ def _all(n: int, device) -> Tensor:
 
 class GD(LossWeighting):
     name = "gd"
+    all_examples = True
 
     def sample(self, generator=None, device="cpu"):
         return _all(self.n, device), torch.full((self.n,), 1.0 / self.n, device=device)
@@ -98,6 +100,7 @@ class MSGDCov(LossWeighting):
     """w = (1 + s (e - mean e)) / n: noise covariance (s^2/n) C; SGD-matched s^2 = (n - b)/b * n/(n - 1)."""
 
     name = "msgd_cov"
+    all_examples = True
 
     def default_scale(self) -> float:
         return math.sqrt((self.n - self.b) / self.b * self.n / (self.n - 1)) if self.n > 1 else 0.0
@@ -111,6 +114,7 @@ class MSGDFisher(LossWeighting):
     """w = (1 + s e) / n: noise covariance (s^2/n) F; s^2 = n/b - 1."""
 
     name = "msgd_fisher"
+    all_examples = True
 
     def default_scale(self) -> float:
         return math.sqrt(self.n / self.b - 1)
@@ -144,6 +148,7 @@ class MSGDFisherB(LossWeighting):
     examples, w = 1/n + s e_j / n (j in the B), noise covariance (s^2 B / n^2) F; s^2 = n^2/(B b)."""
 
     name = "msgd_fisher_b"
+    all_examples = True
 
     def __init__(self, n: int, batch_size: int = 1, noise_batch: int = 0, scale: float | None = None):
         self.B = noise_batch or batch_size
@@ -197,8 +202,13 @@ def weighted_gradient_step(weighting: LossWeighting, chunk_size: int = 2048) -> 
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=data.x_train.device)
         for s in range(0, len(idx), chunk_size):
-            i, wc = idx[s:s + chunk_size], w[s:s + chunk_size]
-            losses = state.loss_fn(net(data.x_train[i]), data.y_train[i], reduction="none")
+            wc = w[s:s + chunk_size]
+            if weighting.all_examples:  # a view of the data, no copy
+                xs, ys = data.x_train[s:s + chunk_size], data.y_train[s:s + chunk_size]
+            else:
+                i = idx[s:s + chunk_size]
+                xs, ys = data.x_train[i], data.y_train[i]
+            losses = state.loss_fn(net(xs), ys, reduction="none")
             loss = weighting.weighted_loss(losses, wc)
             loss.backward()
             total += loss.detach()
