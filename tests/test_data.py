@@ -62,6 +62,8 @@ def test_cifar10_loader(tmp_path):
     raw = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 32, 32) / 255
     red = raw[:, 0]
     np.testing.assert_allclose(d.x_train[:, 0].numpy(), (red - red.mean()) / red.std(ddof=1), rtol=1e-4, atol=1e-5)
+    raw_pixels = load_dataset("cifar10", root=tmp_path, unit_range=True)
+    np.testing.assert_allclose(raw_pixels.x_train.numpy(), raw, rtol=1e-6)
 
 
 def test_svhn_loader(tmp_path):

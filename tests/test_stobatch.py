@@ -1,6 +1,7 @@
 """StoBatch: Taylor losses, noise scales, disjoint batches, distributed averaging, certificate, audit."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -158,3 +159,57 @@ def test_stobatch_training_step_runs_in_the_loop_and_keeps_the_bound():
     assert torch.equal(a[0], b[0])  # paper mode: one draw reused
     fresh = sto._noise(0, 0, (32, 1, 8, 8), "cpu")[0]
     assert not torch.equal(fresh, sto._noise(0, 1, (32, 1, 8, 8), "cpu")[0])  # corrected: fresh every step
+
+
+_TORCHRUN_SCRIPT = """
+import sys, torch
+import torch.distributed as dist
+from backproplab.data import load_dataset
+from backproplab.methods import stobatch as sb
+from backproplab.train import TrainConfig, fit, init_distributed
+rank, world = init_distributed("cpu")
+data = load_dataset("digits", unit_range=True, n_train=256)
+torch.manual_seed(0)
+model = sb.StoBatchNet()
+sto = sb.StoBatch(model, 256, sb.StoBatchConfig(batch=32, workers=2, attack_steps=1))
+fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=64, max_steps=3), step=sto.step())
+if rank == 0:
+    torch.save(model.state_dict(), sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_stobatch_training_equals_one_process_with_two_workers(tmp_path):
+    """2 ranks x 1 disjoint batch per step == 1 process x 2 batches per step: same batches, same noise."""
+    import subprocess
+    import sys
+
+    from backproplab.data import load_dataset
+    from backproplab.train import TrainConfig, fit
+
+    script = tmp_path / "run.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "ddp.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = load_dataset("digits", unit_range=True, n_train=256)
+    torch.manual_seed(0)
+    model = sb.StoBatchNet()
+    sto = sb.StoBatch(model, 256, sb.StoBatchConfig(batch=32, workers=2, attack_steps=1))
+    fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=64, max_steps=3), step=sto.step())
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (1, 28, 28)])
+def test_tied_decoder_reconstructs_the_input_shape(shape):
+    model = sb.StoBatchNet(shape)
+    x = torch.rand(2, *shape)
+    z = model.decode_preactivation(model.encode(x))
+    assert z.shape == x.shape and model(x).shape == (2, 10)
+    # tied weights: the decoder is the adjoint of the encoder, <E x, h> = <x, D h>
+    h = torch.randn_like(model.encode(x))
+    torch.testing.assert_close((model.encode(x) * h).sum(), (x * model.decode_preactivation(h)).sum(),
+                               rtol=1e-4, atol=1e-4)

@@ -1,6 +1,6 @@
 """Datasets as in-memory tensors: offline ones made here, real ones read from local files.
 
-Every loader returns a :class:`Data`: ``x_train`` of shape ``(N, *input_shape)`` float32,
+Every loader returns a :class:`Data` (image loaders take ``unit_range=True`` to keep pixels in [0, 1]): ``x_train`` of shape ``(N, *input_shape)`` float32,
 ``y_train`` of shape ``(N,)`` int64 class labels (or ``(N, out_dim)`` float32 targets for
 regression, where ``num_classes == 0``), and the same for the test split. Inputs are
 standardised with training-set statistics. Splits and subsets are a pure function of ``seed``.
@@ -107,9 +107,13 @@ def cache_dir() -> Path:
 
 
 def _standardise(name: str, x_train: np.ndarray, y_train, x_test: np.ndarray, y_test, num_classes: int,
-                 per_channel: bool = True) -> Data:
+                 per_channel: bool = True, unit_range: bool = False) -> Data:
+    """Standardise with training statistics, or (``unit_range``) keep the [0, 1] pixel values."""
     x_train = torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32)
     x_test = torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32)
+    if unit_range:
+        return Data(name, x_train, torch.as_tensor(np.asarray(y_train), dtype=torch.int64), x_test,
+                    torch.as_tensor(np.asarray(y_test), dtype=torch.int64), num_classes)
     dims = [0] + list(range(2, x_train.dim())) if per_channel else list(range(x_train.dim()))
     mean = x_train.mean(dim=dims, keepdim=True)
     std = x_train.std(dim=dims, keepdim=True).clamp_min(1e-8)
@@ -141,10 +145,7 @@ def digits(seed: int = 0, root: Path | None = None, test_fraction: float = 0.2, 
     x = bunch.images.astype(np.float32)[:, None] / 16.0
     y = bunch.target.astype(np.int64)
     tr, te = _stratified_split(y, test_fraction, seed)
-    if unit_range:
-        return Data("digits", torch.as_tensor(x[tr]), torch.as_tensor(y[tr]), torch.as_tensor(x[te]),
-                    torch.as_tensor(y[te]), 10)
-    return _standardise("digits", x[tr], y[tr], x[te], y[te], 10, per_channel=False)
+    return _standardise("digits", x[tr], y[tr], x[te], y[te], 10, per_channel=False, unit_range=unit_range)
 
 
 @register_dataset("mnist1d")
@@ -184,7 +185,7 @@ def _missing(name: str, expected: Path, layout: str) -> DataNotFoundError:
 
 
 @register_dataset("cifar10")
-def cifar10(seed: int = 0, root: Path | None = None) -> Data:
+def cifar10(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
     folder = (root or default_root()) / "cifar-10-batches-py"
     layout = "cifar-10-batches-py/data_batch_1 .. data_batch_5 and test_batch, the python pickle version"
     files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
@@ -201,7 +202,7 @@ def cifar10(seed: int = 0, root: Path | None = None) -> Data:
     xt, yt = read(files[5])
     x = np.concatenate([a for a, _ in train]).astype(np.float32) / 255
     y = np.concatenate([b for _, b in train])
-    return _standardise("cifar10", x, y, xt.astype(np.float32) / 255, yt, 10)
+    return _standardise("cifar10", x, y, xt.astype(np.float32) / 255, yt, 10, unit_range=unit_range)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -218,7 +219,7 @@ def read_idx(path: Path) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _idx_dataset(name: str, root: Path | None) -> Data:
+def _idx_dataset(name: str, root: Path | None, unit_range: bool = False) -> Data:
     root = root or default_root()
     candidates = [root / name, root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw"]
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -230,23 +231,23 @@ def _idx_dataset(name: str, root: Path | None) -> Data:
         if all(paths):
             x, y, xt, yt = (read_idx(p) for p in paths)
             return _standardise(name, x[:, None].astype(np.float32) / 255, y.astype(np.int64),
-                                xt[:, None].astype(np.float32) / 255, yt.astype(np.int64), 10)
+                                xt[:, None].astype(np.float32) / 255, yt.astype(np.int64), 10, unit_range=unit_range)
     raise _missing(name, candidates[0] / stems[0],
                    f"{name}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, gzipped (.gz) or not")
 
 
 @register_dataset("mnist")
-def mnist(seed: int = 0, root: Path | None = None) -> Data:
-    return _idx_dataset("mnist", root)
+def mnist(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
+    return _idx_dataset("mnist", root, unit_range)
 
 
 @register_dataset("fashion_mnist")
-def fashion_mnist(seed: int = 0, root: Path | None = None) -> Data:
-    return _idx_dataset("fashion_mnist", root)
+def fashion_mnist(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
+    return _idx_dataset("fashion_mnist", root, unit_range)
 
 
 @register_dataset("svhn")
-def svhn(seed: int = 0, root: Path | None = None) -> Data:
+def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
     from scipy.io import loadmat
 
     folder = (root or default_root()) / "svhn"
@@ -259,7 +260,7 @@ def svhn(seed: int = 0, root: Path | None = None) -> Data:
         x = np.transpose(m["X"], (3, 2, 0, 1)).astype(np.float32) / 255  # (32,32,3,N) -> (N,3,32,32)
         y = m["y"].reshape(-1).astype(np.int64) % 10  # the format stores digit 0 as label 10
         arrays += [x, y]
-    return _standardise("svhn", *arrays, 10)
+    return _standardise("svhn", *arrays, 10, unit_range=unit_range)
 
 
 def fingerprint(data: Data) -> str:

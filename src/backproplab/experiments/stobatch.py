@@ -1,4 +1,5 @@
-"""StoBatch (Phan et al. 2020) against the modern baselines at equal stated budgets, on digits in [0, 1].
+"""StoBatch (Phan et al. 2020) against the modern baselines at equal stated budgets, on digits in [0, 1]
+(or ``--set dataset=cifar10`` when its files are present).
 
 Arms, for each total budget eps in ``epsilons`` (eps2 = eps3 = eps / 2 for StoBatch):
   ``stobatch_eps{e}`` (corrected mode), ``stobatch_paper_eps{e}`` (``paper_compat=True``),
@@ -36,6 +37,7 @@ SIZES_L1 = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 @dataclass
 class StoBatchExpConfig(ExperimentConfig):
+    dataset: str = "digits"  # or cifar10 / mnist / fashion_mnist / svhn from local files (pixels kept in [0, 1])
     epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     batch: int = 64
     workers: int = 2
@@ -52,18 +54,20 @@ class StoBatchExpConfig(ExperimentConfig):
     cert_n: int = 500
     cert_alpha: float = 0.01
     canaries: int = 100
+    dp_baselines: bool = True  # the DP-SGD arms (single-process only; set false under torchrun)
     seeds: int = 3
 
 
 def arms(cfg: StoBatchExpConfig) -> list[str]:
     out = ["nonprivate"]
     for e in cfg.epsilons:
-        out += [f"stobatch_eps{e:g}", f"stobatch_paper_eps{e:g}", f"dpsgd_adv_eps{e:g}", f"dpsgd_smooth_eps{e:g}"]
+        out += [f"stobatch_eps{e:g}", f"stobatch_paper_eps{e:g}"]
+        out += [f"dpsgd_adv_eps{e:g}", f"dpsgd_smooth_eps{e:g}"] if cfg.dp_baselines else []
     return out + [f"audit_eps{max(cfg.epsilons):g}"]
 
 
 def _digits(cfg: StoBatchExpConfig) -> Data:
-    return load_dataset("digits", root=cfg.data_root or None, unit_range=True)
+    return load_dataset(cfg.dataset, root=cfg.data_root or None, unit_range=True)
 
 
 def _with_canaries(data: Data, k: int, seed: int) -> tuple[Data, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -66,6 +66,12 @@ class DPSGD:
         from opacus.accountants.utils import get_noise_multiplier
         from opacus.optimizers import DPOptimizer
 
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise NotImplementedError("DP-SGD here runs in one process: under torchrun every rank would add its own "
+                                      "noise and the accounting would not hold. Run DP-SGD without torchrun (for the "
+                                      "stobatch experiment: --set dp_baselines=false under torchrun)")
         self.n, self.batch_size, self.config = n, batch_size, config
         self.sample_rate = batch_size / n
         noise = config.noise_multiplier
