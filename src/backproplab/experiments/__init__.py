@@ -234,6 +234,12 @@ def _status(run_dir: Path, run_config: dict) -> str:
 # ---------------------------------------------------------------- reading results back
 
 
+def gap_and_spread(a, b) -> tuple[float, float]:
+    """(mean(a) - mean(b), the larger of the two seeds' standard deviations): the verdicts' one criterion
+    for "a difference larger than the seeds' spread"."""
+    return float(a.mean() - b.mean()), float(max(a.std(), b.std()))
+
+
 def load_finals(exp_dir: Path, arm: str) -> list[dict]:
     """Each seed's ``final.json`` of one arm (finished runs only)."""
     return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]

@@ -15,7 +15,7 @@ from .. import plots
 from ..data import load_dataset
 from ..models import build_model
 from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, check_choices, load_runs, prepare_model, register
+from . import Experiment, ExperimentConfig, check_choices, gap_and_spread, load_runs, prepare_model, register
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
 
@@ -84,8 +84,7 @@ def analyze(exp_dir: Path, cfg: BaselinesConfig) -> list[str]:
         text = ", ".join(f"{o} {100 * finals[o].mean():.1f}±{100 * finals[o].std():.1f}%" for o in ranked)
         if len(ranked) > 1:
             second = ranked[1]
-            gap = finals[best].mean() - finals[second].mean()
-            spread = max(finals[best].std(), finals[second].std())
+            gap, spread = gap_and_spread(finals[best], finals[second])
             clear = "larger" if gap > spread else "not larger"
             text += (f". Best {best} leads {second} by {100 * gap:.1f} points, {clear} than the seeds' spread "
                      f"({100 * spread:.1f}); worst {worst}")

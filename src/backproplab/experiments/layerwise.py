@@ -23,7 +23,7 @@ from ..data import DataNotFoundError, load_dataset
 from ..methods.layerwise import GreedyLayerwiseTrainer, LayerwiseCNN, parameter_count, probe, \
     retrain_smaller_classifier
 from ..train import StepDecay, TrainConfig, cross_entropy, evaluate, fit, seed_everything
-from . import Experiment, ExperimentConfig, load_runs, register
+from . import Experiment, ExperimentConfig, gap_and_spread, load_runs, register
 
 
 @dataclass
@@ -123,8 +123,7 @@ def analyze(exp_dir: Path, cfg: LayerwiseConfig) -> list[str]:
         k_top = max(cfg.ks)
         g, e = finals.get(f"greedy k={k_top}"), finals.get(f"end-to-end k={k_top}")
         if g is not None and e is not None:
-            gap = g.mean() - e.mean()
-            spread = max(g.std(), e.std())
+            gap, spread = gap_and_spread(g, e)
             verdict.append(f"{d}: greedy k={k_top} is {'within' if abs(gap) <= spread else 'outside'} the seeds' "
                            f"spread of end-to-end ({100 * gap:+.1f} points, spread {100 * spread:.1f}).")
         for label, rs in greedy.items():

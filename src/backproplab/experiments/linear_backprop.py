@@ -27,7 +27,7 @@ from ..data import load_dataset
 from ..methods.linear_backprop import linear_backprop
 from ..models import build_model
 from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, load_runs, register
+from . import Experiment, ExperimentConfig, gap_and_spread, load_runs, register
 
 METHODS = {"bp": "backprop", "lbp": "linear backprop"}
 
@@ -168,8 +168,7 @@ def analyze(exp_dir: Path, cfg: LinearBackpropConfig) -> list[str]:
         ax.legend(fontsize=7)
         bp, lbp = _finals(runs, f"{prefix}-bp", "test_acc"), _finals(runs, f"{prefix}-lbp", "test_acc")
         if len(bp) and len(lbp):
-            gap = lbp.mean() - bp.mean()
-            spread = max(bp.std(), lbp.std())
+            gap, spread = gap_and_spread(lbp, bp)
             judged = ("matches" if abs(gap) <= spread else "beats" if gap > 0 else "falls behind")
             line = (f"{title}: linear backprop {100 * lbp.mean():.1f}±{100 * lbp.std():.1f}% vs backprop "
                     f"{100 * bp.mean():.1f}±{100 * bp.std():.1f}% test accuracy: ")

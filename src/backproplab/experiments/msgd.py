@@ -22,7 +22,7 @@ from ..data import DataNotFoundError, load_dataset
 from ..methods import msgd
 from ..models import build_model
 from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, check_choices, load_runs, prepare_model, register
+from . import Experiment, ExperimentConfig, check_choices, gap_and_spread, load_runs, prepare_model, register
 
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
 LARGE = ("large_sgd", "large_weighted")
@@ -109,8 +109,9 @@ def analyze(exp_dir: Path, cfg: MSGDConfig) -> list[str]:
             continue
         sgd = acc["sgd"]
         fmt = lambda m: f"{m} {100 * acc[m].mean():.1f}±{100 * acc[m].std():.1f}%"  # noqa: E731
-        like = [m for m in acc if m.startswith("msgd") and abs(acc[m].mean() - sgd.mean()) <= max(acc[m].std(), sgd.std())]
-        unlike = [m for m in acc if m.startswith("msgd") and m not in like]
+        close = {m: gap_and_spread(acc[m], sgd) for m in acc if m.startswith("msgd")}
+        like = [m for m, (gap, spread) in close.items() if abs(gap) <= spread]
+        unlike = [m for m in close if m not in like]
         worse = [m for m in ("gd", "gld_dynamic", "gld_const") if m in acc]
         beat_all = [m for m in acc if m.startswith("msgd") and all(acc[m].mean() > acc[w].mean() for w in worse)]
         verdict.append(f"{d}: final test accuracy after {cfg.steps} steps — " + ", ".join(fmt(m) for m in acc) + ".")
@@ -118,8 +119,7 @@ def analyze(exp_dir: Path, cfg: MSGDConfig) -> list[str]:
                        f"{', '.join(unlike) or 'none'}. Better than all of {', '.join(worse) or '-'}: "
                        f"{', '.join(beat_all) or 'none'}.")
         if "large_sgd" in acc and "large_weighted" in acc:
-            gain = acc["large_weighted"].mean() - acc["large_sgd"].mean()
-            spread = max(acc["large_weighted"].std(), acc["large_sgd"].std())
+            gain, spread = gap_and_spread(acc["large_weighted"], acc["large_sgd"])
             verdict.append(f"{d}: large batch B={min(cfg.large_factor * cfg.batch_size, cfg.n_train)}: weighting "
                            f"{'rescues' if gain > spread else 'does not clearly rescue'} large-batch training "
                            f"({fmt('large_weighted')} vs {fmt('large_sgd')}, small-batch {fmt('sgd')}).")

@@ -26,7 +26,7 @@ from ..data import Data, load_dataset
 from ..methods import rifle
 from ..models import build_model
 from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, check_choices, load_runs, prepare_model, register
+from . import Experiment, ExperimentConfig, check_choices, gap_and_spread, load_runs, prepare_model, register
 
 ARMS = ("l2", "l2_rifle", "l2sp", "l2sp_rifle", "dropout", "dropconnect", "stochastic_depth", "disturblabel",
         "cyclic_lr")
@@ -172,8 +172,7 @@ def analyze(exp_dir: Path, cfg: RifleConfig) -> list[str]:
         for a, v in acc.items():
             if a == "l2":
                 continue
-            gain = v.mean() - base.mean()
-            spread = max(v.std(), base.std())
+            gain, spread = gap_and_spread(v, base)
             verdict.append(f"{a} vs l2: {100 * gain:+.1f} points, {'larger' if abs(gain) > spread else 'not larger'} "
                            f"than the seeds' spread ({100 * spread:.1f}).")
     if "l2_rifle" in acc and "cyclic_lr" in acc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,7 +98,8 @@ class DPSGD:
         acc = self.accountants[kind]
         if not acc.history:
             return 0.0
-        with _quiet_warnings():
+        with warnings.catch_warnings():  # Opacus warns when the optimal RDP order is at the grid's edge
+            warnings.simplefilter("ignore")
             return float(acc.get_epsilon(self.config.delta))
 
     # -- the loop's callback: report epsilon, checkpoint the accountants
@@ -144,18 +146,6 @@ class DPSGD:
             return loss.detach()
 
         return step
-
-
-class _quiet_warnings:
-    def __enter__(self):
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
 
 
 def planned_steps(cfg: TrainConfig, n: int) -> int:
