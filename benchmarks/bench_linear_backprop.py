@@ -22,6 +22,9 @@ from backproplab.models import build_model  # noqa: E402
 
 CASES = {
     "mlp 784-512-512-10 tanh, batch 128": ("mlp", (1, 28, 28), {"widths": (512, 512), "activation": "tanh"}, 128),
+    "mlp 784-512-512-10 relu, batch 128": ("mlp", (1, 28, 28), {"widths": (512, 512), "activation": "relu"}, 128),
+    # GELU has no in-place twin, so it takes the autograd.Function path
+    "mlp 784-512-512-10 gelu, batch 128": ("mlp", (1, 28, 28), {"widths": (512, 512), "activation": "gelu"}, 128),
     "cnn 32-64 relu on 1x28x28, batch 128": ("cnn", (1, 28, 28), {"channels": (32, 64)}, 128),
 }
 

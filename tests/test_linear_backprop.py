@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
@@ -13,13 +14,53 @@ from backproplab.models import Sign, build_model
 ACTS = [cls() for cls in KNOWN_ACTIVATIONS]
 
 
-@pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("cls", KNOWN_ACTIVATIONS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_forward_is_bit_identical(act, dtype):
+def test_forward_is_bit_identical(cls, dtype):
+    """Every forward path (no grad, reverse mode, forward_ad, torch.func) gives the activation's bits."""
     x = (torch.randn(257, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
-    wrapped = linear_backprop(nn.Sequential(act))
-    assert isinstance(wrapped[0], LinearBackward)
-    assert torch.equal(wrapped(x), act(x))
+    x[:2] = torch.tensor([-0.0, 0.0])
+    expected = cls()(x)
+    switched = linear_backprop(nn.Sequential(cls()))
+    assert isinstance(switched[0], LinearBackward) and isinstance(switched[0], cls)
+
+    def same(y):
+        return torch.equal(y.view(torch.int16 if dtype.itemsize == 2 else torch.int32 if dtype.itemsize == 4
+                                  else torch.int64), expected.view(torch.int16 if dtype.itemsize == 2 else
+                                                                   torch.int32 if dtype.itemsize == 4
+                                                                   else torch.int64))
+
+    with torch.no_grad():
+        assert same(switched(x))
+    assert same(switched(x.clone().requires_grad_()).detach())
+    if dtype in (torch.float32, torch.float64):
+        with fwAD.dual_level():
+            assert same(fwAD.unpack_dual(switched(fwAD.make_dual(x, torch.ones_like(x)))).primal)
+        assert same(jvp(switched, (x,), (torch.ones_like(x),))[0])
+        assert same(vmap(switched)(x[None])[0])
+
+
+def test_forward_hooks_on_the_activation_still_run():
+    act = nn.Tanh()
+    seen = []
+    act.register_forward_hook(lambda m, inp, out: seen.append(out.detach().clone()))
+    act.register_forward_hook(lambda m, inp, out: out * 2)
+    model = linear_backprop(nn.Sequential(nn.Linear(3, 3), act))
+    x = torch.randn(4, 3, requires_grad=True)
+    y = model(x)
+    assert len(seen) == 1 and torch.equal(y, 2 * seen[0])
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, 2 * model[0].weight.sum(0).expand(4, 3))
+
+
+def test_switched_model_pickles_and_restores(tmp_path):
+    model = linear_backprop(build_model("mlp", (5,), 2, widths=(6,), activation="elu"))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert sum(isinstance(m, LinearBackward) for m in loaded.modules()) == 1
+    x = torch.randn(3, 5)
+    assert torch.equal(loaded(x), model(x))
+    assert [type(m) for m in standard_backprop(loaded).modules() if isinstance(m, nn.ELU)] == [nn.ELU]
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
@@ -34,8 +75,7 @@ def _mlp_reference_grads(model, x, y):
     """Same MLP by hand: h = z + (f(z) - z).detach(), exact in float64, so f' = 1 in backward only."""
     h = x.flatten(1)
     layers = [m for m in model.body if isinstance(m, nn.Linear)]
-    acts = [m.activation if isinstance(m, LinearBackward) else m for m in model.body
-            if not isinstance(m, (nn.Linear, nn.Flatten))]
+    acts = [m for m in model.body if not isinstance(m, (nn.Linear, nn.Flatten))]
     params = []
     for lin, act in zip(layers, acts):
         w, b = lin.weight.detach().clone().requires_grad_(), lin.bias.detach().clone().requires_grad_()

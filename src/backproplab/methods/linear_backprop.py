@@ -9,20 +9,25 @@ takes every activation's derivative as 1, so the error signal is
 the identity straight-through estimator (Bengio, Leonard, Courville 2013) applied to every activation,
 smooth ones included. Parameter gradients are dL/dW_l = delta_l h_{l-1}^T with the *nonlinear* h.
 
-:func:`linear_backprop` swaps, in place, each activation module for a :class:`LinearBackward` wrapper
-whose forward calls the original module (bit-identical outputs, any dtype) and whose backward returns
-the incoming gradient unchanged. It is a ``torch.autograd.Function`` with ``setup_context``, a generated
+:func:`linear_backprop` switches, in place, each activation module to a subclass of its own class
+(``nn.Tanh`` becomes ``LinearBackwardTanh``, still an ``nn.Tanh`` with the same attributes and hooks)
+whose forward gives bit-identical outputs, in any dtype, and whose derivative is the identity.
+:func:`standard_backprop` switches it back. In plain reverse mode no Python runs in the backward
+pass (see :class:`LinearBackward`); under ``torch.func`` (vmap, grad, jvp) and
+``torch.autograd.forward_ad`` it is a ``torch.autograd.Function`` with ``setup_context``, a generated
 vmap rule and a ``jvp`` (the tangent passes through unchanged, the forward-mode twin of the identity
-backward), so it composes with ``torch.func.vmap / grad / jvp`` and forward-mode optimizers such as
-CurveBall. ``x + (f(x) - x).detach()`` is deliberately not used: in low precision it changes the forward.
+backward), so it composes with forward-mode optimizers such as CurveBall.
+``x + (f(x) - x).detach()`` is deliberately not used: in low precision it changes the forward.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import Sign
@@ -32,14 +37,21 @@ KNOWN_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, Sign)
 
 
+def _original_forward(module: nn.Module, x: Tensor) -> Tensor:
+    return module._original_class.forward(module, x)
+
+
 class _IdentityBackward(torch.autograd.Function):
-    """y = f(x) forward; dy/dx taken as the identity in both reverse and forward mode."""
+    """y = f(x) forward; dy/dx taken as the identity in both reverse and forward mode.
+
+    This is the form torch.func (vmap, grad, jvp) requires: a separate ``setup_context``.
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, fn: nn.Module) -> Tensor:
-        return fn(x)
+    def forward(x: Tensor, module: nn.Module) -> Tensor:
+        return _original_forward(module, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -50,22 +62,95 @@ class _IdentityBackward(torch.autograd.Function):
         return grad, None
 
     @staticmethod
-    def jvp(ctx, x_tangent: Tensor, fn_tangent) -> Tensor:
+    def jvp(ctx, x_tangent: Tensor, module_tangent) -> Tensor:
         return x_tangent
 
 
-class LinearBackward(nn.Module):
-    """Wraps an elementwise activation: same forward, identity derivative."""
+class _IdentityBackwardEager(torch.autograd.Function):
+    """The same function for ordinary autograd and ``torch.autograd.forward_ad``.
 
-    def __init__(self, activation: nn.Module):
-        super().__init__()
-        self.activation = activation
+    ``Function.apply`` binds the arguments of a ``setup_context``-style function with
+    ``inspect.signature`` on every call, which costs more than the activation derivative linear
+    backprop saves (about 25 us a call on CPU); the combined ``forward(ctx, ...)`` form skips it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, module: nn.Module) -> Tensor:
+        return _original_forward(module, x)
+
+    backward = _IdentityBackward.backward
+    jvp = _IdentityBackward.jvp
+
+
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _forward_ad_active() -> bool:
+    return getattr(fwAD, "_current_level", 0) >= 0
+
+
+# In-place twins of the activations (the same ATen kernels as the out-of-place calls: bit-identical).
+_INPLACE: dict[type[nn.Module], Callable[[nn.Module, Tensor], Tensor]] = {
+    nn.ReLU: lambda m, t: t.relu_(),
+    nn.Tanh: lambda m, t: t.tanh_(),
+    nn.Sigmoid: lambda m, t: t.sigmoid_(),
+    nn.LeakyReLU: lambda m, t: F.leaky_relu_(t, m.negative_slope),
+    nn.ELU: lambda m, t: F.elu_(t, m.alpha),
+    nn.Hardtanh: lambda m, t: F.hardtanh_(t, m.min_val, m.max_val),
+    nn.SiLU: lambda m, t: F.silu(t, inplace=True),
+}
+
+
+class LinearBackward(nn.Module):
+    """Put in front of an activation's class: same forward, identity derivative.
+
+    ``isinstance(m, LinearBackward)`` tells a switched module; ``m._original_class`` is its class before.
+    The forward takes one of three paths, all with the activation's own forward values:
+
+    - no autograd recording (``torch.no_grad`` and no forward-mode AD): the activation itself;
+    - plain reverse mode, an activation with an in-place twin (ReLU, LeakyReLU, ELU, Hardtanh, SiLU,
+      Sigmoid, Tanh): ``out = x.clone()``, then the in-place activation on ``out`` outside the graph.
+      The graph holds only ``clone``, whose derivative is the identity, so no Python runs in the
+      backward pass and nothing is saved for it: the step costs what skipping f' should cost;
+    - otherwise (torch.func transforms, ``forward_ad``, GELU, Softplus, Sign, opted-in activations):
+      a custom ``autograd.Function`` with identity ``backward`` and ``jvp``.
+
+    Forward hooks on the activation run as before, since the module itself is still what is called.
+    """
+
+    _original_class: type[nn.Module]
 
     def forward(self, x: Tensor) -> Tensor:
-        return _IdentityBackward.apply(x, self.activation)
+        if _transforms_active() or _forward_ad_active():
+            return _IdentityBackward.apply(x, self)
+        if not torch.is_grad_enabled():
+            return _original_forward(self, x)
+        inplace = _INPLACE.get(self._original_class)
+        if inplace is None:
+            return _IdentityBackwardEager.apply(x, self)
+        out = x.clone()
+        with torch.no_grad():
+            inplace(self, out)
+        return out
 
     def extra_repr(self) -> str:
-        return "derivative taken as 1"
+        inner = self._original_class.extra_repr(self)
+        return (inner + ", " if inner else "") + "derivative taken as 1"
+
+
+_SWITCHED: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _switched_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``LinearBackward<Name>``, kept as a module global so that pickling finds it by name."""
+    if cls not in _SWITCHED:
+        name = f"LinearBackward{cls.__name__}"
+        while name in globals() and globals()[name]._original_class is not cls:
+            name += "_"
+        new = type(name, (LinearBackward, cls), {"__module__": __name__, "__qualname__": name,
+                                                 "_original_class": cls})
+        _SWITCHED[cls] = globals()[name] = new
+    return _SWITCHED[cls]
 
 
 def _activation_like(module: nn.Module) -> bool:
@@ -76,7 +161,8 @@ def linear_backprop(model: nn.Module, activations: Sequence[type[nn.Module]] = K
                     ignore: Sequence[type[nn.Module]] = ()) -> nn.Module:
     """Switch ``model`` to linear backprop **in place** and return it.
 
-    Every module that is an instance of one of ``activations`` is wrapped in :class:`LinearBackward`.
+    Every module that is an instance of one of ``activations`` is switched to :class:`LinearBackward`
+    (its class changes; the object, its attributes and hooks stay).
     Any other ``torch.nn`` activation module found (PReLU, Mish, Softmax, ...) raises ``ValueError``
     naming it, unless listed in ``ignore`` (kept with its true derivative) or in ``activations``
     (treated as elementwise with derivative 1). Undo with :func:`standard_backprop`.
@@ -88,24 +174,18 @@ def linear_backprop(model: nn.Module, activations: Sequence[type[nn.Module]] = K
         raise ValueError(f"linear_backprop does not know the activation(s) {', '.join(unknown)}; pass "
                          "activations=KNOWN_ACTIVATIONS + (TheClass,) to give them derivative 1, or "
                          "ignore=(TheClass,) to keep their true derivative")
-    for parent in list(model.modules()):
-        if isinstance(parent, LinearBackward):
-            continue
-        for name, child in parent.named_children():
-            if isinstance(child, activations) and not isinstance(parent, LinearBackward):
-                setattr(parent, name, LinearBackward(child))
-    if isinstance(model, activations):
-        return LinearBackward(model)
+    for module in model.modules():
+        if isinstance(module, activations) and not isinstance(module, LinearBackward):
+            module.__class__ = _switched_class(type(module))
     return model
 
 
 def standard_backprop(model: nn.Module) -> nn.Module:
-    """Undo :func:`linear_backprop` in place: every wrapper is replaced by the activation it holds."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, LinearBackward):
-                setattr(parent, name, child.activation)
-    return model.activation if isinstance(model, LinearBackward) else model
+    """Undo :func:`linear_backprop` in place: every switched activation gets its own class back."""
+    for module in model.modules():
+        if isinstance(module, LinearBackward):
+            module.__class__ = module._original_class
+    return model
 
 
 @contextmanager
@@ -123,3 +203,7 @@ def is_linear_backprop(model: nn.Module) -> bool:
 
 
 TRANSFORMS["linear_backprop"] = linear_backprop
+
+
+for _cls in KNOWN_ACTIVATIONS:  # made at import, so a pickled switched model loads in a fresh process
+    _switched_class(_cls)
