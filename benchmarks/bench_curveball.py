@@ -39,8 +39,8 @@ def step(name, shape, kwargs, batch, method, device):
             F.cross_entropy(model(x), y).backward()
             opt.step()
         return run
-    fixed = {"lr": 0.01, "momentum": 0.9} if method == "curveball fixed" else {}
-    opt = CurveBall(model.parameters(), model=model, on_nonfinite="skip", **fixed)
+    fixed = {"lr": 0.01, "momentum": 0.9} if method.startswith("curveball fixed") else {}
+    opt = CurveBall(model.parameters(), model=model, on_nonfinite="skip", low_memory="low memory" in method, **fixed)
     loss = CrossEntropy(y)
     return lambda: opt.step(lambda: model(x), loss)
 
@@ -48,7 +48,8 @@ def step(name, shape, kwargs, batch, method, device):
 def main() -> None:
     args = cli(__doc__.splitlines()[0])
     results = {case: compare({m: functools.partial(step, *spec, m) for m in
-                              ("sgd", "curveball auto", "curveball fixed")},
+                              ("sgd", "curveball auto", "curveball fixed", "curveball auto low memory",
+                                        "curveball fixed low memory")},
                              baseline="sgd", device=args.device, repeats=args.repeats)
                for case, spec in CASES.items()}
     report(results, args, "CurveBall step vs SGD+momentum")

@@ -6,16 +6,19 @@ taken in interleaved rounds (baseline, method, baseline, method, ...) so drift a
 alike; the table gives each median, its ratio to the baseline's median, and peak memory.
 
 Peak memory is what the steps add on top of the set-up (model and data), including optimizer state
-created by the first step: on CUDA ``max_memory_allocated`` after a reset; on CPU the growth of the
+created by the first step, excluding one-time library initialisation: on CUDA ``max_memory_allocated`` after a reset; on CPU the growth of the
 resident set's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) measured in a fresh
-process per candidate, so one candidate's freed memory cannot hide another's.
+process per candidate, so one candidate's freed memory cannot hide another's, with glibc told to map
+and unmap every block of 64 KiB or more so that the resident set follows the live tensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -72,6 +75,13 @@ def _rss_kb(field: str) -> int:
 
 
 def _cpu_peak_child(factory: Factory, steps: int, queue) -> None:
+    # a throwaway instance first: one-time library set-up (BLAS buffers, thread pools) stays resident
+    # and is no candidate's memory
+    torch.manual_seed(0)
+    warm = factory("cpu")
+    warm()
+    del warm
+    gc.collect()
     torch.manual_seed(0)
     step = factory("cpu")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -79,6 +89,13 @@ def _cpu_peak_child(factory: Factory, steps: int, queue) -> None:
     for _ in range(steps):
         step()
     queue.put((_rss_kb("VmHWM") - before) * 1024)
+
+
+# glibc otherwise serves large blocks from a heap whose freed pages stay resident, and raises its mmap
+# threshold as it goes, so the resident set would depend on what the set-up happened to free. A fixed
+# threshold puts every block of 64 KiB or more in its own mapping, returned on free: VmHWM then follows
+# the bytes of live tensors.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3) -> int | None:
@@ -98,7 +115,16 @@ def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3) -> int | 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_cpu_peak_child, args=(factory, steps, queue))
-    proc.start()
+    saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
+    os.environ.update(_MALLOC_ENV)  # read by glibc when the child starts
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     value = queue.get(timeout=600)
     proc.join()
     return value

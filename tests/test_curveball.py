@@ -74,15 +74,16 @@ def _set_z(opt, model, v):
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn_bn], ids=["mlp", "cnn_bn"])
-@pytest.mark.parametrize("with_model", [True, False], ids=["forward_mode", "double_backward"])
-def test_ggn_vector_product_equals_explicit_jacobians(make, with_model):
+@pytest.mark.parametrize("with_model,low_memory", [(True, False), (True, True), (False, False)],
+                         ids=["forward_mode", "forward_mode_low_memory", "double_backward"])
+def test_ggn_vector_product_equals_explicit_jacobians(make, with_model, low_memory):
     model = make()
     x, y = _batch(model)
     w, g, G = dense_reference(model, x, y)
     v = torch.randn(w.numel(), generator=torch.Generator().manual_seed(3))
     # lambda = 0, beta = 1, rho = 0: the new z is exactly -(G v + g)
     opt = CurveBall(model.parameters(), model=model if with_model else None, lr=1.0, momentum=0.0, lambd=0.0,
-                    auto_lambda=False)
+                    auto_lambda=False, low_memory=low_memory)
     _set_z(opt, model, v)
     opt.step(lambda: model(x), CrossEntropy(y))
     z = _flat(opt.state[p]["z"] for p in model.parameters())
@@ -142,13 +143,14 @@ def test_automatic_rho_beta_minimise_the_quadratic_model():
     torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w + rho * v - beta * dz)
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
 @pytest.mark.parametrize("make", [_mlp, _cnn_bn], ids=["mlp", "cnn_bn"])
-def test_first_step_is_the_exact_line_search(make):
+def test_first_step_is_the_exact_line_search(make, low_memory):
     model = make()
     x, y = _batch(model)
     w, g, G = dense_reference(model, x, y)
     H = G + 1.0 * torch.eye(len(w))
-    opt = CurveBall(model.parameters(), model=model, lambd=1.0)
+    opt = CurveBall(model.parameters(), model=model, lambd=1.0, low_memory=low_memory)
     opt.step(lambda: model(x), CrossEntropy(y))
     beta = (g @ g) / (g @ H @ g)
     torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w - beta * g)
@@ -208,19 +210,21 @@ def test_state_dict_round_trip_resumes_bit_identically():
     assert torch.equal(opt.curveball_state["lambd"], opt2.curveball_state["lambd"])
 
 
-def test_batchnorm_statistics_move_once_per_step():
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_batchnorm_statistics_move_once_per_step(low_memory):
     model = _cnn_bn()
     x, y = _batch(model)
     reference = _cnn_bn()
     reference(x)  # one ordinary train-mode forward
-    opt = CurveBall(model.parameters(), model=model, lambda_interval=1)  # the lambda pass runs too
+    opt = CurveBall(model.parameters(), model=model, lambda_interval=1, low_memory=low_memory)  # + lambda pass
     opt.step(lambda: model(x), CrossEntropy(y))
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
     assert int(model[1].num_batches_tracked) == 1
 
 
-def test_dropout_mask_is_shared_by_the_passes_of_one_step():
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_dropout_mask_is_shared_by_the_passes_of_one_step(low_memory):
     """With dropout, the first step is still the exact line search for the *same* mask in every pass."""
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
@@ -234,7 +238,7 @@ def test_dropout_mask_is_shared_by_the_passes_of_one_step():
     fixed = nn.Sequential(model[0], model[1], _Mul(mask), model[3])
     w, g, G = dense_reference(fixed, x, y)
     model.train()
-    opt = CurveBall(model.parameters(), model=model, lambd=1.0)
+    opt = CurveBall(model.parameters(), model=model, lambd=1.0, low_memory=low_memory)
     opt.step(lambda: model(x), CrossEntropy(y))
     beta = (g @ g) / (g @ (G + torch.eye(len(w))) @ g)
     torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w - beta * g)

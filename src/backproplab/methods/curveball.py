@@ -129,6 +129,12 @@ class CurveBall(torch.optim.Optimizer):
         lambd: initial damping lambda (paper: 1.0). auto_lambda: the Levenberg-Marquardt rule.
         on_nonfinite: "raise" (default; one host sync per step to check) or "skip" (no sync: a
             non-finite step leaves weights and z unchanged, counted in ``state['skipped']``).
+        low_memory: compute J z in a pass of its own, without a reverse graph, then run a plain
+            forward for the reverse pass. By default J z rides on the forward that builds the reverse
+            graph, which saves a forward but lets autograd record the tangent computation too; for
+            BatchNorm that history is several activation-sized tensors per layer. Measured on the
+            small BN CNN of ``benchmarks/bench_curveball.py``: peak memory 2.8x SGD -> 1.2x, step
+            time 2.2x -> 2.4x (fixed lr/momentum). Same result either way.
 
     Parameter groups: allowed (for example to leave some parameters out), but rho and beta are solved
     jointly over all parameters, so every group must share lr, momentum and lambda settings.
@@ -138,7 +144,8 @@ class CurveBall(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], *, model: nn.Module | None = None,
                  lr: float | None = None, momentum: float | None = None, lambd: float = 1.0,
                  auto_lambda: bool = True, lambda_factor: float = 0.999, lambda_low: float = 0.5,
-                 lambda_high: float = 1.5, lambda_interval: int = 5, on_nonfinite: str = "raise"):
+                 lambda_high: float = 1.5, lambda_interval: int = 5, on_nonfinite: str = "raise",
+                 low_memory: bool = False):
         if lambd < 0:
             raise ValueError(f"lambd must be >= 0, got {lambd}")
         if on_nonfinite not in ("raise", "skip"):
@@ -153,6 +160,7 @@ class CurveBall(torch.optim.Optimizer):
                     raise ValueError(f"CurveBall solves rho/beta jointly over all parameters, so every parameter "
                                      f"group must have the same {k!r} (got {self.param_groups[0][k]} and {g[k]})")
         self.model = model
+        self.low_memory = low_memory
         self.on_nonfinite = on_nonfinite
         self._names: dict[int, str] = {}
         if model is not None:
@@ -244,8 +252,13 @@ class CurveBall(torch.optim.Optimizer):
         self._rng_at_step_start = torch.get_rng_state()
         self._cuda_rng_at_step_start = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         # pass 1: outputs with reverse graph, and J z by forward mode (or double backward)
+        if self.model is not None and self.low_memory:
+            with self._same_batch_pass():
+                _, jz = self._forward_jvp(model_fn, params, zs)
         with torch.enable_grad():
-            if self.model is not None:
+            if self.model is not None and self.low_memory:
+                outputs = model_fn()
+            elif self.model is not None:
                 outputs, jz = self._forward_jvp(model_fn, params, zs)
             else:
                 outputs = model_fn()
@@ -266,8 +279,8 @@ class CurveBall(torch.optim.Optimizer):
             flat /= world
             dzs = list(torch.split(flat, [d.numel() for d in dzs]))
             dzs = [d.view_as(p) for d, p in zip(dzs, params)]
-        for d, z in zip(dzs, zs):  # in place: dz = GGN z + g + lambda z
-            d.add_(z * lambd)
+        for d, z in zip(dzs, zs):  # in place, no temporaries: dz = GGN z + g + lambda z
+            d.addcmul_(z, lambd)
 
         # pass 2: J dz, then the 2x2 system in output space
         need_system = group["lr"] is None or group["momentum"] is None or self._lambda_due(glob["step"], group)
@@ -285,7 +298,7 @@ class CurveBall(torch.optim.Optimizer):
             if world > 1:
                 dist.all_reduce(out_terms)
                 out_terms /= world
-            dot = lambda a, b: sum((x * y).sum() for x, y in zip(a, b))  # noqa: E731
+            dot = lambda a, b: sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b))  # noqa: E731
             a11 = lambd * dot(dzs, dzs) + out_terms[0]
             a12 = lambd * dot(dzs, zs) + out_terms[1]
             a22 = lambd * dot(zs, zs) + out_terms[2]
@@ -304,12 +317,15 @@ class CurveBall(torch.optim.Optimizer):
                     f"rho={float(rho):.4g} is not finite; the weights were not changed. Check the data and the "
                     "model, raise lambd, or pass on_nonfinite='skip'")
             for p, z, dz in zip(params, zs, dzs):  # z <- rho z - beta dz; w <- w + z, in place
-                z.mul_(rho).sub_(dz * beta)
+                z.mul_(rho).addcmul_(dz, beta, value=-1)
                 p.add_(z)
-        else:  # without a host sync: a non-finite step leaves z and w as they were
+        else:  # without a host sync: a non-finite step leaves z and w as they were (rho 1, beta 0)
+            rho = torch.where(ok, rho, torch.ones_like(rho))
+            beta = torch.where(ok, beta, torch.zeros_like(beta))
+            keep = ok.to(params[0].dtype)
             for p, z, dz in zip(params, zs, dzs):
-                z.copy_(torch.where(ok, rho * z - beta * dz, z))
-                p.add_(torch.where(ok, z, torch.zeros((), dtype=z.dtype, device=z.device)))
+                z.mul_(rho).addcmul_(dz.nan_to_num_(0.0, 0.0, 0.0), beta, value=-1)
+                p.addcmul_(z, keep)
             glob["skipped"] = glob["skipped"] + (~ok).to(torch.int64)
         glob["rho"], glob["beta"] = rho.detach(), beta.detach()
 
