@@ -192,3 +192,17 @@ def test_runner_flag_switches_linear_backprop_on(tmp_path):
     cfg = experiments.make_config(experiments.get("baselines"), ["linear_backprop=true"])
     model = prepare_model(cfg, build_model("mlp", (4,), 2))
     assert sum(isinstance(m, LinearBackward) for m in model.modules()) == 2
+
+
+def test_inplace_activation_modules_behave_like_their_out_of_place_twins():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    inplace = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)).double()
+    inplace.load_state_dict(plain.state_dict())
+    linear_backprop(plain), linear_backprop(inplace)
+    x, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    for fn in (lambda m: m(x), lambda m: jvp(m, (x,), (v,))[1], lambda m: vmap(m)(x),
+               lambda m: torch.autograd.grad(m(x).sum(), list(m.parameters()))):
+        a, b = fn(plain), fn(inplace)
+        for u, w in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(u, w)

@@ -38,6 +38,8 @@ KNOWN_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 
 
 def _original_forward(module: nn.Module, x: Tensor) -> Tensor:
+    if getattr(module, "inplace", False):
+        x = x.clone()  # ReLU(inplace=True) and kin must not modify the input of an autograd.Function
     return module._original_class.forward(module, x)
 
 
@@ -124,7 +126,7 @@ class LinearBackward(nn.Module):
         if _transforms_active() or _forward_ad_active():
             return _IdentityBackward.apply(x, self)
         if not torch.is_grad_enabled():
-            return _original_forward(self, x)
+            return self._original_class.forward(self, x)
         inplace = _INPLACE.get(self._original_class)
         if inplace is None:
             return _IdentityBackwardEager.apply(x, self)
