@@ -47,6 +47,13 @@ def test_laplace_sampler_has_the_laplace_variance():
     assert float(x.var()) == pytest.approx(2 * 0.7**2, rel=0.02)
 
 
+def test_laplace_sampler_is_finite_at_the_uniform_endpoint(monkeypatch):
+    """torch.rand returns exactly 0 about once in 2^24 float32 draws; the sample must stay finite."""
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, dtype=None: torch.zeros(shape, dtype=dtype))
+    x = sb.laplace((4,), 2.0)
+    assert torch.isfinite(x).all() and float(x.abs().max()) > 30 * 2.0
+
+
 def test_disjoint_batches_are_disjoint_and_cover():
     batches = sb.disjoint_batches(103, 10, seed=1)
     flat = torch.cat(batches)

@@ -77,6 +77,9 @@ def exact_sigmoid_ce(z: Tensor, y_onehot: Tensor) -> Tensor:
 def spectral_norm_w1(weight: Tensor) -> Tensor:
     """Largest singular value of the first-layer kernel reshaped to (k k C_in, C_out)."""
     c_out = weight.shape[0]
+    if not torch.isfinite(weight).all():
+        raise FloatingPointError("the first-layer kernel W1 has non-finite entries: training diverged; lower the "
+                                 "learning rate or raise the privacy budget (the noise scales grow as 1/epsilon)")
     return torch.linalg.matrix_norm(weight.detach().permute(2, 3, 1, 0).reshape(-1, c_out), ord=2)
 
 
@@ -105,9 +108,10 @@ def noise_scales(eps2: float, eps3: float, batch: int, w1_norm: float, in_channe
 
 
 def laplace(shape, scale: float, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """Laplace(0, scale) samples by inverse CDF."""
-    u = torch.rand(shape, generator=generator) - 0.5
-    return (-scale * u.sign() * torch.log1p(-2 * u.abs())).to(device)
+    """Laplace(0, scale) samples by inverse CDF, in float64 with u kept off the endpoint: a float32
+    uniform hits exactly 0 about once in 2^24 draws, which would give an infinite sample."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_min(2.0**-53) - 0.5
+    return (-scale * u.sign() * torch.log1p(-2 * u.abs())).to(device=device, dtype=torch.get_default_dtype())
 
 
 # ---------------------------------------------------------------- the network
