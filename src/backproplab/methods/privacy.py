@@ -141,7 +141,9 @@ class DPSGD:
                 loss = torch.zeros((), device=x.device)
             else:
                 loss = loss_terms(self.model, x, y) if loss_terms else state.loss_fn(self.model(x), y)
-                loss.backward()
+                with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
             self.optimizer.step()
             return loss.detach()
 
