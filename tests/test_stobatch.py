@@ -152,7 +152,7 @@ def test_paper_certification_overstates_what_any_valid_certificate_can_give():
     model = _SignOfLatent()
     g = torch.Generator().manual_seed(3)
     x = torch.rand(1, 8, 8, generator=g)
-    x = x * (0.1 / float(model.encode(x[None]).flatten()[0]))  # first latent coordinate h = 0.1
+    x = x * (0.1 / float(model.encode(x[None]).detach().flatten()[0]))  # first latent coordinate h = 0.1
     b = 0.2
     p_top = 1 - math.exp(-0.1 / b) / 2  # P(h + Lap(b) > 0) = 0.697
     exact = pixeldp_certified_size(p_top, 1 - p_top, b, sb.l1_sensitivity(model), 0.0, "laplace")

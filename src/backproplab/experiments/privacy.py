@@ -190,7 +190,8 @@ def analyze(exp_dir: Path, cfg: PrivacyConfig) -> list[str]:
         axes[0][3].plot(radii, acc, label=arm, lw=1)
     axes[0][3].set(xlabel="l2 radius", ylabel="certified accuracy", title="randomized smoothing")
     for ax in axes[0]:
-        ax.legend(fontsize=5)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=5)
     plots.save(fig, exp_dir / "privacy_robustness.png")
     verdict = []
     for p in levels:
