@@ -77,8 +77,10 @@ class DPSGD:
         self.sample_rate = batch_size / n
         noise = config.noise_multiplier
         if config.target_epsilon is not None:
-            noise = get_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.delta,
-                                         sample_rate=self.sample_rate, steps=steps, accountant=config.accountant)
+            with warnings.catch_warnings():  # the search visits noise levels whose optimal order is at the edge
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                noise = get_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.delta,
+                                             sample_rate=self.sample_rate, steps=steps, accountant=config.accountant)
         if noise is None:
             raise ValueError("DP-SGD needs noise_multiplier or target_epsilon")
         self.noise_multiplier = float(noise)
