@@ -1,7 +1,9 @@
 """CurveBall's step against SGD with momentum: same model, batch; time and peak memory ratios.
 
 Goal: <= 2.0x time and <= 1.5x peak memory. Variants: automatic rho/beta (two forward-mode passes and
-one reverse pass per step) and fixed lr/momentum (one of each, plus the lambda pass every 5 steps).
+one reverse pass per step) and fixed lr/momentum (one of each, plus the lambda pass every 5 steps);
+J z fused with the forward that builds the reverse graph, or in its own pass (``low_memory``, the
+default for networks with normalisation layers).
 
     python benchmarks/bench_curveball.py [--device cuda] [--out curveball.json]
 """
@@ -48,8 +50,8 @@ def step(name, shape, kwargs, batch, method, device):
 def main() -> None:
     args = cli(__doc__.splitlines()[0])
     results = {case: compare({m: functools.partial(step, *spec, m) for m in
-                              ("sgd", "curveball auto", "curveball fixed", "curveball auto low memory",
-                                        "curveball fixed low memory")},
+                              ("sgd", "curveball auto, fused", "curveball fixed, fused",
+                                        "curveball auto, low memory", "curveball fixed, low memory")},
                              baseline="sgd", device=args.device, repeats=args.repeats)
                for case, spec in CASES.items()}
     report(results, args, "CurveBall step vs SGD+momentum")

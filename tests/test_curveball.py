@@ -297,3 +297,11 @@ def test_runner_optimizer_curveball_trains():
     model = build_model("mlp", data.input_shape, 10, widths=(32,))
     history = fit(model, data, TrainConfig(optimizer="curveball", lr=0, momentum=0, epochs=3, batch_size=50))
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"] and history[-1]["test_acc"] > 0.8
+
+
+def test_low_memory_is_the_default_for_networks_with_normalisation_layers():
+    bn = _cnn_bn()
+    assert CurveBall(bn.parameters(), model=bn).low_memory
+    mlp = _mlp()
+    assert not CurveBall(mlp.parameters(), model=mlp).low_memory
+    assert not CurveBall(bn.parameters(), model=bn, low_memory=False).low_memory

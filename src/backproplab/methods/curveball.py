@@ -96,6 +96,9 @@ def _autograd_output_products(loss_fn: LossFn, outputs: Tensor) -> tuple[Tensor,
     return loss.detach(), hvp, grad.detach()
 
 
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
 class _Call(nn.Module):
     """Lets functional_call substitute the parameters of ``model`` while an arbitrary closure runs."""
 
@@ -130,11 +133,13 @@ class CurveBall(torch.optim.Optimizer):
         on_nonfinite: "raise" (default; one host sync per step to check) or "skip" (no sync: a
             non-finite step leaves weights and z unchanged, counted in ``state['skipped']``).
         low_memory: compute J z in a pass of its own, without a reverse graph, then run a plain
-            forward for the reverse pass. By default J z rides on the forward that builds the reverse
+            forward for the reverse pass. Otherwise J z rides on the forward that builds the reverse
             graph, which saves a forward but lets autograd record the tangent computation too; for
-            BatchNorm that history is several activation-sized tensors per layer. Measured on the
-            small BN CNN of ``benchmarks/bench_curveball.py``: peak memory 2.8x SGD -> 1.2x, step
-            time 2.2x -> 2.4x (fixed lr/momentum). Same result either way.
+            normalisation layers that history is several activation-sized tensors per layer.
+            ``None`` (default): on when ``model`` has a normalisation layer (BatchNorm, GroupNorm,
+            LayerNorm, InstanceNorm), keeping memory near momentum SGD's. Measured on the small BN
+            CNN of ``benchmarks/bench_curveball.py``: peak memory 2.8x SGD -> 1.2x, step time
+            2.2x -> 2.3x (fixed lr/momentum). Same result either way.
 
     Parameter groups: allowed (for example to leave some parameters out), but rho and beta are solved
     jointly over all parameters, so every group must share lr, momentum and lambda settings.
@@ -145,7 +150,7 @@ class CurveBall(torch.optim.Optimizer):
                  lr: float | None = None, momentum: float | None = None, lambd: float = 1.0,
                  auto_lambda: bool = True, lambda_factor: float = 0.999, lambda_low: float = 0.5,
                  lambda_high: float = 1.5, lambda_interval: int = 5, on_nonfinite: str = "raise",
-                 low_memory: bool = False):
+                 low_memory: bool | None = None):
         if lambd < 0:
             raise ValueError(f"lambd must be >= 0, got {lambd}")
         if on_nonfinite not in ("raise", "skip"):
@@ -160,7 +165,9 @@ class CurveBall(torch.optim.Optimizer):
                     raise ValueError(f"CurveBall solves rho/beta jointly over all parameters, so every parameter "
                                      f"group must have the same {k!r} (got {self.param_groups[0][k]} and {g[k]})")
         self.model = model
-        self.low_memory = low_memory
+        if low_memory is None:
+            low_memory = model is not None and any(isinstance(m, _NORM_LAYERS) for m in model.modules())
+        self.low_memory = bool(low_memory)
         self.on_nonfinite = on_nonfinite
         self._names: dict[int, str] = {}
         if model is not None:
