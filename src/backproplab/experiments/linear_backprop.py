@@ -71,7 +71,7 @@ def _five_points(cfg: LinearBackpropConfig, method: str, seed: int, run_dir: Pat
             loss = F.mse_loss(model(x), y)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if not np.isfinite(losses[-1]):  # diverged: counted, not plotted
                 losses += [float("nan")] * (cfg.points_iters - len(losses))
                 break
