@@ -183,11 +183,11 @@ def test_stobatch_training_step_runs_in_the_loop_and_keeps_the_bound():
     assert math.isfinite(history[-1]["train_loss"])
     assert float(sb.spectral_norm_w1(model.encoder.weight)) <= 1.0 + 1e-5
     paper = sb.StoBatch(sb.StoBatchNet(), 96, sb.StoBatchConfig(batch=32, paper_compat=True))
-    a = paper._noise(0, 0, (32, 1, 8, 8), "cpu")
-    b = paper._noise(0, 7, (32, 1, 8, 8), "cpu")
+    a = paper.noise(0, 0, (32, 1, 8, 8), "cpu")
+    b = paper.noise(0, 7, (32, 1, 8, 8), "cpu")
     assert torch.equal(a[0], b[0])  # paper mode: one draw reused
-    fresh = sto._noise(0, 0, (32, 1, 8, 8), "cpu")[0]
-    assert not torch.equal(fresh, sto._noise(0, 1, (32, 1, 8, 8), "cpu")[0])  # corrected: fresh every step
+    fresh = sto.noise(0, 0, (32, 1, 8, 8), "cpu")[0]
+    assert not torch.equal(fresh, sto.noise(0, 1, (32, 1, 8, 8), "cpu")[0])  # corrected: fresh every step
 
 
 _TORCHRUN_SCRIPT = """

@@ -81,6 +81,11 @@ def _with_canaries(data: Data, k: int, seed: int) -> tuple[Data, torch.Tensor, t
     return trained, x[:half], y[:half], x[half:], y[half:]
 
 
+def _curve(results: list[tuple[int, float]], labels: torch.Tensor, sizes) -> dict[str, float]:
+    """Certified accuracy at each size, keyed by the size as written in the report."""
+    return {f"{r:g}": a for r, a in zip(sizes, robustness.certified_accuracy(results, labels, list(sizes)))}
+
+
 def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: bool) -> None:
     data = _digits(cfg)
     extra: dict = {}
@@ -127,12 +132,11 @@ def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: 
         # the valid certificate (fresh noise at the bound's scale, separate samples, clean inputs), every arm
         results = [sb.certify_pixeldp(model, xi, sto.scales.latent_scale, cfg.cert_n0, cfg.cert_n, cfg.cert_alpha,
                                       data.num_classes, g) for xi in x[:cfg.cert_examples]]
-        key = "certified_l1_corrected" if paper else "certified_l1"
-        extra[key] = {f"{r:g}": a for r, a in zip(SIZES_L1, robustness.certified_accuracy(
-            results, y[:cfg.cert_examples], list(SIZES_L1)))}
+        extra["certified_l1_corrected" if paper else "certified_l1"] = _curve(results, y[:cfg.cert_examples],
+                                                                               SIZES_L1)
     if paper and arm.startswith("stobatch"):
         # the authors' procedure: attacked inputs, reused training noise + fresh noise at a tenth of the scale
-        nx, nh, _ = sto._noise(0, 0, (cfg.batch, *data.input_shape), x.device)
+        nx, nh, _ = sto.noise(0, 0, (cfg.batch, *data.input_shape), x.device)
         xc, yc = x[:cfg.cert_examples], y[:cfg.cert_examples]
 
         def noisy(inputs):
@@ -141,14 +145,11 @@ def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: 
         x_adv = robustness.pgd(noisy, xc, yc, cfg.attack_size, steps=cfg.attack_steps, clip=(0.0, 1.0), generator=g)
         results = [sb.certify_pixeldp_paper(model, xi, sto.scales.input_scale, sto.scales.latent_scale, nx[0], nh[0],
                                             cfg.cert_n, cfg.cert_alpha, data.num_classes, g) for xi in x_adv]
-        extra["certified_l1"] = {f"{r:g}": a for r, a in zip(SIZES_L1, robustness.certified_accuracy(
-            results, yc, list(SIZES_L1)))}
+        extra["certified_l1"] = _curve(results, yc, SIZES_L1)
     if arm.startswith("dpsgd_smooth"):
         results = [robustness.certify(model, xi, cfg.smooth_sigma, cfg.cert_n0, cfg.cert_n, cfg.cert_alpha,
                                       data.num_classes, generator=g) for xi in x[:cfg.cert_examples]]
-        radii = [0.0, 0.1, 0.25, 0.5]
-        extra["certified_l2"] = {f"{r:g}": a for r, a in zip(radii, robustness.certified_accuracy(
-            results, y[:cfg.cert_examples], radii))}
+        extra["certified_l2"] = _curve(results, y[:cfg.cert_examples], (0.0, 0.1, 0.25, 0.5))
     if canaries is not None:
         in_x, in_y, out_x, out_y = canaries
         with torch.no_grad():

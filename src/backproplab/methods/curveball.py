@@ -259,17 +259,17 @@ class CurveBall(torch.optim.Optimizer):
         self._rng_at_step_start = torch.get_rng_state()
         self._cuda_rng_at_step_start = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         # pass 1: outputs with reverse graph, and J z by forward mode (or double backward)
-        if self.model is not None and self.low_memory:
+        if self.model is not None and self.low_memory:  # J z first, in a pass without a reverse graph
             with self._same_batch_pass():
                 _, jz = self._forward_jvp(model_fn, params, zs)
         with torch.enable_grad():
-            if self.model is not None and self.low_memory:
-                outputs = model_fn()
-            elif self.model is not None:
-                outputs, jz = self._forward_jvp(model_fn, params, zs)
-            else:
+            if self.model is None:
                 outputs = model_fn()
                 jz = self._double_backward_jvp(outputs, params, zs)
+            elif self.low_memory:
+                outputs = model_fn()
+            else:
+                outputs, jz = self._forward_jvp(model_fn, params, zs)
         if hasattr(loss_fn, "output_grad_and_hvp"):
             loss = loss_fn(outputs.detach())
             hvp, jl = loss_fn.output_grad_and_hvp(outputs)

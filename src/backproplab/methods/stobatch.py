@@ -219,7 +219,7 @@ class StoBatch:
     def epsilon_claimed(self) -> float:
         return self.config.eps2 + self.config.eps3
 
-    def _noise(self, batch_index: int, step: int, shape_x, device) -> tuple[Tensor, Tensor, Tensor]:
+    def noise(self, batch_index: int, step: int, shape_x, device) -> tuple[Tensor, Tensor, Tensor]:
         """(input noise, latent noise, output-coefficient noise) for this batch: fresh per (step, batch),
         or in paper mode one draw per batch reused for all training."""
         if self.config.paper_compat and batch_index in self._fixed_noise:
@@ -238,7 +238,7 @@ class StoBatch:
     def batch_loss(self, net: nn.Module, x: Tensor, y: Tensor, batch_index: int, step: int,
                    num_classes: int) -> Tensor:
         m, cfg = self.model, self.config
-        nx, nh, nw = self._noise(batch_index, step, x.shape, x.device)
+        nx, nh, nw = self.noise(batch_index, step, x.shape, x.device)
         # 1. auto-encoder on noisy inputs: first-order Taylor reconstruction loss (trains W1)
         z = m.decode_preactivation(m.encode(x + nx))
         loss_ae = taylor_reconstruction(z, x + nx)
