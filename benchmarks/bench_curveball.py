@@ -1,9 +1,10 @@
 """CurveBall's step against SGD with momentum: same model, batch; time and peak memory ratios.
 
-Goal: <= 2.0x time and <= 1.5x peak memory. Variants: automatic rho/beta (two forward-mode passes and
-one reverse pass per step) and fixed lr/momentum (one of each, plus the lambda pass every 5 steps);
-J z fused with the forward that builds the reverse graph, or in its own pass (``low_memory``, the
-default for networks with normalisation layers).
+Goal: <= 2.0x time and <= 1.5x peak memory. Variants: automatic rho/beta (J z, one reverse pass, J dz)
+or fixed lr/momentum (J z and the reverse pass; J dz only on the lambda step, every 5th); the J v
+products by tangent replay on the recorded forward (the default for these chain networks) or by
+forward-mode AD passes, which recompute the forward (with ``low_memory``, the default for networks
+with normalisation layers, J z gets a pass of its own instead of riding on the graph-building forward).
 
     python benchmarks/bench_curveball.py [--device cuda] [--out curveball.json]
 """
@@ -42,16 +43,19 @@ def step(name, shape, kwargs, batch, method, device):
             opt.step()
         return run
     fixed = {"lr": 0.01, "momentum": 0.9} if method.startswith("curveball fixed") else {}
-    opt = CurveBall(model.parameters(), model=model, on_nonfinite="skip", low_memory="low memory" in method, **fixed)
+    jvp = "forward_ad" if "forward AD" in method else "replay"
+    opt = CurveBall(model.parameters(), model=model, jvp=jvp, **fixed)
     loss = CrossEntropy(y)
     return lambda: opt.step(lambda: model(x), loss)
 
 
+METHODS = ("sgd", "curveball auto (default)", "curveball fixed", "curveball auto, forward AD",
+           "curveball fixed, forward AD")
+
+
 def main() -> None:
     args = cli(__doc__.splitlines()[0])
-    results = {case: compare({m: functools.partial(step, *spec, m) for m in
-                              ("sgd", "curveball auto, fused", "curveball fixed, fused",
-                                        "curveball auto, low memory", "curveball fixed, low memory")},
+    results = {case: compare({m: functools.partial(step, *spec, m) for m in METHODS},
                              baseline="sgd", device=args.device, repeats=args.repeats)
                for case, spec in CASES.items()}
     report(results, args, "CurveBall step vs SGD+momentum")

@@ -11,7 +11,14 @@ from torch.func import functional_call, hessian, jacrev
 
 from backproplab.methods.curveball import CrossEntropy, CurveBall, MeanSquaredError, NonFiniteCurveBallError
 
+# the ways J v is computed: tangent replay on the recorded forward, forward-mode AD passes (fused with
+# the graph-building forward, or in a pass of their own), and the double-backward trick without model=
+MODES = {"replay": dict(jvp="replay"), "forward_mode": dict(jvp="forward_ad", low_memory=False),
+         "forward_mode_low_memory": dict(jvp="forward_ad", low_memory=True), "double_backward": dict()}
 
+
+def _curveball(model, mode, **kwargs):
+    return CurveBall(model.parameters(), model=None if mode == "double_backward" else model, **MODES[mode], **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -74,16 +81,14 @@ def _set_z(opt, model, v):
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn_bn], ids=["mlp", "cnn_bn"])
-@pytest.mark.parametrize("with_model,low_memory", [(True, False), (True, True), (False, False)],
-                         ids=["forward_mode", "forward_mode_low_memory", "double_backward"])
-def test_ggn_vector_product_equals_explicit_jacobians(make, with_model, low_memory):
+@pytest.mark.parametrize("mode", MODES)
+def test_ggn_vector_product_equals_explicit_jacobians(make, mode):
     model = make()
     x, y = _batch(model)
     w, g, G = dense_reference(model, x, y)
     v = torch.randn(w.numel(), generator=torch.Generator().manual_seed(3))
     # lambda = 0, beta = 1, rho = 0: the new z is exactly -(G v + g)
-    opt = CurveBall(model.parameters(), model=model if with_model else None, lr=1.0, momentum=0.0, lambd=0.0,
-                    auto_lambda=False, low_memory=low_memory)
+    opt = _curveball(model, mode, lr=1.0, momentum=0.0, lambd=0.0, auto_lambda=False)
     _set_z(opt, model, v)
     opt.step(lambda: model(x), CrossEntropy(y))
     z = _flat(opt.state[p]["z"] for p in model.parameters())
@@ -143,14 +148,14 @@ def test_automatic_rho_beta_minimise_the_quadratic_model():
     torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w + rho * v - beta * dz)
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("make", [_mlp, _cnn_bn], ids=["mlp", "cnn_bn"])
-def test_first_step_is_the_exact_line_search(make, low_memory):
+def test_first_step_is_the_exact_line_search(make, mode):
     model = make()
     x, y = _batch(model)
     w, g, G = dense_reference(model, x, y)
     H = G + 1.0 * torch.eye(len(w))
-    opt = CurveBall(model.parameters(), model=model, lambd=1.0, low_memory=low_memory)
+    opt = _curveball(model, mode, lambd=1.0)
     opt.step(lambda: model(x), CrossEntropy(y))
     beta = (g @ g) / (g @ H @ g)
     torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w - beta * g)
@@ -210,21 +215,21 @@ def test_state_dict_round_trip_resumes_bit_identically():
     assert torch.equal(opt.curveball_state["lambd"], opt2.curveball_state["lambd"])
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_batchnorm_statistics_move_once_per_step(low_memory):
+@pytest.mark.parametrize("mode", ["replay", "forward_mode", "forward_mode_low_memory"])  # needs model=
+def test_batchnorm_statistics_move_once_per_step(mode):
     model = _cnn_bn()
     x, y = _batch(model)
     reference = _cnn_bn()
     reference(x)  # one ordinary train-mode forward
-    opt = CurveBall(model.parameters(), model=model, lambda_interval=1, low_memory=low_memory)  # + lambda pass
+    opt = _curveball(model, mode, lambda_interval=1)  # + the lambda pass
     opt.step(lambda: model(x), CrossEntropy(y))
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
     assert int(model[1].num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_dropout_mask_is_shared_by_the_passes_of_one_step(low_memory):
+@pytest.mark.parametrize("mode", ["auto", "forward_mode", "forward_mode_low_memory"])
+def test_dropout_mask_is_shared_by_the_passes_of_one_step(mode):
     """With dropout, the first step is still the exact line search for the *same* mask in every pass."""
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
@@ -238,8 +243,10 @@ def test_dropout_mask_is_shared_by_the_passes_of_one_step(low_memory):
     fixed = nn.Sequential(model[0], model[1], _Mul(mask), model[3])
     w, g, G = dense_reference(fixed, x, y)
     model.train()
-    opt = CurveBall(model.parameters(), model=model, lambd=1.0, low_memory=low_memory)
+    opt = CurveBall(model.parameters(), model=model, lambd=1.0, **MODES.get(mode, {}))
     opt.step(lambda: model(x), CrossEntropy(y))
+    if mode == "auto":  # the mask is not recorded, so "auto" fell back to forward-mode AD
+        assert "Dropout is in train mode" in opt.replay_refused
     beta = (g @ g) / (g @ (G + torch.eye(len(w))) @ g)
     torch.testing.assert_close(_flat(p.detach() for p in model.parameters()), w - beta * g)
 
@@ -264,12 +271,20 @@ def test_frozen_parameters_are_skipped():
 
 
 @pytest.mark.parametrize("mode", ["raise", "skip"])
-def test_non_finite_loss_never_reaches_the_weights(mode):
+@pytest.mark.parametrize("cause", ["nan input", "overflowing product, fixed lr/momentum"])
+def test_non_finite_loss_never_reaches_the_weights(mode, cause):
     model = _mlp()
     x, y = _batch(model)
-    x[0, 0] = float("nan")
+    fixed = {}
+    if cause == "nan input":
+        x[0, 0] = float("nan")
+    else:  # the loss is finite but J z overflows, so dz is not; fixed beta and rho would not notice
+        fixed = dict(lr=0.1, momentum=0.9)
     before = [p.clone() for p in model.parameters()]
-    opt = CurveBall(model.parameters(), model=model, on_nonfinite=mode)
+    opt = CurveBall(model.parameters(), model=model, on_nonfinite=mode, **fixed)
+    if fixed:
+        opt.curveball_state["step"] = 1
+        _set_z(opt, model, torch.full((sum(p.numel() for p in model.parameters()),), 1e307))
     if mode == "raise":
         with pytest.raises(NonFiniteCurveBallError, match="not finite"):
             opt.step(lambda: model(x), CrossEntropy(y))
@@ -305,3 +320,167 @@ def test_low_memory_is_the_default_for_networks_with_normalisation_layers():
     mlp = _mlp()
     assert not CurveBall(mlp.parameters(), model=mlp).low_memory
     assert not CurveBall(bn.parameters(), model=bn, low_memory=False).low_memory
+
+
+# ---------------------------------------------------------------- tangent replay against forward-mode AD
+
+
+class _Scaled(nn.Module):
+    """A layer with a parameter used in its own forward: no tangent rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class _Residual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+def _chains():
+    """Chains of supported layers, each with an input of the right shape."""
+    torch.manual_seed(20)
+    frozen_first = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.ELU(), nn.Linear(6, 3))
+    frozen_first[0].requires_grad_(False)
+    frozen_first[2].weight.requires_grad_(False)  # a frozen weight with a trained bias
+    bn_eval = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Sigmoid(), nn.Flatten(), nn.Dropout(0.3),
+                            nn.Linear(3 * 6, 3))
+    bn_eval[1].eval(), bn_eval[4].eval()
+    bn_eval[1].running_mean.uniform_(-0.5, 0.5), bn_eval[1].running_var.uniform_(0.5, 2.0)
+    return {
+        "mlp: leaky relu, sigmoid": (nn.Sequential(nn.Flatten(), nn.Linear(8, 7), nn.LeakyReLU(0.1), nn.Linear(7, 5),
+                                                   nn.Sigmoid(), nn.Linear(5, 3)), (6, 2, 4)),
+        "cnn: bn, maxpool, no-affine bn, gelu, avgpool": (
+            nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(4, affine=False),
+                          nn.GELU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)), (6, 2, 8, 8)),
+        "cnn: adaptive max pool, bn without running stats": (
+            nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3, track_running_stats=False), nn.Tanh(),
+                          nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)), (6, 1, 9, 9)),
+        "conv1d: eval-mode bn, eval-mode dropout, 1-d max pool": (nn.Sequential(*bn_eval[:3], nn.MaxPool1d(2, ceil_mode=True),
+                                                                         nn.Upsample(scale_factor=2), *bn_eval[3:]),
+                                                           (6, 2, 8)),
+        "linear on a sequence, frozen layers": (nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)),
+                                                (6, 4, 5)),
+        "frozen first layer and weight": (frozen_first, (6, 5)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_chains()))
+@pytest.mark.parametrize("fixed", [False, True], ids=["auto", "fixed"])
+def test_tangent_replay_equals_forward_mode_ad(name, fixed):
+    """Four steps by tangent replay and by forward-mode AD give the same weights and buffers (float64)."""
+    net, shape = _chains()[name]
+    x, y = torch.randn(*shape, generator=torch.Generator().manual_seed(21)), torch.randint(0, 3, (shape[0],))
+    settings = dict(lr=0.5, momentum=0.5) if fixed else {}
+    results = []
+    for jvp in ("replay", "forward_ad"):
+        model = copy.deepcopy(net)
+        opt = CurveBall([p for p in model.parameters() if p.requires_grad], model=model, jvp=jvp,
+                        lambda_interval=2, **settings)
+        for _ in range(4):
+            opt.step(lambda: model(x), CrossEntropy(y))
+        results.append(_flat([*model.parameters(), *(b.double() for b in model.buffers())]))
+        if jvp == "replay":
+            assert opt.replay_refused is None
+    assert not torch.equal(results[0], _flat([*net.parameters(), *(b.double() for b in net.buffers())]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+def _with_hook():
+    model = _mlp()
+    model[1].register_forward_hook(lambda m, i, o: 2 * o)
+    return model
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: nn.Sequential(nn.Linear(5, 6), _Residual(6), nn.Linear(6, 3)), "Linear's input is not the previous"),
+    (lambda: nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Linear(6, 3)), "Dropout is in train mode"),
+    (lambda: nn.Sequential(nn.Linear(5, 6), _Scaled(), nn.Linear(6, 3)), "_Scaled has no tangent rule"),
+    (lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)), "LayerNorm has no tangent rule"),
+    (_with_hook, "Tanh has forward hooks of its own"),
+], ids=["residual", "dropout", "own parameter", "layernorm", "hook"])
+def test_replay_refuses_what_it_cannot_follow(make, reason):
+    """"auto" falls back to forward-mode AD (same result), says why; "replay" raises with the reason."""
+    torch.manual_seed(22)
+    net = make()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    results = []
+    for jvp in ("auto", "forward_ad"):
+        model = copy.deepcopy(net)
+        opt = CurveBall(model.parameters(), model=model, jvp=jvp)
+        for _ in range(2):
+            torch.manual_seed(23)  # the same dropout masks for both
+            opt.step(lambda: model(x), CrossEntropy(y))
+        results.append(_flat(model.parameters()))
+        if jvp == "auto":
+            assert reason in opt.replay_refused
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    model = copy.deepcopy(net)
+    with pytest.raises(ValueError, match="cannot replay"):
+        CurveBall(model.parameters(), model=model, jvp="replay").step(lambda: model(x), CrossEntropy(y))
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["statistics from the forward's node", "recomputed"])
+def test_batchnorm_tangent_rule_equals_torch_func_jvp(saved):
+    """The closed-form batch-norm JVP (train mode) against torch.func.jvp of F.batch_norm; the recomputed
+    statistics are the path taken where the forward's node does not expose them (cuDNN, say)."""
+    from backproplab.methods.curveball import _batchnorm_tangent
+
+    torch.manual_seed(24)
+    bn = nn.BatchNorm2d(3)
+    nn.init.uniform_(bn.weight, 0.5, 2.0), nn.init.uniform_(bn.bias, -1.0, 1.0)
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    t, tw, tb = torch.randn(5, 3, 4, 4), torch.randn(3), torch.randn(3)
+    node = bn(x).grad_fn
+    kept = (x.detach(), node._saved_result1, node._saved_result2) if saved else (x.detach(), None, None)
+    _, expected = torch.func.jvp(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=bn.eps),
+                                 (x.detach(), bn.weight.detach(), bn.bias.detach()), (t, tw, tb))
+    torch.testing.assert_close(_batchnorm_tangent(bn, kept, t, tw, tb), expected, rtol=1e-10, atol=1e-12)
+    _, only_params = torch.func.jvp(lambda w, b: F.batch_norm(x.detach(), None, None, w, b, training=True),
+                                    (bn.weight.detach(), bn.bias.detach()), (tw, tb))
+    torch.testing.assert_close(_batchnorm_tangent(bn, kept, None, tw, tb), only_params, rtol=1e-10, atol=1e-12)
+
+
+_DDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from backproplab.data import load_dataset
+from backproplab.models import build_model
+from backproplab.train import TrainConfig, fit
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+data = load_dataset("digits", n_train=256)
+torch.manual_seed(0)
+model = build_model("mlp", data.input_shape, 10, widths=(32,))
+fit(model, data, TrainConfig(optimizer="curveball", lr=0, momentum=0, epochs=1, batch_size=64))
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save(model.state_dict(), sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    """Under DDP the product dz and the 2x2 system are averaged over ranks: 2 x 32 examples == 1 x 64."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(_DDP_SCRIPT)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

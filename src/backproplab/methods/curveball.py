@@ -11,7 +11,9 @@ and H_L the Hessian of the loss w.r.t. the outputs. One buffer z (like momentum)
     w   <- w + z
 
 J z is one forward-mode product, H_L (J z) is closed-form in output space, and ONE reverse pass with
-cotangent H_L J z + J_L yields gradient and GGN product together. The step sizes come from minimising
+cotangent H_L J z + J_L yields gradient and GGN product together. For a chain of standard layers the
+forward-mode products are replayed on the step's one recorded forward (:class:`_TangentTape`) instead
+of recomputing the forward with each tangent; any other model gets true forward-mode AD passes. The step sizes come from minimising
 the quadratic model M(dw) = g^T dw + 1/2 dw^T H dw over dw = rho z - beta dz (paper eq. 13-14)::
 
     [beta, -rho] = A^-1 b,  A = [[dz^T H dz, z^T H dz], [z^T H dz, z^T H z]],  b = [g^T dz, g^T z]
@@ -28,6 +30,7 @@ lambda <- lambda / factor^interval, gamma > ``lambda_high`` gives lambda <- lamb
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
@@ -111,6 +114,175 @@ class _Call(nn.Module):
         return self.fn()
 
 
+# ---------------------------------------------------------------- tangent replay on a recorded chain
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# parameter-free modules whose output is a deterministic function of their one input; the tangent is
+# their JVP at the recorded input (torch.func.jvp), unless a cheaper closed form is listed in _replay_call
+_PURE_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                 nn.Mish, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink,
+                 nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.Flatten, nn.Unflatten, nn.Identity,
+                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+                 nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.PixelShuffle, nn.PixelUnshuffle)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# what each rule keeps of the forward: the output for these (autograd saves it too), the input otherwise
+_KEEPS_OUTPUT = (nn.ReLU, nn.Tanh, nn.Sigmoid)
+_MAX_POOLS = (nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+# autograd nodes whose saved result1 is the argmax index of each output (flat over the spatial dims)
+_POOL_NODES = ("MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
+               "AdaptiveMaxPool3DBackward0")
+
+
+class _TangentTape:
+    """Records one forward through a chain of standard layers so that J v can be replayed without it.
+
+    Forward-mode AD recomputes the whole forward (the primal) alongside every tangent. For a network
+    that is a chain of standard layers (``nn.Sequential``-like: each layer's input is the previous
+    layer's output), J v needs only each layer's recorded input, so the tangent alone is propagated:
+    Linear / Conv  t <- W t + dW x + db,  BatchNorm (train: batch statistics)  its closed-form JVP,
+    ReLU / Tanh / Sigmoid  t <- f'(y) t  from the output, other parameter-free layers  torch.func.jvp.
+    What is kept (layer inputs, activation outputs, BatchNorm's batch statistics and max pooling's
+    argmax indices, both read from the forward's own autograd nodes) is what autograd saves for the
+    reverse pass anyway, so memory stays near SGD's; the cost per product is the tangent half of a
+    forward-mode pass (Linear: two matrix products instead of three).
+
+    Anything else (a residual connection, an op between modules, dropout in train mode, a hook, an
+    unknown layer, a parameter used outside a layer) makes the record invalid; ``reason`` says why.
+    """
+
+    def __init__(self, params: list[Tensor]):
+        self.param_ids = {id(p) for p in params}
+        self.calls: list[tuple[nn.Module, Any]] = []  # (layer, what its tangent rule needs)
+        self.reason: str | None = None
+        self._last_output: weakref.ref | None = None
+        self._first = True
+
+    def _invalid(self, why: str) -> None:
+        if self.reason is None:
+            self.reason = why
+
+    def hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.reason is not None or next(module.children(), None) is not None:
+            return  # containers: their leaves are recorded
+        name = type(module).__name__
+        if module._forward_hooks or module._forward_pre_hooks:
+            return self._invalid(f"{name} has forward hooks of its own")
+        if len(args) != 1 or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
+            return self._invalid(f"{name} is not called with one tensor in and one tensor out")
+        x = args[0]
+        if self._first:
+            self._first = False
+            if x.requires_grad:
+                return self._invalid(f"the first layer ({name})'s input requires grad")
+        elif self._last_output is None or self._last_output() is not x:
+            return self._invalid(f"{name}'s input is not the previous layer's output (not a plain chain)")
+        kind = type(module)
+        node = output.grad_fn
+        if kind is nn.Linear or kind in _CONVS:
+            kept = x
+        elif kind in _BATCHNORMS:  # the batch mean and 1/std, from the forward's own node when it has them
+            saved = node is not None and type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training
+            kept = (x, node._saved_result1, node._saved_result2) if saved else (x, None, None)
+        elif kind in _MAX_POOLS and node is not None and type(node).__name__ in _POOL_NODES:
+            kept = ("indices", node._saved_result1)
+        elif kind in _DROPOUTS:
+            if module.training and module.p > 0:
+                return self._invalid(f"{name} is in train mode (its mask is not recorded)")
+            kept = x
+        elif kind in _PURE_MODULES:
+            kept = output if kind in _KEEPS_OUTPUT else x
+        else:
+            return self._invalid(f"{name} has no tangent rule")
+        self.calls.append((module, kept))
+        self._last_output = weakref.ref(output)
+
+    def check(self, outputs: Tensor) -> None:
+        """Valid only if the model's output is the last layer's and every parameter sits in a layer."""
+        if self.reason is None and (self._last_output is None or self._last_output() is not outputs):
+            self._invalid("the model's output is not the last layer's output")
+        if self.reason is None:
+            covered = {id(p) for m, _ in self.calls for p in m.parameters(recurse=False)}
+            if not self.param_ids <= covered:
+                self._invalid("a parameter is used outside the recorded layers")
+        if self.reason is not None:
+            self.calls = []
+
+    @torch.no_grad()
+    def jvp(self, tangents: dict[int, Tensor]) -> Tensor | None:
+        """J v for the parameter tangents ``tangents`` (id(param) -> tensor); None when it is zero."""
+        t: Tensor | None = None
+        for module, kept in self.calls:
+            t = _replay_call(module, kept, t, tangents)
+        return t
+
+
+def _replay_call(m: nn.Module, kept: Any, t: Tensor | None, tangents: dict[int, Tensor]) -> Tensor | None:
+    """One layer's output tangent from its input tangent ``t`` (None: zero) and its parameter tangents."""
+    kind = type(m)
+    tw = tangents.get(id(m.weight)) if getattr(m, "weight", None) is not None else None
+    tb = tangents.get(id(m.bias)) if getattr(m, "bias", None) is not None else None
+    if kind is nn.Linear or kind in _CONVS:
+        apply = F.linear if kind is nn.Linear else m._conv_forward
+        out = apply(t, m.weight, None) if t is not None else None
+        if tw is not None or tb is not None:  # a frozen weight with a trained bias is rare: no shortcut
+            own = apply(kept, torch.zeros_like(m.weight) if tw is None else tw, tb)
+            out = own if out is None else out.add_(own)
+        return out
+    if kind in _BATCHNORMS:
+        return _batchnorm_tangent(m, kept, t, tw, tb)
+    if t is None:
+        return None
+    if kind is nn.ReLU:
+        return torch.ops.aten.threshold_backward(t, kept, 0)
+    if kind is nn.Tanh:
+        return torch.ops.aten.tanh_backward(t, kept)
+    if kind is nn.Sigmoid:
+        return torch.ops.aten.sigmoid_backward(t, kept)
+    if kind in _DROPOUTS:
+        return t
+    if isinstance(kept, tuple):  # max pooling: the tangent at each window's argmax
+        index = kept[1]
+        return t.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+    return torch.func.jvp(m, (kept,), (t,))[1]
+
+
+def _batchnorm_tangent(m: nn.Module, kept: tuple, t: Tensor | None, tw: Tensor | None,
+                       tb: Tensor | None) -> Tensor | None:
+    """JVP of batch normalisation y = gamma xhat + beta, xhat = (x - mean) / s.
+
+    With batch statistics (train mode) mean and s depend on the whole batch, and the input part is
+    t_xhat = (t - mean(t) - xhat mean(xhat t)) / s. That map is symmetric within a channel, so
+    gamma t_xhat is exactly the batch-norm VJP of t, one fused ``native_batch_norm_backward``.
+    The parameter part t_gamma xhat + t_beta is a per-channel affine map of x."""
+    if t is None and tw is None and tb is None:
+        return None
+    x, mean, invstd = kept
+    shape = (1, -1, *[1] * (x.dim() - 2))
+    batch_stats = m.training or m.running_mean is None
+    if not batch_stats:
+        mean, invstd = m.running_mean, torch.rsqrt(m.running_var + m.eps)
+    elif mean is None:
+        var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+        invstd = torch.rsqrt(var + m.eps)
+    out = None
+    if t is not None:
+        if batch_stats:
+            out = torch.ops.aten.native_batch_norm_backward(
+                t, x, m.weight, None, None, mean, invstd, True, m.eps, [True, False, False])[0]
+        else:
+            scale = invstd if m.weight is None else invstd * m.weight
+            out = t * scale.view(shape)
+    if tw is not None or tb is not None:
+        coef = invstd * tw if tw is not None else torch.zeros_like(invstd)
+        shift = -mean * coef if tb is None else tb - mean * coef
+        out = (x * coef.view(shape) if out is None else out.addcmul_(x, coef.view(shape))).add_(shift.view(shape))
+    return out
+
+
 # ---------------------------------------------------------------- the optimizer
 
 
@@ -123,17 +295,26 @@ class CurveBall(torch.optim.Optimizer):
     differentiated twice by autograd in output space.
 
     Args:
-        model: the module owning the parameters. With it, J v is true forward-mode AD
-            (``torch.autograd.forward_ad`` over ``torch.func.functional_call``; BatchNorm in train mode
-            works and its running statistics move once per step). Without it, J v uses the slower
-            double-backward trick (J v = d/du <J^T u, v>), which keeps the plain optimizer contract.
+        model: the module owning the parameters. With it, J v is forward-mode differentiation: tangent
+            replay on the recorded forward or ``torch.autograd.forward_ad`` over
+            ``torch.func.functional_call`` (see ``jvp``); BatchNorm in train mode works and its running
+            statistics move once per step. Without it, J v uses the slower double-backward trick
+            (J v = d/du <J^T u, v>), which keeps the plain optimizer contract; then a BatchNorm's
+            statistics also move on the Levenberg-Marquardt re-evaluation (its buffers are unknown).
         lr, momentum: fixed beta and rho; ``None`` (default) solves for them each step. A fixed value
             is never overwritten; with one fixed, the other is the 1-D minimiser.
         lambd: initial damping lambda (paper: 1.0). auto_lambda: the Levenberg-Marquardt rule.
         on_nonfinite: "raise" (default; one host sync per step to check) or "skip" (no sync: a
             non-finite step leaves weights and z unchanged, counted in ``state['skipped']``).
-        low_memory: compute J z in a pass of its own, without a reverse graph, then run a plain
-            forward for the reverse pass. Otherwise J z rides on the forward that builds the reverse
+        jvp: how J z and J dz are computed with ``model``. "replay": record the one forward that builds
+            the reverse graph and propagate tangents alone through the recorded layers (see
+            :class:`_TangentTape`); needs a plain chain of standard layers (Linear, Conv, BatchNorm,
+            activations, pooling, Flatten, eval-mode dropout) and raises naming what is not.
+            "forward_ad": a forward-mode AD pass per product, which recomputes the forward; any model.
+            "auto" (default): replay when the model allows it, else forward AD (``replay_refused`` says
+            why). Replay saves the primal recomputation and needs no extra memory.
+        low_memory: (forward AD only) compute J z in a pass of its own, without a reverse graph, then
+            run a plain forward for the reverse pass. Otherwise J z rides on the forward that builds the reverse
             graph, which saves a forward but lets autograd record the tangent computation too; for
             normalisation layers that history is several activation-sized tensors per layer.
             ``None`` (default): on when ``model`` has a normalisation layer (BatchNorm, GroupNorm,
@@ -150,11 +331,15 @@ class CurveBall(torch.optim.Optimizer):
                  lr: float | None = None, momentum: float | None = None, lambd: float = 1.0,
                  auto_lambda: bool = True, lambda_factor: float = 0.999, lambda_low: float = 0.5,
                  lambda_high: float = 1.5, lambda_interval: int = 5, on_nonfinite: str = "raise",
-                 low_memory: bool | None = None):
+                 jvp: str = "auto", low_memory: bool | None = None):
         if lambd < 0:
             raise ValueError(f"lambd must be >= 0, got {lambd}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if jvp not in ("auto", "replay", "forward_ad"):
+            raise ValueError(f"jvp must be 'auto', 'replay' or 'forward_ad', got {jvp!r}")
+        if jvp == "replay" and model is None:
+            raise ValueError("jvp='replay' records the layers of `model`: pass model=")
         defaults = dict(lr=lr, momentum=momentum, lambd=lambd, auto_lambda=auto_lambda, lambda_factor=lambda_factor,
                         lambda_low=lambda_low, lambda_high=lambda_high, lambda_interval=lambda_interval)
         super().__init__(params, defaults)
@@ -168,6 +353,10 @@ class CurveBall(torch.optim.Optimizer):
         if low_memory is None:
             low_memory = model is not None and any(isinstance(m, _NORM_LAYERS) for m in model.modules())
         self.low_memory = bool(low_memory)
+        self.jvp = jvp
+        # why the last step could not replay tangents (None: it did); once set, "auto" stops trying
+        self.replay_refused: str | None = ("no model= given" if model is None else
+                                           "jvp='forward_ad'" if jvp == "forward_ad" else None)
         self.on_nonfinite = on_nonfinite
         self._names: dict[int, str] = {}
         if model is not None:
@@ -229,6 +418,29 @@ class CurveBall(torch.optim.Optimizer):
         # the tangent's own autograd history is never differentiated: drop it so its saved tensors go now
         return primal, tangent.detach()
 
+    def _recorded_forward(self, model_fn: ModelFn, params: list[Tensor]) -> tuple[Tensor, _TangentTape | None]:
+        """The step's one forward with reverse graph, recorded for tangent replay (None if it cannot be)."""
+        from torch.nn.modules import module as module_globals
+
+        tape = _TangentTape(params)
+        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+            tape._invalid("a global module forward hook is registered")
+        handle = torch.nn.modules.module.register_module_forward_hook(tape.hook)
+        try:
+            with torch.enable_grad():
+                outputs = model_fn()
+        finally:
+            handle.remove()
+        tape.check(outputs)
+        if tape.reason is None:
+            self.replay_refused = None
+            return outputs, tape
+        if self.jvp == "replay":
+            raise ValueError(f"CurveBall(jvp='replay') cannot replay tangents through this model: {tape.reason}. "
+                             "Use jvp='auto' (falls back to forward-mode AD) or jvp='forward_ad'")
+        self.replay_refused = tape.reason
+        return outputs, None
+
     @staticmethod
     def _double_backward_jvp(outputs: Tensor, params: list[Tensor], tangents: list[Tensor]) -> Tensor:
         u = torch.zeros_like(outputs, requires_grad=True)
@@ -258,18 +470,28 @@ class CurveBall(torch.optim.Optimizer):
 
         self._rng_at_step_start = torch.get_rng_state()
         self._cuda_rng_at_step_start = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        # pass 1: outputs with reverse graph, and J z by forward mode (or double backward)
-        if self.model is not None and self.low_memory:  # J z first, in a pass without a reverse graph
-            with self._same_batch_pass():
-                _, jz = self._forward_jvp(model_fn, params, zs)
-        with torch.enable_grad():
-            if self.model is None:
-                outputs = model_fn()
-                jz = self._double_backward_jvp(outputs, params, zs)
-            elif self.low_memory:
-                outputs = model_fn()
-            else:
-                outputs, jz = self._forward_jvp(model_fn, params, zs)
+        # pass 1: outputs with reverse graph, and J z by tangent replay, forward mode or double backward
+        tape = None
+        if self.model is not None and self.jvp != "forward_ad" and (self.jvp == "replay" or not self.replay_refused):
+            outputs, tape = self._recorded_forward(model_fn, params)
+            if tape is not None:
+                jz = tape.jvp({id(p): z for p, z in zip(params, zs)})
+                jz = torch.zeros_like(outputs) if jz is None else jz
+            else:  # the forward has run: J z in a pass of its own
+                with self._same_batch_pass():
+                    _, jz = self._forward_jvp(model_fn, params, zs)
+        else:
+            if self.model is not None and self.low_memory:  # J z first, in a pass without a reverse graph
+                with self._same_batch_pass():
+                    _, jz = self._forward_jvp(model_fn, params, zs)
+            with torch.enable_grad():
+                if self.model is None:
+                    outputs = model_fn()
+                    jz = self._double_backward_jvp(outputs, params, zs)
+                elif self.low_memory:
+                    outputs = model_fn()
+                else:
+                    outputs, jz = self._forward_jvp(model_fn, params, zs)
         if hasattr(loss_fn, "output_grad_and_hvp"):
             loss = loss_fn(outputs.detach())
             hvp, jl = loss_fn.output_grad_and_hvp(outputs)
@@ -293,11 +515,17 @@ class CurveBall(torch.optim.Optimizer):
         need_system = group["lr"] is None or group["momentum"] is None or self._lambda_due(glob["step"], group)
         lr_fixed = None if group["lr"] is None else torch.tensor(float(group["lr"]), device=lambd.device)
         mom_fixed = None if group["momentum"] is None else torch.tensor(float(group["momentum"]), device=lambd.device)
+        dot = lambda a, b: sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b))  # noqa: E731
+        dz_sq = dot(dzs, dzs)  # also the finiteness check of dz: a non-finite dz must not reach z
         if need_system:
-            with self._same_batch_pass(), torch.enable_grad() if self.model is None else torch.no_grad():
-                if self.model is not None:
+            if tape is not None:
+                jdz = tape.jvp({id(p): d for p, d in zip(params, dzs)})
+                jdz = torch.zeros_like(outputs) if jdz is None else jdz
+            elif self.model is not None:
+                with self._same_batch_pass():
                     _, jdz = self._forward_jvp(model_fn, params, dzs)
-                else:
+            else:
+                with torch.enable_grad():
                     jdz = self._double_backward_jvp(outputs, params, dzs)
             hl_jdz = hvp(jdz)
             out_terms = torch.stack([(jdz * hl_jdz).sum(), (jz * hl_jdz).sum(), (jz * hl_jz).sum(),
@@ -305,8 +533,7 @@ class CurveBall(torch.optim.Optimizer):
             if world > 1:
                 dist.all_reduce(out_terms)
                 out_terms /= world
-            dot = lambda a, b: sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b))  # noqa: E731
-            a11 = lambd * dot(dzs, dzs) + out_terms[0]
+            a11 = lambd * dz_sq + out_terms[0]
             a12 = lambd * dot(dzs, zs) + out_terms[1]
             a22 = lambd * dot(zs, zs) + out_terms[2]
             b1, b2 = out_terms[3], out_terms[4]
@@ -316,13 +543,13 @@ class CurveBall(torch.optim.Optimizer):
         else:
             beta, rho, predicted = lr_fixed, mom_fixed, None
 
-        ok = torch.isfinite(loss) & torch.isfinite(beta) & torch.isfinite(rho)
+        ok = torch.isfinite(loss) & torch.isfinite(beta) & torch.isfinite(rho) & torch.isfinite(dz_sq)
         if self.on_nonfinite == "raise":
             if not bool(ok):
                 raise NonFiniteCurveBallError(
                     f"CurveBall step {glob['step']}: loss={float(loss):.4g}, beta={float(beta):.4g}, "
-                    f"rho={float(rho):.4g} is not finite; the weights were not changed. Check the data and the "
-                    "model, raise lambd, or pass on_nonfinite='skip'")
+                    f"rho={float(rho):.4g}, |dz|^2={float(dz_sq):.4g}: not finite; the weights were not changed. "
+                    "Check the data and the model, raise lambd, or pass on_nonfinite='skip'")
             for p, z, dz in zip(params, zs, dzs):  # z <- rho z - beta dz; w <- w + z, in place
                 z.mul_(rho).addcmul_(dz, beta, value=-1)
                 p.add_(z)
