@@ -484,3 +484,65 @@ def test_torchrun_two_processes_equal_one_process_on_the_combined_batch(tmp_path
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_replay_steps_aside_under_autocast():
+    """Under autocast the layers run in bfloat16 with float32 weights: "auto" uses forward-mode AD."""
+    torch.manual_seed(25)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).float()
+    x, y = torch.randn(8, 5, dtype=torch.float32), torch.randint(0, 3, (8,))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+
+    opt = CurveBall(model.parameters(), model=model)
+    losses = [float(opt.step(forward, CrossEntropy(y))[0]) for _ in range(5)]
+    assert "autocast" in opt.replay_refused and losses[-1] < losses[0]
+
+
+class _ScaleInPlace(nn.Module):
+    """Multiplies its input in place: the previous layer's recorded input is overwritten."""
+
+    def forward(self, x):
+        return x.mul_(2.0)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: nn.Sequential(nn.Linear(5, 6), nn.ELU(inplace=True), nn.Linear(6, 3)), "ELU(inplace=True) overwrote"),
+    (lambda: nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Identity(), nn.ReLU(inplace=True), nn.Linear(6, 3)),
+     None),  # ReLU keeps its output: in place is fine
+], ids=["elu in place", "relu in place"])
+def test_in_place_layers(make, reason):
+    torch.manual_seed(26)
+    net = make()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    results = []
+    for jvp in ("auto", "forward_ad"):
+        model = copy.deepcopy(net)
+        opt = CurveBall(model.parameters(), model=model, jvp=jvp)
+        for _ in range(3):
+            opt.step(lambda: model(x), CrossEntropy(y))
+        results.append(_flat(model.parameters()))
+        if jvp == "auto":
+            assert (opt.replay_refused is None) if reason is None else (reason in opt.replay_refused)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+def test_replay_notices_a_recorded_tensor_modified_in_place():
+    """GELU keeps its input; an in-place op after it changes that input (autograd's saved copy too)."""
+    from backproplab.methods.curveball import _TangentTape
+
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3))
+    tape = _TangentTape(list(model.parameters()))
+    handle = torch.nn.modules.module.register_module_forward_hook(tape.hook)
+    try:
+        h = model[0](torch.randn(4, 5))
+        out = model[2](model[1](h))
+        with torch.no_grad():
+            h.mul_(2.0)  # changes what GELU keeps, as a later in-place op would
+    finally:
+        handle.remove()
+    tape.check(out)
+    assert "GELU keeps for its tangent rule was modified in place" in tape.reason

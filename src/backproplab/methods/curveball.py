@@ -123,11 +123,12 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # their JVP at the recorded input (torch.func.jvp), unless a cheaper closed form is listed in _replay_call
 _PURE_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                  nn.Mish, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink,
-                 nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.Flatten, nn.Unflatten, nn.Identity,
-                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-                 nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.PixelShuffle, nn.PixelUnshuffle)
+                 nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ConstantPad1d, nn.ConstantPad2d)
+# linear parameter-free modules: the tangent is the module applied to the tangent; nothing is kept
+_LINEAR_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample,
+                   nn.ZeroPad1d, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # what each rule keeps of the forward: the output for these (autograd saves it too), the input otherwise
 _KEEPS_OUTPUT = (nn.ReLU, nn.Tanh, nn.Sigmoid)
@@ -135,6 +136,15 @@ _MAX_POOLS = (nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPo
 # autograd nodes whose saved result1 is the argmax index of each output (flat over the spatial dims)
 _POOL_NODES = ("MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
                "AdaptiveMaxPool3DBackward0")
+
+
+class _ArgMax:
+    """Max pooling's argmax per output, flat over the spatial dims (saved by the forward's node)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: Tensor):
+        self.index = index
 
 
 class _TangentTape:
@@ -160,6 +170,7 @@ class _TangentTape:
         self.reason: str | None = None
         self._last_output: weakref.ref | None = None
         self._first = True
+        self._versions: list[tuple[Tensor, int, str]] = []  # what each rule keeps must not change after
 
     def _invalid(self, why: str) -> None:
         if self.reason is None:
@@ -174,6 +185,8 @@ class _TangentTape:
         if len(args) != 1 or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
             return self._invalid(f"{name} is not called with one tensor in and one tensor out")
         x = args[0]
+        if torch.is_autocast_enabled(x.device.type):  # the replay would mix the autocast dtypes
+            return self._invalid(f"autocast is on ({name} ran in reduced precision)")
         if self._first:
             self._first = False
             if x.requires_grad:
@@ -188,16 +201,21 @@ class _TangentTape:
             saved = node is not None and type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training
             kept = (x, node._saved_result1, node._saved_result2) if saved else (x, None, None)
         elif kind in _MAX_POOLS and node is not None and type(node).__name__ in _POOL_NODES:
-            kept = ("indices", node._saved_result1)
-        elif kind in _DROPOUTS:
-            if module.training and module.p > 0:
+            kept = _ArgMax(node._saved_result1)
+        elif kind in _DROPOUTS or kind in _LINEAR_MODULES:
+            if kind in _DROPOUTS and module.training and module.p > 0:
                 return self._invalid(f"{name} is in train mode (its mask is not recorded)")
-            kept = x
+            kept = None
         elif kind in _PURE_MODULES:
+            if kind not in _KEEPS_OUTPUT and getattr(module, "inplace", False):
+                return self._invalid(f"{name}(inplace=True) overwrote the input its tangent rule needs")
             kept = output if kind in _KEEPS_OUTPUT else x
         else:
             return self._invalid(f"{name} has no tangent rule")
         self.calls.append((module, kept))
+        if kept is not None:
+            kept_tensor = kept.index if isinstance(kept, _ArgMax) else kept[0] if isinstance(kept, tuple) else kept
+            self._versions.append((kept_tensor, kept_tensor._version, name))
         self._last_output = weakref.ref(output)
 
     def check(self, outputs: Tensor) -> None:
@@ -208,6 +226,10 @@ class _TangentTape:
             covered = {id(p) for m, _ in self.calls for p in m.parameters(recurse=False)}
             if not self.param_ids <= covered:
                 self._invalid("a parameter is used outside the recorded layers")
+        for kept, version, name in self._versions:
+            if self.reason is None and kept._version != version:
+                self._invalid(f"what {name} keeps for its tangent rule was modified in place later in the forward")
+        self._versions = []
         if self.reason is not None:
             self.calls = []
 
@@ -244,9 +266,10 @@ def _replay_call(m: nn.Module, kept: Any, t: Tensor | None, tangents: dict[int, 
         return torch.ops.aten.sigmoid_backward(t, kept)
     if kind in _DROPOUTS:
         return t
-    if isinstance(kept, tuple):  # max pooling: the tangent at each window's argmax
-        index = kept[1]
-        return t.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+    if kind in _LINEAR_MODULES:
+        return m(t)
+    if isinstance(kept, _ArgMax):  # max pooling: the tangent at each window's argmax
+        return t.flatten(2).gather(2, kept.index.flatten(2)).view(kept.index.shape)
     return torch.func.jvp(m, (kept,), (t,))[1]
 
 
