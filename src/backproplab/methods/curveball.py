@@ -247,6 +247,9 @@ def _replay_call(m: nn.Module, kept: Any, t: Tensor | None, tangents: dict[int, 
     kind = type(m)
     tw = tangents.get(id(m.weight)) if getattr(m, "weight", None) is not None else None
     tb = tangents.get(id(m.bias)) if getattr(m, "bias", None) is not None else None
+    if kind is nn.Linear and kept.dim() == 2 and tw is not None:  # one allocation, products accumulated
+        out = torch.addmm(tb, kept, tw.t()) if tb is not None else kept @ tw.t()
+        return out if t is None else out.addmm_(t, m.weight.t())
     if kind is nn.Linear or kind in _CONVS:
         apply = F.linear if kind is nn.Linear else m._conv_forward
         out = apply(t, m.weight, None) if t is not None else None
@@ -258,12 +261,13 @@ def _replay_call(m: nn.Module, kept: Any, t: Tensor | None, tangents: dict[int, 
         return _batchnorm_tangent(m, kept, t, tw, tb)
     if t is None:
         return None
+    # t is always this replay's own temporary, so the elementwise rules overwrite it (no allocation)
     if kind is nn.ReLU:
-        return torch.ops.aten.threshold_backward(t, kept, 0)
+        return torch.ops.aten.threshold_backward.grad_input(t, kept, 0, grad_input=t)
     if kind is nn.Tanh:
-        return torch.ops.aten.tanh_backward(t, kept)
+        return torch.ops.aten.tanh_backward.grad_input(t, kept, grad_input=t)
     if kind is nn.Sigmoid:
-        return torch.ops.aten.sigmoid_backward(t, kept)
+        return torch.ops.aten.sigmoid_backward.grad_input(t, kept, grad_input=t)
     if kind in _DROPOUTS:
         return t
     if kind in _LINEAR_MODULES:
