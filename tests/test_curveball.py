@@ -355,6 +355,7 @@ def _chains():
                             nn.Linear(3 * 6, 3))
     bn_eval[1].eval(), bn_eval[4].eval()
     bn_eval[1].running_mean.uniform_(-0.5, 0.5), bn_eval[1].running_var.uniform_(0.5, 2.0)
+    shared = nn.Linear(20, 20)
     return {
         "mlp: leaky relu, sigmoid": (nn.Sequential(nn.Flatten(), nn.Linear(8, 7), nn.LeakyReLU(0.1), nn.Linear(7, 5),
                                                    nn.Sigmoid(), nn.Linear(5, 3)), (6, 2, 4)),
@@ -371,6 +372,11 @@ def _chains():
         "linear on a sequence, frozen layers": (nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)),
                                                 (6, 4, 5)),
         "frozen first layer and weight": (frozen_first, (6, 5)),
+        # batch 6 below the layer widths: the second product takes the Gram form for the hidden layers
+        "wide mlp, small batch (Gram form)": (nn.Sequential(nn.Linear(16, 20, bias=False), nn.Tanh(), nn.Linear(20, 20),
+                                                            nn.ReLU(), nn.Linear(20, 3)), (6, 16)),
+        "one layer called twice": (nn.Sequential(nn.Linear(16, 20), nn.Tanh(), shared, nn.ReLU(), shared,
+                                                 nn.Linear(20, 3)), (6, 16)),
     }
 
 
@@ -546,3 +552,53 @@ def test_replay_notices_a_recorded_tensor_modified_in_place():
         handle.remove()
     tape.check(out)
     assert "GELU keeps for its tangent rule was modified in place" in tape.reason
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gram_form_of_the_second_product_equals_torch_func_jvp(bias):
+    """J dz with dz = G + lambda z: the Gram form (batch below the layer width) against torch.func.jvp."""
+    from backproplab.methods.curveball import _TangentTape
+
+    torch.manual_seed(28)
+    model = nn.Sequential(nn.Linear(16, 20, bias=bias), nn.Tanh(), nn.Linear(20, 20, bias=bias), nn.Linear(20, 3))
+    params = list(model.parameters())
+    x, y = torch.randn(6, 16), torch.randint(0, 3, (6,))
+    zs = [torch.randn_like(p) for p in params]
+    tape = _TangentTape(params, gram=True)
+    handle = torch.nn.modules.module.register_module_forward_hook(tape.hook)
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    tape.check(out)
+    assert tape.reason is None and tape.gram_calls == {0, 2}
+    jz = tape.jvp({id(p): z for p, z in zip(params, zs)})
+    hvp, jl = CrossEntropy(y).output_grad_and_hvp(out)
+    grads = torch.autograd.grad(out, params, hvp(jz) + jl)
+    lam = torch.tensor(0.7)
+    dzs = [g + lam * z for g, z in zip(grads, zs)]
+    got = tape.jvp({id(p): d for p, d in zip(params, dzs)}, lambd=lam)
+    names = [n for n, _ in model.named_parameters()]
+    _, expected = torch.func.jvp(lambda *ps: functional_call(model, dict(zip(names, ps)), (x,)),
+                                 tuple(p.detach() for p in params), tuple(dzs))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_layer_used_twice_keeps_its_parameters(mode):
+    """functional_call does not restore a parameter of a layer registered twice; the optimizer must."""
+    torch.manual_seed(29)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3))
+    weight = shared.weight
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    opt = _curveball(model, mode)
+    for _ in range(2):
+        opt.step(lambda: model(x), CrossEntropy(y))
+    assert model[0].weight is weight and model[2].weight is weight and isinstance(weight, nn.Parameter)
+    assert not torch.equal(weight, _curveball_init_weight())
+
+
+def _curveball_init_weight():
+    torch.manual_seed(29)
+    return nn.Linear(4, 4).weight.detach()

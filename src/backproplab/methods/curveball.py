@@ -30,6 +30,7 @@ lambda <- lambda / factor^interval, gamma > ``lambda_high`` gives lambda <- lamb
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
@@ -162,10 +163,21 @@ class _TangentTape:
 
     Anything else (a residual connection, an op between modules, dropout in train mode, a hook, an
     unknown layer, a parameter used outside a layer) makes the record invalid; ``reason`` says why.
+
+    ``gram=True`` (the step will need J dz, single process): for a Linear layer with 2-D input called
+    once, the second product reuses the reverse pass. There dz = G + lambda z with G_W = delta^T x and
+    G_b = 1^T delta (delta: the cotangent at the layer's output), so the layer's own term is
+    x dz_W^T + dz_b = (x x^T) delta + 1 (1^T delta) + lambda (x z_W^T + z_b), the last bracket kept from
+    the first product. That costs B^2 (d_in + d_out) instead of B d_in d_out multiply-adds, so it is
+    used where B (d_in + d_out) < d_in d_out (batch smaller than the layer).
     """
 
-    def __init__(self, params: list[Tensor]):
+    def __init__(self, params: list[Tensor], gram: bool = False):
         self.param_ids = {id(p) for p in params}
+        self.gram = gram
+        self.gram_calls: set[int] = set()  # calls whose second product uses the Gram form
+        self._deltas: dict[int, Tensor] = {}  # cotangents at those layers' outputs, from the reverse pass
+        self._own: dict[int, Tensor] = {}  # their first product's own term x z_W^T + z_b
         self.calls: list[tuple[nn.Module, Any]] = []  # (layer, what its tangent rule needs)
         self.reason: str | None = None
         self._last_output: weakref.ref | None = None
@@ -197,6 +209,11 @@ class _TangentTape:
         node = output.grad_fn
         if kind is nn.Linear or kind in _CONVS:
             kept = x
+            if kind is nn.Linear and self.gram and x.dim() == 2 and id(module.weight) in self.param_ids:
+                d_out, d_in = module.weight.shape
+                if x.shape[0] * (d_in + d_out) < d_in * d_out and output.requires_grad:
+                    self.gram_calls.add(len(self.calls))
+                    output.register_hook(functools.partial(self._deltas.__setitem__, len(self.calls)))
         elif kind in _BATCHNORMS:  # the batch mean and 1/std, from the forward's own node when it has them
             saved = node is not None and type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training
             kept = (x, node._saved_result1, node._saved_result2) if saved else (x, None, None)
@@ -230,14 +247,34 @@ class _TangentTape:
             if self.reason is None and kept._version != version:
                 self._invalid(f"what {name} keeps for its tangent rule was modified in place later in the forward")
         self._versions = []
+        once = [m for m, _ in self.calls]
+        self.gram_calls = {i for i in self.gram_calls if once.count(self.calls[i][0]) == 1}  # shared: G sums calls
         if self.reason is not None:
-            self.calls = []
+            self.calls, self.gram_calls = [], set()
 
     @torch.no_grad()
-    def jvp(self, tangents: dict[int, Tensor]) -> Tensor | None:
-        """J v for the parameter tangents ``tangents`` (id(param) -> tensor); None when it is zero."""
+    def jvp(self, tangents: dict[int, Tensor], lambd: Tensor | None = None) -> Tensor | None:
+        """J v for the parameter tangents ``tangents`` (id(param) -> tensor); None when it is zero.
+
+        The first call is J z. Passing ``lambd`` marks the second, J dz with dz = G + lambd z, after
+        the reverse pass: the Gram-form layers then use their cotangents instead of dz's weights."""
         t: Tensor | None = None
-        for module, kept in self.calls:
+        for i, (module, kept) in enumerate(self.calls):
+            if i in self.gram_calls:
+                bias = getattr(module, "bias", None)
+                trained_bias = bias is not None and id(bias) in tangents
+                if lambd is None:
+                    own = _replay_call(module, kept, None, tangents)
+                    self._own[i] = own
+                    t = own.clone() if t is None else torch.addmm(own, t, module.weight.t())
+                    continue
+                if i in self._deltas and i in self._own:
+                    delta, own = self._deltas.pop(i), self._own.pop(i).mul_(lambd)
+                    if trained_bias:
+                        own.add_(delta.sum(0))
+                    own.addmm_(kept @ kept.t(), delta)
+                    t = own if t is None else own.addmm_(t, module.weight.t())
+                    continue
             t = _replay_call(module, kept, t, tangents)
         return t
 
@@ -385,9 +422,14 @@ class CurveBall(torch.optim.Optimizer):
         self.replay_refused: str | None = ("no model= given" if model is None else
                                            "jvp='forward_ad'" if jvp == "forward_ad" else None)
         self.on_nonfinite = on_nonfinite
-        self._names: dict[int, str] = {}
+        self._names: dict[int, list[str]] = {}  # every name of a parameter: shared layers have several
+        self._tied: list[tuple[nn.Module, str, Tensor]] = []
         if model is not None:
-            self._names = {id(p): n for n, p in model.named_parameters()}
+            for n, p in model.named_parameters(remove_duplicate=False):
+                self._names.setdefault(id(p), []).append(n)
+            # functional_call (torch 2.13) does not put back a parameter of a layer used twice: we do
+            self._tied = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], p)
+                          for n, p in model.named_parameters(remove_duplicate=False) if len(self._names[id(p)]) > 1]
             missing = [i for g in self.param_groups for i, p in enumerate(g["params"]) if id(p) not in self._names]
             if missing:
                 raise ValueError("some parameters given to CurveBall do not belong to `model`; pass the module "
@@ -433,23 +475,27 @@ class CurveBall(torch.optim.Optimizer):
 
     def _forward_jvp(self, model_fn: ModelFn, params: list[Tensor], tangents: list[Tensor]) -> tuple[Tensor, Tensor]:
         with fwAD.dual_level():
-            duals = {"model." + self._names[id(p)]: fwAD.make_dual(p, t) for p, t in zip(params, tangents)}
+            duals = {"model." + n: dual for p, t in zip(params, tangents)
+                     for dual in [fwAD.make_dual(p, t)] for n in self._names[id(p)]}
             self._call.fn = model_fn
             try:
                 out = functional_call(self._call, duals, (), strict=False)
             finally:
                 self._call.fn = None
+                for module, name, param in self._tied:
+                    module._parameters[name] = param
             primal, tangent = fwAD.unpack_dual(out)
         if tangent is None:
             tangent = torch.zeros_like(primal)
         # the tangent's own autograd history is never differentiated: drop it so its saved tensors go now
         return primal, tangent.detach()
 
-    def _recorded_forward(self, model_fn: ModelFn, params: list[Tensor]) -> tuple[Tensor, _TangentTape | None]:
+    def _recorded_forward(self, model_fn: ModelFn, params: list[Tensor],
+                          gram: bool) -> tuple[Tensor, _TangentTape | None]:
         """The step's one forward with reverse graph, recorded for tangent replay (None if it cannot be)."""
         from torch.nn.modules import module as module_globals
 
-        tape = _TangentTape(params)
+        tape = _TangentTape(params, gram=gram)
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
             tape._invalid("a global module forward hook is registered")
         handle = torch.nn.modules.module.register_module_forward_hook(tape.hook)
@@ -497,10 +543,12 @@ class CurveBall(torch.optim.Optimizer):
 
         self._rng_at_step_start = torch.get_rng_state()
         self._cuda_rng_at_step_start = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        need_system = group["lr"] is None or group["momentum"] is None or self._lambda_due(glob["step"], group)
         # pass 1: outputs with reverse graph, and J z by tangent replay, forward mode or double backward
         tape = None
         if self.model is not None and self.jvp != "forward_ad" and (self.jvp == "replay" or not self.replay_refused):
-            outputs, tape = self._recorded_forward(model_fn, params)
+            # the Gram form needs dz = G + lambda z with this process's own G: not under DDP averaging
+            outputs, tape = self._recorded_forward(model_fn, params, gram=need_system and world == 1)
             if tape is not None:
                 jz = tape.jvp({id(p): z for p, z in zip(params, zs)})
                 jz = torch.zeros_like(outputs) if jz is None else jz
@@ -539,14 +587,13 @@ class CurveBall(torch.optim.Optimizer):
             d.addcmul_(z, lambd)
 
         # pass 2: J dz, then the 2x2 system in output space
-        need_system = group["lr"] is None or group["momentum"] is None or self._lambda_due(glob["step"], group)
         lr_fixed = None if group["lr"] is None else torch.tensor(float(group["lr"]), device=lambd.device)
         mom_fixed = None if group["momentum"] is None else torch.tensor(float(group["momentum"]), device=lambd.device)
         dot = lambda a, b: sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b))  # noqa: E731
         dz_sq = dot(dzs, dzs)  # also the finiteness check of dz: a non-finite dz must not reach z
         if need_system:
             if tape is not None:
-                jdz = tape.jvp({id(p): d for p, d in zip(params, dzs)})
+                jdz = tape.jvp({id(p): d for p, d in zip(params, dzs)}, lambd=lambd)
                 jdz = torch.zeros_like(outputs) if jdz is None else jdz
             elif self.model is not None:
                 with self._same_batch_pass():
