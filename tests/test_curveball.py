@@ -366,11 +366,10 @@ def _chains():
         "cnn: adaptive max pool, bn without running stats": (
             nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3, track_running_stats=False), nn.Tanh(),
                           nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)), (6, 1, 9, 9)),
-        "conv1d: eval-mode bn, eval-mode dropout, 1-d max pool": (nn.Sequential(*bn_eval[:3], nn.MaxPool1d(2, ceil_mode=True),
-                                                                         nn.Upsample(scale_factor=2), *bn_eval[3:]),
-                                                           (6, 2, 8)),
-        "linear on a sequence, frozen layers": (nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)),
-                                                (6, 4, 5)),
+        "conv1d: eval-mode bn, eval-mode dropout, 1-d max pool": (
+            nn.Sequential(*bn_eval[:3], nn.MaxPool1d(2, ceil_mode=True), nn.Upsample(scale_factor=2), *bn_eval[3:]),
+            (6, 2, 8)),
+        "linear on a sequence": (nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)), (6, 4, 5)),
         "frozen first layer and weight": (frozen_first, (6, 5)),
         # batch 6 below the layer widths: the second product takes the Gram form for the hidden layers
         "wide mlp, small batch (Gram form)": (nn.Sequential(nn.Linear(16, 20, bias=False), nn.Tanh(), nn.Linear(20, 20),
@@ -401,6 +400,20 @@ def test_tangent_replay_equals_forward_mode_ad(name, fixed):
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
+def _auto_against_forward_ad(net, x, y, steps=3):
+    """Steps with jvp="auto" and with forward-mode AD agree; returns why "auto" did not replay (or None)."""
+    results, optimizers = [], []
+    for jvp in ("auto", "forward_ad"):
+        model = copy.deepcopy(net)
+        optimizers.append(CurveBall(model.parameters(), model=model, jvp=jvp))
+        for _ in range(steps):
+            torch.manual_seed(23)  # the same dropout masks for both
+            optimizers[-1].step(lambda: model(x), CrossEntropy(y))
+        results.append(_flat(model.parameters()))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    return optimizers[0].replay_refused
+
+
 def _with_hook():
     model = _mlp()
     model[1].register_forward_hook(lambda m, i, o: 2 * o)
@@ -419,17 +432,7 @@ def test_replay_refuses_what_it_cannot_follow(make, reason):
     torch.manual_seed(22)
     net = make()
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    results = []
-    for jvp in ("auto", "forward_ad"):
-        model = copy.deepcopy(net)
-        opt = CurveBall(model.parameters(), model=model, jvp=jvp)
-        for _ in range(2):
-            torch.manual_seed(23)  # the same dropout masks for both
-            opt.step(lambda: model(x), CrossEntropy(y))
-        results.append(_flat(model.parameters()))
-        if jvp == "auto":
-            assert reason in opt.replay_refused
-    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    assert reason in _auto_against_forward_ad(net, x, y)
     model = copy.deepcopy(net)
     with pytest.raises(ValueError, match="cannot replay"):
         CurveBall(model.parameters(), model=model, jvp="replay").step(lambda: model(x), CrossEntropy(y))
@@ -507,13 +510,6 @@ def test_replay_steps_aside_under_autocast():
     assert "autocast" in opt.replay_refused and losses[-1] < losses[0]
 
 
-class _ScaleInPlace(nn.Module):
-    """Multiplies its input in place: the previous layer's recorded input is overwritten."""
-
-    def forward(self, x):
-        return x.mul_(2.0)
-
-
 @pytest.mark.parametrize("make,reason", [
     (lambda: nn.Sequential(nn.Linear(5, 6), nn.ELU(inplace=True), nn.Linear(6, 3)), "ELU(inplace=True) overwrote"),
     (lambda: nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Identity(), nn.ReLU(inplace=True), nn.Linear(6, 3)),
@@ -521,18 +517,8 @@ class _ScaleInPlace(nn.Module):
 ], ids=["elu in place", "relu in place"])
 def test_in_place_layers(make, reason):
     torch.manual_seed(26)
-    net = make()
-    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    results = []
-    for jvp in ("auto", "forward_ad"):
-        model = copy.deepcopy(net)
-        opt = CurveBall(model.parameters(), model=model, jvp=jvp)
-        for _ in range(3):
-            opt.step(lambda: model(x), CrossEntropy(y))
-        results.append(_flat(model.parameters()))
-        if jvp == "auto":
-            assert (opt.replay_refused is None) if reason is None else (reason in opt.replay_refused)
-    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    refused = _auto_against_forward_ad(make(), torch.randn(6, 5), torch.randint(0, 3, (6,)))
+    assert (refused is None) if reason is None else (reason in refused)
 
 
 def test_replay_notices_a_recorded_tensor_modified_in_place():

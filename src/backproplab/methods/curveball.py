@@ -13,8 +13,10 @@ and H_L the Hessian of the loss w.r.t. the outputs. One buffer z (like momentum)
 J z is one forward-mode product, H_L (J z) is closed-form in output space, and ONE reverse pass with
 cotangent H_L J z + J_L yields gradient and GGN product together. For a chain of standard layers the
 forward-mode products are replayed on the step's one recorded forward (:class:`_TangentTape`) instead
-of recomputing the forward with each tangent; any other model gets true forward-mode AD passes. The step sizes come from minimising
-the quadratic model M(dw) = g^T dw + 1/2 dw^T H dw over dw = rho z - beta dz (paper eq. 13-14)::
+of recomputing the forward with each tangent; any other model gets true forward-mode AD passes.
+
+The step sizes come from minimising the quadratic model M(dw) = g^T dw + 1/2 dw^T H dw over
+dw = rho z - beta dz (paper eq. 13-14)::
 
     [beta, -rho] = A^-1 b,  A = [[dz^T H dz, z^T H dz], [z^T H dz, z^T H z]],  b = [g^T dz, g^T z]
 
