@@ -135,7 +135,8 @@ _LINEAR_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPo
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # what each rule keeps of the forward: the output for these (autograd saves it too), the input otherwise
 _KEEPS_OUTPUT = (nn.ReLU, nn.Tanh, nn.Sigmoid)
-_MAX_POOLS = (nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+              nn.AdaptiveMaxPool3d)
 # autograd nodes whose saved result1 is the argmax index of each output (flat over the spatial dims)
 _POOL_NODES = ("MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
                "AdaptiveMaxPool3DBackward0")
@@ -148,6 +149,13 @@ class _ArgMax:
 
     def __init__(self, index: Tensor):
         self.index = index
+
+
+def _pool_node(node: Any) -> Any:
+    """The max-pooling autograd node holding the argmax indices (1-d pooling runs as 2-d, then squeezes)."""
+    if node is not None and type(node).__name__ == "SqueezeBackward1":
+        node = node.next_functions[0][0]
+    return node if node is not None and type(node).__name__ in _POOL_NODES else None
 
 
 class _TangentTape:
@@ -219,8 +227,8 @@ class _TangentTape:
         elif kind in _BATCHNORMS:  # the batch mean and 1/std, from the forward's own node when it has them
             saved = node is not None and type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training
             kept = (x, node._saved_result1, node._saved_result2) if saved else (x, None, None)
-        elif kind in _MAX_POOLS and node is not None and type(node).__name__ in _POOL_NODES:
-            kept = _ArgMax(node._saved_result1)
+        elif kind in _MAX_POOLS and _pool_node(node) is not None:
+            kept = _ArgMax(_pool_node(node)._saved_result1.view(output.shape))
         elif kind in _DROPOUTS or kind in _LINEAR_MODULES:
             if kind in _DROPOUTS and module.training and module.p > 0:
                 return self._invalid(f"{name} is in train mode (its mask is not recorded)")
