@@ -11,7 +11,7 @@ import time
 
 from . import experiments
 from .report import build_report
-from .train import init_distributed
+from .train import init_distributed, shutdown_distributed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,13 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank, _ = init_distributed(configs[0][1].device)
     t0 = time.perf_counter()
-    for exp, cfg in configs:
-        exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
+    try:
+        for exp, cfg in configs:
+            exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
+            if rank == 0:
+                print(f"{exp.name}: results in {exp_dir}")
         if rank == 0:
-            print(f"{exp.name}: results in {exp_dir}")
-    if rank == 0:
-        report = build_report(args.out)
-        print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
+            report = build_report(args.out)
+            print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
+    except BaseException:
+        shutdown_distributed(wait=False)
+        raise
+    shutdown_distributed()
     return 0
 
 

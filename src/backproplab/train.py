@@ -185,6 +185,16 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group cleanly: a rank that exits with gloo's threads still running can abort
+    ("terminate called without an active exception") and fail the whole torchrun job. ``wait``: meet
+    the other ranks first (not after an error, when they may never come)."""
+    if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
