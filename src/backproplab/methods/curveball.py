@@ -32,6 +32,7 @@ lambda <- lambda / factor^interval, gamma > ``lambda_high`` gives lambda <- lamb
 
 from __future__ import annotations
 
+import collections
 import functools
 import weakref
 from contextlib import contextmanager
@@ -271,8 +272,6 @@ class _TangentTape:
         t: Tensor | None = None
         for i, (module, kept) in enumerate(self.calls):
             if i in self.gram_calls:
-                bias = getattr(module, "bias", None)
-                trained_bias = bias is not None and id(bias) in tangents
                 if lambd is None:
                     own = _replay_call(module, kept, None, tangents)
                     self._own[i] = own
@@ -280,7 +279,7 @@ class _TangentTape:
                     continue
                 if i in self._deltas and i in self._own:
                     delta, own = self._deltas.pop(i), self._own.pop(i).mul_(lambd)
-                    if trained_bias:
+                    if module.bias is not None and id(module.bias) in tangents:
                         own.add_(delta.sum(0))
                     own.addmm_(kept @ kept.t(), delta)
                     t = own if t is None else own.addmm_(t, module.weight.t())
@@ -432,14 +431,15 @@ class CurveBall(torch.optim.Optimizer):
         self.replay_refused: str | None = ("no model= given" if model is None else
                                            "jvp='forward_ad'" if jvp == "forward_ad" else None)
         self.on_nonfinite = on_nonfinite
-        self._names: dict[int, list[str]] = {}  # every name of a parameter: shared layers have several
+        self._names: dict[int, str] = {}
         self._tied: list[tuple[nn.Module, str, Tensor]] = []
         if model is not None:
-            for n, p in model.named_parameters(remove_duplicate=False):
-                self._names.setdefault(id(p), []).append(n)
-            # functional_call (torch 2.13) does not put back a parameter of a layer used twice: we do
+            self._names = {id(p): n for n, p in model.named_parameters()}
+            # functional_call (torch 2.13) does not put back a parameter of a layer registered twice: we do
+            every_name = list(model.named_parameters(remove_duplicate=False))
+            uses = collections.Counter(id(p) for _, p in every_name)
             self._tied = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], p)
-                          for n, p in model.named_parameters(remove_duplicate=False) if len(self._names[id(p)]) > 1]
+                          for n, p in every_name if uses[id(p)] > 1]
             missing = [i for g in self.param_groups for i, p in enumerate(g["params"]) if id(p) not in self._names]
             if missing:
                 raise ValueError("some parameters given to CurveBall do not belong to `model`; pass the module "
@@ -485,8 +485,7 @@ class CurveBall(torch.optim.Optimizer):
 
     def _forward_jvp(self, model_fn: ModelFn, params: list[Tensor], tangents: list[Tensor]) -> tuple[Tensor, Tensor]:
         with fwAD.dual_level():
-            duals = {"model." + n: dual for p, t in zip(params, tangents)
-                     for dual in [fwAD.make_dual(p, t)] for n in self._names[id(p)]}
+            duals = {"model." + self._names[id(p)]: fwAD.make_dual(p, t) for p, t in zip(params, tangents)}
             self._call.fn = model_fn
             try:
                 out = functional_call(self._call, duals, (), strict=False)
@@ -508,7 +507,7 @@ class CurveBall(torch.optim.Optimizer):
         tape = _TangentTape(params, gram=gram)
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
             tape._invalid("a global module forward hook is registered")
-        handle = torch.nn.modules.module.register_module_forward_hook(tape.hook)
+        handle = module_globals.register_module_forward_hook(tape.hook)
         try:
             with torch.enable_grad():
                 outputs = model_fn()
