@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/backproplab reproduce --quick --out results
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -51,7 +51,8 @@ def main() -> None:
     args = cli(__doc__.splitlines()[0])
     results = {}
     for k in (1, 3):
-        results[f"k={k}"] = compare({m: functools.partial(step, m, k) for m in ("end-to-end", "greedy last block, cached")},
+        modes = ("end-to-end", "greedy last block, cached")
+        results[f"k={k}"] = compare({m: functools.partial(step, m, k) for m in modes},
                                     baseline="end-to-end", device=args.device, repeats=args.repeats)
     report(results, args, "greedy last block (cached prefix) vs end-to-end step")
     model = LayerwiseCNN(SHAPE, 10, WIDTHS, (1, 3)).eval()

@@ -6,7 +6,8 @@ taken in interleaved rounds (baseline, method, baseline, method, ...) so drift a
 alike; the table gives each median, its ratio to the baseline's median, and peak memory.
 
 Peak memory is what the steps add on top of the set-up (model and data), including optimizer state
-created by the first step, excluding one-time library initialisation: on CUDA ``max_memory_allocated`` after a reset; on CPU the growth of the
+created by the first step, excluding one-time library initialisation: on CUDA ``max_memory_allocated`` after a
+reset; on CPU the growth of the
 resident set's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) measured in a fresh
 process per candidate, so one candidate's freed memory cannot hide another's, with glibc told to map
 and unmap every block of 64 KiB or more so that the resident set follows the live tensors.
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -154,7 +155,8 @@ def table(results: list[Result], title: str) -> str:
     for r in results:
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:9.2f}"
         pr = "-" if r.peak_ratio is None else f"{r.peak_ratio:9.2f}"
-        lines.append(f"{r.name:32s} {r.median_ms:10.3f} {r.q1_ms:7.3f}-{r.q3_ms:<7.3f} {r.ratio:7.3f} {peak:>9s} {pr:>9s}")
+        lines.append(f"{r.name:32s} {r.median_ms:10.3f} {r.q1_ms:7.3f}-{r.q3_ms:<7.3f} {r.ratio:7.3f} "
+                     f"{peak:>9s} {pr:>9s}")
     return "\n".join(lines)
 
 

@@ -67,9 +67,9 @@ def test_run_writes_layout_and_report_has_one_figure_section_per_experiment(tmp_
             assert {"config.json", "metrics.jsonl", "final.json", "model.pt"} <= {p.name for p in run.iterdir()}
             assert json.loads((run / "config.json").read_text())["seed"] == seed
     summary = json.loads((exp_dir / "summary.json").read_text())
-    assert summary["verdict"] and summary["figures"]
+    assert summary["notes"] and summary["figures"]
     page = (out / "report.html").read_text()
-    sections = page.split("<h2")[1:]
+    sections = page.split("<h2")[2:]  # the first is the claims table
     assert len(sections) == len(list(out.glob("*/summary.json")))
     for section in sections:
         assert section.count("<img") == len(summary["figures"]) >= 1
@@ -89,9 +89,35 @@ def test_rerun_skips_finished_runs(tmp_path):
     stamp = model.stat().st_mtime_ns
     assert main(args) == 0
     assert model.stat().st_mtime_ns == stamp
-    # a changed config re-runs
-    assert main(["run", "baselines", "--set", *TINY, "epochs=1", *tail]) == 0
+    # fields that do not change results (device, checkpointing, seed count) keep the runs
+    assert main(["run", "baselines", "--set", *TINY, "checkpoint_every=5", "--device", "cpu", *tail]) == 0
+    assert model.stat().st_mtime_ns == stamp
+    # --overwrite re-runs
+    assert main([*args, "--overwrite"]) == 0
     assert model.stat().st_mtime_ns != stamp
+
+
+def test_another_config_never_mixes_or_deletes_results(tmp_path, capsys):
+    """Issue: a second run with other epochs deleted seed 0 and averaged the stale seed 1 into the verdict."""
+    s = ["datasets=digits", "models=mlp", "optimizers=sgd,momentum", "n_train=256"]
+    out = ["--out", str(tmp_path), "--no-progress"]
+    assert main(["run", "baselines", "--set", *s, "epochs=1", "--seeds", "2", *out]) == 0
+    runs = tmp_path / "baselines" / "digits-mlp-sgd"
+    before = {p: p.stat().st_mtime_ns for p in runs.glob("seed*/final.json")}
+    assert len(before) == 2
+    capsys.readouterr()
+    assert main(["run", "baselines", "--set", *s, "epochs=2", "--seeds", "1", *out]) == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and "epochs: 1 there, 2 now" in err and "--overwrite" in err
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("seed*/final.json")} == before  # nothing deleted
+    # with --overwrite the runs of this config replace them, and the analysis reads only this config's seeds
+    assert main(["run", "baselines", "--set", *s, "epochs=2", "--seeds", "1", "--overwrite", *out]) == 0
+    summary = json.loads((tmp_path / "baselines" / "summary.json").read_text())
+    assert summary["config"]["epochs"] == 2
+    verdict = summary["verdicts"][0]
+    assert verdict["seeds"] == [0] and verdict["outcome"] == "inconclusive"  # one seed: no interval
+    page = (tmp_path / "report.html").read_text()
+    assert re.search(r"digits-mlp-sgd</td><td>1</td>", page)  # the seed-1 run of the old config is not counted
 
 
 def _final_weights(folder):
@@ -136,7 +162,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
 
     def metrics(folder):
-        rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
     assert metrics(run) == metrics(tmp_path / "full" / "baselines" / "digits-cnn-momentum" / "seed0")

@@ -186,10 +186,10 @@ def test_sign_uses_the_clipped_straight_through_estimator():
 
 def test_runner_flag_switches_linear_backprop_on(tmp_path):
     from backproplab import experiments
-    from backproplab.experiments import prepare_model
 
     cfg = experiments.make_config(experiments.get("baselines"), ["linear_backprop=true"])
-    model = prepare_model(cfg, build_model("mlp", (4,), 2))
+    run = experiments.Run(cfg, None, 0, tmp_path, tmp_path, True, "cpu")
+    model = run.prepare_model(build_model("mlp", (4,), 2))
     assert sum(isinstance(m, LinearBackward) for m in model.modules()) == 2
 
 

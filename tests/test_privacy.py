@@ -10,7 +10,7 @@ from torch import nn
 
 from backproplab.data import Data
 from backproplab.methods import privacy, robustness
-from backproplab.train import TrainConfig, fit
+from backproplab.train import Batch, TrainConfig, fit
 
 pytest.importorskip("opacus")
 
@@ -65,8 +65,8 @@ def _one_dp_step(model, x, y, lr, noise, clip):
         pass
 
     state = State()
-    state.data, state.loss_fn = data, F.cross_entropy
-    dp.step()(None, state)
+    state.data, state.loss_fn, state.optimizer, state.net = data, F.cross_entropy, dp.optimizer, dp.model
+    dp.step()(Batch(x, y, torch.arange(len(x))), state)
     return dp
 
 

@@ -70,7 +70,8 @@ def test_resets_at_the_planned_steps_with_fresh_head_and_cleared_state(data):
         assert all(len(s) == 0 for s in a["head_state"])
         assert a["backbone_state"].keys() == b["backbone_state"].keys() and b["backbone_state"]
         for k in b["backbone_state"]:
-            assert all(torch.equal(a["backbone_state"][k][n], b["backbone_state"][k][n]) for n in b["backbone_state"][k])
+            assert all(torch.equal(a["backbone_state"][k][n], b["backbone_state"][k][n])
+                       for n in b["backbone_state"][k])
     for epoch in set(range(8)) - {2, 4, 6}:
         if epoch in after.after and epoch in spy.before:
             assert torch.equal(after.after[epoch]["head"], spy.before[epoch]["head"])

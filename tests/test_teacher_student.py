@@ -115,4 +115,5 @@ def test_quick_reproduction_runs_on_cpu(tmp_path):
     import json
 
     summary = json.loads((exp_dir / "summary.json").read_text())
-    assert any("BatchNorm biases" in v for v in summary["verdict"]) and summary["figures"] == ["luck_matters.png"]
+    assert any("BatchNorm biases" in v for v in summary["notes"]) and summary["figures"] == ["luck_matters.png"]
+    assert {v["claim"] for v in summary["verdicts"]} >= {"luck_matters.bn_bias_negative"}

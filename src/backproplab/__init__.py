@@ -5,6 +5,7 @@ The foundation: ``data`` (offline and local-file datasets), ``models`` (model zo
 ``experiments`` (registered reproductions) and ``report`` (results -> HTML).
 """
 
+from . import evidence
 from .data import Data, load_dataset
 from .models import build_model
 from .methods import layerwise, msgd, privacy, rifle, robustness, stobatch, teacher_student
@@ -12,6 +13,7 @@ from .methods.curveball import CurveBall
 from .methods.linear_backprop import linear_backprop, linear_backprop_scope, standard_backprop
 from .train import Batch, TrainConfig, TrainState, fit, standard_step
 
-__all__ = ["Data", "load_dataset", "build_model", "Batch", "TrainConfig", "TrainState", "fit", "standard_step", "CurveBall", "msgd", "rifle", "layerwise", "teacher_student", "privacy", "robustness", "stobatch",
-           "linear_backprop", "linear_backprop_scope", "standard_backprop"]
+__all__ = ["Data", "load_dataset", "build_model", "Batch", "TrainConfig", "TrainState", "fit", "standard_step",
+           "CurveBall", "msgd", "rifle", "layerwise", "teacher_student", "privacy", "robustness", "stobatch",
+           "linear_backprop", "linear_backprop_scope", "standard_backprop", "evidence"]
 __version__ = "0.1.0"

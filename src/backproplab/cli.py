@@ -1,4 +1,4 @@
-"""Command line: ``backproplab list | run | report | reproduce | certify | bn-bias``.
+"""Command line: ``backproplab list | claims | run | report | reproduce | certify | bn-bias``.
 
 Runs under ``torchrun --nproc_per_node=N -m backproplab run ...`` data-parallel; only rank 0 writes.
 """
@@ -18,14 +18,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backproplab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="experiments with one-line descriptions")
+    cl = sub.add_parser("claims", help="every paper claim the lab judges: id, paper, where, statement")
+    cl.add_argument("--experiment", help="only this experiment's claims")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--quick", action="store_true", help="the short version (minutes on a laptop)")
+        sp.add_argument("--scale", choices=experiments.SCALES, help="smoke (seconds, for tests), quick (all "
+                        "experiments in 15 minutes on 2 CPU cores) or full (settles the claims; the default)")
+        sp.add_argument("--quick", action="store_true", help="the same as --scale quick")
         sp.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
         sp.add_argument("--out", default="results", help="results folder (default: results)")
         sp.add_argument("--device", help="cpu, cuda, cuda:N or auto")
         sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="skip finished runs and continue interrupted ones from their checkpoints (default)")
+                        help="skip finished runs and continue interrupted ones from their checkpoints (default); "
+                             "--no-resume deletes this config's runs and starts over")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace results of another config found in the way (otherwise: an error naming them)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = sub.add_parser("run", help="run one experiment")
@@ -66,7 +73,7 @@ def _certify(args) -> int:
         print(f"backproplab: experiment {exp.name!r} does not support certify (no load_trained)", file=sys.stderr)
         return 2
     cfg = exp.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()})
-    model, data, sigma = exp.load_trained(cfg, record["arm"], run_dir)
+    model, data, sigma = exp.load_trained(cfg, exp.arm_named(cfg, record["arm"]), run_dir)
     sigma = args.sigma or sigma
     radii, acc = certify_run(model, data, sigma, args.n0, args.n, args.alpha, args.examples)
     md, png = run_dir / f"certify_sigma{sigma:g}.md", run_dir / f"certify_sigma{sigma:g}.png"
@@ -104,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             for exp in experiments.all_experiments():
                 print(f"{exp.name:20s} {exp.description}")
             return 0
+        if args.command == "claims":
+            todo = [experiments.get(args.experiment)] if args.experiment else None
+            for exp, claim in experiments.all_claims():
+                if todo is None or exp in todo:
+                    print(f"{claim.id}\n    {claim.paper}, {claim.where}\n    {claim.statement}\n"
+                          f"    judged: {claim.describe()} on {claim.metric_label or claim.metric}")
+            return 0
         if args.command == "report":
             print(build_report(args.dir, args.output))
             return 0
@@ -113,9 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             return _certify(args)
         todo = [experiments.get(args.name)] if args.command == "run" else experiments.all_experiments()
         overrides = args.set if args.command == "run" else []
+        if args.quick and args.scale not in (None, "quick"):
+            raise experiments.ConfigError(f"--quick and --scale {args.scale} contradict each other")
+        scale = args.scale or ("quick" if args.quick else "full")
         # validate every config before any training starts
-        configs = [(e, experiments.make_config(e, overrides, quick=args.quick, seeds=args.seeds, device=args.device))
+        configs = [(e, experiments.make_config(e, overrides, scale=scale, seeds=args.seeds, device=args.device))
                    for e in todo]
+        for exp, cfg in configs:  # results of another config in the way stop us before anything trains
+            experiments.preflight(exp, cfg, args.out, args.resume, args.overwrite)
     except (experiments.ConfigError, FileNotFoundError) as e:
         print(f"backproplab: error: {e}", file=sys.stderr)
         return 2
@@ -123,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         for exp, cfg in configs:
-            exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
+            exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
+                                      overwrite=args.overwrite, scale=scale)
             if rank == 0:
                 print(f"{exp.name}: results in {exp_dir}")
         if rank == 0:

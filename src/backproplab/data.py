@@ -1,6 +1,7 @@
 """Datasets as in-memory tensors: offline ones made here, real ones read from local files.
 
-Every loader returns a :class:`Data` (image loaders take ``unit_range=True`` to keep pixels in [0, 1]): ``x_train`` of shape ``(N, *input_shape)`` float32,
+Every loader returns a :class:`Data` (image loaders take ``unit_range=True`` to keep pixels in [0, 1]):
+``x_train`` of shape ``(N, *input_shape)`` float32,
 ``y_train`` of shape ``(N,)`` int64 class labels (or ``(N, out_dim)`` float32 targets for
 regression, where ``num_classes == 0``), and the same for the test split. Inputs are
 standardised with training-set statistics. Splits and subsets are a pure function of ``seed``.
@@ -29,7 +30,7 @@ import pickle
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,20 +60,27 @@ class Data:
     def output_dim(self) -> int:
         return self.num_classes if self.num_classes else int(self.y_train.shape[1])
 
-    def subset(self, n_train: int, seed: int = 0) -> "Data":
-        """The same data with ``n_train`` training examples drawn without replacement by ``seed``."""
+    def subset(self, n_train: int, seed: int = 0, rest_to_test: bool = False) -> Data:
+        """The same data with ``n_train`` training examples drawn without replacement by ``seed``.
+
+        ``rest_to_test``: the training examples left out join the test set (a larger held-out pool; the
+        inputs stay standardised with the full training set's statistics, which use no test label)."""
         n = len(self.x_train)
         if not 0 < n_train <= n:
             raise ValueError(f"n_train={n_train} must be in [1, {n}] for dataset {self.name!r}")
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_train].sort().values
-        return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        idx, rest = perm[:n_train].sort().values, perm[n_train:].sort().values
+        out = replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
+        if rest_to_test and len(rest):
+            out = replace(out, x_test=torch.cat([self.x_test, self.x_train[rest]]),
+                          y_test=torch.cat([self.y_test, self.y_train[rest]]))
+        return out
 
-    def to(self, device: torch.device | str) -> "Data":
+    def to(self, device: torch.device | str) -> Data:
         return replace(self, **{k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
 
 
 DATASETS: dict[str, Callable[..., Data]] = {}
-_PROVIDED_BY = {"gaussian_teacher": "backproplab.methods.teacher_student"}
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., Data]], Callable[..., Data]]:
@@ -86,16 +94,13 @@ def register_dataset(name: str) -> Callable[[Callable[..., Data]], Callable[...,
 
 
 def load_dataset(name: str, *, n_train: int | None = None, seed: int = 0,
-                 root: str | os.PathLike | None = None, **kwargs) -> Data:
-    """Load dataset ``name``; ``n_train`` keeps a seeded random subset of the training set."""
-    if name not in DATASETS and name in _PROVIDED_BY:
-        import importlib
-
-        importlib.import_module(_PROVIDED_BY[name])  # registers itself
+                 root: str | os.PathLike | None = None, rest_to_test: bool = False, **kwargs) -> Data:
+    """Load dataset ``name``; ``n_train`` keeps a seeded random subset of the training set (and
+    ``rest_to_test`` adds the examples left out to the test set)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
     data = DATASETS[name](seed=seed, root=Path(root) if root else default_root(), **kwargs)
-    return data.subset(n_train, seed) if n_train else data
+    return data.subset(n_train, seed, rest_to_test) if n_train else data
 
 
 def default_root() -> Path:
@@ -261,6 +266,15 @@ def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> D
         y = m["y"].reshape(-1).astype(np.int64) % 10  # the format stores digit 0 as label 10
         arrays += [x, y]
     return _standardise("svhn", *arrays, 10, unit_range=unit_range)
+
+
+@register_dataset("gaussian_teacher")
+def gaussian_teacher(seed: int = 0, root: Path | None = None, **kwargs) -> Data:
+    """Gaussian inputs labelled by a fixed ReLU teacher (Luck Matters); see
+    :func:`backproplab.methods.teacher_student.gaussian_teacher` for the keyword arguments."""
+    from .methods.teacher_student import gaussian_teacher as make
+
+    return make(seed=seed, root=root, **kwargs)
 
 
 def fingerprint(data: Data) -> str:

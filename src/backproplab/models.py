@@ -15,7 +15,7 @@ inputs ``(C, H, W)`` alike; pooling stops once a spatial side reaches 1, so 8x8 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

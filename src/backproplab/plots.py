@@ -1,47 +1,83 @@
-"""Figures shared by the experiments: learning curves as mean and band over seeds."""
+"""Figures shared by the experiments: learning curves as the mean over seeds with a 95% band.
+
+Axes carry labels with units (:data:`LABELS`), accuracies are drawn in percent, and the y axis turns
+logarithmic when the values span more than two decades.
+"""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from . import _io  # noqa: E402
 
+LABELS = {
+    "epoch": "epoch", "step": "iteration (optimizer steps)", "wall_time": "wall time (s)", "depth": "depth (blocks)",
+    "test_acc": "test accuracy (%)", "train_full_acc": "training accuracy (%)",
+    "linear_separability": "linear-probe accuracy (%)",
+    "train_loss": "training loss (mean over the interval)", "test_loss": "test loss",
+    "grad_norm_stem": "gradient norm of the stem (l2)",
+}
+
+
+def is_percent(metric: str) -> bool:
+    return metric.endswith(("acc", "accuracy", "separability"))
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric.replace("_", " "))
+
 
 def mean_band(runs: Sequence[list[dict]], metric: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, mean, std) over seeds, truncated to the shortest run."""
+    """(x, mean, half-width of the 95% t-interval) over seeds, truncated to the shortest run (0 for one seed)."""
     length = min(len(r) for r in runs)
     xs = np.array([row[x] for row in runs[0][:length]], dtype=float)
     ys = np.array([[row[metric] for row in r[:length]] for r in runs], dtype=float)
-    return xs, ys.mean(0), ys.std(0)
+    n = len(ys)
+    half = (stats.t.ppf(0.975, n - 1) * ys.std(0, ddof=1) / np.sqrt(n)) if n > 1 else np.zeros(length)
+    return xs, ys.mean(0), half
 
 
 def curves(ax, runs_by_label: dict[str, Sequence[list[dict]]], metric: str, x: str = "epoch",
-           log: bool = False) -> None:
-    for label, runs in runs_by_label.items():
+           log: bool | None = None, legend: bool = True) -> None:
+    """One line per label: the mean over its runs, with the 95% band; ``log=None`` decides from the data."""
+    scale = 100.0 if is_percent(metric) else 1.0
+    values = []
+    for name, runs in runs_by_label.items():
         if not runs:
             continue
-        xs, mean, std = mean_band(runs, metric, x)
-        (line,) = ax.plot(xs, mean, label=f"{label} (n={len(runs)})")
-        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
+        xs, mean, half = mean_band(runs, metric, x)
+        (line,) = ax.plot(xs, scale * mean, label=f"{name} (n={len(runs)})")
+        low, high = scale * (mean - half), scale * (mean + half)
+        if is_percent(metric):  # the band of a t-interval over few seeds can pass 0% or 100%
+            low, high = low.clip(0, 100), high.clip(0, 100)
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, lw=0)
+        values.append(mean)
+    ax.set_xlabel(label(x))
+    ax.set_ylabel(label(metric))
+    if log is None and values:
+        v = np.concatenate(values)
+        v = v[np.isfinite(v)]
+        log = bool(len(v)) and v.min() > 0 and v.max() / v.min() > 100
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    if legend and values:
+        ax.legend(fontsize=7)
 
 
 def save(fig, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     _io.write_bytes(path, buf.getvalue())
     return Path(path)

@@ -1,8 +1,10 @@
 """Results folder -> one self-contained HTML page (figures embedded as PNG data URIs).
 
-Reads only result files: ``<dir>/<experiment>/summary.json``, the figures beside it, and each run's
-``final.json``. Per experiment: the verdict lines, a table of final metrics as mean ± std over
-seeds, and the figures.
+Reads only result files: ``<dir>/<experiment>/summary.json``, the figures beside it, and the ``final.json``
+of each run whose ``config.json`` belongs to the summarised config. The first screen is one table of
+every claim judged: the claim, what the paper says, the measured estimate with its confidence interval,
+seeds, scale and the verdict, each linked to its experiment's section. Per experiment: the verdicts,
+notes, a table of final metrics (mean and sd over seeds), the figures and the config.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,52 +22,125 @@ import torch
 
 from . import _io
 
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}.verdict{background:#f4f7fb;border-left:4px solid #4a78b5;
-padding:.5em 1em}img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{background:#f3f3f3}"""
+NOT_IDENTITY = ("seeds", "device", "checkpoint_every")  # as experiments.NOT_IDENTITY; the report reads files only
+COLOURS = {"reproduced": "#d7f0d4", "contradicted": "#f7d4d4", "inconclusive": "#fbefc7"}
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1250px;margin:1.5em auto;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 7px;
+text-align:right;vertical-align:top}th:first-child,td:first-child{text-align:left}
+table.claims{table-layout:fixed;width:100%}table.claims th{text-align:left}
+table.claims td{text-align:left;overflow-wrap:anywhere}
+table.claims td.num{text-align:right}.nowrap{white-space:nowrap}
+.reproduced{background:#d7f0d4}.contradicted{background:#f7d4d4}.inconclusive{background:#fbefc7}
+.verdict{background:#f4f7fb;border-left:4px solid #4a78b5;padding:.4em 1em}img{max-width:100%;height:auto;
+border:1px solid #eee;margin:.5em 0}code{background:#f3f3f3}small{color:#555}"""
 
 
-def final_table(exp_dir: Path, metrics: list[str]) -> list[tuple[str, int, dict[str, tuple[float, float]]]]:
-    """[(arm, number of seeds, {metric: (mean, std)})] from each finished run's final.json."""
+def _identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
+
+def _finals(exp_dir: Path, summary: dict, arm: str) -> list[dict]:
+    """Final metrics of the summarised config's runs of ``arm`` (another config's leftovers are skipped)."""
+    want = _identity(summary.get("config", {}))
+    out = []
+    for final in sorted((exp_dir / arm).glob("seed*/final.json")):
+        cfg_file = final.parent / "config.json"
+        if cfg_file.exists() and json.loads(cfg_file.read_text()).get("config") == want:
+            out.append(json.loads(final.read_text()))
+    return out
+
+
+def final_table(exp_dir: Path, summary: dict,
+                metrics: list[str]) -> list[tuple[str, int, dict[str, tuple[float, float]]]]:
+    """[(arm, number of seeds, {metric: (mean, sd)})] from each run's final.json."""
     rows = []
-    for arm_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir()):
-        finals = [json.loads(f.read_text()) for f in sorted(arm_dir.glob("seed*/final.json"))]
+    for arm in summary.get("arms", []):
+        finals = _finals(exp_dir, summary, arm)
         if not finals:
             continue
         stats = {}
         for m in metrics:
-            vals = np.array([f[m] for f in finals if m in f], dtype=float)
+            vals = np.array([f[m] for f in finals if isinstance(f.get(m), (int, float))], dtype=float)
             if len(vals):
-                stats[m] = (float(vals.mean()), float(vals.std()))
-        rows.append((arm_dir.name, len(finals), stats))
+                stats[m] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
+        rows.append((arm, len(finals), stats))
     return rows
 
 
-def _section(exp_dir: Path) -> str:
-    summary = json.loads((exp_dir / "summary.json").read_text())
+def _num(x: float) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
+def _claims_table(summaries: list[dict]) -> str:
+    rows = []
+    for s in summaries:
+        claims = {c["id"]: c for c in s.get("claims", [])}
+        for v in s.get("verdicts", []):
+            c = claims.get(v["claim"], {})
+            ci = (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None
+                  and math.isfinite(v["ci_low"]) else "[no interval]")
+            hyp = c.get("metric_label") or c.get("metric", "")
+            rows.append(
+                f"<tr class='{v['outcome']}'><td><b>{html.escape(v['claim'])}</b><br>"
+                f"<small>{html.escape(c.get('statement', ''))}</small></td>"
+                f"<td>{html.escape(c.get('paper', ''))}, {html.escape(c.get('where', ''))}: "
+                f"{html.escape(c.get('paper_value', ''))}</td>"
+                f"<td class='num'><span class='nowrap'>{_num(v['estimate'])}</span> <span class='nowrap'>{ci}</span>"
+                f"<br><small>{html.escape(hyp)}; "
+                f"{html.escape(c.get('direction', ''))}, margin {c.get('margin', 0):g}</small></td>"
+                f"<td class='num'>{v['n']}</td><td>{html.escape(v.get('scale', ''))}</td>"
+                f"<td><b>{v['outcome']}</b>"
+                f"{'<br><small>' + html.escape(v['note']) + '</small>' if v.get('note') else ''}"
+                f"</td><td><a href='#{html.escape(s['experiment'])}'>{html.escape(s['experiment'])}</a></td></tr>")
+    counts = {k: sum(v["outcome"] == k for s in summaries for v in s.get("verdicts", [])) for k in COLOURS}
+    head = ("<colgroup><col style='width:27%'><col style='width:22%'><col style='width:16%'><col style='width:5%'>"
+            "<col style='width:6%'><col style='width:17%'><col style='width:7%'></colgroup>"
+            "<tr><th>claim</th><th>paper says</th><th>measured: estimate [95% CI]</th><th>seeds</th><th>scale</th>"
+            "<th>verdict</th><th>section</th></tr>")
+    return (f"<h2 id='claims'>Claims</h2><p>{len(rows)} claims judged: " +
+            ", ".join(f"{n} {k}" for k, n in counts.items()) +
+            ". Estimate: mean paired difference over seeds (arm minus comparison, or minus the threshold), in the "
+            "metric's units. Reproduced: the whole interval on the claimed side of the margin; contradicted: the "
+            "whole interval on the other side; inconclusive otherwise, with the effect the run could have detected "
+            "(80% power).</p>"
+            f"<table class='claims' id='claims-table'>{head}{''.join(rows)}</table>")
+
+
+def _section(exp_dir: Path, summary: dict) -> str:
+    name = summary["experiment"]
     metrics = summary.get("table_metrics", ["test_acc", "test_loss", "train_loss"])
-    parts = [f"<h2 id='{html.escape(summary['experiment'])}'>{html.escape(summary['experiment'])}</h2>",
-             f"<p>{html.escape(summary.get('description', ''))}</p>"]
-    verdict = summary.get("verdict") or ["(no verdict recorded)"]
-    parts.append("<div class='verdict'><b>Verdict</b><ul>" +
-                 "".join(f"<li>{html.escape(v)}</li>" for v in verdict) + "</ul></div>")
-    rows = final_table(exp_dir, metrics)
+    parts = [f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>",
+             f"<p>{html.escape(summary.get('description', ''))} "
+             f"<small>Scale: {html.escape(summary.get('scale', '?'))}, "
+             f"{summary.get('seeds', '?')} seeds.</small></p>"]
+    verdicts = summary.get("verdicts", [])
+    items = "".join(f"<li class='{v['outcome']}'>{html.escape(_verdict_line(v))}</li>" for v in verdicts)
+    parts.append(f"<div class='verdict'><b>Verdicts</b><ul>{items or '<li>(no claim judged)</li>'}</ul>"
+                 + (f"<b>Notes</b><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in summary.get('notes', []))}</ul>"
+                    if summary.get("notes") else "") + "</div>")
+    rows = final_table(exp_dir, summary, metrics)
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     body = "".join(
         f"<tr><td>{html.escape(arm)}</td><td>{n}</td>" +
         "".join(f"<td>{s[m][0]:.4g} ± {s[m][1]:.2g}</td>" if m in s else "<td>–</td>" for m in metrics) + "</tr>"
         for arm, n, s in rows)
-    parts.append(f"<table><tr><th>arm</th><th>seeds</th>{head}</tr>{body}</table>")
-    for name in summary.get("figures", []):
-        png = exp_dir / name
+    parts.append(f"<table><tr><th>arm</th><th>seeds</th>{head}</tr>{body}</table><small>mean ± sd over seeds</small>")
+    for fig in summary.get("figures", []):
+        png = exp_dir / fig
         if png.exists():
             data = base64.b64encode(png.read_bytes()).decode()
-            parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+            parts.append(f"<figure><img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(fig)}</figcaption></figure>")
     cfg = json.dumps(summary.get("config", {}), indent=1, sort_keys=True)
     parts.append(f"<details><summary>config</summary><pre>{html.escape(cfg)}</pre></details>")
     return "\n".join(parts)
+
+
+def _verdict_line(v: dict) -> str:
+    ci = (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None and math.isfinite(v["ci_low"])
+          else "[no interval]")
+    text = f"{v['claim']}: {v['outcome']} — estimate {_num(v['estimate'])}, 95% CI {ci}, n={v['n']}"
+    return text + (f"; {v['note']}" if v.get("note") else "")
 
 
 def build_report(results_dir: str | Path, out_file: str | Path | None = None) -> Path:
@@ -74,12 +150,14 @@ def build_report(results_dir: str | Path, out_file: str | Path | None = None) ->
     if not exp_dirs:
         raise FileNotFoundError(f"no experiment results under {results_dir} (expected {results_dir}/<experiment>/"
                                 "summary.json); run `backproplab run NAME` or `backproplab reproduce` first")
+    summaries = [json.loads((d / "summary.json").read_text()) for d in exp_dirs]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     toc = " · ".join(f"<a href='#{html.escape(d.name)}'>{html.escape(d.name)}</a>" for d in exp_dirs)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>backproplab report</title>"
-            f"<style>{STYLE}</style></head><body><h1>backproplab report</h1>"
-            f"<p>{stamp} · torch {torch.__version__} · Python {platform.python_version()} · {toc}</p>"
-            + "\n<hr>\n".join(_section(d) for d in exp_dirs) + "</body></html>")
+            f"<meta name='viewport' content='width=device-width'><style>{STYLE}</style></head><body>"
+            f"<h1>backproplab report</h1><p>{stamp} · torch {torch.__version__} · Python "
+            f"{platform.python_version()} · {toc}</p>" + _claims_table(summaries) + "\n<hr>\n"
+            + "\n<hr>\n".join(_section(d, s) for d, s in zip(exp_dirs, summaries)) + "</body></html>")
     out = Path(out_file) if out_file else results_dir / "report.html"
     _io.write_text(out, page)
     return out

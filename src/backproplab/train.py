@@ -26,10 +26,11 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -123,13 +124,32 @@ def _adam(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-# name -> factory(model, config); optimizers whose step is not `optimizer.step()` register their step too
-OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam,
-                                                                                     "gd": _sgd}
-OPTIMIZER_STEPS: dict[str, "Step"] = {}
+def _curveball(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    from .methods.curveball import make_optimizer  # imported on use: CurveBall is large
+
+    return make_optimizer(model, cfg)
+
+
+def _curveball_step(batch: Batch, state: TrainState) -> Tensor:
+    from .methods.curveball import curveball_step
+
+    return curveball_step(batch, state)
+
+
+def _linear_backprop(model: nn.Module) -> nn.Module:
+    from .methods.linear_backprop import linear_backprop
+
+    return linear_backprop(model)
+
+
+# The registries, explicit (nothing registers itself by being imported); users may add entries.
+# name -> factory(model, config); optimizers whose step is not `optimizer.step()` name their step too
+OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": _sgd, "adam": _adam, "gd": _sgd, "curveball": _curveball}
+OPTIMIZER_STEPS: dict[str, Step] = {"curveball": _curveball_step}
 FULL_BATCH_OPTIMIZERS = {"gd"}
 
-TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {}
+TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {"linear_backprop": _linear_backprop}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -145,11 +165,11 @@ class StepDecay:
         self.every, self.factor = every, factor
         self.base: list[float] = []
 
-    def on_train_start(self, state: "TrainState") -> None:
+    def on_train_start(self, state: TrainState) -> None:
         if not self.base:
             self.base = [g["lr"] for g in state.optimizer.param_groups]
 
-    def on_epoch_start(self, state: "TrainState") -> None:
+    def on_epoch_start(self, state: TrainState) -> None:
         for g, base in zip(state.optimizer.param_groups, self.base):
             g["lr"] = base * self.factor ** (state.epoch // self.every)
 
@@ -175,6 +195,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Run a block with every generator (Python, NumPy, torch) seeded by ``seed``, then give the caller its
+    own states back: work cached across runs (a pretrained model) leaves the run's random stream alone."""
+    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        seed_everything(seed)
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.set_rng_state(saved[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -209,29 +246,68 @@ def resolve_device(device: str) -> torch.device:
 # ---------------------------------------------------------------- the step and evaluation
 
 
-def standard_step(batch: Batch, state: TrainState) -> Tensor:
-    """``zero_grad; mean loss over the batch .backward(); optimizer.step()``; returns the detached loss.
+def loss_step(loss_of: Callable[[Any, TrainState], Tensor | tuple[Tensor, Tensor]], *,
+              parts: Callable[[Batch, TrainState], Iterable[tuple[Any, float]]] | None = None,
+              before_step: Callable[[TrainState], None] | None = None,
+              after_step: Callable[[TrainState], None] | None = None) -> Step:
+    """The one training-step body every method's step is made of::
 
-    A batch larger than ``config.chunk_size`` is processed in chunks whose gradients add up to the
-    full-batch gradient (BatchNorm then sees chunk statistics), with DDP's all-reduce only on the last.
+        optimizer.zero_grad()
+        for part, weight in parts(batch, state):          # default: the batch itself, weight 1
+            (weight * loss_of(part, state)).backward()    # DDP syncs gradients on the last part only
+        before_step(state)                                # e.g. GLD's noise, StoBatch's all-reduce
+        optimizer.step()
+        after_step(state)                                 # e.g. StoBatch's projection of W1
+
+    ``loss_of`` returns the loss to differentiate, or ``(loss, reported)`` when what the curves show
+    differs (a penalty left out, say). A loss without a graph (an empty Poisson batch) is not
+    differentiated. Returns the sum of the parts' detached reported losses.
     """
-    opt, net, n, cs = state.optimizer, state.net, len(batch.x), state.config.chunk_size
-    opt.zero_grad(set_to_none=True)
+
+    def step(batch: Batch, state: TrainState) -> Tensor:
+        opt, net = state.optimizer, state.net
+        opt.zero_grad(set_to_none=True)
+        pieces = list(parts(batch, state)) if parts is not None else [(batch, 1.0)]
+        total = torch.zeros((), device=batch.x.device)
+        for i, (part, weight) in enumerate(pieces):
+            last = i == len(pieces) - 1
+            with nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+                out = loss_of(part, state)
+                loss, reported = out if isinstance(out, tuple) else (out, out)
+                if weight != 1.0:
+                    loss, reported = loss * weight, reported * weight
+                if loss.requires_grad:
+                    loss.backward()
+            total += reported.detach()
+        if before_step is not None:
+            before_step(state)
+        opt.step()
+        if after_step is not None:
+            after_step(state)
+        return total
+
+    return step
+
+
+def batch_chunks(batch: Batch, state: TrainState) -> Iterator[tuple[Batch, float]]:
+    """``loss_step`` parts: a batch larger than ``config.chunk_size`` in chunks weighted by their share,
+    so the gradients add up to the whole batch's mean-loss gradient (BatchNorm sees chunk statistics)."""
+    n, cs = len(batch.x), state.config.chunk_size
     if n <= cs:
-        loss = state.loss_fn(net(batch.x), batch.y)
-        loss.backward()
-    else:
-        loss = torch.zeros((), device=batch.x.device)
-        starts = range(0, n, cs)
-        for s in starts:
-            last = s == starts[-1]
-            sync = nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-            with sync:
-                part = state.loss_fn(net(batch.x[s:s + cs]), batch.y[s:s + cs]) * (min(cs, n - s) / n)
-                part.backward()
-            loss += part.detach()
-    opt.step()
-    return loss.detach()
+        yield batch, 1.0
+        return
+    for s in range(0, n, cs):
+        part = Batch(batch.x[s:s + cs], batch.y[s:s + cs], batch.index[s:s + cs])
+        yield part, len(part.x) / n
+
+
+def _model_loss(batch: Batch, state: TrainState) -> Tensor:
+    return state.loss_fn(state.net(batch.x), batch.y)
+
+
+standard_step: Step = loss_step(_model_loss, parts=batch_chunks)
+standard_step.__doc__ = """``zero_grad; mean loss over the batch .backward(); optimizer.step()``, in chunks of
+``config.chunk_size`` for large batches (full-batch GD), DDP's all-reduce only on the last chunk."""
 
 
 @torch.no_grad()
@@ -258,12 +334,13 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[..., Tens
 
 def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None = None,
         callbacks: Sequence[Any] = (), optimizer: torch.optim.Optimizer | None = None,
-        out_dir: str | os.PathLike | None = None, resume: bool = True) -> list[dict]:
+        out_dir: str | os.PathLike | None = None, resume: bool = True, write_final: bool = True) -> list[dict]:
     """Train ``model`` on ``data``; returns the metric records (also written to ``out_dir/metrics.jsonl``).
 
     The model must already be initialised (seed before building it). ``step`` defaults to the one the
-    optimizer registered in ``OPTIMIZER_STEPS`` (CurveBall's), else :func:`standard_step`. With ``out_dir``, a checkpoint
-    there is resumed when ``resume`` is true; the finished run leaves ``model.pt`` and ``final.json``.
+    optimizer registered in ``OPTIMIZER_STEPS`` (CurveBall's), else :func:`standard_step`. With ``out_dir``,
+    a checkpoint there is resumed when ``resume`` is true; the finished run leaves ``model.pt`` and (with
+    ``write_final``) ``final.json``.
     """
     cfg = config
     if cfg.loss not in LOSSES:
@@ -364,7 +441,8 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
     _call(callbacks, "on_train_end", state)
     if rank == 0 and out is not None:
         _io.torch_save(out / "model.pt", model.state_dict())
-        _io.write_json(out / "final.json", state.history[-1])
+        if write_final:
+            _io.write_json(out / "final.json", state.history[-1])
         if ckpt_path.exists():
             ckpt_path.unlink()
     return state.history
@@ -395,7 +473,8 @@ def _call(callbacks: Sequence[Any], event: str, state: TrainState) -> None:
             fn(state)
 
 
-def _save_checkpoint(path: Path, state: TrainState, callbacks, position: int, loss_sum: Tensor, loss_count: int) -> None:
+def _save_checkpoint(path: Path, state: TrainState, callbacks, position: int, loss_sum: Tensor,
+                     loss_count: int) -> None:
     if state.rank != 0:
         return
     ckpt = {

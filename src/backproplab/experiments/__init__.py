@@ -1,20 +1,31 @@
-"""Registry of reproductions, their validated configs, and the runner that lays out results.
+"""Registry of reproductions, their validated configs, typed arms, claims, and the runner.
 
-An experiment is a config dataclass (subclass of :class:`ExperimentConfig`), a list of *arms* (the
-methods or settings compared), ``run_arm(cfg, arm, seed, run_dir, resume)`` that trains one arm with
-one seed and leaves ``metrics.jsonl`` and ``final.json`` in ``run_dir``, and ``analyze(exp_dir, cfg)``
-that reads those files back, draws figures and returns verdict lines. The runner writes::
+An experiment is
+
+* a config dataclass (subclass of :class:`ExperimentConfig`) that holds every hyper-parameter, so
+  ``--set key=value`` reaches all of them, with ``smoke`` and ``quick`` overrides (``full`` = defaults);
+* ``arms(cfg)``: typed arm records (:class:`Arm` subclasses; ``arm.name`` is the results folder);
+* ``run_arm(run) -> dict``: trains one arm with one seed and returns its final metrics. The runner
+  (:func:`run`) has already seeded every generator with the seed, resolved the device and data folder,
+  and written ``config.json``; it writes ``final.json`` from the returned metrics, once;
+* ``claims(cfg)``: the paper's claims (:class:`backproplab.evidence.Claim`) over those arms, judged
+  by the runner from the finished runs with paired seeds;
+* ``analyze(results) -> list[str]``: figures and descriptive notes from a :class:`Results`.
+
+Layout::
 
     <out>/<experiment>/<arm>/seed<k>/{config.json, metrics.jsonl, final.json, model.pt}
     <out>/<experiment>/{summary.json, *.png}
 
-Finished runs (marked ``COMPLETE`` once ``run_arm`` returns) whose ``config.json`` matches are skipped;
-unfinished ones resume from their checkpoint.
+A run's identity is its config without the fields that do not change results (:data:`NOT_IDENTITY`).
+A finished run of the same identity is skipped, an interrupted one resumes; a folder written by another
+identity stops the run with the differences named, unless ``overwrite`` (or ``resume=False``) is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import shutil
 import sys
@@ -22,31 +33,118 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import _io
+from ..evidence import Claim, Verdict, judge_all
+
+SCALES = ("smoke", "quick", "full")
+NOT_IDENTITY = ("seeds", "device", "checkpoint_every")
 
 
 class ConfigError(ValueError):
-    """A ``--set`` key or value does not fit the experiment's config."""
+    """A ``--set`` key or value does not fit the experiment's config, or results of another config are in the way."""
 
 
 @dataclass
 class ExperimentConfig:
-    seeds: int = 3
-    device: str = "cpu"
+    seeds: int = 5
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (CUDA when present)
     data_root: str = ""  # where local dataset files live ('' = $BACKPROPLAB_DATA or ./data)
     linear_backprop: bool = False  # train every model of the experiment with linear backprop
+    checkpoint_every: int = 0  # steps between checkpoints (0: none); does not change results
 
 
-def prepare_model(cfg: ExperimentConfig, model):
-    """Apply the model transforms the config asks for (``--set linear_backprop=true``)."""
-    from ..train import apply_transforms
+@dataclass(frozen=True)
+class Arm:
+    """A typed arm. Subclasses declare fields; ``name`` (the results folder) joins them with ``-``."""
 
-    return apply_transforms(model, ["linear_backprop"] if cfg.linear_backprop else [])
+    @property
+    def name(self) -> str:
+        return "-".join(_token(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _token(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class Run:
+    """What ``run_arm`` gets: the config, the arm, the seed and where to write, all set up by the runner."""
+
+    cfg: Any
+    arm: Any
+    seed: int
+    dir: Path
+    exp_dir: Path
+    resume: bool
+    device: str  # resolved: 'cpu', 'cuda:0', ...
+
+    @property
+    def data_root(self) -> str | None:
+        return self.cfg.data_root or None
+
+    def data(self, name: str, **kwargs):
+        """Dataset ``name`` for this seed: seed k of every arm gets the same split/subset, which changes with k."""
+        from ..data import load_dataset
+
+        return load_dataset(name, seed=self.seed, root=self.data_root, **kwargs)
+
+    def train_config(self, **fields):
+        """A :class:`~backproplab.train.TrainConfig` with this run's seed, device and checkpointing."""
+        from ..train import TrainConfig
+
+        fields.setdefault("checkpoint_every", self.cfg.checkpoint_every)
+        return TrainConfig(seed=self.seed, device=self.device, **fields)
+
+    def fit(self, model, data, config, *, sub: str = "", **kwargs) -> list[dict]:
+        """``train.fit`` into this run's folder (or a sub-folder), resuming; ``final.json`` is the runner's."""
+        from ..train import fit
+
+        return fit(model, data, config, out_dir=self.dir / sub if sub else self.dir, resume=self.resume,
+                   write_final=False, **kwargs)
+
+    def prepare_model(self, model):
+        """Apply the model transforms the config asks for (``--set linear_backprop=true``)."""
+        from ..train import apply_transforms
+
+        return apply_transforms(model, ["linear_backprop"] if self.cfg.linear_backprop else [])
+
+
+class Results:
+    """Finished runs of the current config only: arms of ``cfg`` and seeds ``0..seeds-1``."""
+
+    def __init__(self, exp_dir: Path, cfg: Any, arms: Sequence[Any], seeds_of: Callable[[Any], int]):
+        self.exp_dir, self.cfg = exp_dir, cfg
+        self.arm_names = [a.name for a in arms]
+        self._seeds = {a.name: seeds_of(a) for a in arms}
+
+    def seeds(self, arm: str) -> list[int]:
+        return [s for s in range(self._seeds.get(arm, 0)) if (self.exp_dir / arm / f"seed{s}" / "final.json").exists()]
+
+    def finals(self, arm: str) -> dict[int, dict]:
+        """``{seed: final metrics}`` of one arm."""
+        return {s: json.loads((self.exp_dir / arm / f"seed{s}" / "final.json").read_text()) for s in self.seeds(arm)}
+
+    def final_list(self, arm: str) -> list[dict]:
+        return list(self.finals(arm).values())
+
+    def runs(self, arm: str) -> list[list[dict]]:
+        """The metric rows of each finished seed of one arm (seed order)."""
+        return [_io.read_jsonl(self.exp_dir / arm / f"seed{s}" / "metrics.jsonl") for s in self.seeds(arm)]
+
+    def all_runs(self) -> dict[str, list[list[dict]]]:
+        return {a: r for a in self.arm_names if (r := self.runs(a))}
+
+    def values(self, arm: str, metric: str) -> dict[int, float]:
+        return {s: float(f[metric]) for s, f in self.finals(arm).items() if metric in f}
 
 
 @dataclass
@@ -54,38 +152,55 @@ class Experiment:
     name: str
     description: str
     config: type
-    arms: Callable[[Any], list[str]]
-    run_arm: Callable[[Any, str, int, Path, bool], None]
-    analyze: Callable[[Path, Any], list[str]]
+    arms: Callable[[Any], list[Any]]
+    run_arm: Callable[[Run], dict]
+    analyze: Callable[[Results], list[str]]
+    claims: Callable[[Any], list[Claim]] = lambda cfg: []
+    smoke: dict[str, Any] = dataclasses.field(default_factory=dict)
     quick: dict[str, Any] = dataclasses.field(default_factory=dict)
     table_metrics: tuple[str, ...] = ("test_acc", "test_loss", "train_loss")
-    seeds_for: Callable[[Any, str], int] | None = None  # per-arm seed count (default: cfg.seeds)
-    load_trained: Callable[[Any, str, Path], tuple] | None = None  # (model, data, sigma) for `certify`
+    seeds_for: Callable[[Any, Any], int] | None = None  # per-arm seed count (default: cfg.seeds)
+    load_trained: Callable[[Any, Any, Path], tuple] | None = None  # (model, data, sigma) for `certify`
+
+    def seeds_of(self, cfg: Any) -> Callable[[Any], int]:
+        return (lambda arm: self.seeds_for(cfg, arm)) if self.seeds_for else (lambda arm: cfg.seeds)
+
+    def arm_named(self, cfg: Any, name: str) -> Any:
+        by_name = {a.name: a for a in self.arms(cfg)}
+        if name not in by_name:
+            raise ConfigError(f"experiment {self.name!r} has no arm {name!r} under this config; arms: "
+                              f"{', '.join(by_name)}")
+        return by_name[name]
 
 
-REGISTRY: dict[str, Experiment] = {}
+# Built-in experiments by name -> module; each module defines EXPERIMENT. Nothing is registered by importing.
+BUILTIN = {name: f"{__name__}.{name}" for name in
+           ("baselines", "curveball", "msgd", "linear_backprop", "layerwise", "rifle", "luck_matters", "privacy",
+            "stobatch")}
+REGISTRY: dict[str, Experiment] = {}  # experiments a user adds with register()
 
 
 def register(experiment: Experiment) -> Experiment:
+    """Add an experiment of your own (built-ins come from :data:`BUILTIN`)."""
     REGISTRY[experiment.name] = experiment
     return experiment
 
 
 def get(name: str) -> Experiment:
-    _load_builtin()
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown experiment {name!r}; available: {', '.join(sorted(REGISTRY)) or 'none'}")
-    return REGISTRY[name]
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name in BUILTIN:
+        return importlib.import_module(BUILTIN[name]).EXPERIMENT
+    raise ConfigError(f"unknown experiment {name!r}; available: {', '.join([*BUILTIN, *REGISTRY])}")
 
 
 def all_experiments() -> list[Experiment]:
-    _load_builtin()
-    return list(REGISTRY.values())
+    return [get(n) for n in BUILTIN] + [e for n, e in REGISTRY.items() if n not in BUILTIN]
 
 
-def _load_builtin() -> None:
-    from . import (baselines, curveball, layerwise, linear_backprop, luck_matters, msgd,  # noqa: F401
-                   privacy, rifle, stobatch)
+def all_claims() -> list[tuple[Experiment, Claim]]:
+    """Every claim of every experiment, at the full-scale default config."""
+    return [(e, c) for e in all_experiments() for c in e.claims(e.config())]
 
 
 # ---------------------------------------------------------------- config parsing
@@ -135,11 +250,15 @@ def describe_fields(config_cls: type) -> str:
 
 
 def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (), quick: bool = False,
-                **typed: Any) -> Any:
-    """The experiment's config: defaults, then the quick overrides, then typed values, then ``key=value`` strings.
+                scale: str | None = None, **typed: Any) -> Any:
+    """The experiment's config: defaults, then the scale's overrides (``quick=True`` means scale quick),
+    then typed values, then ``key=value`` strings.
 
     Raises :class:`ConfigError` naming the bad key or value and listing the valid keys and types.
     """
+    scale = scale or ("quick" if quick else "full")
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
     if not isinstance(overrides, dict):
         pairs = {}
         for item in overrides:
@@ -150,7 +269,7 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
         overrides = pairs
     hints = typing.get_type_hints(exp.config)
     valid = {f.name for f in dataclasses.fields(exp.config)}
-    values: dict[str, Any] = dict(exp.quick) if quick else {}
+    values: dict[str, Any] = {"smoke": dict(exp.smoke), "quick": dict(exp.quick), "full": {}}[scale]
     values.update({k: v for k, v in typed.items() if v is not None})
     for key, raw in overrides.items():
         if key not in valid:
@@ -162,9 +281,12 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
             raise ConfigError(f"bad value {raw!r} for {key!r} in experiment {exp.name!r}: expected "
                               f"{_type_name(hints[key])}. Valid keys:\n{describe_fields(exp.config)}") from None
     cfg = exp.config(**values)
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds={cfg.seeds}: need at least 1 (and 2 for a confidence interval)")
     check = getattr(cfg, "validate", None)
     if check is not None:
         check()
+    exp.arms(cfg)  # arms are built from the config: a bad combination fails here, before training
     return cfg
 
 
@@ -172,6 +294,12 @@ def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> N
     bad = [v for v in values if v not in allowed]
     if bad:
         raise ConfigError(f"{name}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+
+
+def identity(cfg: Any) -> dict:
+    """The fields of ``cfg`` that decide results (all but :data:`NOT_IDENTITY`), JSON-normalised."""
+    record = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    return json.loads(json.dumps(record))
 
 
 # ---------------------------------------------------------------- the runner
@@ -186,68 +314,92 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True,
-        progress: bool = True) -> Path:
-    """Run every arm and seed of ``exp`` under ``out/<name>/``, then analyze; returns the experiment folder."""
+def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True, progress: bool = True,
+        overwrite: bool = False, scale: str = "full") -> Path:
+    """Run every arm and seed of ``exp`` under ``out/<name>/``, judge the claims, analyze; returns the folder."""
+    from ..train import resolve_device, seed_everything
+
     exp_dir = Path(out) / exp.name
-    record = dataclasses.asdict(cfg)
-    jobs = [(arm, seed) for arm in exp.arms(cfg)
-            for seed in range(exp.seeds_for(cfg, arm) if exp.seeds_for else cfg.seeds)]
+    device = str(resolve_device(cfg.device))
+    record = identity(cfg)
+    arms = exp.arms(cfg)
+    seeds_of = exp.seeds_of(cfg)
+    jobs = [(arm, seed) for arm in arms for seed in range(seeds_of(arm))]
+    preflight(exp, cfg, out, resume, overwrite)
     bar = tqdm(jobs, desc=exp.name, unit="run", disable=not progress or _rank() != 0, file=sys.stderr,
                mininterval=0.2 if sys.stderr.isatty() else 20)  # a log file gets a line every 20 s
     for arm, seed in bar:
-        bar.set_postfix_str(f"{arm} seed {seed}", refresh=False)
-        run_dir = exp_dir / arm / f"seed{seed}"
-        run_config = {"experiment": exp.name, "arm": arm, "seed": seed, "config": record}
-        status = _status(run_dir, run_config)
+        bar.set_postfix_str(f"{arm.name} seed {seed}", refresh=False)
+        run_dir = exp_dir / arm.name / f"seed{seed}"
+        run_config = {"experiment": exp.name, "arm": arm.name, "arm_fields": dataclasses.asdict(arm),
+                      "seed": seed, "config": record}
+        done = (run_dir / "final.json").exists() and _same_identity(run_dir, record)
         _barrier()
-        if status == "done" and resume:
+        if done and resume and not overwrite:
             continue
         if _rank() == 0:
-            if run_dir.exists() and (status == "stale" or not resume):
+            if run_dir.exists() and (overwrite or not resume or not _same_identity(run_dir, record)):
                 shutil.rmtree(run_dir)
             _io.write_json(run_dir / "config.json", run_config)
         _barrier()
-        exp.run_arm(cfg, arm, seed, run_dir, resume)
+        seed_everything(seed)
+        final = exp.run_arm(Run(cfg, arm, seed, run_dir, exp_dir, resume and not overwrite, device))
         if _rank() == 0:
-            _io.write_text(run_dir / "COMPLETE", "")  # run_arm returned: everything it writes is there
+            _io.write_json(run_dir / "final.json", final)  # written once, last: its presence marks the run done
     if _rank() == 0:
-        verdict = exp.analyze(exp_dir, cfg)
+        results = Results(exp_dir, cfg, arms, seeds_of)
+        verdicts = judge_claims(exp, cfg, results, scale)
+        notes = exp.analyze(results)
         _io.write_json(exp_dir / "summary.json", {
-            "experiment": exp.name, "description": exp.description, "verdict": verdict,
-            "arms": exp.arms(cfg), "seeds": cfg.seeds, "table_metrics": list(exp.table_metrics),
-            "figures": sorted(p.name for p in exp_dir.glob("*.png")), "config": record})
+            "experiment": exp.name, "description": exp.description, "scale": scale, "seeds": cfg.seeds,
+            "claims": [dataclasses.asdict(c) for c in exp.claims(cfg)],
+            "verdicts": [v.to_dict() for v in verdicts], "notes": notes,
+            "arms": [a.name for a in arms], "table_metrics": list(exp.table_metrics),
+            "figures": sorted(p.name for p in exp_dir.glob("*.png")), "config": dataclasses.asdict(cfg)})
     _barrier()
     return exp_dir
 
 
-def _status(run_dir: Path, run_config: dict) -> str:
-    """'new', 'stale' (written by another config), 'partial' or 'done'."""
+def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, overwrite: bool = False) -> None:
+    """Raise :class:`ConfigError` if results of another config stand where this one would write."""
+    record, seeds_of = identity(cfg), exp.seeds_of(cfg)
+    for arm in exp.arms(cfg):
+        for seed in range(seeds_of(arm)):
+            _check_identity(Path(out) / exp.name / arm.name / f"seed{seed}", record, overwrite or not resume)
+
+
+def judge_claims(exp: Experiment, cfg: Any, results: Results, scale: str) -> list[Verdict]:
+    """The verdict on each claim of ``exp`` whose arms have finished runs, seeds paired."""
+    claims = exp.claims(cfg)
+    values = {}
+    for c in claims:
+        for arm in (c.arm, c.baseline):
+            if arm is not None:
+                values[f"{arm}:{c.metric}"] = results.values(arm, c.metric)
+    return judge_all(claims, {k: v for k, v in values.items() if v}, scale=scale)
+
+
+def _same_identity(run_dir: Path, record: dict) -> bool:
     cfg_file = run_dir / "config.json"
-    if not cfg_file.exists():
-        return "new"
-    if json.loads(cfg_file.read_text()) != json.loads(json.dumps(run_config)):
-        return "stale"
-    return "done" if (run_dir / "COMPLETE").exists() else "partial"
+    return cfg_file.exists() and json.loads(cfg_file.read_text()).get("config") == record
 
 
-# ---------------------------------------------------------------- reading results back
+def _check_identity(run_dir: Path, record: dict, replace: bool) -> None:
+    cfg_file = run_dir / "config.json"
+    if replace or not cfg_file.exists():
+        return
+    old = json.loads(cfg_file.read_text()).get("config", {})
+    if old == record:
+        return
+    diff = [f"{k}: {old.get(k, '(absent)')!r} there, {record.get(k, '(absent)')!r} now"
+            for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+    raise ConfigError(f"{run_dir} holds a run of another config ({'; '.join(diff)}). Results of different "
+                      "configs never mix: use another --out folder, or --overwrite to replace them.")
 
 
-def gap_and_spread(a, b) -> tuple[float, float]:
-    """(mean(a) - mean(b), the larger of the two seeds' standard deviations): the verdicts' one criterion
-    for "a difference larger than the seeds' spread"."""
-    return float(a.mean() - b.mean()), float(max(a.std(), b.std()))
+# ---------------------------------------------------------------- helpers for analyses
 
 
-def load_finals(exp_dir: Path, arm: str) -> list[dict]:
-    """Each seed's ``final.json`` of one arm (finished runs only)."""
-    return [json.loads(p.read_text()) for p in sorted((exp_dir / arm).glob("seed*/final.json"))]
-
-
-def load_runs(exp_dir: Path) -> dict[str, list[list[dict]]]:
-    """``{arm: [metrics of seed 0, seed 1, ...]}`` for finished runs under ``exp_dir``."""
-    runs: dict[str, list[list[dict]]] = {}
-    for final in sorted(exp_dir.glob("*/seed*/final.json")):
-        runs.setdefault(final.parent.parent.name, []).append(_io.read_jsonl(final.parent / "metrics.jsonl"))
-    return runs
+def final_values(results: Results, arm: str, key: str) -> list[float]:
+    """One final metric of an arm, seed order."""
+    return [f[key] for f in results.final_list(arm) if key in f]

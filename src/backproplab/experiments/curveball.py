@@ -23,24 +23,23 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import _io, plots
-from ..data import load_dataset
+from ..evidence import Claim
 from ..methods.curveball import CurveBall
 from ..models import build_model
-from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, load_runs, register
+from . import Arm, Experiment, ExperimentConfig, Results, Run
 
 PROBLEMS = ("rosenbrock", "rosenbrock_u1", "rosenbrock_u3", "linear_net")
 TOY_METHODS = ("sgd", "adam", "lbfgs", "newton", "lm", "curveball")
 TUNING_GRID = {"sgd": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                "lbfgs": (0.1, 0.3, 1.0)}
 CNN_METHODS = ("momentum", "adam", "curveball")
+PAPER = "Henriques et al., ICCV 2019"
 
 
 @dataclass
@@ -57,7 +56,11 @@ class CurveBallConfig(ExperimentConfig):
     epochs: int = 10
     batch_size: int = 64
     momentum_lr: float = 0.05
+    momentum: float = 0.9
     adam_lr: float = 1e-3
+    curveball_lr: float = 0.0  # <= 0: CurveBall's automatic beta (and rho below)
+    curveball_momentum: float = 0.0
+    evals_per_epoch: int = 4
 
 
 # ---------------------------------------------------------------- toy problems
@@ -135,17 +138,17 @@ def solve_toy(problem: str, method: str, seed: int, cfg: CurveBallConfig, lr: fl
             loss_of(eps).backward()
             opt.step()
         elif method == "lbfgs":
-            def closure():
+            def closure(eps=eps):
                 opt.zero_grad()
                 loss = loss_of(eps)
                 loss.backward()
                 return loss
             opt.step(closure)
         elif method == "curveball":
-            opt.step(lambda: toy(eps), _sum_sq)
+            opt.step(lambda eps=eps: toy(eps), _sum_sq)
         elif method == "newton":
             w = toy.w.detach()
-            f = lambda v: _sum_sq(toy.residuals(v, eps))  # noqa: E731
+            f = lambda v, eps=eps: _sum_sq(toy.residuals(v, eps))
             g = torch.autograd.functional.jacobian(f, w)
             H = torch.autograd.functional.hessian(f, w)
             low = float(torch.linalg.eigvalsh(H)[0])
@@ -155,7 +158,7 @@ def solve_toy(problem: str, method: str, seed: int, cfg: CurveBallConfig, lr: fl
         elif method == "lm":
             w = toy.w.detach()
             r = toy.residuals(w, eps)
-            J = torch.autograd.functional.jacobian(lambda v: toy.residuals(v, eps), w)
+            J = torch.autograd.functional.jacobian(lambda v, eps=eps: toy.residuals(v, eps), w)
             step = torch.linalg.solve(J.T @ J + mu * torch.eye(len(w), dtype=w.dtype), J.T @ r)
             if _sum_sq(toy.residuals(w - step, eps)) < _sum_sq(r):
                 with torch.no_grad():
@@ -176,7 +179,7 @@ def solve_toy(problem: str, method: str, seed: int, cfg: CurveBallConfig, lr: fl
             "lr": lr, "path": torch.stack(path)[:, :2].tolist()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned_lr(problem: str, method: str, cfg_key: str) -> float | None:
     cfg = CurveBallConfig(**json.loads(cfg_key))
     if method not in TUNING_GRID:
@@ -190,53 +193,100 @@ def _tuned_lr(problem: str, method: str, cfg_key: str) -> float | None:
 # ---------------------------------------------------------------- arms
 
 
-def arms(cfg: CurveBallConfig) -> list[str]:
-    toy = [f"toy-{p}-{m}" for p in cfg.problems for m in cfg.toy_methods]
-    cnn = [f"{d}-{b}-{m}" for d in cfg.datasets for b in cfg.batchnorm for m in cfg.cnn_methods]
+@dataclass(frozen=True)
+class ToyArm(Arm):
+    problem: str
+    method: str
+
+    @property
+    def name(self) -> str:
+        return f"toy-{self.problem}-{self.method}"
+
+
+@dataclass(frozen=True)
+class CNNArm(Arm):
+    dataset: str
+    batchnorm: str  # "bn" | "nobn"
+    method: str
+
+
+def arms(cfg: CurveBallConfig) -> list[Arm]:
+    toy = [ToyArm(p, m) for p in cfg.problems for m in cfg.toy_methods]
+    cnn = [CNNArm(d, b, m) for d in cfg.datasets for b in cfg.batchnorm for m in cfg.cnn_methods]
     return toy + cnn
 
 
-def seeds_for(cfg: CurveBallConfig, arm: str) -> int:
-    return cfg.toy_seeds if arm.startswith("toy-") else cfg.seeds
+def seeds_for(cfg: CurveBallConfig, arm: Arm) -> int:
+    return cfg.toy_seeds if isinstance(arm, ToyArm) else cfg.seeds
 
 
-def run_arm(cfg: CurveBallConfig, arm: str, seed: int, run_dir: Path, resume: bool) -> None:
-    if arm.startswith("toy-"):
-        _, problem, method = arm.split("-")
+def claims(cfg: CurveBallConfig) -> list[Claim]:
+    out = []
+    titles = {"rosenbrock": "the Rosenbrock function", "rosenbrock_u1": "the stochastic Rosenbrock function (U[0,1])",
+              "rosenbrock_u3": "the stochastic Rosenbrock function (U[0,3])",
+              "linear_net": "a two-layer linear network"}
+    for p in cfg.problems:
+        for base in ("sgd", "adam"):
+            if {base, "curveball"} <= set(cfg.toy_methods):
+                out.append(Claim(
+                    f"curveball.table1.{p}.vs_{base}", PAPER, "Table 1",
+                    f"On {titles[p]}, CurveBall reaches the solution in fewer iterations than "
+                    f"{'SGD' if base == 'sgd' else 'Adam'} (both tuned).",
+                    "iterations", ToyArm(p, "curveball").name, "less", 0.0,
+                    "CurveBall needs fewer iterations than the first-order solvers on every problem",
+                    baseline=ToyArm(p, base).name,
+                    metric_label=f"iterations to tolerance (capped at max_iters={cfg.max_iters})"))
+    for d in cfg.datasets:
+        for b in cfg.batchnorm:
+            for base in ("momentum", "adam"):
+                if {base, "curveball"} <= set(cfg.cnn_methods):
+                    out.append(Claim(
+                        f"curveball.fig3.{d}-{b}.vs_{base}", PAPER, "Fig. 3 / Fig. 4 (per-iteration curves)",
+                        f"Per iteration, CurveBall reaches a lower training loss than {base} on a small CNN "
+                        f"({'with' if b == 'bn' else 'without'} BatchNorm).",
+                        "train_loss", CNNArm(d, b, "curveball").name, "less", 0.0,
+                        "CIFAR-10 basic CNN and ResNets: CurveBall's training-loss curve below SGD+momentum's "
+                        "and Adam's",
+                        baseline=CNNArm(d, b, base).name,
+                        metric_label="training loss over the last evaluation interval (cross-entropy, nats)"))
+    return out
+
+
+def run_arm(run: Run) -> dict:
+    cfg, arm = run.cfg, run.arm
+    if isinstance(arm, ToyArm):
         key = json.dumps({k: v for k, v in cfg.__dict__.items() if k in ("max_iters", "tol", "linear_tol")},
                          sort_keys=True)
-        lr = _tuned_lr(problem, method, key)
+        lr = _tuned_lr(arm.problem, arm.method, key)
         t = time.perf_counter()
-        result = solve_toy(problem, method, seed, cfg, lr)
+        result = solve_toy(arm.problem, arm.method, run.seed, cfg, lr)
         result["wall_time"] = time.perf_counter() - t
         path = result.pop("path")
-        _io.write_json(run_dir / "path.json", path)
-        _io.write_jsonl(run_dir / "metrics.jsonl", [result])
-        _io.write_json(run_dir / "final.json", result)
-        return
-    dataset, bn, method = arm.split("-")
-    data = load_dataset(dataset, root=cfg.data_root or None)
-    seed_everything(seed)
-    model = build_model("cnn", data.input_shape, data.num_classes, batchnorm=bn == "bn")
-    if method == "curveball":
-        tc = TrainConfig(optimizer="curveball", lr=0.0, momentum=0.0)
-    elif method == "momentum":
-        tc = TrainConfig(optimizer="sgd", lr=cfg.momentum_lr, momentum=0.9)
+        _io.write_json(run.dir / "path.json", path)
+        _io.write_jsonl(run.dir / "metrics.jsonl", [result])
+        return result
+    data = run.data(arm.dataset)
+    model = build_model("cnn", data.input_shape, data.num_classes, batchnorm=arm.batchnorm == "bn")
+    if arm.method == "curveball":
+        tc = run.train_config(optimizer="curveball", lr=cfg.curveball_lr, momentum=cfg.curveball_momentum)
+    elif arm.method == "momentum":
+        tc = run.train_config(optimizer="sgd", lr=cfg.momentum_lr, momentum=cfg.momentum)
     else:
-        tc = TrainConfig(optimizer="adam", lr=cfg.adam_lr)
-    tc.batch_size, tc.epochs, tc.seed, tc.device = cfg.batch_size, cfg.epochs, seed, cfg.device
-    tc.eval_every = max(1, len(data.x_train) // cfg.batch_size // 4)
-    fit(model, data, tc, out_dir=run_dir, resume=resume)
+        tc = run.train_config(optimizer="adam", lr=cfg.adam_lr)
+    tc.batch_size, tc.epochs = cfg.batch_size, cfg.epochs
+    tc.eval_every = max(1, len(data.x_train) // cfg.batch_size // cfg.evals_per_epoch)
+    return run.fit(model, data, tc)[-1]
 
 
 # ---------------------------------------------------------------- analysis
 
 
-def _toy_table(exp_dir: Path, cfg: CurveBallConfig) -> dict[str, dict[str, tuple[float, float, int, int]]]:
+def _toy_table(res: Results) -> dict[str, dict[str, tuple[float, float, int, int]]]:
+    cfg = res.cfg
     table: dict[str, dict[str, tuple[float, float, int, int]]] = {}
     for p in cfg.problems:
         for m in cfg.toy_methods:
-            finals = [json.loads(f.read_text()) for f in sorted((exp_dir / f"toy-{p}-{m}").glob("seed*/final.json"))]
+            finals = res.final_list(ToyArm(p, m).name)
             if not finals:
                 continue
             its = np.array([f["iterations"] for f in finals if f["solved"]], dtype=float)
@@ -245,9 +295,10 @@ def _toy_table(exp_dir: Path, cfg: CurveBallConfig) -> dict[str, dict[str, tuple
     return table
 
 
-def analyze(exp_dir: Path, cfg: CurveBallConfig) -> list[str]:
-    verdict = []
-    table = _toy_table(exp_dir, cfg)
+def analyze(res: Results) -> list[str]:
+    cfg, exp_dir = res.cfg, res.exp_dir
+    notes = []
+    table = _toy_table(res)
     lines = ["problem | " + " | ".join(cfg.toy_methods)]
     for p, row in table.items():
         cells = []
@@ -259,75 +310,55 @@ def analyze(exp_dir: Path, cfg: CurveBallConfig) -> list[str]:
                 cells.append("-")
         lines.append(f"{p} | " + " | ".join(cells))
     _io.write_text(exp_dir / "toy_table.md", "\n".join(lines) + "\n")
-    verdict.append("toy baselines' learning rates tuned on seed 0 over " +
-                   "; ".join(f"{m}: {', '.join(f'{v:g}' for v in grid)}" for m, grid in TUNING_GRID.items()) +
-                   f" (fewest iterations to tolerance, at most {cfg.max_iters}).")
+    notes.append("toy baselines' learning rates tuned on seed 0 over " +
+                 "; ".join(f"{m}: {', '.join(f'{v:g}' for v in grid)}" for m, grid in TUNING_GRID.items()) +
+                 f" (fewest iterations to tolerance, at most {cfg.max_iters}); CurveBall has nothing to tune.")
     for p, row in table.items():
-        if "curveball" not in row:
-            continue
-        cb = row["curveball"]
-        first_order = {m: row[m] for m in ("sgd", "adam", "lbfgs") if m in row}
-        beaten = [m for m, (mean, _, ok, n) in first_order.items()
-                  if cb[2] == cb[3] and (ok < n or mean > cb[0])]
-        summary = "; ".join(f"{m} {row[m][0]:.0f}±{row[m][1]:.0f} ({row[m][2]}/{row[m][3]} solved)" if row[m][2]
-                            else f"{m} none of {row[m][3]} solved within {cfg.max_iters}" for m in row)
-        rest = [m for m in first_order if m not in beaten]
-        verdict.append(f"toy {p}: iterations to tolerance — {summary}. Against the first-order and quasi-Newton "
-                       f"baselines, CurveBall needs fewer iterations than {', '.join(beaten) if beaten else 'none'}"
-                       + (f", not fewer than {', '.join(rest)}." if rest else "."))
-    # trajectories on the Rosenbrock contour (seed 0)
+        notes.append(f"toy {p}: iterations to tolerance, mean±sd (solved/seeds) — " + "; ".join(
+            f"{m} {row[m][0]:.0f}±{row[m][1]:.0f} ({row[m][2]}/{row[m][3]})" if row[m][2]
+            else f"{m} none of {row[m][3]} within {cfg.max_iters}" for m in row) + ".")
     rosen = [p for p in cfg.problems if p.startswith("rosenbrock")]
-    if rosen:
+    if rosen:  # trajectories on the Rosenbrock contour (seed 0)
         fig, axes = plots.subplots(1, len(rosen), size=(4.5, 4))
         X, Y = np.meshgrid(np.linspace(-2, 2, 300), np.linspace(-1, 3, 300))
         Z = (1 - X) ** 2 + 100 * (Y - X ** 2) ** 2
         for ax, p in zip(axes[0], rosen):
             ax.contour(X, Y, np.log10(Z + 1e-3), levels=30, cmap="Greys", linewidths=0.6)
             for m in cfg.toy_methods:
-                f = exp_dir / f"toy-{p}-{m}" / "seed0" / "path.json"
+                f = exp_dir / ToyArm(p, m).name / "seed0" / "path.json"
                 if f.exists():
                     path = np.array(json.loads(f.read_text()))
                     ax.plot(path[:, 0], path[:, 1], lw=1, label=m)
-            ax.plot([1], [1], "k*", ms=10)
-            ax.set(title=p, xlim=(-2, 2), ylim=(-1, 3))
+            ax.plot([1], [1], "k*", ms=10, label="minimum (1, 1)")
+            ax.set(title=f"{p}: iterates of seed 0", xlim=(-2, 2), ylim=(-1, 3), xlabel="x (first coordinate)",
+                   ylabel="y (second coordinate)")
             ax.legend(fontsize=6)
         plots.save(fig, exp_dir / "rosenbrock_trajectories.png")
-    # CNN curves against iterations and wall time
-    runs = load_runs(exp_dir)
     groups = [(d, b) for d in cfg.datasets for b in cfg.batchnorm]
-    if groups:
+    if groups:  # CNN curves against iterations and wall time
         fig, axes = plots.subplots(3, len(groups))
         for col, (d, b) in enumerate(groups):
-            by_method = {m: runs.get(f"{d}-{b}-{m}", []) for m in cfg.cnn_methods}
+            by_method = {m: res.runs(CNNArm(d, b, m).name) for m in cfg.cnn_methods}
             plots.curves(axes[0][col], by_method, "train_loss", x="step", log=True)
             plots.curves(axes[1][col], by_method, "test_acc", x="step")
             plots.curves(axes[2][col], by_method, "test_acc", x="wall_time")
             axes[0][col].set_title(f"{d} / CNN {b}")
-            axes[0][col].legend(fontsize=7)
-            finals = {m: (np.array([r[-1]["test_acc"] for r in rs]), np.array([r[-1]["wall_time"] for r in rs]),
-                          np.array([r[-1]["train_loss"] for r in rs])) for m, rs in by_method.items() if rs}
-            if "curveball" in finals and len(finals) > 1:
-                cb_acc, cb_time, cb_loss = finals["curveball"]
-                others = {m: v for m, v in finals.items() if m != "curveball"}
-                best_m = max(others, key=lambda m: others[m][0].mean())
-                acc, wall, loss = others[best_m]
-                verdict.append(
-                    f"{d} / CNN {b}, {cfg.epochs} epochs (same iterations): CurveBall test accuracy "
-                    f"{100 * cb_acc.mean():.1f}±{100 * cb_acc.std():.1f}% and training loss {cb_loss.mean():.3g} vs "
-                    f"best first-order ({best_m}) {100 * acc.mean():.1f}±{100 * acc.std():.1f}% and "
-                    f"{loss.mean():.3g}; wall time {cb_time.mean():.1f}s vs {wall.mean():.1f}s "
-                    f"({cb_time.mean() / max(wall.mean(), 1e-9):.2f}x). CurveBall "
-                    f"{'wins' if cb_loss.mean() < loss.mean() else 'does not win'} per iteration (training loss) and "
-                    f"{'wins' if cb_loss.mean() < loss.mean() and cb_time.mean() <= wall.mean() else 'does not win'} "
-                    "in wall time.")
+            walls = {m: np.mean([r[-1]["wall_time"] for r in rs]) for m, rs in by_method.items() if rs}
+            if "curveball" in walls and len(walls) > 1:
+                notes.append(f"{d} / CNN {b}, {cfg.epochs} epochs: mean wall time " + ", ".join(
+                    f"{m} {w:.1f} s" for m, w in walls.items()) + " (the per-iteration claims ignore wall time).")
         plots.save(fig, exp_dir / "cnn_curves.png")
-    return verdict
+    return notes
 
 
-register(Experiment(
+EXPERIMENT = Experiment(
     name="curveball",
-    description="CurveBall (Henriques et al. 2019): Rosenbrock and linear-network toy problems; small CNN with/without BN.",
-    config=CurveBallConfig, arms=arms, run_arm=run_arm, analyze=analyze, seeds_for=seeds_for,
-    quick={"toy_seeds": 10, "max_iters": 1500, "epochs": 3, "seeds": 2, "datasets": ("digits",)},
+    description="CurveBall (Henriques et al. 2019): Rosenbrock and linear-network toy problems; small CNN "
+                "with/without BN.",
+    config=CurveBallConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims, seeds_for=seeds_for,
+    smoke={"problems": ("rosenbrock",), "toy_methods": ("sgd", "curveball"), "toy_seeds": 2, "max_iters": 200,
+           "datasets": ("digits",), "batchnorm": ("bn",), "cnn_methods": ("momentum", "curveball"), "epochs": 1,
+           "seeds": 2},
+    quick={"toy_seeds": 10, "max_iters": 1500, "epochs": 3, "seeds": 3, "datasets": ("digits",)},
     table_metrics=("iterations", "final_loss", "test_acc", "train_loss", "wall_time"),
-))
+)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import _io, plots
-from ..data import load_dataset
+from ..evidence import Claim
 from ..methods.linear_backprop import linear_backprop
 from ..models import build_model
-from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, gap_and_spread, load_runs, register
+from . import Arm, Experiment, ExperimentConfig, Results, Run
 
 METHODS = {"bp": "backprop", "lbp": "linear backprop"}
+PAPER = "Yazdani, NeurIPS 2018 workshop (Linear Backprop in non-linear networks)"
+EQUIVALENCE_MARGIN = 0.01  # 1 point of test accuracy
 
 
 @dataclass
@@ -49,18 +49,54 @@ class LinearBackpropConfig(ExperimentConfig):
     binary_widths: tuple[int, ...] = (256, 256)
 
 
-def arms(cfg: LinearBackpropConfig) -> list[str]:
-    out = [f"points-{m}" for m in METHODS]
-    out += [f"{d}-{a}-{m}" for d in cfg.datasets for a in cfg.activations for m in METHODS]
-    return out + [f"binary-{m}" for m in METHODS]
+@dataclass(frozen=True)
+class LBPArm(Arm):
+    setting: str  # "points", "binary" or "<dataset>-<activation>"
+    method: str  # "bp" | "lbp"
 
 
-def _five_points(cfg: LinearBackpropConfig, method: str, seed: int, run_dir: Path) -> None:
+def arms(cfg: LinearBackpropConfig) -> list[LBPArm]:
+    settings = ["points", *(f"{d}-{a}" for d in cfg.datasets for a in cfg.activations), "binary"]
+    return [LBPArm(s, m) for s in settings for m in METHODS]
+
+
+def claims(cfg: LinearBackpropConfig) -> list[Claim]:
+    out = [Claim("linear_backprop.fig1.five_points", PAPER, "Fig. 1",
+                 "Overfitting 5 random points with a sigmoid MLP, linear backprop reaches a lower training error than "
+                 "backprop in the same number of iterations.", "train_loss", LBPArm("points", "lbp").name, "less",
+                 0.0, "5 points, sigmoid MLP: linear backprop's MSE falls orders of magnitude faster",
+                 baseline=LBPArm("points", "bp").name,
+                 metric_label="median final MSE over the initialisations of a seed")]
+    for d in cfg.datasets:
+        for a in cfg.activations:
+            setting = f"{d}-{a}"
+            if a == "relu":
+                out.append(Claim(
+                    f"linear_backprop.fig2.{setting}", PAPER, "Fig. 2 (VGG on CIFAR-10)",
+                    "On a VGG-style ReLU network, linear backprop reaches a test accuracy comparable to backprop's.",
+                    "test_acc", LBPArm(setting, "lbp").name, "equivalent", EQUIVALENCE_MARGIN,
+                    "VGG-19 on CIFAR-10: linear backprop's test accuracy matches backprop's",
+                    baseline=LBPArm(setting, "bp").name, metric_label="final test accuracy (fraction)"))
+            else:
+                out.append(Claim(
+                    f"linear_backprop.sec3.{setting}", PAPER, "Section 3 (saturating activations)",
+                    "With sigmoid activations, linear backprop trains where backprop's gradients vanish: higher "
+                    "test accuracy.", "test_acc", LBPArm(setting, "lbp").name, "greater", 0.0,
+                    "sigmoid networks: backprop stalls in saturation, linear backprop keeps learning",
+                    baseline=LBPArm(setting, "bp").name, metric_label="final test accuracy (fraction)"))
+    out.append(Claim("linear_backprop.sec4.binary", PAPER, "Section 4 (binary networks)",
+                     "For networks with sign activations, linear backprop (derivative 1) trains as well as the "
+                     "straight-through estimator.", "test_acc", LBPArm("binary", "lbp").name, "equivalent",
+                     EQUIVALENCE_MARGIN, "binary networks: comparable accuracy to the straight-through estimator",
+                     baseline=LBPArm("binary", "bp").name, metric_label="final test accuracy (fraction)"))
+    return out
+
+
+def _five_points(cfg: LinearBackpropConfig, method: str, seed: int, run_dir: Path) -> dict:
     curves, hidden = [], []
     for i in range(cfg.n_inits):
         g = torch.Generator().manual_seed(10_000 * seed + i)
         x, y = torch.randn(5, 10, generator=g), torch.randn(5, 1, generator=g)
-        seed_everything(10_000 * seed + i)
         model = build_model("mlp", (10,), 1, widths=cfg.points_widths, activation="sigmoid")
         if method == "lbp":
             linear_backprop(model)
@@ -90,101 +126,85 @@ def _five_points(cfg: LinearBackpropConfig, method: str, seed: int, run_dir: Pat
              "train_loss_q75": float(q75[t])} for t in range(0, cfg.points_iters, every)]
     acts = torch.cat(hidden).numpy()
     final = {**rows[-1], "step": cfg.points_iters, "train_loss": float(med[-1]),
-             "saturated_fraction": float(np.mean((acts < 0.05) | (acts > 0.95))), "n_inits": cfg.n_inits, "diverged": diverged}
+             "saturated_fraction": float(np.mean((acts < 0.05) | (acts > 0.95))), "n_inits": cfg.n_inits,
+             "diverged": diverged}
     _io.write_jsonl(run_dir / "metrics.jsonl", rows)
     buf = io.BytesIO()
     np.save(buf, acts.astype(np.float32))
     _io.write_bytes(run_dir / "hidden_activations.npy", buf.getvalue())
-    _io.write_json(run_dir / "final.json", final)
+    return final
 
 
-def run_arm(cfg: LinearBackpropConfig, arm: str, seed: int, run_dir: Path, resume: bool) -> None:
-    parts = arm.split("-")
-    method = parts[-1]
-    if parts[0] == "points":
-        return _five_points(cfg, method, seed, run_dir)
-    root = cfg.data_root or None
-    seed_everything(seed)
-    if parts[0] == "binary":
-        data = load_dataset("digits", root=root)
+def run_arm(run: Run) -> dict:
+    cfg, arm = run.cfg, run.arm
+    if arm.setting == "points":
+        return _five_points(cfg, arm.method, run.seed, run.dir)
+    if arm.setting == "binary":
+        data = run.data("digits")
         model = build_model("mlp", data.input_shape, data.num_classes, widths=cfg.binary_widths, activation="sign")
-        tc = TrainConfig(optimizer="adam", lr=cfg.binary_lr, batch_size=cfg.batch_size, epochs=cfg.binary_epochs,
-                         seed=seed, device=cfg.device)
+        tc = run.train_config(optimizer="adam", lr=cfg.binary_lr, batch_size=cfg.batch_size, epochs=cfg.binary_epochs)
     else:
-        dataset, act = parts[0], parts[1]
-        data = load_dataset(dataset, root=root)
+        dataset, act = arm.setting.split("-")
+        data = run.data(dataset)
         model = build_model("cnn", data.input_shape, data.num_classes, channels=cfg.cnn_channels, activation=act)
-        tc = TrainConfig(optimizer="adam", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=seed,
-                         device=cfg.device)
-    if method == "lbp":
+        tc = run.train_config(optimizer="adam", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs)
+    if arm.method == "lbp":
         linear_backprop(model)
-    fit(model, data, tc, out_dir=run_dir, resume=resume)
+    return run.fit(model, data, tc)[-1]
 
 
-def _finals(runs, arm, key):
-    return np.array([r[-1][key] for r in runs.get(arm, [])])
-
-
-def analyze(exp_dir: Path, cfg: LinearBackpropConfig) -> list[str]:
-    runs = load_runs(exp_dir)
-    verdict = []
-    # 1. five points
-    fig, axes = plots.subplots(1, 2)
+def analyze(res: Results) -> list[str]:
+    cfg, exp_dir = res.cfg, res.exp_dir
+    notes = []
+    fig, axes = plots.subplots(1, 2)  # 1. five points
     finals = {}
     for m, label in METHODS.items():
-        arm_runs = runs.get(f"points-{m}", [])
+        arm = LBPArm("points", m).name
+        arm_runs = res.runs(arm)
         if not arm_runs:
             continue
         r = arm_runs[0]
         xs = [row["step"] for row in r]
-        (line,) = axes[0][0].plot(xs, [row["train_loss"] for row in r], label=f"{label} (median)")
+        (line,) = axes[0][0].plot(xs, [row["train_loss"] for row in r], label=f"{label} (median, IQR band)")
         axes[0][0].fill_between(xs, [row["train_loss_q25"] for row in r], [row["train_loss_q75"] for row in r],
                                 color=line.get_color(), alpha=0.2)
-        acts = np.concatenate([np.load(p) for p in sorted((exp_dir / f"points-{m}").glob("seed*/hidden_activations.npy"))])
+        acts = np.concatenate([np.load(exp_dir / arm / f"seed{s}" / "hidden_activations.npy") for s in res.seeds(arm)])
         axes[0][1].hist(acts, bins=50, range=(0, 1), alpha=0.5, density=True, label=label)
-        finals[m] = [(json_final["train_loss"], json_final["saturated_fraction"], json_final["diverged"])
-                     for json_final in (json.loads(p.read_text()) for p in sorted((exp_dir / f"points-{m}").glob("seed*/final.json")))]
+        finals[m] = [(f["train_loss"], f["saturated_fraction"], f["diverged"]) for f in res.final_list(arm)]
     axes[0][0].set_yscale("log")
-    axes[0][0].set(xlabel="iteration", ylabel="MSE", title="5 random points, sigmoid MLP (seed 0)")
-    axes[0][1].set(xlabel="hidden activation after training", ylabel="density", title="saturation")
+    axes[0][0].set(xlabel="iteration (full-batch steps)", ylabel="training MSE",
+                   title=f"5 random points, sigmoid MLP (seed 0, {cfg.n_inits} inits)")
+    axes[0][1].set(xlabel="hidden activation after training (sigmoid output)", ylabel="density",
+                   title="saturation")
     for ax in axes[0]:
         ax.legend(fontsize=7)
     plots.save(fig, exp_dir / "five_points.png")
     if len(finals) == 2:
         bp, lbp = (np.array(finals[m]) for m in ("bp", "lbp"))
-        better = "lower" if np.median(lbp[:, 0]) < np.median(bp[:, 0]) else "higher"
-        verdict.append(
+        notes.append(
             f"5 points, {cfg.n_inits} inits x {len(bp)} seeds, {cfg.points_iters} iterations: median final MSE "
-            f"backprop {np.median(bp[:, 0]):.3g}, linear backprop {np.median(lbp[:, 0]):.3g} ({better} with linear "
-            f"backprop); saturated hidden units (<0.05 or >0.95) {100 * bp[:, 1].mean():.0f}% vs "
-            f"{100 * lbp[:, 1].mean():.0f}%; diverged inits {int(bp[:, 2].sum())} vs {int(lbp[:, 2].sum())}.")
-    # 2. VGG and 3. binary
+            f"backprop {np.median(bp[:, 0]):.3g}, linear backprop {np.median(lbp[:, 0]):.3g}; saturated hidden units "
+            f"(<0.05 or >0.95) {100 * bp[:, 1].mean():.0f}% vs {100 * lbp[:, 1].mean():.0f}%; diverged inits "
+            f"{int(bp[:, 2].sum())} vs {int(lbp[:, 2].sum())}.")
     groups = [(f"{d}-{a}", f"{d} / VGG-style CNN {a}") for d in cfg.datasets for a in cfg.activations]
     groups.append(("binary", "digits / binary MLP (sign)"))
-    fig, axes = plots.subplots(1, len(groups))
-    for ax, (prefix, title) in zip(axes[0], groups):
-        plots.curves(ax, {label: runs.get(f"{prefix}-{m}", []) for m, label in METHODS.items()}, "test_acc")
+    fig, axes = plots.subplots(1, len(groups))  # 2. VGG-style and 3. binary
+    for ax, (setting, title) in zip(axes[0], groups):
+        plots.curves(ax, {label: res.runs(LBPArm(setting, m).name) for m, label in METHODS.items()}, "test_acc")
         ax.set_title(title)
-        ax.legend(fontsize=7)
-        bp, lbp = _finals(runs, f"{prefix}-bp", "test_acc"), _finals(runs, f"{prefix}-lbp", "test_acc")
-        if len(bp) and len(lbp):
-            gap, spread = gap_and_spread(lbp, bp)
-            judged = ("matches" if abs(gap) <= spread else "beats" if gap > 0 else "falls behind")
-            line = (f"{title}: linear backprop {100 * lbp.mean():.1f}±{100 * lbp.std():.1f}% vs backprop "
-                    f"{100 * bp.mean():.1f}±{100 * bp.std():.1f}% test accuracy: ")
-            if max(lbp.mean(), bp.mean()) < 0.2:
-                line += "neither arm learned (chance is 10%), so no comparison."
-            else:
-                line += (f"linear backprop {judged} backprop (gap {100 * gap:+.1f} points, seeds' spread "
-                         f"{100 * spread:.1f}).")
-            verdict.append(line)
+        acc = {m: [f["test_acc"] for f in res.final_list(LBPArm(setting, m).name)] for m in METHODS}
+        if all(acc.values()) and max(np.mean(v) for v in acc.values()) < 0.2:
+            notes.append(f"{title}: neither arm learned (test accuracy below 20%; chance is 10%).")
     plots.save(fig, exp_dir / "test_accuracy.png")
-    return verdict
+    return notes
 
 
-register(Experiment(
+EXPERIMENT = Experiment(
     name="linear_backprop",
-    description="Linear backprop (Yazdani 2018) vs backprop: 5-point sigmoid MLP, VGG-style CNN ReLU/sigmoid, binary MLP.",
-    config=LinearBackpropConfig, arms=arms, run_arm=run_arm, analyze=analyze,
-    quick={"n_inits": 16, "points_iters": 400, "epochs": 4, "binary_epochs": 5, "seeds": 2},
-))
+    description="Linear backprop (Yazdani 2018) vs backprop: 5-point sigmoid MLP, VGG-style CNN ReLU/sigmoid, "
+                "binary MLP.",
+    config=LinearBackpropConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
+    smoke={"n_inits": 3, "points_iters": 40, "datasets": ("digits",), "activations": ("relu",),
+           "cnn_channels": (4, 8, 8), "epochs": 1, "binary_epochs": 1, "binary_widths": (32, 32), "seeds": 2},
+    quick={"n_inits": 16, "points_iters": 400, "epochs": 4, "binary_epochs": 5, "seeds": 3},
+)

@@ -1,7 +1,8 @@
 """Private and certifiably robust training: the privacy-utility and robustness-utility trade-offs.
 
 On ``dataset`` (digits by default; ``cifar10`` when its files are present and you have the budget: per-example
-gradients make DP-SGD slow on a CPU), an MLP is trained by SGD (``nonprivate``) or DP-SGD at target epsilon in ``epsilons`` (delta = ``delta``,
+gradients make DP-SGD slow on a CPU), an MLP is trained by SGD (``nonprivate``) or DP-SGD at target epsilon
+in ``epsilons`` (delta = ``delta``,
 RDP accountant picks the noise multiplier; PRV epsilon reported beside it), each with and without
 adversarial training (PGD l-inf, ``adv_eps``, mixed with weight ``adv_alpha``) and with Gaussian noise
 augmentation at each sigma in ``augment_sigmas`` (0 = none). Evaluation: clean accuracy, PGD accuracy at
@@ -11,21 +12,22 @@ augmentation sigma, or ``cert_sigma`` without augmentation) on ``cert_examples``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import _io, plots
+from .. import plots
 from ..data import Data, load_dataset
+from ..evidence import Claim
 from ..methods import privacy, robustness
 from ..models import build_model
-from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, load_finals, register
+from ..train import loss_step
+from . import Arm, Experiment, ExperimentConfig, Results, Run
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+CLAIM_RADIUS = 0.5  # l2 radius at which the certification claim is judged
 
 
 @dataclass
@@ -59,55 +61,105 @@ def _privacy_levels(cfg: PrivacyConfig) -> list[str]:
     return (["nonprivate"] if cfg.nonprivate else []) + [f"eps{e:g}" for e in cfg.epsilons]
 
 
-def arms(cfg: PrivacyConfig) -> list[str]:
-    return [f"{p}-{a}-aug{s:g}" for p in _privacy_levels(cfg) for a in cfg.adversarial for s in cfg.augment_sigmas]
+@dataclass(frozen=True)
+class PrivacyArm(Arm):
+    level: str  # "nonprivate" or "eps<target epsilon>"
+    training: str  # "clean" | "adv"
+    augment_sigma: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.level}-{self.training}-aug{self.augment_sigma:g}"
+
+    @property
+    def epsilon(self) -> float | None:
+        return None if self.level == "nonprivate" else float(self.level[3:])
 
 
-def _parse(arm: str) -> tuple[float | None, bool, float]:
-    p, a, s = arm.split("-")
-    return (None if p == "nonprivate" else float(p[3:])), a == "adv", float(s[3:])
+def arms(cfg: PrivacyConfig) -> list[PrivacyArm]:
+    return [PrivacyArm(p, a, s) for p in _privacy_levels(cfg) for a in cfg.adversarial for s in cfg.augment_sigmas]
+
+
+def claims(cfg: PrivacyConfig) -> list[Claim]:
+    have = {a.name for a in arms(cfg)}
+    acc = "clean test accuracy (fraction)"
+    out = []
+    lo, hi = min(cfg.epsilons, default=None), max(cfg.epsilons, default=None)
+    clean = lambda level, s=0.0: PrivacyArm(level, "clean", s).name  # noqa: E731
+    if lo is not None and lo != hi:
+        out.append(Claim("privacy.dpsgd.utility_grows_with_epsilon", "Abadi et al., CCS 2016", "Fig. 4 / Section 5",
+                         "DP-SGD's accuracy rises with the privacy budget epsilon.", "test_acc", clean(f"eps{hi:g}"),
+                         "greater", 0.0, "MNIST: about 90 / 95 / 97% at epsilon 0.5 / 2 / 8",
+                         baseline=clean(f"eps{lo:g}"), metric_label=acc))
+    if hi is not None and clean("nonprivate") in have:
+        out.append(Claim("privacy.dpsgd.cost_of_privacy", "Abadi et al., CCS 2016", "Section 5",
+                         "Even at the largest budget, DP-SGD stays below non-private training.", "test_acc",
+                         clean("nonprivate"), "greater", 0.0, "MNIST: 98.3% non-private vs 97% at epsilon 8",
+                         baseline=clean(f"eps{hi:g}"), metric_label=acc))
+    mid = cfg.linf_eps[len(cfg.linf_eps) // 2] if cfg.linf_eps else None
+    for level in _privacy_levels(cfg):
+        adv, plain = PrivacyArm(level, "adv", 0.0).name, clean(level)
+        if mid is not None and {adv, plain} <= have:
+            out.append(Claim(f"privacy.adversarial_training_robust.{level}", "Madry et al., ICLR 2018", "Table 2",
+                             f"PGD adversarial training raises accuracy under a PGD l-inf attack of size {mid:g} "
+                             f"({level}).", f"pgd_linf_{mid:g}", adv, "greater", 0.0,
+                             "MNIST: 89% under PGD eps 0.3 with adversarial training, near 0% without",
+                             baseline=plain, metric_label=f"test accuracy under PGD l-inf {mid:g} (fraction)"))
+    sigmas = [s for s in cfg.augment_sigmas if s > 0]
+    if sigmas and clean("nonprivate") in have:
+        s = max(sigmas)
+        out.append(Claim("privacy.smoothing.noise_training_certifies", "Cohen et al., ICML 2019", "Table 1 / Fig. 6",
+                         f"A model trained with Gaussian noise (sigma {s:g}) and smoothed at that sigma has higher "
+                         f"certified accuracy at l2 radius {CLAIM_RADIUS:g} than one trained without noise.",
+                         f"certified_l2_{CLAIM_RADIUS:g}", clean("nonprivate", s), "greater", 0.0,
+                         "ImageNet / CIFAR-10: noise-trained smoothed classifiers certify large l2 radii",
+                         baseline=clean("nonprivate"),
+                         metric_label=f"certified accuracy at l2 radius {CLAIM_RADIUS:g} (fraction of inputs)"))
+    return out
 
 
 def _model(cfg: PrivacyConfig, data: Data):
     return build_model("mlp", data.input_shape, data.num_classes, widths=cfg.widths)
 
 
-def load_trained(cfg: PrivacyConfig, arm: str, run_dir: Path):
+def load_trained(cfg: PrivacyConfig, arm: PrivacyArm, run_dir: Path):
     """(model, data, sigma) of a finished run, for ``backproplab certify``."""
-    data = load_dataset(cfg.dataset, root=cfg.data_root or None)
+    data = load_dataset(cfg.dataset, root=cfg.data_root or None, seed=_seed_of(run_dir))
     model = _model(cfg, data)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict({k.removeprefix("_module."): v for k, v in state.items()})
-    sigma = _parse(arm)[2] or cfg.cert_sigma
-    return model.eval(), data, sigma
+    return model.eval(), data, arm.augment_sigma or cfg.cert_sigma
 
 
-def certify_run(model, data: Data, sigma: float, n0: int, n: int, alpha: float, examples: int, seed: int = 0):
+def _seed_of(run_dir: Path) -> int:
+    return int(run_dir.name.removeprefix("seed")) if run_dir.name.startswith("seed") else 0
+
+
+def certify_run(model, data: Data, sigma: float, n0: int, n: int, alpha: float, examples: int, seed: int = 0,
+                extra_radii: tuple[float, ...] = ()):
     g = torch.Generator().manual_seed(seed)
     x, y = data.x_test[:examples], data.y_test[:examples]
     results = [robustness.certify(model, xi, sigma, n0, n, alpha, data.num_classes, generator=g) for xi in x]
     radii = [r * sigma / 0.25 for r in RADII] if sigma else list(RADII)
+    radii = sorted(set(radii) | set(extra_radii))
     return radii, robustness.certified_accuracy(results, y, radii)
 
 
-def run_arm(cfg: PrivacyConfig, arm: str, seed: int, run_dir: Path, resume: bool) -> None:
-    eps, adv, sigma = _parse(arm)
-    data = load_dataset(cfg.dataset, root=cfg.data_root or None)
-    seed_everything(seed)
+def run_arm(run: Run) -> dict:
+    cfg, arm = run.cfg, run.arm
+    eps, sigma = arm.epsilon, arm.augment_sigma
+    data = run.data(cfg.dataset)
     model = _model(cfg, data)
-    tc = TrainConfig(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=seed,
-                     device=cfg.device)
+    tc = run.train_config(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs)
     loss_terms = None
-    if adv:
+    if arm.training == "adv":
         loss_terms = robustness.adversarial_loss(robustness.pgd, cfg.adv_alpha, eps=cfg.adv_eps, steps=cfg.adv_steps)
     if sigma > 0:
         noisy = robustness.gaussian_augmentation(sigma)
         loss_terms = noisy if loss_terms is None else _both(noisy, loss_terms)
     if eps is None:
-        step = None
-        if loss_terms is not None:
-            step = _plain_step(loss_terms)
-        fit(model, data, tc, step=step, out_dir=run_dir, resume=resume)
+        step = None if loss_terms is None else loss_step(lambda batch, state: loss_terms(state.model, batch.x, batch.y))
+        history = run.fit(model, data, tc, step=step)
         trained = model
     else:
         model = privacy.prepare_model(model)
@@ -116,22 +168,22 @@ def run_arm(cfg: PrivacyConfig, arm: str, seed: int, run_dir: Path, resume: bool
                                target_epsilon=None if cfg.noise_multiplier else eps, delta=cfg.delta)
         dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch_size,
                            privacy.planned_steps(tc, len(data.x_train)), dpc)
-        fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp], out_dir=run_dir,
-            resume=resume)
+        history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp])
         dp.model.remove_hooks()  # evaluation and attacks need plain gradients, not per-example ones
         trained = dp.model._module
     trained.eval()
-    final = json.loads((run_dir / "final.json").read_text())
+    final = dict(history[-1])
     x, y = data.x_test, data.y_test
     for e in cfg.linf_eps:
         final[f"pgd_linf_{e:g}"] = robustness.robust_accuracy(trained, x, y, "pgd", e, steps=cfg.pgd_steps)
     for e in cfg.l2_eps:
         final[f"pgd_l2_{e:g}"] = robustness.robust_accuracy(trained, x, y, "pgd", e, steps=cfg.pgd_steps, norm="l2")
     radii, cert = certify_run(trained, data, sigma or cfg.cert_sigma, cfg.cert_n0, cfg.cert_n, cfg.cert_alpha,
-                              cfg.cert_examples, seed)
+                              cfg.cert_examples, run.seed, extra_radii=(CLAIM_RADIUS,))
     final["certified"] = {f"{r:.3g}": a for r, a in zip(radii, cert)}
+    final[f"certified_l2_{CLAIM_RADIUS:g}"] = dict(zip(radii, cert))[CLAIM_RADIUS]
     final["cert_sigma"] = sigma or cfg.cert_sigma
-    _io.write_json(run_dir / "final.json", final)
+    return final
 
 
 def _both(first, second):
@@ -140,20 +192,10 @@ def _both(first, second):
     return loss_terms
 
 
-def _plain_step(loss_terms):
-    def step(batch, state):
-        state.optimizer.zero_grad(set_to_none=True)
-        loss = loss_terms(state.model, batch.x, batch.y)
-        loss.backward()
-        state.optimizer.step()
-        return loss.detach()
-    return step
-
-
-
-def analyze(exp_dir: Path, cfg: PrivacyConfig) -> list[str]:
+def analyze(res: Results) -> list[str]:
+    cfg, exp_dir = res.cfg, res.exp_dir
     levels = _privacy_levels(cfg)
-    finals = {arm: load_finals(exp_dir, arm) for arm in arms(cfg)}
+    finals = {arm.name: res.final_list(arm.name) for arm in arms(cfg)}
     finals = {a: f for a, f in finals.items() if f}
     mean = lambda arm, key: float(np.mean([f[key] for f in finals[arm]]))  # noqa: E731
     fig, axes = plots.subplots(1, 4)
@@ -175,15 +217,17 @@ def analyze(exp_dir: Path, cfg: PrivacyConfig) -> list[str]:
         for adv in cfg.adversarial:
             arm = f"{p}-{adv}-aug0"
             if arm in finals:
-                axes[0][1].plot([0, *cfg.linf_eps], [mean(arm, "test_acc")] + [mean(arm, f"pgd_linf_{e:g}") for e in cfg.linf_eps],
+                axes[0][1].plot([0, *cfg.linf_eps],
+                                [mean(arm, "test_acc")] + [mean(arm, f"pgd_linf_{e:g}") for e in cfg.linf_eps],
                                 "o-", label=f"{p} {adv}")
-                axes[0][2].plot([0, *cfg.l2_eps], [mean(arm, "test_acc")] + [mean(arm, f"pgd_l2_{e:g}") for e in cfg.l2_eps],
+                axes[0][2].plot([0, *cfg.l2_eps],
+                                [mean(arm, "test_acc")] + [mean(arm, f"pgd_l2_{e:g}") for e in cfg.l2_eps],
                                 "o-", label=f"{p} {adv}")
     axes[0][1].set(xlabel="PGD l-inf size", ylabel="accuracy", title="l-inf attacks (no augmentation)")
     axes[0][2].set(xlabel="PGD l2 size", ylabel="accuracy", title="l2 attacks (no augmentation)")
     # certified accuracy vs radius (augmented arms)
     for arm, fs in finals.items():
-        if _parse(arm)[2] == 0 and any(s > 0 for s in cfg.augment_sigmas):
+        if arm.endswith("-aug0") and any(s > 0 for s in cfg.augment_sigmas):
             continue  # curves of the noise-trained models only
         radii = [float(r) for r in fs[0]["certified"]]
         acc = [np.mean([f["certified"][k] for f in fs]) for k in fs[0]["certified"]]
@@ -199,15 +243,18 @@ def analyze(exp_dir: Path, cfg: PrivacyConfig) -> list[str]:
         if arm in finals:
             accs = np.array([f["test_acc"] for f in finals[arm]])
             spent = "" if p == "nonprivate" else (f", epsilon spent RDP {mean(arm, 'epsilon_rdp'):.2f} / PRV "
-                                                   f"{mean(arm, 'epsilon_prv'):.2f} at noise {mean(arm, 'noise_multiplier'):.2f}")
-            verdict.append(f"privacy-utility: {p} clean accuracy {100 * accs.mean():.1f}±{100 * accs.std():.1f}%{spent}.")
+                                                   f"{mean(arm, 'epsilon_prv'):.2f} at noise "
+                                                   f"{mean(arm, 'noise_multiplier'):.2f}")
+            verdict.append(f"privacy-utility: {p} clean accuracy {100 * accs.mean():.1f}% (sd "
+                           f"{100 * accs.std():.1f}){spent}.")
     mid = cfg.linf_eps[len(cfg.linf_eps) // 2]
     for p in levels:
         a, b = f"{p}-clean-aug0", f"{p}-adv-aug0"
         if a in finals and b in finals:
             verdict.append(f"robustness-utility, {p}: adversarial training moves clean accuracy "
-                           f"{100 * mean(a, 'test_acc'):.1f}% -> {100 * mean(b, 'test_acc'):.1f}% and PGD l-inf {mid:g} "
-                           f"accuracy {100 * mean(a, f'pgd_linf_{mid:g}'):.1f}% -> {100 * mean(b, f'pgd_linf_{mid:g}'):.1f}%.")
+                           f"{100 * mean(a, 'test_acc'):.1f}% -> {100 * mean(b, 'test_acc'):.1f}% and PGD l-inf "
+                           f"{mid:g} accuracy {100 * mean(a, f'pgd_linf_{mid:g}'):.1f}% -> "
+                           f"{100 * mean(b, f'pgd_linf_{mid:g}'):.1f}%.")
     for p in levels:
         for s in cfg.augment_sigmas:
             arm = f"{p}-clean-aug{s:g}"
@@ -220,12 +267,15 @@ def analyze(exp_dir: Path, cfg: PrivacyConfig) -> list[str]:
     return verdict
 
 
-register(Experiment(
+EXPERIMENT = Experiment(
     name="privacy",
     description="DP-SGD (Opacus) at epsilon 1/3/8, adversarial training, randomized-smoothing certification on digits.",
-    config=PrivacyConfig, arms=arms, run_arm=run_arm, analyze=analyze,
+    config=PrivacyConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
+    smoke={"epsilons": (1.0, 8.0), "adversarial": ("clean",), "augment_sigmas": (0.0,), "epochs": 1, "seeds": 2,
+           "widths": (32,), "cert_examples": 5, "cert_n0": 10, "cert_n": 20, "pgd_steps": 2, "linf_eps": (0.1,),
+           "l2_eps": (0.5,)},
     quick={"epsilons": (1.0, 8.0), "augment_sigmas": (0.0, 0.5), "epochs": 8, "seeds": 2, "cert_examples": 60,
            "cert_n": 300, "pgd_steps": 10, "linf_eps": (0.1, 0.3), "l2_eps": (0.5, 1.5)},
     table_metrics=("test_acc", "epsilon_rdp", "epsilon_prv", "pgd_linf_0.3"),
     load_trained=load_trained,
-))
+)

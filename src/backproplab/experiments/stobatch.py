@@ -17,22 +17,23 @@ empirical lower bound is what our own measurement supports.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import _io, plots
-from ..data import Data, load_dataset
+from .. import plots
+from ..data import Data
+from ..evidence import Claim
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
-from ..train import TrainConfig, fit, seed_everything
-from . import Experiment, ExperimentConfig, load_finals, register
+from . import Arm, Experiment, ExperimentConfig, Results, Run
+
+PAPER = "Phan et al., ICML 2020"
 
 SIZES_L1 = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+CERT_SIZE = 0.1  # the l1 size at which the certification claim is judged (one of SIZES_L1)
 
 
 @dataclass
@@ -43,8 +44,14 @@ class StoBatchExpConfig(ExperimentConfig):
     workers: int = 2
     epochs: int = 30
     dp_epochs: int = 15  # DP-SGD baselines (per-example gradients and PGD make them the slow arms)
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam, StoBatch and the non-private arm
+    dp_lr: float = 0.5  # SGD, the DP-SGD baselines
+    dp_max_grad_norm: float = 1.0
+    dp_adv_alpha: float = 1.0  # weight of the adversarial term in DP-SGD + PGD training
+    dp_adv_steps: int = 3  # PGD steps while training the DP-SGD + PGD baseline
     attack_size: float = 0.2  # mu_max for StoBatch's adversarial training and DP-SGD's PGD training
+    train_attack_steps: int = 3  # I-FGSM steps of StoBatch's adversarial examples while training
+    adv_weight: float = 1.5  # StoBatch's weight of the adversarial Taylor term (the paper's alpha)
     attack_sizes: tuple[float, ...] = (0.05, 0.1, 0.2)
     attack_steps: int = 10
     smooth_sigma: float = 0.25
@@ -55,22 +62,56 @@ class StoBatchExpConfig(ExperimentConfig):
     cert_alpha: float = 0.01
     canaries: int = 100
     dp_baselines: bool = True  # the DP-SGD arms (single-process only; set false under torchrun)
-    seeds: int = 3
+    seeds: int = 5
 
 
-def arms(cfg: StoBatchExpConfig) -> list[str]:
-    out = ["nonprivate"]
+@dataclass(frozen=True)
+class StoBatchArm(Arm):
+    kind: str  # nonprivate | stobatch | stobatch_paper | dpsgd_adv | dpsgd_smooth | audit
+    epsilon: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.epsilon is None else f"{self.kind}_eps{self.epsilon:g}"
+
+
+def arms(cfg: StoBatchExpConfig) -> list[StoBatchArm]:
+    out = [StoBatchArm("nonprivate")]
     for e in cfg.epsilons:
-        out += [f"stobatch_eps{e:g}", f"stobatch_paper_eps{e:g}"]
-        out += [f"dpsgd_adv_eps{e:g}", f"dpsgd_smooth_eps{e:g}"] if cfg.dp_baselines else []
-    return out + [f"audit_eps{max(cfg.epsilons):g}"]
+        kinds = ["stobatch", "stobatch_paper"] + (["dpsgd_adv", "dpsgd_smooth"] if cfg.dp_baselines else [])
+        out += [StoBatchArm(k, e) for k in kinds]
+    return out + [StoBatchArm("audit", max(cfg.epsilons))]
 
 
-def _digits(cfg: StoBatchExpConfig) -> Data:
-    return load_dataset(cfg.dataset, root=cfg.data_root or None, unit_range=True)
+def claims(cfg: StoBatchExpConfig) -> list[Claim]:
+    if not cfg.dp_baselines:
+        return []
+    mid = cfg.attack_sizes[len(cfg.attack_sizes) // 2]
+    out = []
+    for e in cfg.epsilons:
+        sto, base = StoBatchArm("stobatch", e).name, StoBatchArm("dpsgd_adv", e).name
+        out.append(Claim(f"stobatch.clean_accuracy_vs_dpsgd_adv.eps{e:g}", PAPER, "Fig. 2-4",
+                         f"At the same privacy budget (epsilon {e:g}), StoBatch reaches a higher clean accuracy than "
+                         "DP-SGD with adversarial training.", "test_acc", sto, "greater", 0.0,
+                         "MNIST / CIFAR-10: StoBatch above the DP baselines (DP-SGD, AdLM, SecureSGD) at every epsilon",
+                         baseline=base, metric_label="clean test accuracy (fraction)"))
+        out.append(Claim(f"stobatch.robust_accuracy_vs_dpsgd_adv.eps{e:g}", PAPER, "Fig. 2-4",
+                         f"At the same budget (epsilon {e:g}), StoBatch is more accurate under attack than DP-SGD "
+                         "with adversarial training.", f"pgd_{mid:g}", sto, "greater", 0.0,
+                         "higher conventional accuracy under I-FGSM / MIM / PGD than the DP baselines",
+                         baseline=base, metric_label=f"test accuracy under PGD l-inf {mid:g} (pixels in [0, 1])"))
+    top = max(cfg.epsilons)
+    out.append(Claim(f"stobatch.certified_accuracy.eps{top:g}", PAPER, "Section 5 / Fig. 5 (certified accuracy)",
+                     f"StoBatch's models carry a certified robustness bound: at epsilon {top:g} a non-zero fraction of "
+                     f"test inputs is certified correct at l1 size {CERT_SIZE:g} (valid PixelDP certificate).",
+                     f"certified_l1_{CERT_SIZE:g}", StoBatchArm("stobatch", top).name, "greater", 0.0,
+                     "certified accuracy reported at every budget (MNIST, CIFAR-10)", threshold=0.0,
+                     metric_label=f"certified accuracy at l1 size {CERT_SIZE:g} (fraction of certified inputs)"))
+    return out
 
 
-def _with_canaries(data: Data, k: int, seed: int) -> tuple[Data, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _with_canaries(data: Data, k: int,
+                   seed: int) -> tuple[Data, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Insert k/2 of k random-image canaries with random labels; return (data, in_x, in_y, out_x, out_y)."""
     g = torch.Generator().manual_seed(10_000 + seed)
     x = torch.rand(k, *data.input_shape, generator=g)
@@ -86,37 +127,36 @@ def _curve(results: list[tuple[int, float]], labels: torch.Tensor, sizes) -> dic
     return {f"{r:g}": a for r, a in zip(sizes, robustness.certified_accuracy(results, labels, list(sizes)))}
 
 
-def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: bool) -> None:
-    data = _digits(cfg)
+def run_arm(run: Run) -> dict:
+    cfg, arm, seed = run.cfg, run.arm, run.seed
+    data = run.data(cfg.dataset, unit_range=True)
     extra: dict = {}
     canaries = None
-    if arm.startswith("audit"):
+    if arm.kind == "audit":
         data, *canaries = _with_canaries(data, cfg.canaries, seed)
-    seed_everything(seed)
-    paper = "paper" in arm
-    model = sb.StoBatchNet(data.input_shape, data.num_classes, norm="batch" if paper else "group")
-    tc = TrainConfig(optimizer="adam", lr=cfg.lr, batch_size=cfg.batch * cfg.workers, epochs=cfg.epochs, seed=seed,
-                     device=cfg.device)
-    eps = float(arm.split("eps")[1]) if "eps" in arm else None
-    if arm == "nonprivate":
-        fit(model, data, tc, out_dir=run_dir, resume=resume)
-    elif arm.startswith(("stobatch", "audit")):
+    paper = arm.kind == "stobatch_paper"
+    model = sb.StoBatchNet(data.input_shape, data.num_classes, norm="batch" if paper else "group").to(run.device)
+    tc = run.train_config(optimizer="adam", lr=cfg.lr, batch_size=cfg.batch * cfg.workers, epochs=cfg.epochs)
+    eps = arm.epsilon
+    if arm.kind == "nonprivate":
+        history = run.fit(model, data, tc)
+    elif arm.kind in ("stobatch", "stobatch_paper", "audit"):
         sto = sb.StoBatch(model, len(data.x_train), sb.StoBatchConfig(
             eps2=eps / 2, eps3=eps / 2, batch=cfg.batch, workers=cfg.workers, attack_size=cfg.attack_size,
-            paper_compat=paper, seed=seed))
-        fit(model, data, tc, step=sto.step(data.num_classes), out_dir=run_dir, resume=resume)
+            attack_steps=cfg.train_attack_steps, alpha=cfg.adv_weight, paper_compat=paper, seed=seed))
+        history = run.fit(model, data, tc, step=sto.step(data.num_classes))
         extra.update({"epsilon_claimed": sto.epsilon_claimed(), "input_noise_scale": sto.scales.input_scale,
-                      "latent_noise_scale": sto.scales.latent_scale, "w1_norm": float(sb.spectral_norm_w1(model.encoder.weight))})
+                      "latent_noise_scale": sto.scales.latent_scale,
+                      "w1_norm": float(sb.spectral_norm_w1(model.encoder.weight))})
     else:
-        tc = TrainConfig(optimizer="sgd", lr=0.5, batch_size=cfg.batch, epochs=cfg.dp_epochs, seed=seed,
-                         device=cfg.device)
-        loss = (robustness.adversarial_loss(robustness.pgd, 1.0, eps=cfg.attack_size, steps=3, clip=(0.0, 1.0))
-                if arm.startswith("dpsgd_adv") else robustness.gaussian_augmentation(cfg.smooth_sigma))
+        tc = run.train_config(optimizer="sgd", lr=cfg.dp_lr, batch_size=cfg.batch, epochs=cfg.dp_epochs)
+        loss = (robustness.adversarial_loss(robustness.pgd, cfg.dp_adv_alpha, eps=cfg.attack_size,
+                                            steps=cfg.dp_adv_steps, clip=(0.0, 1.0))
+                if arm.kind == "dpsgd_adv" else robustness.gaussian_augmentation(cfg.smooth_sigma))
         opt = torch.optim.SGD(model.parameters(), lr=tc.lr)
         dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch, privacy.planned_steps(tc, len(data.x_train)),
-                           privacy.DPConfig(target_epsilon=eps, delta=cfg.delta))
-        fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss), callbacks=[dp], out_dir=run_dir,
-            resume=resume)
+                           privacy.DPConfig(target_epsilon=eps, delta=cfg.delta, max_grad_norm=cfg.dp_max_grad_norm))
+        history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss), callbacks=[dp])
         dp.model.remove_hooks()
     model.eval()
     x, y = data.x_test, data.y_test
@@ -128,13 +168,14 @@ def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: 
                 kw["random_start"] = False
             extra[f"{name}_{e:g}"] = robustness.robust_accuracy(model, x, y, attack, e, **kw)
     g = torch.Generator().manual_seed(seed)
-    if arm.startswith(("stobatch", "audit")):
+    if arm.kind in ("stobatch", "stobatch_paper", "audit"):
         # the valid certificate (fresh noise at the bound's scale, separate samples, clean inputs), every arm
         results = [sb.certify_pixeldp(model, xi, sto.scales.latent_scale, cfg.cert_n0, cfg.cert_n, cfg.cert_alpha,
                                       data.num_classes, g) for xi in x[:cfg.cert_examples]]
-        extra["certified_l1_corrected" if paper else "certified_l1"] = _curve(results, y[:cfg.cert_examples],
-                                                                               SIZES_L1)
-    if paper and arm.startswith("stobatch"):
+        curve = _curve(results, y[:cfg.cert_examples], SIZES_L1)
+        extra["certified_l1_corrected" if paper else "certified_l1"] = curve
+        extra[f"certified_l1_{CERT_SIZE:g}"] = curve[f"{CERT_SIZE:g}"]  # valid certificate, every StoBatch arm
+    if paper:
         # the authors' procedure: attacked inputs, reused training noise + fresh noise at a tenth of the scale
         nx, nh, _ = sto.noise(0, 0, (cfg.batch, *data.input_shape), x.device)
         xc, yc = x[:cfg.cert_examples], y[:cfg.cert_examples]
@@ -146,7 +187,7 @@ def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: 
         results = [sb.certify_pixeldp_paper(model, xi, sto.scales.input_scale, sto.scales.latent_scale, nx[0], nh[0],
                                             cfg.cert_n, cfg.cert_alpha, data.num_classes, g) for xi in x_adv]
         extra["certified_l1"] = _curve(results, yc, SIZES_L1)
-    if arm.startswith("dpsgd_smooth"):
+    if arm.kind == "dpsgd_smooth":
         results = [robustness.certify(model, xi, cfg.smooth_sigma, cfg.cert_n0, cfg.cert_n, cfg.cert_alpha,
                                       data.num_classes, generator=g) for xi in x[:cfg.cert_examples]]
         extra["certified_l2"] = _curve(results, y[:cfg.cert_examples], (0.0, 0.1, 0.25, 0.5))
@@ -156,14 +197,12 @@ def run_arm(cfg: StoBatchExpConfig, arm: str, seed: int, run_dir: Path, resume: 
             s_in = -F.cross_entropy(model(in_x), in_y, reduction="none")
             s_out = -F.cross_entropy(model(out_x), out_y, reduction="none")
         extra["audit"] = sb.audit_epsilon(s_in, s_out, alpha=0.05)
-    final = json.loads((run_dir / "final.json").read_text())
-    final.update(extra)
-    _io.write_json(run_dir / "final.json", final)
+    return {**history[-1], **extra}
 
 
-
-def analyze(exp_dir: Path, cfg: StoBatchExpConfig) -> list[str]:
-    fin = {a: load_finals(exp_dir, a) for a in arms(cfg)}
+def analyze(res: Results) -> list[str]:
+    cfg, exp_dir = res.cfg, res.exp_dir
+    fin = {a.name: res.final_list(a.name) for a in arms(cfg)}
     fin = {a: f for a, f in fin.items() if f}
     mean = lambda a, k: float(np.mean([f[k] for f in fin[a]]))  # noqa: E731
     kinds = {"stobatch": "StoBatch (corrected)", "stobatch_paper": "StoBatch (paper mode)",
@@ -229,7 +268,8 @@ def analyze(exp_dir: Path, cfg: StoBatchExpConfig) -> list[str]:
     if audit in fin:
         lbs = [f["audit"]["epsilon_lower_bound"] for f in fin[audit]]
         claimed = fin[audit][0]["epsilon_claimed"]
-        verdict.append(f"canary audit ({cfg.canaries} canaries, half inserted; 95% confidence): empirical epsilon lower "
+        verdict.append(f"canary audit ({cfg.canaries} canaries, half inserted; 95% confidence): empirical epsilon "
+                       "lower "
                        f"bound {max(lbs):.2f} vs {claimed:g} claimed — "
                        + ("no evidence of leakage beyond the stated epsilon at this confidence (a weak audit: few "
                           "canaries cannot show large epsilons)." if max(lbs) <= claimed else
@@ -237,11 +277,13 @@ def analyze(exp_dir: Path, cfg: StoBatchExpConfig) -> list[str]:
     return verdict
 
 
-register(Experiment(
+EXPERIMENT = Experiment(
     name="stobatch",
     description="StoBatch (Phan et al. 2020) corrected vs paper mode vs DP-SGD+adversarial / +smoothing, audited.",
-    config=StoBatchExpConfig, arms=arms, run_arm=run_arm, analyze=analyze,
+    config=StoBatchExpConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
+    smoke={"epsilons": (4.0,), "epochs": 1, "dp_epochs": 1, "seeds": 2, "cert_examples": 4, "cert_n": 20,
+           "cert_n0": 5, "attack_steps": 1, "attack_sizes": (0.1,), "canaries": 10},
     quick={"epsilons": (1.0, 4.0), "epochs": 10, "dp_epochs": 3, "seeds": 2, "cert_examples": 40, "cert_n": 200,
            "cert_n0": 20, "attack_steps": 3, "attack_sizes": (0.05, 0.1), "canaries": 60},
     table_metrics=("test_acc", "epsilon_claimed", "epsilon_rdp", "pgd_0.1", "mim_0.1"),
-))
+)

@@ -36,7 +36,8 @@ import collections
 import functools
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -45,7 +46,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..train import OPTIMIZER_STEPS, OPTIMIZERS
 
 ModelFn = Callable[[], Tensor]
 LossFn = Callable[[Tensor], Tensor]
@@ -706,12 +706,9 @@ def curveball_step(batch, state) -> Tensor:
     return loss
 
 
-def _make(model: nn.Module, cfg) -> CurveBall:
+def make_optimizer(model: nn.Module, cfg) -> CurveBall:
     """``optimizer=curveball``: lr <= 0 and momentum <= 0 mean automatic beta and rho."""
     lr = cfg.lr if cfg.lr > 0 else None
     momentum = cfg.momentum if cfg.momentum > 0 else None
     return CurveBall(model.parameters(), model=model, lr=lr, momentum=momentum)
 
-
-OPTIMIZERS["curveball"] = _make
-OPTIMIZER_STEPS["curveball"] = curveball_step

@@ -23,7 +23,7 @@ backward), so it composes with forward-mode optimizers such as CurveBall.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import Sign
-from ..train import TRANSFORMS
 
 KNOWN_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, Sign)
@@ -203,8 +202,6 @@ def linear_backprop_scope(model: nn.Module, **kwargs) -> Iterator[nn.Module]:
 def is_linear_backprop(model: nn.Module) -> bool:
     return any(isinstance(m, LinearBackward) for m in model.modules())
 
-
-TRANSFORMS["linear_backprop"] = linear_backprop
 
 
 for _cls in KNOWN_ACTIVATIONS:  # made at import, so a pickled switched model loads in a fresh process

@@ -32,10 +32,12 @@ estimator of that trace); ``GLD(sigma=...)`` is the 'const' variant.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from ..train import loss_step
 
 
 class LossWeighting:
@@ -58,7 +60,8 @@ class LossWeighting:
     def default_scale(self) -> float:
         return 0.0
 
-    def sample(self, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    def sample(self, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """(indices, weights) for one step: the gradient is sum_k weights[k] grad l_{indices[k]}."""
         raise NotImplementedError
 
@@ -196,26 +199,30 @@ def weighted_gradient_step(weighting: LossWeighting, chunk_size: int = 2048) -> 
     The loop's own batch is ignored (run it with ``optimizer="gd"``, a full batch, so one step = one draw).
     """
 
-    def step(batch, state) -> Tensor:
-        data, opt, net = state.data, state.optimizer, state.net
+    def draws(batch, state):
+        data = state.data
         idx, w = weighting.sample(device=data.x_train.device)
-        opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=data.x_train.device)
         for s in range(0, len(idx), chunk_size):
-            wc = w[s:s + chunk_size]
             if weighting.all_examples:  # a view of the data, no copy
                 xs, ys = data.x_train[s:s + chunk_size], data.y_train[s:s + chunk_size]
             else:
                 i = idx[s:s + chunk_size]
                 xs, ys = data.x_train[i], data.y_train[i]
-            losses = state.loss_fn(net(xs), ys, reduction="none")
-            loss = weighting.weighted_loss(losses, wc)
-            loss.backward()
-            total += loss.detach()
-        opt.step()
-        return total
+            yield (xs, ys, w[s:s + chunk_size]), 1.0
 
-    return step
+    def weighted(part, state) -> Tensor:
+        xs, ys, wc = part
+        return weighting.weighted_loss(state.loss_fn(state.net(xs), ys, reduction="none"), wc)
+
+    return loss_step(weighted, parts=draws)
+
+
+def _training_set_chunks(chunk_size: int):
+    def parts(batch, state):
+        data, n = state.data, len(state.data.x_train)
+        for s in range(0, n, chunk_size):
+            yield (data.x_train[s:s + chunk_size], data.y_train[s:s + chunk_size]), 1.0
+    return parts
 
 
 class GLD:
@@ -260,19 +267,15 @@ class GLD:
     def training_step(self, chunk_size: int = 2048) -> Callable:
         """A training-loop step (with ``optimizer="gd"``): full gradient, then noise, then ``optimizer.step()``."""
 
-        def step(batch, state) -> Tensor:
-            data, opt, net = state.data, state.optimizer, state.net
+        def full_loss(part, state) -> Tensor:
+            xs, ys = part
+            return state.loss_fn(state.net(xs), ys, reduction="sum") / len(state.data.x_train)
+
+        def add_noise(state) -> None:
+            data = state.data
             params = [p for p in state.model.parameters() if p.requires_grad]
-            opt.zero_grad(set_to_none=True)
-            n = len(data.x_train)
-            total = torch.zeros((), device=data.x_train.device)
-            for s in range(0, n, chunk_size):
-                xs, ys = data.x_train[s:s + chunk_size], data.y_train[s:s + chunk_size]
-                loss = state.loss_fn(net(xs), ys, reduction="sum") / n
-                loss.backward()
-                total += loss.detach()
             if self.const_sigma is None and self.steps % self.every == 0:
-                self.trace = self.estimate_trace(net, state.loss_fn, data.x_train, data.y_train,
+                self.trace = self.estimate_trace(state.net, state.loss_fn, data.x_train, data.y_train,
                                                  self._flat_grad(params))
                 self.sigma = math.sqrt(self.trace / sum(p.numel() for p in params))
             with torch.no_grad():
@@ -280,11 +283,11 @@ class GLD:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     p.grad.add_(torch.randn_like(p), alpha=self.sigma)
-            opt.step()
-            self.steps += 1
-            return total
 
-        return step
+        def count(state) -> None:
+            self.steps += 1
+
+        return loss_step(full_loss, parts=_training_set_chunks(chunk_size), before_step=add_noise, after_step=count)
 
 
 def sgd_noise_covariance(per_example_grads: Tensor, batch_size: int) -> Tensor:

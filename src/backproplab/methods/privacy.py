@@ -19,12 +19,12 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..train import TrainConfig, TrainState
+from ..train import TrainConfig, TrainState, loss_step
 
 
 @dataclass
@@ -128,26 +128,25 @@ class DPSGD:
         per-example terms so that Opacus's per-example gradients are those of each example's term.
         """
 
-        def step(batch, state: TrainState) -> Tensor:
+        def poisson(batch, state: TrainState):
             idx = self.poisson_batch(state.data.x_train.device)
-            if len(idx) == 0:  # probability (1 - q)^n: Opacus's convention, a noise-only step
-                x = state.data.x_train[:0]
-                y = state.data.y_train[:0]
-            else:
-                x, y = state.data.x_train[idx], state.data.y_train[idx]
-            self.optimizer.zero_grad(set_to_none=True)
-            if len(idx) == 0:
+            yield (state.data.x_train[idx], state.data.y_train[idx]), 1.0
+
+        def private_loss(part, state: TrainState) -> Tensor:
+            x, y = part
+            if len(x) == 0:  # probability (1 - q)^n: Opacus's convention, a noise-only step
                 for p in self.model.parameters():
                     if p.requires_grad:
                         p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-                loss = torch.zeros((), device=x.device)
-            else:
-                loss = loss_terms(self.model, x, y) if loss_terms else state.loss_fn(self.model(x), y)
-                with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-            self.optimizer.step()
-            return loss.detach()
+                return torch.zeros((), device=x.device)
+            return loss_terms(self.model, x, y) if loss_terms else state.loss_fn(self.model(x), y)
+
+        inner = loss_step(private_loss, parts=poisson)
+
+        def step(batch, state: TrainState) -> Tensor:
+            with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                return inner(batch, state)
 
         return step
 

@@ -18,13 +18,14 @@ rate with the same period as RIFLE.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import BasicBlock
+from ..train import loss_step
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -164,16 +165,12 @@ def penalized_step(penalty: Callable[[nn.Module], Tensor] | None = None, disturb
     """A training-loop step: loss(model(x), y') + penalty(model), y' = DisturbLabel(y) when asked.
     Returns the data loss (what the curves show)."""
 
-    def step(batch, state) -> Tensor:
+    def penalized(batch, state) -> tuple[Tensor, Tensor]:
         y = disturb_labels(batch.y, disturb_label, num_classes) if disturb_label > 0 else batch.y
-        state.optimizer.zero_grad(set_to_none=True)
         loss = state.loss_fn(state.net(batch.x), y)
-        total = loss + penalty(state.model) if penalty is not None else loss
-        total.backward()
-        state.optimizer.step()
-        return loss.detach()
+        return (loss + penalty(state.model) if penalty is not None else loss), loss
 
-    return step
+    return loss_step(penalized)
 
 
 class DropConnectLinear(nn.Module):

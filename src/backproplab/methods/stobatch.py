@@ -44,6 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..train import loss_step
+
 LN2 = math.log(2.0)
 
 
@@ -256,31 +258,38 @@ class StoBatch:
         return cfg.ae_weight * loss_ae + loss_cls
 
     def step(self, num_classes: int = 10):
-        def step(batch, state) -> Tensor:
-            data, opt = state.data, state.optimizer
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            opt.zero_grad(set_to_none=True)
+        """The loop's step: the disjoint batches this rank takes (``workers`` of them, or one per rank under
+        torchrun), each batch's noisy Taylor loss averaged, the gradients averaged over ranks, Adam's
+        update, then W1 projected (corrected mode)."""
+
+        def world_rank() -> tuple[int, int]:
+            return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+        def disjoint_batches(batch, state):
+            world, rank = world_rank()
             workers = 1 if world > 1 else self.config.workers
-            total = torch.zeros((), device=data.x_train.device)
             for w in range(workers):
                 index = ((state.step * world + rank) * workers + w) % len(self.batches)
-                idx = self.batches[index].to(data.x_train.device)
-                loss = self.batch_loss(state.net, data.x_train[idx], data.y_train[idx], index, state.step,
-                                       num_classes) / workers
-                loss.backward()
-                total += loss.detach()
+                yield (index, self.batches[index].to(state.data.x_train.device)), 1.0 / workers
+
+        def batch_loss(part, state) -> Tensor:
+            index, idx = part
+            return self.batch_loss(state.net, state.data.x_train[idx], state.data.y_train[idx], index, state.step,
+                                   num_classes)
+
+        def average_over_ranks(state) -> None:
+            world, _ = world_rank()
             if world > 1:  # DDP is not used for this step: average the gradients explicitly
                 for p in self.model.parameters():
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= world
-            opt.step()
+
+        def project(state) -> None:
             if not self.config.paper_compat:
                 project_w1(self.model, self.config.w1_norm)
-            return total
 
-        return step
+        return loss_step(batch_loss, parts=disjoint_batches, before_step=average_over_ranks, after_step=project)
 
 
 @torch.no_grad()

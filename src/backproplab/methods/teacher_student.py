@@ -21,12 +21,12 @@ Metrics (any two MLPs whose activations are ``nn.ReLU`` modules): :func:`layer_c
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..data import Data, register_dataset
+from ..data import Data
 
 
 class ReLUNet(nn.Sequential):
@@ -102,11 +102,10 @@ def teacher_data(teacher: nn.Module, n_train: int = 100_000, n_test: int = 10_00
     return Data("gaussian_teacher", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 0)
 
 
-@register_dataset("gaussian_teacher")
 def gaussian_teacher(seed: int = 0, root=None, version: str = "2019", input_dim: int = 20,
                      widths: tuple[int, ...] = (10, 15, 20, 25), output_dim: int = 100, train_size: int = 100_000,
                      test_size: int = 10_000, input_std: float = 10.0) -> Data:
-    """The Luck Matters teacher's data, registered as the foundation's ``gaussian_teacher`` dataset."""
+    """The Luck Matters teacher's data: the foundation's ``gaussian_teacher`` dataset."""
     teacher = make_teacher(input_dim, widths, output_dim, version, seed, input_std)
     return teacher_data(teacher, train_size, test_size, input_std, seed)
 

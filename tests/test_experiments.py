@@ -1,0 +1,127 @@
+"""Every registered experiment at smoke scale, end to end: runs, claims, verdicts, the report in a browser."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backproplab import experiments
+from backproplab.cli import main
+from backproplab.evidence import Claim
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    assert main(["reproduce", "--scale", "smoke", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_every_experiment_runs_at_smoke_scale_and_judges_its_claims(smoke):
+    for exp in experiments.all_experiments():
+        summary = json.loads((smoke / exp.name / "summary.json").read_text())
+        cfg = experiments.make_config(exp, scale="smoke")
+        claims = exp.claims(cfg)
+        assert claims, f"{exp.name} declares no claim at smoke scale"
+        assert summary["scale"] == "smoke" and summary["seeds"] == cfg.seeds
+        judged = {v["claim"]: v for v in summary["verdicts"]}
+        assert set(judged) == {c.id for c in claims}, exp.name
+        for v in judged.values():
+            assert v["outcome"] in ("reproduced", "contradicted", "inconclusive")
+            assert v["scale"] == "smoke" and v["n"] == 2 and v["seeds"] == [0, 1]
+            if v["outcome"] == "inconclusive":
+                assert v["note"], v  # says why, and what the run could have detected
+        # the runner wrote final.json once per run, from what run_arm returned
+        for arm in exp.arms(cfg):
+            for seed in range(exp.seeds_of(cfg)(arm)):
+                run = smoke / exp.name / arm.name / f"seed{seed}"
+                assert json.loads((run / "config.json").read_text())["seed"] == seed
+                assert isinstance(json.loads((run / "final.json").read_text()), dict)
+
+
+def test_claims_cover_the_seven_methods_and_are_well_formed(capsys):
+    pairs = experiments.all_claims()
+    ids = [c.id for _, c in pairs]
+    assert len(ids) == len(set(ids)), "claim ids must be unique"
+    by_exp = {}
+    for exp, c in pairs:
+        assert isinstance(c, Claim) and c.statement and c.paper and c.where and c.paper_value
+        arm_names = {a.name for a in exp.arms(exp.config())}
+        assert c.arm in arm_names and (c.baseline is None or c.baseline in arm_names), c.id
+        by_exp.setdefault(exp.name, []).append(c)
+    for name in ("curveball", "msgd", "linear_backprop", "layerwise", "rifle", "luck_matters", "stobatch"):
+        assert by_exp.get(name), f"no claim for {name}"
+    # the claims the seeds name in passing
+    for wanted in ("luck_matters.lucky_nodes_specialize", "luck_matters.bn_bias_negative", "rifle.deeper_updates"):
+        assert wanted in ids
+    assert main(["claims"]) == 0
+    out = capsys.readouterr().out
+    for _, c in pairs:
+        assert c.id in out and c.statement in out
+
+
+def test_same_seed_same_arms_share_data_and_initial_weights(tmp_path):
+    """Seed k of two arms gets the same data subset and initial weights; another seed gets others."""
+    exp = experiments.get("baselines")
+    cfg = experiments.make_config(exp, ["optimizers=sgd,momentum", "epochs=0", "n_train=200"], scale="smoke")
+    experiments.run(exp, cfg, out=tmp_path, progress=False)
+    import torch
+    from backproplab.data import load_dataset
+
+    def first_weight(arm, seed):
+        return torch.load(tmp_path / "baselines" / arm / f"seed{seed}" / "model.pt")["head.weight"]
+
+    assert torch.equal(first_weight("digits-mlp-sgd", 0), first_weight("digits-mlp-momentum", 0))
+    assert not torch.equal(first_weight("digits-mlp-sgd", 0), first_weight("digits-mlp-sgd", 1))
+    a, b = (load_dataset("digits", n_train=200, seed=s) for s in (0, 1))
+    assert not torch.equal(a.x_train, b.x_train)
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("CI"):
+        pytest.fail("CI must have chromium (.ci/run installs Debian's package)")
+    pytest.skip("no chromium on this machine (.ci/run installs it)")
+
+
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => [i.naturalWidth, i.naturalHeight]);
+  const table = document.getElementById('claims-table'), fig = document.querySelector('img');
+  const order = table && fig ? ((table.compareDocumentPosition(fig) & Node.DOCUMENT_POSITION_FOLLOWING)
+                                ? 'table-first' : 'figure-first') : 'missing';
+  const top = table ? table.getBoundingClientRect().top : -1;
+  const p = document.createElement('pre'); p.id = 'probe';
+  p.textContent = JSON.stringify({imgs, order, top, rows: table ? table.rows.length : 0});
+  document.body.appendChild(p);
+});</script>"""
+
+
+def test_report_renders_in_a_browser_with_the_claims_table_first(smoke, tmp_path):
+    chromium = _chromium()
+    page = (smoke / "report.html").read_text()
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", PROBE + "</body>"))
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=15000"]
+    dom = subprocess.run(flags + ["--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r"<pre id=\"probe\">(.*?)</pre>", dom.stdout, re.S)
+    assert match, dom.stderr[-2000:]
+    probe = json.loads(match.group(1).replace("&quot;", '"'))
+    assert probe["order"] == "table-first"
+    assert 0 <= probe["top"] < 900, "the claims table starts on the first screen"
+    n_verdicts = sum(len(json.loads(p.read_text())["verdicts"]) for p in smoke.glob("*/summary.json"))
+    assert probe["rows"] == n_verdicts + 1  # a header and one row per judged claim
+    assert probe["imgs"] and all(w > 0 and h > 0 for w, h in probe["imgs"]), probe["imgs"]
+    shot = tmp_path / "first_screen.png"
+    subprocess.run(flags + [f"--screenshot={shot}", (smoke / "report.html").as_uri()], capture_output=True,
+                   timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    (Path(os.environ.get("BACKPROPLAB_SCREENSHOT_DIR", tmp_path)) / "report_first_screen.png").write_bytes(
+        shot.read_bytes())
