@@ -64,21 +64,34 @@ def test_claims_cover_the_seven_methods_and_are_well_formed(capsys):
         assert c.id in out and c.statement in out
 
 
-def test_same_seed_same_arms_share_data_and_initial_weights(tmp_path):
+def test_same_seed_same_arms_share_data_and_initial_weights(tmp_path, monkeypatch):
     """Seed k of two arms gets the same data subset and initial weights; another seed gets others."""
-    exp = experiments.get("baselines")
-    cfg = experiments.make_config(exp, ["optimizers=sgd,momentum", "epochs=0", "n_train=200"], scale="smoke")
-    experiments.run(exp, cfg, out=tmp_path, progress=False)
     import torch
-    from backproplab.data import load_dataset
 
-    def first_weight(arm, seed):
-        return torch.load(tmp_path / "baselines" / arm / f"seed{seed}" / "model.pt")["head.weight"]
+    from backproplab.experiments import baselines
 
-    assert torch.equal(first_weight("digits-mlp-sgd", 0), first_weight("digits-mlp-momentum", 0))
-    assert not torch.equal(first_weight("digits-mlp-sgd", 0), first_weight("digits-mlp-sgd", 1))
-    a, b = (load_dataset("digits", n_train=200, seed=s) for s in (0, 1))
-    assert not torch.equal(a.x_train, b.x_train)
+    seen = {}
+    real_build, real_fit = baselines.build_model, experiments.Run.fit
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        seen.setdefault("init", []).append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    def fit(self, model, data, config, **kwargs):
+        seen.setdefault("data", []).append(data.x_train.clone())
+        return real_fit(self, model, data, config, **kwargs)
+
+    monkeypatch.setattr(baselines, "build_model", build)
+    monkeypatch.setattr(experiments.Run, "fit", fit)
+    exp = experiments.get("baselines")
+    cfg = experiments.make_config(exp, ["optimizers=sgd,momentum", "epochs=1", "n_train=200"], scale="smoke")
+    experiments.run(exp, cfg, out=tmp_path, progress=False)
+    # run order: (sgd, seed 0), (sgd, seed 1), (momentum, seed 0), (momentum, seed 1)
+    init, data = seen["init"], seen["data"]
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(init[0], init[2]) and same(init[1], init[3]) and not same(init[0], init[1])
+    assert torch.equal(data[0], data[2]) and torch.equal(data[1], data[3]) and not torch.equal(data[0], data[1])
 
 
 def _chromium():

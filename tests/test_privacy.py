@@ -241,5 +241,17 @@ def test_privacy_experiment_and_certify_cli(tmp_path, capsys):
     assert 0 < final["epsilon_rdp"] <= 8.0 + 1e-6 and "pgd_linf_0.1" in final and final["certified"]
     capsys.readouterr()
     assert main(["certify", str(run), "--n", "50", "--n0", "10", "--examples", "5"]) == 0
-    assert (run / "certify_sigma0.5.md").exists() and (run / "certify_sigma0.5.png").exists()
+    stem = "certify_sigma0.5_n50_n010_alpha0.001_examples5"
+    assert (run / f"{stem}.md").exists() and (run / f"{stem}.png").exists()
+    table = (run / f"{stem}.md").read_bytes()
+    # another setting writes another table; the first is kept
+    assert main(["certify", str(run), "--n", "60", "--n0", "10", "--examples", "5"]) == 0
+    assert (run / f"{stem}.md").read_bytes() == table
+    assert (run / "certify_sigma0.5_n60_n010_alpha0.001_examples5.md").exists()
     assert main(["certify", str(tmp_path / "nope")]) == 2
+    # nonsense settings are refused before any certification, naming the argument
+    for bad, name in ((["--sigma", "-1"], "--sigma"), (["--sigma", "0"], "--sigma"), (["--alpha", "2"], "--alpha"),
+                      (["--n", "0"], "--n"), (["--n0", "0"], "--n0"), (["--examples", "0"], "--examples")):
+        capsys.readouterr()
+        assert main(["certify", str(run), *bad]) == 2
+        assert capsys.readouterr().err.startswith(f"backproplab: {name} ")

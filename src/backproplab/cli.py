@@ -6,6 +6,7 @@ Runs under ``torchrun --nproc_per_node=N -m backproplab run ...`` data-parallel;
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -56,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_certify_args(args) -> str | None:
+    """The first invalid certify argument, as a message naming it and what is valid; None if all are valid."""
+    if args.sigma is not None and not (math.isfinite(args.sigma) and args.sigma > 0):
+        return f"--sigma {args.sigma}: the smoothing noise must be a number > 0 (omit it for the run's own sigma)"
+    if not (math.isfinite(args.alpha) and 0 < args.alpha < 1):
+        return f"--alpha {args.alpha}: the failure probability must be in (0, 1), e.g. 0.001"
+    for name in ("n", "n0", "examples"):
+        if getattr(args, name) < 1:
+            return f"--{name} {getattr(args, name)}: must be at least 1"
+    return None
+
+
 def _certify(args) -> int:
     import json
     from pathlib import Path
@@ -63,6 +76,10 @@ def _certify(args) -> int:
     from . import _io, plots
     from .experiments.privacy import certify_run
 
+    problem = _check_certify_args(args)
+    if problem:
+        print(f"backproplab: {problem}", file=sys.stderr)
+        return 2
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").exists() or not (run_dir / "model.pt").exists():
         print(f"backproplab: {run_dir} is not a finished run (needs config.json and model.pt)", file=sys.stderr)
@@ -74,10 +91,14 @@ def _certify(args) -> int:
         return 2
     cfg = exp.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()})
     model, data, sigma = exp.load_trained(cfg, exp.arm_named(cfg, record["arm"]), run_dir)
-    sigma = args.sigma or sigma
-    radii, acc = certify_run(model, data, sigma, args.n0, args.n, args.alpha, args.examples)
-    md, png = run_dir / f"certify_sigma{sigma:g}.md", run_dir / f"certify_sigma{sigma:g}.png"
-    table = "radius | certified accuracy\n---|---\n" + "".join(f"{r:.3g} | {a:.4f}\n" for r, a in zip(radii, acc))
+    sigma = args.sigma if args.sigma is not None else sigma
+    examples = min(args.examples, len(data.x_test))
+    radii, acc = certify_run(model, data, sigma, args.n0, args.n, args.alpha, examples)
+    # the file names carry every setting, so a table made with other settings is never replaced
+    stem = f"certify_sigma{sigma:g}_n{args.n}_n0{args.n0}_alpha{args.alpha:g}_examples{examples}"
+    md, png = run_dir / f"{stem}.md", run_dir / f"{stem}.png"
+    table = (f"sigma {sigma:g}, n {args.n}, n0 {args.n0}, alpha {args.alpha:g}, {examples} test examples\n\n"
+             "radius | certified accuracy\n---|---\n" + "".join(f"{r:.3g} | {a:.4f}\n" for r, a in zip(radii, acc)))
     _io.write_text(md, table)
     fig, axes = plots.subplots(1, 1)
     axes[0][0].plot(radii, acc, "o-")
@@ -140,10 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank, _ = init_distributed(configs[0][1].device)
     t0 = time.perf_counter()
+    failed = []
     try:
         for exp, cfg in configs:
-            exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
-                                      overwrite=args.overwrite, scale=scale)
+            try:
+                exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
+                                          overwrite=args.overwrite, scale=scale)
+            except Exception as e:  # noqa: BLE001 - one broken experiment must not sink the others
+                if len(configs) == 1 or dist_initialized():
+                    raise
+                failed.append(exp.name)
+                print(f"backproplab: {exp.name} failed ({type(e).__name__}: {e}); its finished runs are kept, "
+                      "going on with the other experiments", file=sys.stderr)
+                continue
             if rank == 0:
                 print(f"{exp.name}: results in {exp_dir}")
         if rank == 0:
@@ -153,7 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed(wait=False)
         raise
     shutdown_distributed()
+    if failed:
+        print(f"backproplab: failed experiments: {', '.join(failed)} (see the messages above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,26 @@ class DataNotFoundError(FileNotFoundError):
     """A dataset's local files are missing; the message names the expected path and layout."""
 
 
+class DataFormatError(ValueError):
+    """A dataset file is corrupt, inconsistent or hostile; the message names the file and what was expected."""
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles only what the CIFAR-10 python batches hold: dicts, lists, bytes, str, numbers and NumPy arrays.
+
+    Any other global (``os.system`` behind a ``__reduce__``, say) is refused before it can run."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays, "
+                                         "lists and bytes")
+        return super().find_class(module, name)
+
+
 @dataclass(frozen=True)
 class Data:
     name: str
@@ -199,9 +219,19 @@ def cifar10(seed: int = 0, root: Path | None = None, unit_range: bool = False) -
             raise _missing("cifar10", f, layout)
 
     def read(f: Path) -> tuple[np.ndarray, np.ndarray]:
-        with open(f, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
-        return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
+        try:
+            with open(f, "rb") as fh:
+                d = _ArraysOnly(fh, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise DataFormatError(f"{f}: not a CIFAR-10 python batch ({e}); expected a pickled dict with b'data' "
+                                  "(N x 3072 uint8) and b'labels' (N ints in 0..9)") from None
+        if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+            raise DataFormatError(f"{f}: expected a dict with keys b'data' and b'labels', got "
+                                  f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
+        data, labels = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
+        if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+            raise DataFormatError(f"{f}: b'data' must be an N x 3072 uint8 array, got {data.shape} {data.dtype}")
+        return data.reshape(-1, 3, 32, 32), _labels(f, labels, len(data), 10)
 
     train = [read(f) for f in files[:5]]
     xt, yt = read(files[5])
@@ -211,23 +241,46 @@ def cifar10(seed: int = 0, root: Path | None = None, unit_range: bool = False) -
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not; a corrupt file raises DataFormatError naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {zero:#x} {dtype_code:#x})")
-        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-        arr = np.frombuffer(f.read(), dtype=np.uint8)
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataFormatError(f"{path}: truncated IDX header ({len(head)} of 4 bytes)")
+            zero, dtype_code, ndim = struct.unpack(">HBB", head)
+            if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+                raise DataFormatError(f"{path} is not an unsigned-byte IDX file (magic {zero:#x} {dtype_code:#x}, "
+                                      f"{ndim} dimensions)")
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DataFormatError(f"{path}: truncated IDX header (dimensions)")
+            shape = struct.unpack(f">{ndim}I", dims)
+            arr = np.frombuffer(f.read(), dtype=np.uint8)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataFormatError(f"{path}: cannot read ({e}); expected an IDX file, gzipped or not") from None
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {arr.size} bytes")
+        raise DataFormatError(f"{path}: header says shape {shape} but holds {arr.size} bytes")
     return arr.reshape(shape)
+
+
+def _labels(path: Path, labels: np.ndarray, count: int, classes: int) -> np.ndarray:
+    """Labels checked against the examples they label: one per example, integers in [0, classes)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataFormatError(f"{path}: {labels.size} labels for {count} examples; expected one label per example")
+    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes):
+        raise DataFormatError(f"{path}: labels must be integers in 0..{classes - 1}, found "
+                              f"{labels.min()}..{labels.max()} ({labels.dtype})")
+    return labels.astype(np.int64)
 
 
 def _idx_dataset(name: str, root: Path | None, unit_range: bool = False) -> Data:
     root = root or default_root()
     candidates = [root / name, root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw"]
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    layout = f"{name}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, gzipped (.gz) or not"
+    best: tuple[int, Path, list] | None = None
     for folder in candidates:
         paths = []
         for stem in stems:
@@ -235,10 +288,20 @@ def _idx_dataset(name: str, root: Path | None, unit_range: bool = False) -> Data
             paths.append(found[0] if found else None)
         if all(paths):
             x, y, xt, yt = (read_idx(p) for p in paths)
-            return _standardise(name, x[:, None].astype(np.float32) / 255, y.astype(np.int64),
-                                xt[:, None].astype(np.float32) / 255, yt.astype(np.int64), 10, unit_range=unit_range)
-    raise _missing(name, candidates[0] / stems[0],
-                   f"{name}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, gzipped (.gz) or not")
+            for images, path in ((x, paths[0]), (xt, paths[2])):
+                if images.ndim != 3:
+                    raise DataFormatError(f"{path}: expected N x rows x cols images, got shape {images.shape}")
+            y, yt = _labels(paths[1], y, len(x), 10), _labels(paths[3], yt, len(xt), 10)
+            return _standardise(name, x[:, None].astype(np.float32) / 255, y, xt[:, None].astype(np.float32) / 255,
+                                yt, 10, unit_range=unit_range)
+        present = sum(p is not None for p in paths)
+        if present and (best is None or present > best[0]):
+            best = (present, folder, paths)
+    if best is not None:  # some files are there: name the first one that is missing
+        _, folder, paths = best
+        missing = next(stem for stem, p in zip(stems, paths) if p is None)
+        raise _missing(name, folder / missing, layout)
+    raise _missing(name, candidates[0] / stems[0], layout)
 
 
 @register_dataset("mnist")
@@ -261,9 +324,17 @@ def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> D
         f = folder / f"{split}_32x32.mat"
         if not f.exists():
             raise _missing("svhn", f, "svhn/train_32x32.mat and svhn/test_32x32.mat (cropped digits, format 2)")
-        m = loadmat(f)
+        try:
+            m = loadmat(f)
+        except Exception as e:  # scipy raises several types for a corrupt file; none runs code
+            raise DataFormatError(f"{f}: not a readable .mat file ({e})") from None
+        if "X" not in m or "y" not in m:
+            raise DataFormatError(f"{f}: expected variables X (32 x 32 x 3 x N) and y (N labels), found "
+                                  f"{sorted(k for k in m if not k.startswith('__'))}")
+        if m["X"].ndim != 4 or m["X"].shape[:3] != (32, 32, 3):
+            raise DataFormatError(f"{f}: X must be 32 x 32 x 3 x N, got {m['X'].shape}")
         x = np.transpose(m["X"], (3, 2, 0, 1)).astype(np.float32) / 255  # (32,32,3,N) -> (N,3,32,32)
-        y = m["y"].reshape(-1).astype(np.int64) % 10  # the format stores digit 0 as label 10
+        y = _labels(f, m["y"].reshape(-1).astype(np.int64) % 10, len(x), 10)  # digit 0 is stored as label 10
         arrays += [x, y]
     return _standardise("svhn", *arrays, 10, unit_range=unit_range)
 

@@ -39,31 +39,43 @@ def _identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
 
 
-def _finals(exp_dir: Path, summary: dict, arm: str) -> list[dict]:
+def _read_json(path: Path, problems: list[str]):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{path}: unreadable ({type(e).__name__}: {str(e)[:120]})")
+        return None
+
+
+def _finals(exp_dir: Path, summary: dict, arm: str, problems: list[str]) -> list[dict]:
     """Final metrics of the summarised config's runs of ``arm`` (another config's leftovers are skipped)."""
     want = _identity(summary.get("config", {}))
     out = []
     for final in sorted((exp_dir / arm).glob("seed*/final.json")):
-        cfg_file = final.parent / "config.json"
-        if cfg_file.exists() and json.loads(cfg_file.read_text()).get("config") == want:
-            out.append(json.loads(final.read_text()))
+        record = _read_json(final.parent / "config.json", problems) if (final.parent / "config.json").exists() else None
+        if isinstance(record, dict) and record.get("config") == want:
+            f = _read_json(final, problems)
+            if isinstance(f, dict):
+                out.append(f)
     return out
 
 
-def final_table(exp_dir: Path, summary: dict,
-                metrics: list[str]) -> list[tuple[str, int, dict[str, tuple[float, float]]]]:
-    """[(arm, number of seeds, {metric: (mean, sd)})] from each run's final.json."""
+def final_table(exp_dir: Path, summary: dict, metrics: list[str],
+                problems: list[str] | None = None) -> list[tuple[str, int, int, dict[str, tuple[float, float]]]]:
+    """[(arm, finished seeds, diverged seeds, {metric: (mean, sd)})] from each run's final.json."""
+    problems = [] if problems is None else problems
     rows = []
     for arm in summary.get("arms", []):
-        finals = _finals(exp_dir, summary, arm)
+        finals = _finals(exp_dir, summary, arm, problems)
         if not finals:
             continue
+        ok = [f for f in finals if f.get("status") != "diverged"]
         stats = {}
         for m in metrics:
-            vals = np.array([f[m] for f in finals if isinstance(f.get(m), (int, float))], dtype=float)
+            vals = np.array([f[m] for f in ok if isinstance(f.get(m), (int, float))], dtype=float)
             if len(vals):
                 stats[m] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
-        rows.append((arm, len(finals), stats))
+        rows.append((arm, len(ok), len(finals) - len(ok), stats))
     return rows
 
 
@@ -71,28 +83,40 @@ def _num(x: float) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
+def _claim_rows(s: dict) -> list[str]:
+    rows = []
+    claims = {c["id"]: c for c in s.get("claims", [])}
+    for v in s.get("verdicts", []):
+        c = claims.get(v["claim"], {})
+        ci = (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None
+              and math.isfinite(v["ci_low"]) else "[no interval]")
+        hyp = c.get("metric_label") or c.get("metric", "")
+        rows.append(
+            f"<tr class='{html.escape(str(v['outcome']))}'><td><b>{html.escape(v['claim'])}</b><br>"
+            f"<small>{html.escape(c.get('statement', ''))}</small></td>"
+            f"<td>{html.escape(c.get('paper', ''))}, {html.escape(c.get('where', ''))}: "
+            f"{html.escape(c.get('paper_value', ''))}</td>"
+            f"<td class='num'><span class='nowrap'>{_num(v['estimate'])}</span> <span class='nowrap'>{ci}</span>"
+            f"<br><small>{html.escape(hyp)}; "
+            f"{html.escape(c.get('direction', ''))}, margin {c.get('margin', 0):g}</small></td>"
+            f"<td class='num'>{v['n']}</td><td>{html.escape(v.get('scale', ''))}</td>"
+            f"<td><b>{html.escape(str(v['outcome']))}</b>"
+            f"{'<br><small>' + html.escape(v['note']) + '</small>' if v.get('note') else ''}"
+            f"</td><td><a href='#{html.escape(s['experiment'])}'>{html.escape(s['experiment'])}</a></td></tr>")
+    return rows
+
+
 def _claims_table(summaries: list[dict]) -> str:
     rows = []
     for s in summaries:
-        claims = {c["id"]: c for c in s.get("claims", [])}
-        for v in s.get("verdicts", []):
-            c = claims.get(v["claim"], {})
-            ci = (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None
-                  and math.isfinite(v["ci_low"]) else "[no interval]")
-            hyp = c.get("metric_label") or c.get("metric", "")
-            rows.append(
-                f"<tr class='{v['outcome']}'><td><b>{html.escape(v['claim'])}</b><br>"
-                f"<small>{html.escape(c.get('statement', ''))}</small></td>"
-                f"<td>{html.escape(c.get('paper', ''))}, {html.escape(c.get('where', ''))}: "
-                f"{html.escape(c.get('paper_value', ''))}</td>"
-                f"<td class='num'><span class='nowrap'>{_num(v['estimate'])}</span> <span class='nowrap'>{ci}</span>"
-                f"<br><small>{html.escape(hyp)}; "
-                f"{html.escape(c.get('direction', ''))}, margin {c.get('margin', 0):g}</small></td>"
-                f"<td class='num'>{v['n']}</td><td>{html.escape(v.get('scale', ''))}</td>"
-                f"<td><b>{v['outcome']}</b>"
-                f"{'<br><small>' + html.escape(v['note']) + '</small>' if v.get('note') else ''}"
-                f"</td><td><a href='#{html.escape(s['experiment'])}'>{html.escape(s['experiment'])}</a></td></tr>")
-    counts = {k: sum(v["outcome"] == k for s in summaries for v in s.get("verdicts", [])) for k in COLOURS}
+        try:
+            rows += _claim_rows(s)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            name = html.escape(str(s.get("experiment")))
+            rows.append(f"<tr class='contradicted'><td colspan='7'>{name}: claims unreadable in summary.json "
+                        f"({html.escape(type(e).__name__)}); re-run the experiment</td></tr>")
+    counts = {k: sum(isinstance(v, dict) and v.get("outcome") == k for s in summaries
+                     for v in (s.get("verdicts") or [])) for k in COLOURS}
     head = ("<colgroup><col style='width:27%'><col style='width:22%'><col style='width:16%'><col style='width:5%'>"
             "<col style='width:6%'><col style='width:17%'><col style='width:7%'></colgroup>"
             "<tr><th>claim</th><th>paper says</th><th>measured: estimate [95% CI]</th><th>seeds</th><th>scale</th>"
@@ -114,19 +138,30 @@ def _section(exp_dir: Path, summary: dict) -> str:
              f"<small>Scale: {html.escape(summary.get('scale', '?'))}, "
              f"{summary.get('seeds', '?')} seeds.</small></p>"]
     verdicts = summary.get("verdicts", [])
-    items = "".join(f"<li class='{v['outcome']}'>{html.escape(_verdict_line(v))}</li>" for v in verdicts)
+    items = "".join(f"<li class='{html.escape(str(v['outcome']))}'>{html.escape(_verdict_line(v))}</li>"
+                    for v in verdicts)
     parts.append(f"<div class='verdict'><b>Verdicts</b><ul>{items or '<li>(no claim judged)</li>'}</ul>"
                  + (f"<b>Notes</b><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in summary.get('notes', []))}</ul>"
                     if summary.get("notes") else "") + "</div>")
-    rows = final_table(exp_dir, summary, metrics)
+    problems: list[str] = []
+    rows = final_table(exp_dir, summary, metrics, problems)
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     body = "".join(
-        f"<tr><td>{html.escape(arm)}</td><td>{n}</td>" +
+        f"<tr><td>{html.escape(arm)}</td><td>{n}{f' (+{d} diverged)' if d else ''}</td>" +
         "".join(f"<td>{s[m][0]:.4g} ± {s[m][1]:.2g}</td>" if m in s else "<td>–</td>" for m in metrics) + "</tr>"
-        for arm, n, s in rows)
-    parts.append(f"<table><tr><th>arm</th><th>seeds</th>{head}</tr>{body}</table><small>mean ± sd over seeds</small>")
+        for arm, n, d, s in rows)
+    parts.append(f"<table><tr><th>arm</th><th>seeds</th>{head}</tr>{body}</table><small>mean ± sd over the seeds "
+                 "that finished; diverged seeds are counted apart</small>")
+    if problems:
+        parts.append("<div class='inconclusive'><b>Unreadable files (left out)</b><ul>" +
+                     "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul></div>")
     for fig in summary.get("figures", []):
-        png = exp_dir / fig
+        png = exp_dir / str(fig)
+        # only a PNG that sits in the experiment folder itself: a summary cannot pull in other local files
+        if Path(str(fig)).name != str(fig) or png.suffix != ".png" or png.is_symlink():
+            parts.append(f"<p class='contradicted'>figure entry {html.escape(str(fig))!s} refused: not a PNG file "
+                         "name inside the experiment folder</p>")
+            continue
         if png.exists():
             data = base64.b64encode(png.read_bytes()).decode()
             parts.append(f"<figure><img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'>"
@@ -150,14 +185,29 @@ def build_report(results_dir: str | Path, out_file: str | Path | None = None) ->
     if not exp_dirs:
         raise FileNotFoundError(f"no experiment results under {results_dir} (expected {results_dir}/<experiment>/"
                                 "summary.json); run `backproplab run NAME` or `backproplab reproduce` first")
-    summaries = [json.loads((d / "summary.json").read_text()) for d in exp_dirs]
+    summaries, broken = [], []
+    for d in exp_dirs:
+        summary = _read_json(d / "summary.json", problems := [])
+        if isinstance(summary, dict) and isinstance(summary.get("experiment"), str):
+            summaries.append((d, summary))
+        else:
+            broken.append((d, problems[0] if problems else f"{d / 'summary.json'}: not a summary object"))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     toc = " · ".join(f"<a href='#{html.escape(d.name)}'>{html.escape(d.name)}</a>" for d in exp_dirs)
+    sections = []
+    for d, summary in summaries:
+        try:
+            sections.append(_section(d, summary))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a malformed summary breaks its section only
+            broken.append((d, f"{d / 'summary.json'}: malformed ({type(e).__name__}: {e})"))
+    sections += [f"<h2 id='{html.escape(d.name)}'>{html.escape(d.name)}</h2><p class='contradicted'>This section "
+                 f"could not be built: {html.escape(why)}. Re-run the experiment to rebuild it.</p>"
+                 for d, why in broken]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>backproplab report</title>"
             f"<meta name='viewport' content='width=device-width'><style>{STYLE}</style></head><body>"
             f"<h1>backproplab report</h1><p>{stamp} · torch {torch.__version__} · Python "
-            f"{platform.python_version()} · {toc}</p>" + _claims_table(summaries) + "\n<hr>\n"
-            + "\n<hr>\n".join(_section(d, s) for d, s in zip(exp_dirs, summaries)) + "</body></html>")
+            f"{platform.python_version()} · {toc}</p>" + _claims_table([s for _, s in summaries]) + "\n<hr>\n"
+            + "\n<hr>\n".join(sections) + "</body></html>")
     out = Path(out_file) if out_file else results_dir / "report.html"
     _io.write_text(out, page)
     return out

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,29 @@ TIMING_KEYS = ("examples_per_s", "step_time", "wall_time")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """The training loss (or an evaluated loss) became NaN or infinite: the run diverged.
+
+    ``step`` and ``epoch`` say where; ``last`` is the last metrics row whose values were all finite (or None)."""
+
+    def __init__(self, message: str, step: int = 0, epoch: int = 0, last: dict | None = None):
+        super().__init__(message)
+        self.step, self.epoch, self.last = step, epoch, last
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject values the loop cannot run with, before anything trains (ValueError naming the field)."""
+    for name in ("lr", "momentum", "weight_decay"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"TrainConfig.{name}={value!r}: must be a finite number >= 0")
+    for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "finite_check_every"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)!r}: must be >= 0")
+    for name in ("chunk_size", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)!r}: must be >= 1")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; available: {', '.join(LOSSES)}")
 
 
 @dataclass
@@ -343,8 +366,9 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
     ``write_final``) ``final.json``.
     """
     cfg = config
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; available: {', '.join(LOSSES)}")
+    check_config(cfg)
+    if len(data.x_train) == 0:
+        raise ValueError(f"dataset {data.name!r} has no training examples; nothing to train on")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = resolve_device(cfg.device)
     data = data.to(device)
@@ -371,7 +395,19 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
     position = 0  # the next batch inside the current epoch
     loss_sum, loss_count = torch.zeros((), device=device), 0
     if ckpt_path is not None and resume and ckpt_path.exists():
-        position, loss_sum, loss_count = _load_checkpoint(ckpt_path, state, callbacks, device)
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt: keep a copy, and start this run (only) over
+            corrupt = ckpt_path.with_name(ckpt_path.name + ".corrupt")
+            os.replace(ckpt_path, corrupt)
+            warnings.warn(f"{ckpt_path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is kept as "
+                          f"{corrupt.name} and this run starts over from its first step", stacklevel=2)
+        else:
+            try:
+                position, loss_sum, loss_count = _restore(ckpt, state, callbacks, device)
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise ValueError(f"{ckpt_path} does not fit this model or optimizer ({str(e)[:300]}); it was written "
+                                 "by another configuration: move it away, or start over with --no-resume") from None
 
     _call(callbacks, "on_train_start", state)
     examples, t_interval, steps_interval, t_start = 0, time.perf_counter(), 0, time.perf_counter()
@@ -394,8 +430,10 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
         if cfg.eval_train:
             tr = evaluate(model, data.x_train, data.y_train, state.loss_fn, cfg.eval_batch_size, classification)
             row.update({f"train_full_{k}": v for k, v in tr.items()})
-        if not math.isfinite(row["train_loss"]):
-            raise NonFiniteLossError(_nan_message(state))
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(_nan_message(state, bad), state.step, state.epoch,
+                                     state.history[-1] if state.history else None)
         row.update({"examples_per_s": examples * world / max(elapsed, 1e-12),
                     "step_time": elapsed / max(steps_interval, 1),
                     "wall_time": wall_offset + time.perf_counter() - t_start})
@@ -424,7 +462,8 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
             loss_sum += loss
             loss_count += 1
             if cfg.finite_check_every and state.step % cfg.finite_check_every == 0 and not math.isfinite(loss):
-                raise NonFiniteLossError(_nan_message(state))
+                raise NonFiniteLossError(_nan_message(state), state.step, state.epoch,
+                                         state.history[-1] if state.history else None)
             _call(callbacks, "on_step_end", state)
             if cfg.eval_every and state.step % cfg.eval_every == 0:
                 record()
@@ -461,9 +500,10 @@ def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1, sh
     return order[rank:total:world]
 
 
-def _nan_message(state: TrainState) -> str:
-    return (f"training loss is not finite at step {state.step} (epoch {state.epoch}, optimizer "
-            f"{state.config.optimizer!r}, lr={state.config.lr}); lower the learning rate or check the data")
+def _nan_message(state: TrainState, which: Sequence[str] = ("train_loss",)) -> str:
+    return (f"{', '.join(which)} not finite at step {state.step} (epoch {state.epoch}, optimizer "
+            f"{state.config.optimizer!r}, lr={state.config.lr}): the run diverged; lower the learning rate or check "
+            "the data")
 
 
 def _call(callbacks: Sequence[Any], event: str, state: TrainState) -> None:
@@ -488,8 +528,7 @@ def _save_checkpoint(path: Path, state: TrainState, callbacks, position: int, lo
     _io.torch_save(path, ckpt)
 
 
-def _load_checkpoint(path: Path, state: TrainState, callbacks, device: torch.device) -> tuple[int, Tensor, int]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def _restore(ckpt: dict, state: TrainState, callbacks, device: torch.device) -> tuple[int, Tensor, int]:
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.step, state.epoch, state.history = ckpt["step"], ckpt["epoch"], list(ckpt["history"])

@@ -27,6 +27,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
+import os
+import re
 import shutil
 import sys
 import types
@@ -126,12 +129,24 @@ class Results:
         self.arm_names = [a.name for a in arms]
         self._seeds = {a.name: seeds_of(a) for a in arms}
 
+    def _all(self, arm: str) -> dict[int, dict]:
+        out = {}
+        for s in range(self._seeds.get(arm, 0)):
+            f = self.exp_dir / arm / f"seed{s}" / "final.json"
+            if f.exists():
+                out[s] = json.loads(f.read_text())
+        return out
+
     def seeds(self, arm: str) -> list[int]:
-        return [s for s in range(self._seeds.get(arm, 0)) if (self.exp_dir / arm / f"seed{s}" / "final.json").exists()]
+        """Seeds of ``arm`` that finished without diverging."""
+        return list(self.finals(arm))
+
+    def diverged(self, arm: str) -> list[int]:
+        return [s for s, f in self._all(arm).items() if f.get("status") == "diverged"]
 
     def finals(self, arm: str) -> dict[int, dict]:
-        """``{seed: final metrics}`` of one arm."""
-        return {s: json.loads((self.exp_dir / arm / f"seed{s}" / "final.json").read_text()) for s in self.seeds(arm)}
+        """``{seed: final metrics}`` of one arm's runs that finished without diverging."""
+        return {s: f for s, f in self._all(arm).items() if f.get("status") != "diverged"}
 
     def final_list(self, arm: str) -> list[dict]:
         return list(self.finals(arm).values())
@@ -144,7 +159,8 @@ class Results:
         return {a: r for a in self.arm_names if (r := self.runs(a))}
 
     def values(self, arm: str, metric: str) -> dict[int, float]:
-        return {s: float(f[metric]) for s, f in self.finals(arm).items() if metric in f}
+        return {s: float(f[metric]) if f[metric] is not None else float("nan")
+                for s, f in self.finals(arm).items() if metric in f}
 
 
 @dataclass
@@ -281,8 +297,7 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
             raise ConfigError(f"bad value {raw!r} for {key!r} in experiment {exp.name!r}: expected "
                               f"{_type_name(hints[key])}. Valid keys:\n{describe_fields(exp.config)}") from None
     cfg = exp.config(**values)
-    if cfg.seeds < 1:
-        raise ConfigError(f"seeds={cfg.seeds}: need at least 1 (and 2 for a confidence interval)")
+    check_values(exp, cfg)
     check = getattr(cfg, "validate", None)
     if check is not None:
         check()
@@ -290,10 +305,75 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
     return cfg
 
 
+AT_LEAST_ONE = ("seeds", "epochs", "steps", "iters", "evals", "inits", "examples", "batch", "batch_size", "per_class",
+                "size", "cert_n", "cert_n0", "every", "times", "workers", "canaries", "factor", "widths", "channels",
+                "multipliers", "ks", "width", "per_epoch")
+ZERO_OK = ("eval_every", "checkpoint_every", "n_train", "noise_multiplier", "curveball_lr", "curveball_momentum")
+PROBABILITIES = ("dropout", "dropconnect", "stochastic_depth", "disturb_alpha", "delta", "cert_alpha")
+DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
+
+
+def check_values(exp: Experiment, cfg: Any) -> None:
+    """Ranges every experiment shares, by field name: numbers finite and >= 0; counts (epochs, steps, seeds,
+    batch sizes, ...) >= 1; learning rates > 0 (CurveBall's 0 means automatic); probabilities in [0, 1);
+    lists non-empty; datasets known; a device that exists. Raises ConfigError naming the key and the range."""
+    from ..data import DATASETS
+    from ..train import resolve_device
+
+    def fail(key: str, value: Any, want: str) -> None:
+        raise ConfigError(f"bad value {value!r} for {key!r} in experiment {exp.name!r}: {want}")
+
+    for f in dataclasses.fields(cfg):
+        key, value = f.name, getattr(cfg, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and not value:
+            fail(key, value, "the list must not be empty")
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or v < 0:
+                fail(key, v, "expected a finite number >= 0")
+            if key in ZERO_OK:
+                continue
+            if key.endswith(AT_LEAST_ONE) and isinstance(v, int) and v < 1:
+                fail(key, v, "expected at least 1")
+            if (key == "lr" or key.endswith("_lr") or key == "epsilons") and v <= 0:
+                fail(key, v, "expected a number > 0")
+            if key in PROBABILITIES and not v < 1:
+                fail(key, v, "expected a probability in [0, 1)")
+    for key in ("datasets", "dataset"):
+        names = getattr(cfg, key, None)
+        for name in (names if isinstance(names, tuple) else (names,) if names is not None else ()):
+            if name != "auto" and name not in DATASETS:
+                fail(key, name, f"unknown dataset; choose from {', '.join(sorted(DATASETS))}" +
+                     (" or auto" if isinstance(names, tuple) else ""))
+    if not DEVICE.match(cfg.device):
+        fail("device", cfg.device, "expected cpu, cuda, cuda:N, mps or auto")
+    try:
+        resolve_device(cfg.device)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_n_train(cfg: Any, datasets: Sequence[str]) -> None:
+    """``n_train`` must not exceed any dataset's training set (0 means all of it)."""
+    from ..data import DataNotFoundError, load_dataset
+
+    for name in datasets:
+        try:
+            size = len(load_dataset(name, root=cfg.data_root or None).x_train)
+        except DataNotFoundError:
+            continue  # reported where the run needs the files, with the expected layout
+        if cfg.n_train > size:
+            raise ConfigError(f"bad value {cfg.n_train!r} for 'n_train': dataset {name!r} has {size} training "
+                              f"examples; use 1..{size}, or 0 for all of them")
+
+
 def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
     bad = [v for v in values if v not in allowed]
     if bad:
-        raise ConfigError(f"{name}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+        raise ConfigError(f"bad value {', '.join(map(repr, bad))} for {name!r}: unknown; choose from "
+                          f"{', '.join(allowed)}")
 
 
 def identity(cfg: Any) -> dict:
@@ -317,7 +397,7 @@ def _barrier() -> None:
 def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True, progress: bool = True,
         overwrite: bool = False, scale: str = "full") -> Path:
     """Run every arm and seed of ``exp`` under ``out/<name>/``, judge the claims, analyze; returns the folder."""
-    from ..train import resolve_device, seed_everything
+    from ..train import NonFiniteLossError, resolve_device, seed_everything
 
     exp_dir = Path(out) / exp.name
     device = str(resolve_device(cfg.device))
@@ -343,7 +423,14 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
             _io.write_json(run_dir / "config.json", run_config)
         _barrier()
         seed_everything(seed)
-        final = exp.run_arm(Run(cfg, arm, seed, run_dir, exp_dir, resume and not overwrite, device))
+        try:
+            final = {"status": "ok", **exp.run_arm(Run(cfg, arm, seed, run_dir, exp_dir, resume and not overwrite,
+                                                       device))}
+        except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
+            final = {"status": "diverged", "diverged_at_step": e.step, "diverged_at_epoch": e.epoch,
+                     "error": str(e), "last_finite": e.last}
+            if _rank() == 0:
+                print(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on", file=sys.stderr)
         if _rank() == 0:
             _io.write_json(run_dir / "final.json", final)  # written once, last: its presence marks the run done
     if _rank() == 0:
@@ -354,6 +441,7 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
             "experiment": exp.name, "description": exp.description, "scale": scale, "seeds": cfg.seeds,
             "claims": [dataclasses.asdict(c) for c in exp.claims(cfg)],
             "verdicts": [v.to_dict() for v in verdicts], "notes": notes,
+            "diverged": {a.name: d for a in arms if (d := results.diverged(a.name))},
             "arms": [a.name for a in arms], "table_metrics": list(exp.table_metrics),
             "figures": sorted(p.name for p in exp_dir.glob("*.png")), "config": dataclasses.asdict(cfg)})
     _barrier()
@@ -361,7 +449,14 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
 
 
 def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, overwrite: bool = False) -> None:
-    """Raise :class:`ConfigError` if results of another config stand where this one would write."""
+    """Raise :class:`ConfigError` if ``out`` cannot hold results, or results of another config stand where this
+    one would write."""
+    out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; name a folder for the results")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable; name a folder you can write to")
     record, seeds_of = identity(cfg), exp.seeds_of(cfg)
     for arm in exp.arms(cfg):
         for seed in range(seeds_of(arm)):
@@ -376,7 +471,17 @@ def judge_claims(exp: Experiment, cfg: Any, results: Results, scale: str) -> lis
         for arm in (c.arm, c.baseline):
             if arm is not None:
                 values[f"{arm}:{c.metric}"] = results.values(arm, c.metric)
-    return judge_all(claims, {k: v for k, v in values.items() if v}, scale=scale)
+    verdicts = judge_all(claims, {k: v for k, v in values.items() if v}, scale=scale)
+    by_id = {c.id: c for c in claims}
+    for v in verdicts:  # a diverged seed is left out of the pairing; the verdict says so
+        c = by_id[v.claim]
+        lost = {arm: results.diverged(arm) for arm in (c.arm, c.baseline) if arm is not None}
+        lost = {arm: seeds for arm, seeds in lost.items() if seeds}
+        if lost:
+            text = "; ".join(f"{len(seeds)} seed(s) of {arm} diverged ({', '.join(map(str, seeds))})"
+                             for arm, seeds in lost.items())
+            v.note = f"{text}, left out of the pairing" + (f"; {v.note}" if v.note else "")
+    return verdicts
 
 
 def _same_identity(run_dir: Path, record: dict) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 from .. import plots
 from ..evidence import Claim
 from ..models import build_model
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, final_values
+from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
 PAPER = "Sutskever et al., ICML 2013"
@@ -38,6 +38,7 @@ class BaselinesConfig(ExperimentConfig):
     eval_every: int = 0
 
     def validate(self) -> None:
+        check_n_train(self, self.datasets)
         check_choices("optimizers", self.optimizers, OPTIMIZERS)
         check_choices("models", self.models, ("mlp", "cnn"))
 

@@ -27,7 +27,7 @@ from ..data import DataNotFoundError, load_dataset
 from ..evidence import Claim
 from ..methods import msgd
 from ..models import build_model
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, final_values
+from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values
 
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
 LARGE = ("large_sgd", "large_weighted")
@@ -51,6 +51,7 @@ class MSGDConfig(ExperimentConfig):
     seeds: int = 10
 
     def validate(self) -> None:
+        check_n_train(self, _datasets(self))
         check_choices("methods", self.methods, SMALL + LARGE)
 
 
