@@ -221,10 +221,120 @@ def test_pixeldp_bisection_matches_the_laplace_closed_form():
     size = robustness.pixeldp_certified_size(lower, upper, b, sens, delta=0.0, mechanism="laplace")
     expected = 0.5 * math.log(lower / upper) * b / sens  # e^{2 eps} = lower/upper, eps = sens L / b
     assert math.isclose(size, expected, rel_tol=1e-6)
+    # Gaussian: bounds close enough that the robustness condition, not the eps <= 1 validity cap, binds
+    lower, upper = 0.6, 0.35
     g = robustness.pixeldp_certified_size(lower, upper, 1.0, 1.0, delta=1e-5, mechanism="gaussian")
     eps = robustness.pixeldp_epsilon(g, 1.0, 1.0, 1e-5)
+    assert 0 < eps < 1
     assert robustness.pixeldp_robust(lower, upper, eps * (1 - 1e-6), 1e-5)
-    assert not robustness.pixeldp_robust(lower, upper, eps * 1.001, 1e-5) or eps >= 1 - 1e-9
+    assert not robustness.pixeldp_robust(lower, upper, eps * 1.001, 1e-5)
+
+
+def test_epsilon_agrees_with_an_independent_accountant():
+    """Google's dp-accounting (a separate implementation from Opacus's) gives the same RDP epsilon for the
+    steps the runner took, and a PLD epsilon close to the PRV one."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from dp_accounting import dp_event, pld, rdp
+
+    data = _toy(n=64)
+    model = privacy.prepare_model(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)))
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, batch_size=16, epochs=6)
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=64, batch_size=16, steps=24,
+                       config=privacy.DPConfig(noise_multiplier=1.3, max_grad_norm=1.0, delta=1e-4))
+    history = fit(dp.model, data, cfg, optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
+    event = dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(16 / 64, dp_event.GaussianDpEvent(1.3)), 24)
+    reference = rdp.RdpAccountant().compose(event).get_epsilon(1e-4)
+    # the two libraries search different grids of RDP orders: the epsilons agree to the grid, 0.5%
+    assert history[-1]["epsilon_rdp"] == pytest.approx(reference, rel=5e-3)
+    pld_eps = pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(1e-4)
+    assert history[-1]["epsilon_prv"] == pytest.approx(pld_eps, rel=0.02)
+    assert dp_accounting is not None
+
+
+def test_secure_mode_uses_a_csprng_and_is_recorded():
+    data = _toy(n=32)
+    model = privacy.prepare_model(nn.Sequential(nn.Linear(5, 3)))
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=32, batch_size=8, steps=8,
+                       config=privacy.DPConfig(noise_multiplier=1.0, secure_mode=True))
+    torch.manual_seed(0)
+    a = [dp.poisson_batch("cpu") for _ in range(5)]
+    torch.manual_seed(0)
+    b = [dp.poisson_batch("cpu") for _ in range(5)]
+    assert any(not torch.equal(x, y) for x, y in zip(a, b))  # the public seed does not fix the batches
+    history = fit(dp.model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=8, epochs=1),
+                  optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
+    assert history[-1]["secure_mode"] is True
+
+
+def test_certify_selects_and_estimates_from_separate_samples(monkeypatch):
+    """Cohen et al.: the class is picked from n0 draws and bounded from n fresh ones, never the same draws."""
+    calls = []
+    real = robustness.sample_counts
+
+    def recording(model, x, sigma, n, *args, **kwargs):
+        counts = real(model, x, sigma, n, *args, **kwargs)
+        calls.append((n, counts.clone()))
+        return counts
+
+    monkeypatch.setattr(robustness, "sample_counts", recording)
+    model = nn.Sequential(nn.Linear(2, 2))
+    robustness.certify(model, torch.zeros(2), 0.5, 7, 300, 0.01, 2, generator=torch.Generator().manual_seed(0))
+    assert [n for n, _ in calls] == [7, 300] and int(calls[0][1].sum()) == 7 and int(calls[1][1].sum()) == 300
+
+
+def test_dp_sgd_batches_are_poisson_samples():
+    """Each example joins each batch independently with probability q: batch sizes are Binomial(n, q)
+    (a fixed-size shuffled batch would have no variance) and every example's rate is q."""
+    n, b = 400, 40
+    model = privacy.prepare_model(nn.Sequential(nn.Linear(3, 2)))
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=n, batch_size=b, steps=1,
+                       config=privacy.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    torch.manual_seed(0)
+    draws = [dp.poisson_batch("cpu") for _ in range(2000)]
+    sizes = torch.tensor([len(d) for d in draws], dtype=torch.float64)
+    q = b / n
+    assert float(sizes.mean()) == pytest.approx(n * q, rel=0.02)
+    assert float(sizes.var()) == pytest.approx(n * q * (1 - q), rel=0.15)  # sd of a sample variance: ~3%
+    rate = torch.bincount(torch.cat(draws), minlength=n).double() / len(draws)
+    assert float(rate.mean()) == pytest.approx(q, rel=0.02) and all(len(set(d.tolist())) == len(d) for d in draws)
+
+
+def test_mim_matches_the_momentum_iterative_method():
+    """Dong et al. 2018, written out: g <- mu g + grad / ||grad||_1; x <- clip_eps(x + (eps/T) sign(g))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.rand(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    eps, steps, mu = 0.3, 6, 1.0
+    adv, g = x.clone(), torch.zeros_like(x)
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), y), adv)
+        g = mu * g + grad / grad.abs().sum(1, keepdim=True)
+        adv = (x + (adv.detach() + eps / steps * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    ours = robustness.mim(model, x, y, eps, steps=steps, decay=mu, clip=(0.0, 1.0))
+    torch.testing.assert_close(ours, adv)
+    plain = robustness.mim(model, x, y, eps, steps=steps, decay=0.0, clip=(0.0, 1.0))
+    assert not torch.equal(plain, ours)  # the momentum changes the path on this model
+
+
+def test_pgd_only_evaluates_inputs_in_the_data_range():
+    """The random start is clipped too: the model never sees an input outside the data range."""
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            seen.append((float(x.detach().min()), float(x.detach().max())))
+            return self.linear(x)
+
+    x = torch.tensor([[0.0, 1.0, 0.02, 0.98]]).repeat(8, 1)
+    adv = robustness.pgd(Recording(), x, torch.zeros(8, dtype=torch.long), 0.3, steps=3, clip=(0.0, 1.0),
+                         generator=torch.Generator().manual_seed(1))
+    assert seen and all(lo >= 0.0 and hi <= 1.0 for lo, hi in seen), seen
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
 
 
 def test_privacy_experiment_and_certify_cli(tmp_path, capsys):
@@ -255,3 +365,57 @@ def test_privacy_experiment_and_certify_cli(tmp_path, capsys):
         capsys.readouterr()
         assert main(["certify", str(run), *bad]) == 2
         assert capsys.readouterr().err.startswith(f"backproplab: {name} ")
+
+
+_DP_TORCHRUN = """
+import json, sys, torch
+from torch import nn
+from backproplab.data import load_dataset
+from backproplab.methods import privacy
+from backproplab.train import TrainConfig, fit, init_distributed
+rank, world = init_distributed("cpu")
+data = load_dataset("digits", n_train=64)
+fixed = torch.arange(0, 64, 4)  # 16 examples; under torchrun rank r takes its own share of them
+torch.manual_seed(0)
+model = privacy.prepare_model(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)))
+dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.5), n=64, batch_size=16, steps=3,
+                   config=privacy.DPConfig(noise_multiplier=float(sys.argv[2]), max_grad_norm=0.1))
+if sys.argv[3] == "fixed":
+    dp.poisson_batch = lambda device: fixed[fixed % world == rank]
+history = fit(dp.model, data, TrainConfig(optimizer="sgd", lr=0.5, batch_size=16, max_steps=3, eval_every=3),
+              optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
+if rank == 0:
+    torch.save(dp.model._module.state_dict(), sys.argv[1])
+    json.dump({"epsilon": history[-1]["epsilon_rdp"]}, open(sys.argv[1] + ".json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_dp_sgd_under_torchrun_equals_one_process(tmp_path):
+    """2 gloo ranks: with noise off, the clipped update equals one process on the combined batch; the
+    accounting is the same; with noise on, both ranks end with the same weights (noise added once)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_TORCHRUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, noise, mode, ranks):
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+               if ranks > 1 else [sys.executable])
+        done = subprocess.run([*cmd, str(script), str(out), str(noise), mode], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(out), json.loads((tmp_path / (out.name + ".json")).read_text())["epsilon"]
+
+    one, eps_one = run(tmp_path / "one.pt", 0.0, "fixed", 1)
+    two, eps_two = run(tmp_path / "two.pt", 0.0, "fixed", 2)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+    noisy_one, eps_noisy_one = run(tmp_path / "n1.pt", 1.0, "poisson", 1)
+    noisy_two, eps_noisy_two = run(tmp_path / "n2.pt", 1.0, "poisson", 2)
+    assert eps_noisy_two == pytest.approx(eps_noisy_one, rel=1e-12) and eps_noisy_two > 0
+    assert any(not torch.equal(noisy_two[k], two[k]) for k in two)  # the noise did act

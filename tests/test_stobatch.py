@@ -38,7 +38,7 @@ def test_noise_scales_follow_the_formulas():
     assert s.eps2_prime == pytest.approx(eps2p)
     assert s.input_scale == pytest.approx(delta2 / (100 * eps2p))
     assert s.latent_scale == pytest.approx(2 * delta2 / (100 * eps2p))
-    assert s.delta3 == 128 and s.output_scale == pytest.approx(128 / (2.0 * 100))
+    assert s.delta3 == 2 * (64 + 1) and s.output_scale == pytest.approx(130 / (2.0 * 100))  # bias: a constant input
 
 
 def test_laplace_sampler_has_the_laplace_variance():
@@ -182,12 +182,78 @@ def test_stobatch_training_step_runs_in_the_loop_and_keeps_the_bound():
     history = fit(model, data, TrainConfig(optimizer="sgd", lr=0.05, epochs=2, batch_size=32), step=sto.step())
     assert math.isfinite(history[-1]["train_loss"])
     assert float(sb.spectral_norm_w1(model.encoder.weight)) <= 1.0 + 1e-5
+
+def test_each_batch_releases_one_noise_draw_shared_by_its_examples():
+    shape = (32, 1, 8, 8)
+    sto = sb.StoBatch(sb.StoBatchNet(), 96, sb.StoBatchConfig(batch=32))
+    first = sto.noise(0, 0, shape, "cpu")
+    assert first[0].shape == (1, 1, 8, 8) and first[1].shape[0] == 1  # one draw for the whole batch
+    assert all(torch.equal(a, b) for a, b in zip(first, sto.noise(0, 9, shape, "cpu")))  # reused at every visit
+    assert not torch.equal(first[0], sto.noise(1, 0, shape, "cpu")[0])  # another batch, another draw
+    assert sto.epsilon_spent(steps=1000) == sto.epsilon_claimed() == 1.0
+    redraw = sb.StoBatch(sb.StoBatchNet(), 96, sb.StoBatchConfig(batch=32, redraw_noise=True))
+    assert not torch.equal(redraw.noise(0, 0, shape, "cpu")[0], redraw.noise(0, 1, shape, "cpu")[0])
+    # 3 batches, 2 per step: in 30 steps each batch is visited 20 times, and each visit is a new release
+    assert redraw.visits(30) == [20, 20, 20] and redraw.epsilon_spent(30) == pytest.approx(20 * 1.0)
     paper = sb.StoBatch(sb.StoBatchNet(), 96, sb.StoBatchConfig(batch=32, paper_compat=True))
-    a = paper.noise(0, 0, (32, 1, 8, 8), "cpu")
-    b = paper.noise(0, 7, (32, 1, 8, 8), "cpu")
-    assert torch.equal(a[0], b[0])  # paper mode: one draw reused
-    fresh = sto.noise(0, 0, (32, 1, 8, 8), "cpu")[0]
-    assert not torch.equal(fresh, sto.noise(0, 1, (32, 1, 8, 8), "cpu")[0])  # corrected: fresh every step
+    assert all(torch.equal(a, b) for a, b in zip(paper.noise(0, 0, shape, "cpu"), paper.noise(2, 7, shape, "cpu")))
+    assert paper.epsilon_spent(10) == math.inf  # one draw shared by all batches: no guarantee
+
+
+def test_paper_mode_shared_noise_cancels_between_two_batches():
+    """The distinguishing attack: in paper mode two batches share the output-coefficient noise, so subtracting
+    their released gradients cancels it exactly, leaving a noise-free function of the two batches' data."""
+    data = _data(64)
+    torch.manual_seed(0)
+    model = sb.StoBatchNet()
+    w = model.out.weight
+
+    def released_difference(sto, without_noise=False):
+        grads = []
+        for b in (0, 1):
+            x, y = data.x_train[sto.batches[b]], data.y_train[sto.batches[b]]
+            loss = sto.batch_loss(model, x, y, b, 0, 10)
+            if without_noise:
+                loss = loss - sto.coefficient_noise(*sto.noise(b, 0, x.shape, "cpu")[2:])
+            grads.append(torch.autograd.grad(loss, w)[0])
+        return grads[0] - grads[1]
+
+    for paper in (True, False):
+        config = sb.StoBatchConfig(eps2=0.5, eps3=0.5, batch=32, attack_steps=0, paper_compat=paper)
+        sto = sb.StoBatch(model, 64, config)
+        gap = (released_difference(sto) - released_difference(sto, without_noise=True)).abs().max()
+        if paper:
+            assert gap < 1e-5  # the noise is gone from the difference
+        else:
+            assert gap > 0.1  # per-batch draws do not cancel
+
+
+def test_released_output_coefficients_carry_the_stated_laplace_noise():
+    """The gradient of a batch's loss with respect to the output layer, minus the same loss without the noise
+    term, is the noise released on the batch-mean coefficients: over many batches it must be Laplace with
+    scale Delta3 / (eps3 L) (Kolmogorov-Smirnov against scipy's Laplace)."""
+    from scipy import stats
+
+    data = _data(96)
+    torch.manual_seed(0)
+    model = sb.StoBatchNet()
+    released_w, released_b = [], []
+    out = [model.out.weight, model.out.bias]
+    for seed in range(40):
+        # the same run without output-layer noise (eps3 -> infinity): the input and latent draws are the same
+        sto, clean_sto = (sb.StoBatch(model, 96, sb.StoBatchConfig(eps2=1.0, eps3=eps3, batch=32, attack_steps=1,
+                                                                  seed=seed)) for eps3 in (2.0, 1e12))
+        idx = sto.batches[0]
+        x, y = data.x_train[idx], data.y_train[idx]
+        noisy = torch.autograd.grad(sto.batch_loss(model, x, y, 0, 0, 10), out)
+        clean = torch.autograd.grad(clean_sto.batch_loss(model, x, y, 0, 0, 10), out)
+        released_w.append((noisy[0] - clean[0]).flatten())
+        released_b.append(noisy[1] - clean[1])
+    scale = sto.scales.output_scale
+    assert scale == pytest.approx(2 * (64 + 1) / (2.0 * 32))
+    for released in (torch.cat(released_w), torch.cat(released_b)):
+        result = stats.kstest(released.double().numpy(), "laplace", args=(0.0, scale))
+        assert result.pvalue > 0.01, (float(released.abs().mean()), scale)
 
 
 _TORCHRUN_SCRIPT = """
@@ -242,3 +308,41 @@ def test_tied_decoder_reconstructs_the_input_shape(shape):
     h = torch.randn_like(model.encode(x))
     torch.testing.assert_close((model.encode(x) * h).sum(), (x * model.decode_preactivation(h)).sum(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_l1_sensitivity_bounds_every_single_pixel_change():
+    """PixelDP needs the l1 sensitivity of the first layer: the largest ||W1 e||_1 over unit-l1 input changes.
+    Brute force over every one-pixel change of size 1: the bound must cover it, and not by a wide margin."""
+    torch.manual_seed(0)
+    for shape in ((1, 8, 8), (3, 9, 9)):
+        model = sb.StoBatchNet(shape)
+        c, h, w = shape
+        pixels = torch.eye(c * h * w).view(-1, c, h, w)
+        with torch.no_grad():
+            brute = float(model.encode(pixels).abs().flatten(1).sum(1).max())
+        bound = sb.l1_sensitivity(model)
+        assert brute <= bound + 1e-5 and bound <= model.kernel**2 * brute, (brute, bound)
+
+
+def _laplace_counts(eps: float, m: int, seed: int, leak: float = 1.0):
+    """A per-canary counting release: coordinate i is 1[canary i trained on] + Lap(1 / eps); each canary
+    touches one coordinate, so it is eps-DP. ``leak`` > 1 shrinks the noise: the mechanism's true epsilon
+    becomes leak x eps while it still claims eps."""
+    g = torch.Generator().manual_seed(seed)
+    included = torch.rand(m, generator=g) < 0.5
+    released = included.double() + sb.laplace((m,), 1.0 / (eps * leak), g).double()
+    return released, included
+
+
+def test_one_run_audit_finds_a_leak_and_stays_below_a_true_epsilon():
+    eps = 1.0
+    bounds = [sb.one_run_audit(*_laplace_counts(eps, 1000, seed), guesses=200)["epsilon_lower_bound"]
+              for seed in range(20)]
+    assert max(bounds) <= eps  # a valid lower bound: at most beta = 5% of audits may exceed it; none does here
+    leaky = [sb.one_run_audit(*_laplace_counts(eps, 1000, seed, leak=10.0), guesses=200)["epsilon_lower_bound"]
+             for seed in range(5)]
+    assert min(leaky) > eps, leaky  # noise 10x too small: the audit reports a bound above the claim
+    # the bound's ceiling with r guesses, all correct
+    perfect = sb.one_run_audit(torch.arange(100.0), torch.arange(100) >= 50, guesses=100)
+    assert perfect["correct"] == 100
+    assert perfect["epsilon_lower_bound"] == pytest.approx(perfect["max_certifiable"], rel=1e-6)

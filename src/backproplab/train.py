@@ -374,7 +374,7 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
     data = data.to(device)
     model.to(device)
     net = model
-    if world > 1:
+    if world > 1 and not getattr(model, "no_ddp", False):  # DP-SGD averages its clipped gradients itself
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = optimizer or make_optimizer(model, cfg)
     step = step or OPTIMIZER_STEPS.get(cfg.optimizer, standard_step)

@@ -34,6 +34,7 @@ class DPConfig:
     target_epsilon: float | None = None
     delta: float = 1e-5
     accountant: str = "rdp"  # which accountant picks the noise multiplier for target_epsilon
+    secure_mode: bool = False  # Opacus's secure_mode: noise from a CSPRNG, not from the (public) run seed
 
 
 def prepare_model(model: nn.Module, quiet: bool = False) -> nn.Module:
@@ -62,17 +63,17 @@ class DPSGD:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int, steps: int,
                  config: DPConfig):
+        import torch.distributed as dist
         from opacus import GradSampleModule
         from opacus.accountants import PRVAccountant, RDPAccountant
         from opacus.accountants.utils import get_noise_multiplier
-        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
-        import torch.distributed as dist
-
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError("DP-SGD here runs in one process: under torchrun every rank would add its own "
-                                      "noise and the accounting would not hold. Run DP-SGD without torchrun (for the "
-                                      "stobatch experiment: --set dp_baselines=false under torchrun)")
+        # under torchrun: rank r holds the examples r, r + W, ...; each rank Poisson-samples its own share at
+        # the global rate q (so every example still joins a step with probability q, independently), clips
+        # per example, and Opacus's DistributedDPOptimizer adds the noise once (rank 0) before averaging
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.n, self.batch_size, self.config = n, batch_size, config
         self.sample_rate = batch_size / n
         noise = config.noise_multiplier
@@ -85,8 +86,21 @@ class DPSGD:
             raise ValueError("DP-SGD needs noise_multiplier or target_epsilon")
         self.noise_multiplier = float(noise)
         self.model = model if isinstance(model, GradSampleModule) else GradSampleModule(model)
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
-                                     max_grad_norm=config.max_grad_norm, expected_batch_size=batch_size)
+        self.model.no_ddp = True  # the loop must not wrap it in DDP: gradients are clipped before they are averaged
+        if self.world > 1:
+            with torch.no_grad():  # every rank starts from rank 0's weights
+                for p in self.model.parameters():
+                    dist.broadcast(p, 0)
+            self.optimizer = DistributedDPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                                    max_grad_norm=config.max_grad_norm,
+                                                    expected_batch_size=batch_size / self.world,
+                                                    secure_mode=config.secure_mode)
+        else:
+            self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                         max_grad_norm=config.max_grad_norm, expected_batch_size=batch_size,
+                                         secure_mode=config.secure_mode)
+        # this rank's sampling stream: its own, so that two ranks' inclusions are independent
+        self.sampler = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.rank) % 2**63)
         self.accountants = {"rdp": RDPAccountant(), "prv": PRVAccountant()}
         hooks = [acc.get_optimizer_hook_fn(sample_rate=self.sample_rate) for acc in self.accountants.values()]
 
@@ -100,6 +114,8 @@ class DPSGD:
         acc = self.accountants[kind]
         if not acc.history:
             return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf  # no noise: no privacy (the accountants cannot represent it)
         with warnings.catch_warnings():  # Opacus warns when the optimal RDP order is at the grid's edge
             warnings.simplefilter("ignore")
             return float(acc.get_epsilon(self.config.delta))
@@ -109,17 +125,29 @@ class DPSGD:
         state.history[-1]["epsilon_rdp"] = self.epsilon("rdp")
         state.history[-1]["epsilon_prv"] = self.epsilon("prv")
         state.history[-1]["noise_multiplier"] = self.noise_multiplier
+        state.history[-1]["secure_mode"] = self.config.secure_mode
 
     def state_dict(self) -> dict:
-        return {k: [list(h) for h in a.history] for k, a in self.accountants.items()}
+        return {**{k: [list(h) for h in a.history] for k, a in self.accountants.items()},
+                "sampler": self.sampler.get_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         for k, a in self.accountants.items():
             a.history = [tuple(h) for h in sd[k]]
+        if "sampler" in sd:
+            self.sampler.set_state(sd["sampler"])
 
     def poisson_batch(self, device: torch.device | str) -> Tensor:
-        """Indices of a Poisson sample: each training example independently with probability q."""
-        return torch.nonzero(torch.rand(self.n) < self.sample_rate).flatten().to(device)
+        """Indices of a Poisson sample: each training example independently with probability q (in secure mode
+        from the operating system's CSPRNG, so the public run seed does not reveal the batches)."""
+        share = torch.arange(self.rank, self.n, self.world)
+        if self.config.secure_mode:
+            import secrets
+
+            u = torch.tensor([secrets.randbits(53) for _ in range(len(share))], dtype=torch.float64) / 2**53
+        else:
+            u = torch.rand(len(share), generator=self.sampler, dtype=torch.float64)
+        return share[u < self.sample_rate].to(device)
 
     def step(self, loss_terms: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None) -> Callable:
         """The loop's step: Poisson batch, per-example clipped gradients of the mean loss, noise, update.

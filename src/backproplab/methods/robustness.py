@@ -93,6 +93,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10, ste
             d = torch.randn(x.shape, generator=generator, device="cpu").to(x)
             r = torch.rand(len(x), generator=generator, device="cpu").to(x).view(-1, *[1] * (x.dim() - 1))
             delta = d / _flat_norm(d) * eps * r
+        if clip:  # the start must be a valid input too
+            delta = (x + delta).clamp(*clip) - x
     with _hooks_off(model):
         for _ in range(steps):
             g = _input_grad(model, x + delta, y, loss_fn)
