@@ -346,3 +346,16 @@ def test_one_run_audit_finds_a_leak_and_stays_below_a_true_epsilon():
     perfect = sb.one_run_audit(torch.arange(100.0), torch.arange(100) >= 50, guesses=100)
     assert perfect["correct"] == 100
     assert perfect["epsilon_lower_bound"] == pytest.approx(perfect["max_certifiable"], rel=1e-6)
+
+
+def test_paper_ensemble_attack_stays_in_its_ball_and_raises_the_loss():
+    data = _data(48)
+    torch.manual_seed(0)
+    model = sb.StoBatchNet().eval()
+    x, y = data.x_train[:48], data.y_train[:48]
+    nh = torch.zeros(1, *model.latent_shape)
+    g = torch.Generator().manual_seed(0)
+    adv = sb.ensemble_attack(model, x, y, 0.2, 3, nh, g)
+    assert float((adv - x).abs().max()) <= 0.2 + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    loss = lambda inputs: float(torch.nn.functional.cross_entropy(model(inputs, nh.expand(48, *nh.shape[1:])), y))  # noqa: E731
+    assert loss(adv) > loss(x)

@@ -29,9 +29,10 @@ code; behaviour is corrected by default, and ``paper_compat=True`` restores the 
 
 Paper mode (``paper_compat=True``) follows the authors' code: one noise draw for the whole run, shared by
 every example and batch; the auto-encoder minimises |R~|; W1 is trained by the auto-encoder only; the benign
-classifier path also carries the input noise; BatchNorm; the measured ||W1|| at initialisation; their
-certification procedure. (Not reproduced: their ensemble of three attacks while training; this module
-trains on I-FGSM of a random size in both modes.)
+classifier path also carries the input noise; adversarial examples from their ensemble (the batch in thirds
+attacked by I-FGSM, MIM and PGD at one random size per step, :func:`ensemble_attack`); BatchNorm; the
+measured ||W1|| at initialisation; their certification procedure. (One difference remains: their
+adversarial thirds come from other batches than the benign one; here they are the same batch's examples.)
 
 Corrected by default (``paper_compat=False``):
   * one noise draw per disjoint batch (the paper's code draws a single tensor for all batches, so two
@@ -198,6 +199,35 @@ def ifgsm_random_size(model: StoBatchNet, x: Tensor, y: Tensor, max_size: float,
     return adv
 
 
+def ensemble_attack(model: StoBatchNet, x: Tensor, y: Tensor, max_size: float, steps: int, latent_noise: Tensor,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """The authors' training ensemble: one attack size drawn uniformly in (0, max_size] per step, the batch cut in
+    thirds attacked by I-FGSM, MIM and PGD with a random start (Madry et al.), step max_size / steps, l-inf,
+    against the noisy model, pixels kept in [0, 1]."""
+    from .robustness import mim, pgd
+
+    size = float(torch.rand((), generator=generator)) * max_size
+    step = max_size / max(steps, 1)
+    if steps < 1 or size == 0:
+        return x.detach()
+
+    class Noisy(nn.Module):
+        def forward(self, inputs: Tensor) -> Tensor:
+            return model(inputs, latent_noise.expand(len(inputs), *latent_noise.shape[1:]))
+
+    noisy = Noisy()
+    parts = torch.arange(len(x)).chunk(3)
+    out = x.clone()
+    for part, attack in zip(parts, ("ifgsm", "mim", "pgd")):
+        xs, ys = x[part], y[part]
+        if attack == "mim":
+            out[part] = mim(noisy, xs, ys, size, steps=steps, clip=(0.0, 1.0))
+        else:
+            out[part] = pgd(noisy, xs, ys, size, steps=steps, step_size=step, random_start=attack == "pgd",
+                            clip=(0.0, 1.0), generator=generator)
+    return out.detach()
+
+
 @dataclass
 class StoBatchConfig:
     eps2: float = 0.5
@@ -280,7 +310,10 @@ class StoBatch:
             loss_ae = loss_ae.abs()
         # 2. adversarial examples against the noisy model
         g = torch.Generator().manual_seed(hash((cfg.seed, step, batch_index, 1)) % 2**63)
-        x_adv = ifgsm_random_size(m, x, y, cfg.attack_size, cfg.attack_steps, nh, g)
+        if cfg.paper_compat:
+            x_adv = ensemble_attack(m, x, y, cfg.attack_size, cfg.attack_steps, nh, g)
+        else:
+            x_adv = ifgsm_random_size(m, x, y, cfg.attack_size, cfg.attack_steps, nh, g)
         # 3. second-order Taylor loss on the noisy latent, noisy linear coefficients (trains all layers; in
         # paper mode W1 is trained by the auto-encoder only and the benign path also sees the input noise)
         onehot = F.one_hot(y, num_classes).to(x.dtype)
