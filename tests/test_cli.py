@@ -92,8 +92,10 @@ def test_rerun_skips_finished_runs(tmp_path):
     # fields that do not change results (device, checkpointing, seed count) keep the runs
     assert main(["run", "baselines", "--set", *TINY, "checkpoint_every=5", "--device", "cpu", *tail]) == 0
     assert model.stat().st_mtime_ns == stamp
-    # --overwrite re-runs
+    # --overwrite replaces only another config's runs: this one's are kept; --no-resume starts them over
     assert main([*args, "--overwrite"]) == 0
+    assert model.stat().st_mtime_ns == stamp
+    assert main([*args, "--no-resume"]) == 0
     assert model.stat().st_mtime_ns != stamp
 
 

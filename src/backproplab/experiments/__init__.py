@@ -415,17 +415,16 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
                       "seed": seed, "config": record}
         done = (run_dir / "final.json").exists() and _same_identity(run_dir, record)
         _barrier()
-        if done and resume and not overwrite:
+        if done and resume:
             continue
-        if _rank() == 0:
-            if run_dir.exists() and (overwrite or not resume or not _same_identity(run_dir, record)):
+        if _rank() == 0:  # another config's run here (allowed by --overwrite), or --no-resume: start it over
+            if run_dir.exists() and (not resume or not _same_identity(run_dir, record)):
                 shutil.rmtree(run_dir)
             _io.write_json(run_dir / "config.json", run_config)
         _barrier()
         seed_everything(seed)
         try:
-            final = {"status": "ok", **exp.run_arm(Run(cfg, arm, seed, run_dir, exp_dir, resume and not overwrite,
-                                                       device))}
+            final = {"status": "ok", **exp.run_arm(Run(cfg, arm, seed, run_dir, exp_dir, resume, device))}
         except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
             final = {"status": "diverged", "diverged_at_step": e.step, "diverged_at_epoch": e.epoch,
                      "error": str(e), "last_finite": e.last}

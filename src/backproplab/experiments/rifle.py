@@ -50,6 +50,7 @@ class RifleConfig(ExperimentConfig):
     pretrain_momentum: float = 0.9
     pretrain_weight_decay: float = 5e-4
     pretrain_batch_size: int = 64
+    pretrain_seed: int = 0  # one source model for every arm and seed
     per_class: int = 20
     epochs: int = 40
     batch_size: int = 20
@@ -96,16 +97,17 @@ def target_data(cfg: RifleConfig, seed: int) -> Data:
 
 
 def pretrained(cfg: RifleConfig, exp_dir: Path, device: str) -> dict:
-    """The source model's weights, trained once (seed 0) and cached (atomically) under ``exp_dir/_pretrained``."""
+    """The source model's weights, trained once (``pretrain_seed``) and cached (atomically) under
+    ``exp_dir/_pretrained``."""
     folder = exp_dir / "_pretrained"
-    stamp = {"width": cfg.width, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr,
+    stamp = {"width": cfg.width, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr, "seed": cfg.pretrain_seed,
              "momentum": cfg.pretrain_momentum, "weight_decay": cfg.pretrain_weight_decay,
              "batch_size": cfg.pretrain_batch_size}
     if (folder / "model.pt").exists() and (folder / "stamp.json").exists() and \
             json.loads((folder / "stamp.json").read_text()) == stamp:
         return torch.load(folder / "model.pt", weights_only=True)
     source = _split(load_dataset("digits", root=cfg.data_root or None), range(0, 5))
-    with isolated_rng(0):  # the same weights whichever run trains them, and the run's own stream untouched
+    with isolated_rng(cfg.pretrain_seed):  # the same weights whichever run trains them; the run's stream untouched
         model = build_model("resnet18", source.input_shape, 5, width=cfg.width)
         history = fit(model, source, TrainConfig(optimizer="sgd", lr=cfg.pretrain_lr, momentum=cfg.pretrain_momentum,
                                                  weight_decay=cfg.pretrain_weight_decay,
