@@ -21,12 +21,19 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
+            os.chmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: give the file the user's usual mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

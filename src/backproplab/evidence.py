@@ -40,7 +40,6 @@ from typing import Literal
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy import optimize, stats
 
 Direction = Literal["greater", "less", "equivalent"]
 Outcome = Literal["reproduced", "contradicted", "inconclusive"]
@@ -129,6 +128,8 @@ def paired_values(a: Mapping[int, float],
 
 
 def _critical(df: int, confidence: float) -> float:
+    from scipy import stats  # imported on use: scipy.stats costs over a second at import
+
     return float(stats.t.ppf(0.5 + confidence / 2, df))
 
 
@@ -149,6 +150,8 @@ def detectable_effect(n: int, sd: float, direction: Direction, confidence: float
 @functools.cache
 def _noncentrality(n: int, direction: str, confidence: float, power: float) -> float:
     """The noncentrality (effect / standard error) at which the rule reaches ``power`` with ``n`` seeds."""
+    from scipy import optimize, stats
+
     df, tc = n - 1, _critical(n - 1, confidence)
 
     def tail(p: float) -> float:  # scipy's nct can return nan for a vanishing tail
@@ -200,6 +203,8 @@ def judge(claim: Claim, arm: Mapping[int, float], baseline: Mapping[int, float] 
         sd = 0.0
         lo = hi = estimate  # every seed agrees (a deterministic problem): the interval collapses
     else:
+        from scipy import stats
+
         interval = stats.ttest_1samp(diffs, 0.0).confidence_interval(confidence)
         lo, hi = float(interval.low), float(interval.high)
     m = claim.margin

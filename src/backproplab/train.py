@@ -367,6 +367,10 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
     """
     cfg = config
     check_config(cfg)
+    events = ("on_train_start", "on_epoch_start", "on_step_end", "on_eval", "on_epoch_end", "on_train_end")
+    for cb in callbacks:  # a callback has an event method, or state to checkpoint with the run (GLD's)
+        if not any(callable(getattr(cb, e, None)) for e in (*events, "state_dict")):
+            raise TypeError(f"callbacks: {cb!r} is not a callback (it has none of {', '.join(events)}, state_dict)")
     if len(data.x_train) == 0:
         raise ValueError(f"dataset {data.name!r} has no training examples; nothing to train on")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -22,6 +22,8 @@ backward), so it composes with forward-mode optimizers such as CurveBall.
 
 from __future__ import annotations
 
+import warnings
+
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 
@@ -175,9 +177,16 @@ def linear_backprop(model: nn.Module, activations: Sequence[type[nn.Module]] = K
         raise ValueError(f"linear_backprop does not know the activation(s) {', '.join(unknown)}; pass "
                          "activations=KNOWN_ACTIVATIONS + (TheClass,) to give them derivative 1, or "
                          "ignore=(TheClass,) to keep their true derivative")
+    switched = 0
     for module in model.modules():
-        if isinstance(module, activations) and not isinstance(module, LinearBackward):
-            module.__class__ = _switched_class(type(module))
+        if isinstance(module, activations):
+            switched += 1
+            if not isinstance(module, LinearBackward):
+                module.__class__ = _switched_class(type(module))
+    if not switched:
+        warnings.warn(f"linear_backprop switched nothing in {type(model).__name__}: it has no activation module "
+                      "(functional calls such as F.relu or torch.relu are not seen); use activation modules "
+                      "(nn.ReLU, ...) or pass activations=KNOWN_ACTIVATIONS + (YourModule,)", stacklevel=2)
     return model
 
 

@@ -26,8 +26,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta as beta_dist
-from scipy.stats import binomtest, norm
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -178,11 +176,15 @@ def sample_counts(model: nn.Module, x: Tensor, sigma: float, n: int, num_classes
 
 def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on p from k successes in n trials."""
-    return 0.0 if k == 0 else float(beta_dist.ppf(alpha, k, n - k + 1))
+    from scipy.stats import beta  # imported on use: scipy.stats costs over a second at import
+
+    return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
 
 
 def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
-    return 1.0 if k == n else float(beta_dist.ppf(1 - alpha, k + 1, n - k))
+    from scipy.stats import beta
+
+    return 1.0 if k == n else float(beta.ppf(1 - alpha, k + 1, n - k))
 
 
 ABSTAIN = -1
@@ -195,6 +197,8 @@ def smoothed_predict(model: nn.Module, x: Tensor, sigma: float, n: int, alpha: f
     counts = sample_counts(model, x, sigma, n, num_classes, batch, generator)
     top2 = counts.topk(2)
     na, nb = int(top2.values[0]), int(top2.values[1])
+    from scipy.stats import binomtest
+
     if binomtest(na, na + nb, 0.5).pvalue > alpha:
         return ABSTAIN
     return int(top2.indices[0])
@@ -208,11 +212,15 @@ def certify(model: nn.Module, x: Tensor, sigma: float, n0: int, n: int, alpha: f
     pa = lower_confidence_bound(int(counts[c]), n, alpha)
     if pa <= 0.5:
         return ABSTAIN, 0.0
+    from scipy.stats import norm
+
     return c, sigma * float(norm.ppf(pa))
 
 
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
     """The largest radius CERTIFY can return with n samples: sigma Phi^-1(alpha^(1/n))."""
+    from scipy.stats import norm
+
     return sigma * float(norm.ppf(alpha ** (1.0 / n)))
 
 

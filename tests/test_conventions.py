@@ -1,0 +1,87 @@
+"""Library conventions a PyTorch user expects: import paths, loud no-ops, callbacks checked, shareable files,
+a light import."""
+
+import importlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import backproplab
+from backproplab import _io
+from backproplab.data import load_dataset
+from backproplab.models import build_model
+from backproplab.train import TrainConfig, fit
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_module_path_the_readme_names_imports():
+    text = README.read_text()
+    names = set(re.findall(r"`(backproplab(?:\.[a-z_]+)+)`", text))  # `backproplab.f()` names a function
+    names |= {f"backproplab.{m}" for m in re.findall(r"from backproplab\.([a-z_]+) import", text)}
+    modules = sorted(n for n in names if n.count(".") == 1 or n.startswith("backproplab.methods."))
+    assert {"backproplab.msgd", "backproplab.rifle", "backproplab.layerwise"} <= set(modules)
+    for name in modules:
+        module = importlib.import_module(name)
+        parent, _, leaf = name.rpartition(".")
+        assert getattr(importlib.import_module(parent), leaf) is module  # one object under both paths
+    from backproplab.rifle import RIFLE  # noqa: F401  (the issue's example)
+    from backproplab import CrossEntropy, KNOWN_ACTIVATIONS, MeanSquaredError  # noqa: F401
+
+
+def test_linear_backprop_on_a_functional_model_warns():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))
+
+    with pytest.warns(UserWarning, match="switched nothing.*F.relu"):
+        backproplab.linear_backprop(Functional())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backproplab.linear_backprop(nn.Sequential(nn.Linear(3, 4), nn.ReLU()))  # a module: no warning
+
+
+def test_fit_refuses_something_that_is_not_a_callback():
+    data = load_dataset("digits", n_train=64)
+    with pytest.raises(TypeError, match="Ellipsis is not a callback"):
+        fit(build_model("mlp", data.input_shape, 10), data, TrainConfig(epochs=1), callbacks=[...])
+
+
+def test_result_files_follow_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _io.write_json(tmp_path / "a.json", {"x": 1})
+        _io.torch_save(tmp_path / "b.pt", {"x": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_import_does_not_pull_in_heavy_optional_modules():
+    """scipy.stats (over a second), matplotlib, Opacus and scikit-learn load on use, not on `import backproplab`."""
+    code = ("import sys, backproplab; print([m for m in ('scipy.stats', 'matplotlib', 'opacus', 'sklearn') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_package_ships_a_license_and_type_marker():
+    root = Path(__file__).resolve().parents[1]
+    assert "MIT License" in (root / "LICENSE").read_text()
+    assert (Path(backproplab.__file__).parent / "py.typed").exists()
