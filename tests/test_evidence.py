@@ -144,3 +144,10 @@ def test_a_failed_precondition_makes_the_dependent_claim_inconclusive():
     values["a:m"] = {s: 1.0 + 0.01 * s for s in range(6)}  # now the premise holds
     verdicts = {v.claim: v for v in judge_all([premise, dependent], values)}
     assert verdicts["p.dependent"].outcome == "reproduced"
+
+
+def test_describe_states_the_hypothesis():
+    assert claim("less").describe() == "metric(a) - metric(b) < 0"
+    assert claim("less", margin=0.5).describe() == "metric(a) - metric(b) < -0.5"
+    assert claim("equivalent", margin=0.01, threshold=None).describe() == "|metric(a) - metric(b)| < 0.01"
+    assert claim("greater", threshold=0.5).describe() == "metric(a) - 0.5 > 0"

@@ -134,10 +134,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "claims":
             todo = [experiments.get(args.experiment)] if args.experiment else None
-            for exp, claim in experiments.all_claims():
-                if todo is None or exp in todo:
-                    print(f"{claim.id}\n    {claim.paper}, {claim.where}\n    {claim.statement}\n"
-                          f"    judged: {claim.describe()} on {claim.metric_label or claim.metric}")
+            try:
+                for exp, claim in experiments.all_claims():
+                    if todo is None or exp in todo:
+                        print(f"{claim.id}\n    {claim.paper}, {claim.where}\n    {claim.statement}\n"
+                              f"    judged: {claim.describe()} on {claim.metric_label or claim.metric}")
+            except BrokenPipeError:  # `backproplab claims | head`: as the Python docs advise, silence stdout
+                import os
+
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         if args.command == "report":
             print(build_report(args.dir, args.output))

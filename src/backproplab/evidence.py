@@ -89,7 +89,8 @@ class Claim:
         """The hypothesis in symbols, e.g. ``test_acc(msgd_cov) - test_acc(sgd) in (-0.02, 0.02)``."""
         lhs = f"{self.metric}({self.arm}) - " + (f"{self.metric}({self.baseline})" if self.baseline is not None
                                                  else f"{self.threshold:g}")
-        return {"greater": f"{lhs} > {self.margin:g}", "less": f"{lhs} < -{self.margin:g}",
+        minus = f"-{self.margin:g}" if self.margin else "0"
+        return {"greater": f"{lhs} > {self.margin:g}", "less": f"{lhs} < {minus}",
                 "equivalent": f"|{lhs}| < {self.margin:g}"}[self.direction]
 
 
