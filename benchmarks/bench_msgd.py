@@ -22,6 +22,7 @@ from harness import cli, compare, report  # noqa: E402
 from backproplab.data import load_dataset  # noqa: E402
 from backproplab.methods import msgd  # noqa: E402
 from backproplab.models import build_model  # noqa: E402
+from backproplab.train import Batch  # noqa: E402
 
 N, B = 1000, 50
 
@@ -63,7 +64,8 @@ def step(method: str, device: str):
 
     state = State()
     state.data, state.optimizer, state.net, state.loss_fn = data, opt, model, F.cross_entropy
-    return lambda: train_step(None, state)
+    batch = Batch(x, y, torch.arange(len(x)))  # ignored: the step draws its own examples and weights
+    return lambda: train_step(batch, state)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from harness import cli, compare, report  # noqa: E402
 from backproplab.data import load_dataset  # noqa: E402
 from backproplab.methods import privacy  # noqa: E402
 from backproplab.models import build_model  # noqa: E402
+from backproplab.train import Batch  # noqa: E402
 
 BATCH = 64
 warnings.filterwarnings("ignore")
@@ -67,8 +68,9 @@ def step(method: str, device: str):
         pass
 
     state = State()
-    state.data, state.loss_fn = data, F.cross_entropy
-    return lambda: train_step(None, state)
+    state.data, state.loss_fn, state.optimizer, state.net = data, F.cross_entropy, dp.optimizer, dp.model
+    batch = Batch(data.x_train, data.y_train, torch.arange(n))  # the step draws its own Poisson batch
+    return lambda: train_step(batch, state)
 
 
 def main() -> None:
