@@ -85,3 +85,22 @@ def test_package_ships_a_license_and_type_marker():
     root = Path(__file__).resolve().parents[1]
     assert "MIT License" in (root / "LICENSE").read_text()
     assert (Path(backproplab.__file__).parent / "py.typed").exists()
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_python_blocks():
+    assert len(_python_blocks()) >= 10
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def test_every_readme_python_block_runs(index, tmp_path, monkeypatch):
+    """Each Python block of the README runs as written, on its own (small data, in a scratch folder)."""
+    monkeypatch.chdir(tmp_path)
+    code = _python_blocks()[index]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no silent no-op (linear_backprop warns when it switches nothing)
+        warnings.filterwarnings("ignore", message=".*(Optimal order|Full backward hook|Secure RNG|weights_only).*")
+        exec(compile(code, f"README.md block {index + 1}", "exec"), {"__name__": "__readme__"})
