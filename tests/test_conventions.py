@@ -104,3 +104,13 @@ def test_every_readme_python_block_runs(index, tmp_path, monkeypatch):
         warnings.simplefilter("error", UserWarning)  # no silent no-op (linear_backprop warns when it switches nothing)
         warnings.filterwarnings("ignore", message=".*(Optimal order|Full backward hook|Secure RNG|weights_only).*")
         exec(compile(code, f"README.md block {index + 1}", "exec"), {"__name__": "__readme__"})
+
+
+def test_an_msgd_weighting_for_another_n_fails_with_a_clear_message():
+    from backproplab import msgd
+
+    data = load_dataset("digits", n_train=100)
+    model = build_model("mlp", data.input_shape, 10)
+    with pytest.raises(ValueError, match="built for n=500 examples but the training set has 100"):
+        fit(model, data, TrainConfig(optimizer="gd", max_steps=1),
+            step=msgd.weighted_gradient_step(msgd.MSGDCov(500, 50)))

@@ -201,6 +201,9 @@ def weighted_gradient_step(weighting: LossWeighting, chunk_size: int = 2048) -> 
 
     def draws(batch, state):
         data = state.data
+        if weighting.n != len(data.x_train):
+            raise ValueError(f"{type(weighting).__name__} was built for n={weighting.n} examples but the training set "
+                             f"has {len(data.x_train)}; build it with n=len(data.x_train)")
         idx, w = weighting.sample(device=data.x_train.device)
         for s in range(0, len(idx), chunk_size):
             if weighting.all_examples:  # a view of the data, no copy
