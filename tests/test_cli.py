@@ -168,3 +168,78 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_metrics(tmp_path):
         return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
     assert metrics(run) == metrics(tmp_path / "full" / "baselines" / "digits-cnn-momentum" / "seed0")
+
+
+def test_run_name_help_lists_every_config_key_with_type_default_and_meaning(capsys):
+    import dataclasses
+
+    for exp in experiments.all_experiments():
+        with pytest.raises(SystemExit) as stop:
+            main(["run", exp.name, "--help"])
+        assert stop.value.code == 0
+        out = capsys.readouterr().out
+        for f in dataclasses.fields(exp.config):
+            line = next((ln for ln in out.splitlines() if ln.startswith(f"  {f.name} (")), None)
+            assert line is not None, (exp.name, f.name)
+            assert f"default {f.default!r}" in line and re.search(r"\): \S", line), line  # a meaning follows
+
+
+def test_list_verbose_shows_each_experiments_claims(capsys):
+    assert main(["list", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    for exp in experiments.all_experiments():
+        for claim in exp.claims(exp.config()):
+            assert f"    {claim.id}: {claim.statement}" in out
+
+
+def test_log_option_writes_csv_and_tensorboard_that_their_readers_read(tmp_path):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["run", "baselines", "--set", "datasets=digits", "models=mlp", "optimizers=sgd", "epochs=3",
+            "--seeds", "1", "--out", str(tmp_path), "--no-progress", "--log", "csv,tensorboard"]
+    assert main(args) == 0
+    run = tmp_path / "baselines" / "digits-mlp-sgd" / "seed0"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with open(run / "metrics.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) == 3
+    assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in rows]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("test_acc")
+    assert [s.step for s in scalars] == [r["step"] for r in rows]
+    assert [s.value for s in scalars] == pytest.approx([r["test_acc"] for r in rows], rel=1e-6)
+    # logging does not change which results are whose: the run is not redone without --log
+    stamp = (run / "model.pt").stat().st_mtime_ns
+    assert main(args[:-2]) == 0 and (run / "model.pt").stat().st_mtime_ns == stamp
+    assert main([*args[:-1], "csv,wandb"]) == 2
+
+
+def test_csv_logger_rewrites_from_the_restored_history_on_resume(tmp_path):
+    from backproplab.data import load_dataset
+    from backproplab.loggers import CSVLogger
+    from backproplab.models import build_model
+    from backproplab.train import TrainConfig, fit, seed_everything
+
+    data = load_dataset("digits", n_train=128)
+    cfg = TrainConfig(lr=0.1, batch_size=32, epochs=3, checkpoint_every=4, eval_every=2)
+
+    def model():
+        seed_everything(0)
+        return build_model("mlp", data.input_shape, data.num_classes)
+
+    class Crash:
+        def on_step_end(self, state):
+            if state.step == 7:  # after the evaluation at step 6, past the checkpoint at step 4
+                raise KeyboardInterrupt
+
+    path = tmp_path / "metrics.csv"
+    with pytest.raises(KeyboardInterrupt):
+        fit(model(), data, cfg, out_dir=tmp_path, callbacks=[CSVLogger(path), Crash()])
+    assert len(path.read_text().splitlines()) == 1 + 3
+    history = fit(model(), data, cfg, out_dir=tmp_path, callbacks=[CSVLogger(path)])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 + len(history) == 1 + 6  # rows 6 (seen before the crash) is not duplicated
+    assert [int(line.split(",")[lines[0].split(",").index("step")]) for line in lines[1:]] == [2, 4, 6, 8, 10, 12]

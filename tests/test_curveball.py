@@ -171,16 +171,88 @@ def test_lambda_rule(gamma, expected):
     assert math.isclose(float(new), 2.0 * expected, rel_tol=1e-12)
 
 
-def test_lambda_moves_only_every_interval_steps():
+def test_lambda_updates_at_the_authors_steps():
+    """The authors' code adapts lambda when ``count % interval == 0``: steps 0, 5, 10, ...
+
+    lambda_low is set above any gamma, so every due step must raise lambda by 1 / factor^interval and
+    no other step may move it (a lambda that never moves fails too)."""
     model = _mlp()
     x, y = _batch(model)
-    opt = CurveBall(model.parameters(), model=model, lambd=1.0)
+    opt = CurveBall(model.parameters(), model=model, lambd=1.0, lambda_low=1e9, lambda_high=2e9)
     lambdas = []
-    for _ in range(10):
+    for _ in range(12):
         opt.step(lambda: model(x), CrossEntropy(y))
         lambdas.append(float(opt.curveball_state["lambd"]))
-    changes = [i + 1 for i in range(1, 10) if lambdas[i] != lambdas[i - 1]]
-    assert set(changes) <= {5, 10} and lambdas[0] == lambdas[3] == 1.0
+    up = 1 / 0.999 ** 5
+    expected = [up ** (i // 5 + 1) for i in range(12)]  # after step i: raised on steps 0, 5, 10
+    for got, want in zip(lambdas, expected):
+        assert math.isclose(got, want, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("lambd", [0.0, 0.3])
+@pytest.mark.parametrize("fixed", [dict(lr=0.05, momentum=0.5), dict(lr=0.05), dict(momentum=0.5), dict()],
+                         ids=["lr+momentum", "lr", "momentum", "automatic"])
+def test_gamma_is_the_ratio_to_the_quadratic_models_change(fixed, lambd):
+    """Linear least squares: the loss is exactly quadratic with Hessian G = GGN, so the actual change
+    of a step dw is g^T dw + 1/2 dw^T G dw and the model's is g^T dw + 1/2 dw^T (G + lambda I) dw, in
+    closed form. gamma must be their ratio (1 when lambda = 0) for every step taken, fixed lr or not."""
+    torch.manual_seed(7)
+    X, t = torch.randn(30, 4), torch.randn(30, 2)
+    model = nn.Linear(4, 2)
+    opt = CurveBall(model.parameters(), model=model, lambd=lambd, lambda_interval=1, lambda_low=-1e9,
+                    lambda_high=1e9, **fixed)
+    for step in range(4):
+        w, g, G = dense_reference(model, X, t, loss="mse")
+        opt.step(lambda: model(X), MeanSquaredError(t))
+        dw = _flat(p.detach() for p in model.parameters()) - w
+        actual = g @ dw + 0.5 * dw @ G @ dw
+        predicted = actual + 0.5 * lambd * dw @ dw
+        assert math.isclose(float(opt.curveball_state["gamma"]), float(actual / predicted), rel_tol=1e-9), step
+
+
+def _paper_curveball(model, batches, lambd, interval, factor, low, high):
+    """Algorithm 1 of the paper written out with dense matrices: the loss on each batch before its step."""
+    w = _flat(p.detach() for p in model.parameters()).clone()
+    z = torch.zeros_like(w)
+    losses, lambdas = [], []
+    for count, (x, y) in enumerate(batches):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), torch.split(w, [p.numel() for p in model.parameters()])):
+                p.copy_(v.view_as(p))
+        _, g, G = dense_reference(model, x, y)
+        loss = F.cross_entropy(model(x), y)
+        H = G + lambd * torch.eye(len(w))
+        dz = H @ z + g
+        A = torch.tensor([[dz @ H @ dz, z @ H @ dz], [z @ H @ dz, z @ H @ z]])
+        b = torch.stack([g @ dz, g @ z])
+        sol = torch.linalg.pinv(A) @ b  # [beta, -rho]; z = 0 makes A singular (the exact line search)
+        beta, rho = sol[0], -sol[1]
+        z = rho * z - beta * dz
+        w = w + z
+        losses.append(float(loss.detach()))
+        if count % interval == 0:
+            with torch.no_grad():
+                for p, v in zip(model.parameters(), torch.split(w, [p.numel() for p in model.parameters()])):
+                    p.copy_(v.view_as(p))
+                new = F.cross_entropy(model(x), y)
+            ratio = (new - loss) / (-(sol @ b) + 0.5 * sol @ A @ sol)
+            lambd = lambd / factor ** interval if ratio < low else lambd * factor ** interval if ratio > high else lambd
+        lambdas.append(float(lambd))
+    return losses, lambdas
+
+
+@pytest.mark.parametrize("mode", ["replay", "forward_mode", "double_backward"])
+def test_losses_equal_the_paper_written_out_with_automatic_lambda(mode):
+    torch.manual_seed(8)
+    batches = [(torch.randn(6, 5), torch.randint(0, 3, (6,))) for _ in range(16)]
+    settings = dict(lambd=1.0, lambda_interval=5, lambda_factor=0.9, lambda_low=0.98, lambda_high=1.02)
+    reference, ref_lambdas = _paper_curveball(_mlp(), batches, 1.0, 5, 0.9, 0.98, 1.02)
+    assert len(set(ref_lambdas)) >= 3  # lambda moved twice: the automatic rule is exercised
+    model = _mlp()
+    opt = _curveball(model, mode, **{k: v for k, v in settings.items()})
+    ours = [float(opt.step(lambda: model(x), CrossEntropy(y))[0]) for x, y in batches]
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        assert abs(a - b) <= 1e-12, (i, a, b)
 
 
 def test_converges_on_a_convex_quadratic():
@@ -585,3 +657,81 @@ def test_a_layer_used_twice_keeps_its_parameters(mode):
         opt.step(lambda: model(x), CrossEntropy(y))
     assert model[0].weight is weight and model[2].weight is weight and isinstance(weight, nn.Parameter)
     assert not torch.equal(weight, initial)
+
+
+def test_closure_form_equals_the_model_and_loss_form():
+    """``opt.step(closure)`` as torch.optim users write it gives the same steps as step(model_fn, loss_fn)."""
+    x, y = _batch(_mlp())
+    runs = []
+    for form in ("pair", "closure", "closure_loss_module"):
+        model = _mlp()
+        opt = CurveBall(model.parameters(), model=model, lambda_interval=2)
+        criterion = nn.CrossEntropyLoss()
+        for _ in range(4):
+            if form == "pair":
+                opt.step(lambda: model(x), CrossEntropy(y))
+            elif form == "closure":
+                opt.step(lambda: F.cross_entropy(model(x), y))
+            else:  # a loss *module* in the closure must not be taken for a layer of the model
+                opt.step(lambda: criterion(model(x), y))
+        assert opt.replay_refused is None
+        runs.append(_flat(p.detach() for p in model.parameters()))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(runs[2], runs[0], rtol=1e-12, atol=1e-14)
+
+
+def test_closure_that_calls_backward_or_has_no_model_gets_a_clear_error():
+    model = _mlp()
+    x, y = _batch(model)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="without calling backward"):
+        CurveBall(model.parameters(), model=model).step(closure)
+    with pytest.raises(TypeError, match="model=model"):
+        CurveBall(model.parameters()).step(lambda: F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("mode", ["replay", "forward_mode", "double_backward"])
+def test_fill_grad_writes_the_loss_gradient(mode):
+    model = _cnn_bn()
+    x, y = _batch(model)
+    _, g, _ = dense_reference(model, x, y)
+    opt = _curveball(model, mode, fill_grad=True)
+    _set_z(opt, model, 0.1 * torch.randn(len(g), generator=torch.Generator().manual_seed(9)))
+    opt.curveball_state["step"] = 1
+    opt.step(lambda: model(x), CrossEntropy(y))
+    torch.testing.assert_close(_flat(p.grad for p in model.parameters()), g, rtol=1e-10, atol=1e-12)
+
+
+def test_learning_rate_schedulers_drive_a_fixed_lr():
+    model = _mlp()
+    x, y = _batch(model)
+    opt = CurveBall(model.parameters(), model=model, lr=0.4, momentum=0.5)
+    assert not opt.param_groups[0]["auto_lr"]
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    betas = []
+    for _ in range(3):
+        opt.step(lambda: model(x), CrossEntropy(y))
+        betas.append(float(opt.curveball_state["beta"]))
+        scheduler.step()
+    assert betas == [0.4, 0.2, 0.1]
+    auto = CurveBall(model.parameters(), model=model, lr=0.4, auto_lr=True)
+    assert auto.param_groups[0]["auto_lr"] and auto.param_groups[0]["auto_momentum"]
+    with pytest.raises(ValueError, match="auto_lr=False needs a number"):
+        CurveBall(model.parameters(), model=model, auto_lr=False)
+
+
+def test_state_saved_with_lr_none_loads_as_automatic():
+    model = _mlp()
+    opt = CurveBall(model.parameters(), model=model)
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:  # what a checkpoint written before auto_lr existed holds
+        g["lr"], g["momentum"] = None, None
+        del g["auto_lr"], g["auto_momentum"]
+    fresh = CurveBall(model.parameters(), model=model, lr=0.1, momentum=0.1)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["auto_lr"] and fresh.param_groups[0]["auto_momentum"]

@@ -1,5 +1,7 @@
 """Greedy layerwise learning: invertible downsampling, frozen blocks, cached prefix, aux classifier."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -101,3 +103,29 @@ def test_probe_trains_on_frozen_features(digits):
     acc = probe(model, 2, digits, TrainConfig(optimizer="adam", lr=1e-2, epochs=3, batch_size=50))
     assert 0.2 < acc <= 1.0  # even random features are far above chance (10%) for digits
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainer_takes_a_list_of_blocks_and_leaves_every_parameter_trainable(digits):
+    """Plain nn.Sequential stages with their own heads train exactly as the same modules in a LayerwiseCNN."""
+    from torch import nn
+
+    from backproplab.methods.layerwise import BlockStack
+
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, epochs=1, batch_size=50)
+    torch.manual_seed(0)
+    reference = LayerwiseCNN(digits.input_shape, 10, widths=(8, 16), downsample=(1,), k=1)
+    blocks = [nn.Sequential(*b) for b in copy.deepcopy(list(reference.blocks))]
+    heads = [nn.Sequential(*a) for a in copy.deepcopy(list(reference.aux))]
+    expected = GreedyLayerwiseTrainer(reference, cfg).train(digits)
+    trainer = GreedyLayerwiseTrainer(blocks, cfg, aux=heads)
+    got = trainer.train(digits)
+    assert isinstance(trainer.model, BlockStack) and trainer.model.blocks[0] is blocks[0]
+    assert [r["test_acc"] for r in got] == [r["test_acc"] for r in expected]
+    for a, b in zip(reference.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+    assert all(p.requires_grad for p in reference.parameters())
+    assert all(p.requires_grad for p in trainer.model.parameters())
+    with pytest.raises(TypeError, match="aux="):
+        GreedyLayerwiseTrainer(blocks, cfg)
+    with pytest.raises(ValueError, match="one auxiliary classifier per block"):
+        GreedyLayerwiseTrainer(blocks, cfg, aux=heads[:1])

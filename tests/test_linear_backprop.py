@@ -205,3 +205,33 @@ def test_inplace_activation_modules_behave_like_their_out_of_place_twins():
         a, b = fn(plain), fn(inplace)
         for u, w in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert torch.equal(u, w)
+
+
+def _detach_reference_grads(model, x, y):
+    """Linear backprop written with detach: h = z + (f(z) - z).detach() has the forward f(z), derivative 1."""
+    h = x
+    for m in model:
+        h = m(h) if isinstance(m, nn.Linear) else h + (m(h) - h).detach()
+    return torch.autograd.grad(F.cross_entropy(h, y), list(model.parameters()))
+
+
+def test_the_readme_scope_example_gives_linear_backprop_gradients():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2)).double()
+    x, y = torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 2, (16,))
+    reference = _detach_reference_grads(model, x, y)
+    with linear_backprop_scope(model):  # the README's pattern: the forward runs inside the scope
+        F.cross_entropy(model(x), y).backward()
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r, rtol=1e-12, atol=1e-14)
+
+
+def test_a_scope_around_the_backward_alone_raises():
+    """The derivative is fixed when the forward is recorded: backward alone inside gives ordinary gradients."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    loss = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="no forward pass ran inside the scope"):
+        with linear_backprop_scope(model):
+            loss.backward()
+    assert not any(isinstance(m, LinearBackward) for m in model.modules())

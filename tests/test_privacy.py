@@ -419,3 +419,42 @@ def test_dp_sgd_under_torchrun_equals_one_process(tmp_path):
     noisy_two, eps_noisy_two = run(tmp_path / "n2.pt", 1.0, "poisson", 2)
     assert eps_noisy_two == pytest.approx(eps_noisy_one, rel=1e-12) and eps_noisy_two > 0
     assert any(not torch.equal(noisy_two[k], two[k]) for k in two)  # the noise did act
+
+
+def test_dpsgd_refuses_make_private_outputs_with_a_clear_message_and_takes_its_module():
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))),
+                                         batch_size=8)
+    module, dp_opt, _ = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                                     noise_multiplier=1.0, max_grad_norm=1.0)
+    config = privacy.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(TypeError, match="make_private"):
+        privacy.DPSGD(module, dp_opt, n=32, batch_size=8, steps=4, config=config)
+    dp = privacy.DPSGD(module, torch.optim.SGD(module.parameters(), lr=0.1), n=32, batch_size=8, steps=4,
+                       config=config)
+    assert dp.model is module  # the GradSampleModule make_private built is used as it is
+
+
+def test_certify_and_predict_take_a_batch_and_restore_the_training_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    x = torch.randn(4, 3)
+    model.train()
+    one_by_one = [robustness.certify(model, xi, 0.5, 20, 100, 0.01, 2, generator=torch.Generator().manual_seed(1))
+                  for xi in x[:1]]
+    g = torch.Generator().manual_seed(1)
+    loop = [robustness.certify(model, xi, 0.5, 20, 100, 0.01, 2, generator=g) for xi in x]
+    batch = robustness.certify(model, x, 0.5, 20, 100, 0.01, 2, generator=torch.Generator().manual_seed(1),
+                               batched=True)
+    assert batch == loop and batch[0] == one_by_one[0] and len(batch) == 4
+    assert model.training  # left as the caller had it
+    predictions = robustness.predict(model, x, 0.5, 100, 0.01, 2, generator=torch.Generator().manual_seed(2),
+                                     batched=True)
+    assert len(predictions) == 4 and model.training
+    model.eval()
+    robustness.predict(model, x[0], 0.5, 50, 0.01, 2)
+    assert not model.training

@@ -173,3 +173,53 @@ def test_stochastic_depth_needs_residual_blocks_and_drops_branches():
     x = torch.randn(2, last.block.conv1.in_channels, 1, 1)
     last.train()
     torch.testing.assert_close(last(x), last.block.act2(last.block.shortcut(x)))  # p = 1: branch always dropped
+
+
+def test_rifle_schedule_in_a_plain_loop_equals_the_fit_callback(data):
+    """A hand-written loop with RIFLESchedule.step() gives the weights fit with the RIFLE callback gives."""
+    from backproplab.train import epoch_order
+
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=50, epochs=8, seed=4)
+    seed_everything(0)
+    expected = build_model("mlp", data.input_shape, 10, widths=(32,))
+    callback = rifle.RIFLE("head", times=3)
+    fit(expected, data, cfg, callbacks=[callback])
+
+    seed_everything(0)
+    model = build_model("mlp", data.input_shape, 10, widths=(32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = rifle.RIFLESchedule(model.head, opt, total_steps=8 * 4, times=3)
+    for epoch in range(8):
+        order = epoch_order(len(data.x_train), epoch, 4)
+        for s in range(0, len(order), 50):
+            idx = order[s:s + 50]
+            opt.zero_grad()
+            F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+            opt.step()
+            schedule.step()
+    assert schedule.resets == [8, 16, 24] == [step for _, step in callback.resets]
+    for a, b in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_reinit_head_redraws_the_head_and_clears_only_its_optimizer_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = torch.optim.Adam(model.parameters())
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+    backbone_state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    old = model[2].weight.detach().clone()
+    rng = torch.get_rng_state()
+    head = rifle.reinit_head(model, opt, head="2")
+    torch.set_rng_state(rng)
+    assert head is model[2] and torch.equal(model[2].weight, nn.Linear(6, 3).weight)
+    assert not torch.equal(model[2].weight, old)
+    assert model[2].weight not in opt.state and model[2].bias not in opt.state
+    assert all(torch.equal(opt.state[model[0].weight][k], v) for k, v in backbone_state.items())
+
+
+def test_rifle_callback_without_on_train_start_raises(data):
+    cb = rifle.RIFLE("head", times=2)
+    with pytest.raises(RuntimeError, match="before on_train_start"):
+        cb.on_epoch_start(object())

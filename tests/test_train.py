@@ -163,3 +163,122 @@ def test_epoch_order_is_torch_distributed_sampler(n, world, shuffle):
             sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=7)
             sampler.set_epoch(epoch)
             assert epoch_order(n, epoch, 7, rank, world, shuffle).tolist() == list(sampler)
+
+
+class _EpochOrderSampler(torch.utils.data.Sampler):
+    """A user's sampler with set_epoch, yielding the loop's own documented order (see epoch_order)."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        from backproplab.train import epoch_order
+
+        return iter(epoch_order(self.n, self.epoch, self.seed).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def _loaders(data, batch_size, seed):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=batch_size,
+                       sampler=_EpochOrderSampler(len(data.x_train), seed))
+    test = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=100)
+    return train, test
+
+
+def test_fit_over_a_dataloader_equals_fit_over_in_memory_data(digits):
+    """A DataLoader giving the same batches in the same order gives the same metrics, evaluation included."""
+    cfg = TrainConfig(lr=0.1, momentum=0.9, batch_size=48, epochs=2, seed=3)
+    expected = fit(_model(digits), digits, cfg)
+    train, test = _loaders(digits, 48, 3)
+    got = fit(_model(digits), train, cfg, eval_data=test)
+    assert len(got) == len(expected) == 2
+    for a, b in zip(_deterministic(got), _deterministic(expected)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7), k
+
+
+def test_fit_over_an_iterable_without_length_and_a_resumed_dataloader(tmp_path, digits):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for s in range(0, 96, 32):
+                yield digits.x_train[s:s + 32], digits.y_train[s:s + 32]
+
+    history = fit(_model(digits), Stream(), TrainConfig(lr=0.1, epochs=2))
+    assert [r["step"] for r in history] == [3, 6] and "test_loss" not in history[0]
+    assert fit(_model(digits), Stream(), TrainConfig(lr=0.1, max_steps=4, eval_every=2))[-1]["step"] == 4
+
+    cfg = TrainConfig(lr=0.1, batch_size=32, epochs=2, seed=1, checkpoint_every=3, eval_every=2)
+    train, test = _loaders(digits, 32, 1)
+    reference = fit(_model(digits), train, cfg, eval_data=test)
+
+    class Crash:
+        def on_step_end(self, state):
+            if state.step == 11:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(digits), train, cfg, eval_data=test, out_dir=tmp_path, callbacks=[Crash()])
+    resumed = fit(_model(digits, seed=9), train, cfg, eval_data=test, out_dir=tmp_path)
+    assert _deterministic(resumed) == _deterministic(reference)
+    assert _deterministic(_io.read_jsonl(tmp_path / "metrics.jsonl")) == _deterministic(reference)
+
+
+def test_fit_refuses_an_iterator_and_an_empty_iterable(digits):
+    with pytest.raises(TypeError, match="iterator"):
+        fit(_model(digits), iter([(digits.x_train[:8], digits.y_train[:8])]), TrainConfig())
+    with pytest.raises(ValueError, match="no batches"):
+        fit(_model(digits), [], TrainConfig())
+    with pytest.raises(TypeError, match=r"pair of tensors \(x, y\)"):
+        fit(_model(digits), [digits.x_train[:8]], TrainConfig())
+
+
+def test_fit_trains_where_the_model_is_unless_told():
+    from backproplab.train import fit_device
+
+    assert TrainConfig().device == "model"
+    model = torch.nn.Linear(3, 2, device="meta")  # a model on another device than the CPU stays there
+    assert fit_device("model", model) == torch.device("meta")
+    assert fit_device("cpu", model) == torch.device("cpu")
+    assert fit_device("model", torch.nn.ReLU()) == torch.device("cpu")
+
+
+def test_progress_prints_one_line_per_evaluation(digits, capsys):
+    fit(_model(digits), digits, TrainConfig(lr=0.1, epochs=3), progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 3 and "test_acc" in lines[-1] and "step 12/12" in lines[-1]
+    fit(_model(digits), digits, TrainConfig(lr=0.1, epochs=1))  # stderr is not a terminal here: silent
+    assert capsys.readouterr().err == ""
+
+
+def test_metrics_file_is_appended_per_evaluation(tmp_path, digits):
+    """Each evaluation adds a line to the same file (not a rewrite of the whole history)."""
+    import os
+
+    path, seen = tmp_path / "metrics.jsonl", []
+
+    class Watch:
+        def on_eval(self, state):
+            if path.exists():
+                seen.append((os.stat(path).st_ino, len(_io.read_jsonl(path)), len(state.history)))
+
+    fit(_model(digits), digits, TrainConfig(lr=0.1, epochs=4), out_dir=tmp_path, callbacks=[Watch()])
+    assert len({ino for ino, _, _ in seen}) == 1
+    assert [rows for _, rows, _ in seen] == [h - 1 for _, _, h in seen] == [0, 1, 2, 3]
+    assert len(_io.read_jsonl(path)) == 4
+
+
+def test_a_line_cut_short_by_a_crash_is_left_out(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert _io.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(ValueError):
+        _io.read_jsonl(path)

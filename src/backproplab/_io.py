@@ -64,9 +64,28 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     write_text(path, "".join(json.dumps(finite(r), sort_keys=True, allow_nan=False) + "\n" for r in rows))
 
 
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one row (a line written whole, then flushed to disk); the file is created with the umask's mode."""
+    line = json.dumps(finite(row), sort_keys=True, allow_nan=False) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file; a last line cut short (a crash while appending) is left out."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise
+    return rows
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:

@@ -15,10 +15,11 @@ from .report import build_report
 from .train import init_distributed, shutdown_distributed
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backproplab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="experiments with one-line descriptions")
+    ls = sub.add_parser("list", help="experiments with one-line descriptions")
+    ls.add_argument("--verbose", "-v", action="store_true", help="also each experiment's claims")
     cl = sub.add_parser("claims", help="every paper claim the lab judges: id, paper, where, statement")
     cl.add_argument("--experiment", help="only this experiment's claims")
 
@@ -35,8 +36,20 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true",
                         help="replace results of another config found in the way (otherwise: an error naming them)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--log", help="also log each evaluation as csv and/or tensorboard (comma-separated), "
+                        "beside metrics.jsonl: metrics.csv, tensorboard/ in each run folder")
 
-    r = sub.add_parser("run", help="run one experiment")
+    epilog = None
+    if run_name is not None:  # `backproplab run NAME --help` lists NAME's config keys
+        try:
+            exp = experiments.get(run_name)
+        except experiments.ConfigError:
+            pass
+        else:
+            epilog = (f"config keys of {exp.name!r} for --set KEY=VALUE (name, type, full-scale default: "
+                      f"meaning):\n{experiments.describe_fields(exp.config)}")
+    r = sub.add_parser("run", help="run one experiment", epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("name")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     common(r)
@@ -125,20 +138,29 @@ def _bn_bias(path: str) -> int:
     return 0
 
 
+def _listing(args) -> None:
+    if args.command == "list":
+        for exp in experiments.all_experiments():
+            print(f"{exp.name:20s} {exp.description}")
+            if args.verbose:
+                for claim in exp.claims(exp.config()):
+                    print(f"    {claim.id}: {claim.statement}\n        judged: {claim.describe()}")
+        return
+    todo = [experiments.get(args.experiment)] if args.experiment else None
+    for exp, claim in experiments.all_claims():
+        if todo is None or exp in todo:
+            print(f"{claim.id}\n    {claim.paper}, {claim.where}\n    {claim.statement}\n"
+                  f"    judged: {claim.describe()} on {claim.metric_label or claim.metric}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_name = argv[1] if len(argv) > 1 and argv[0] == "run" and not argv[1].startswith("-") else None
+    args = _parser(run_name).parse_args(argv)
     try:
-        if args.command == "list":
-            for exp in experiments.all_experiments():
-                print(f"{exp.name:20s} {exp.description}")
-            return 0
-        if args.command == "claims":
-            todo = [experiments.get(args.experiment)] if args.experiment else None
+        if args.command in ("list", "claims"):
             try:
-                for exp, claim in experiments.all_claims():
-                    if todo is None or exp in todo:
-                        print(f"{claim.id}\n    {claim.paper}, {claim.where}\n    {claim.statement}\n"
-                              f"    judged: {claim.describe()} on {claim.metric_label or claim.metric}")
+                _listing(args)
             except BrokenPipeError:  # `backproplab claims | head`: as the Python docs advise, silence stdout
                 import os
 
@@ -157,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             raise experiments.ConfigError(f"--quick and --scale {args.scale} contradict each other")
         scale = args.scale or ("quick" if args.quick else "full")
         # validate every config before any training starts
-        configs = [(e, experiments.make_config(e, overrides, scale=scale, seeds=args.seeds, device=args.device))
-                   for e in todo]
+        configs = [(e, experiments.make_config(e, overrides, scale=scale, seeds=args.seeds, device=args.device,
+                                               log=args.log)) for e in todo]
         for exp, cfg in configs:  # results of another config in the way stop us before anything trains
             experiments.preflight(exp, cfg, args.out, args.resume, args.overwrite)
     except (experiments.ConfigError, FileNotFoundError) as e:

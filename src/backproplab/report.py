@@ -22,7 +22,7 @@ import torch
 
 from . import _io
 
-NOT_IDENTITY = ("seeds", "device", "checkpoint_every")  # as experiments.NOT_IDENTITY; the report reads files only
+from .experiments import NOT_IDENTITY  # fields that do not change results: runs differing only in them match
 COLOURS = {"reproduced": "#d7f0d4", "contradicted": "#f7d4d4", "inconclusive": "#fbefc7"}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1250px;margin:1.5em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 7px;

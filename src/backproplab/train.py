@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -90,7 +91,7 @@ class TrainConfig:
     eval_batch_size: int = 2048
     finite_check_every: int = 1  # check the loss for NaN/inf every N steps (each is a host sync on GPUs)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "model"  # model (wherever its parameters are) | cpu | cuda | cuda:N | auto
 
 
 class Batch(NamedTuple):
@@ -106,7 +107,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[..., Tensor]
     config: TrainConfig
-    data: Data
+    data: Data | Iterable  # in-memory Data, or the iterable of batches fit was given
     device: torch.device
     rank: int = 0
     world: int = 1
@@ -337,45 +338,105 @@ standard_step.__doc__ = """``zero_grad; mean loss over the batch .backward(); op
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[..., Tensor],
              batch_size: int = 2048, classification: bool = True) -> dict[str, float]:
     """Mean loss (and accuracy for classification) of ``model`` in eval mode over ``(x, y)``."""
+    return evaluate_batches(model, ((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(x), batch_size)),
+                            loss_fn, classification)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches: Iterable, loss_fn: Callable[..., Tensor],
+                     classification: bool | None = None, device: torch.device | None = None) -> dict[str, float]:
+    """Mean loss (and accuracy) of ``model`` in eval mode over an iterable of ``(x, y)`` batches.
+
+    ``classification=None``: accuracy is reported when the targets are integers."""
     was_training = model.training
     model.eval()
-    total, correct = 0.0, 0
-    for s in range(0, len(x), batch_size):
-        out = model(x[s:s + batch_size])
-        total += float(loss_fn(out, y[s:s + batch_size], reduction="sum"))
-        if classification:
-            correct += int((out.argmax(1) == y[s:s + batch_size]).sum())
-    model.train(was_training)
-    metrics = {"loss": total / len(x)}
+    total, correct, count = 0.0, 0, 0
+    try:
+        for item in batches:
+            x, y = _pair(item, device)
+            out = model(x)
+            total += float(loss_fn(out, y, reduction="sum"))
+            if classification is None:
+                classification = not y.is_floating_point()
+            if classification:
+                correct += int((out.argmax(1) == y).sum())
+            count += len(x)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation data yielded no examples")
+    metrics = {"loss": total / count}
     if classification:
-        metrics["acc"] = correct / len(x)
+        metrics["acc"] = correct / count
     return metrics
+
+
+def _pair(item: Any, device: torch.device | None) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` from one item of a user's iterable: a tuple/list ``(x, y, ...)`` or a :class:`Batch`."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2 or not all(torch.is_tensor(t) for t in item[:2]):
+        raise TypeError(f"each batch must be a pair of tensors (x, y), as a DataLoader over a TensorDataset "
+                        f"yields; got {type(item).__name__}")
+    x, y = item[0], item[1]
+    if device is not None:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x, y
+
+
+def fit_device(device: str, model: nn.Module) -> torch.device:
+    """Where ``fit`` trains: ``"model"`` is the device of the model's parameters, anything else
+    :func:`resolve_device`'s answer."""
+    return _model_device(model) if device == "model" else resolve_device(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    if first is None:
+        first = next(model.buffers(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None = None,
+def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = None, *, step: Step | None = None,
         callbacks: Sequence[Any] = (), optimizer: torch.optim.Optimizer | None = None,
-        out_dir: str | os.PathLike | None = None, resume: bool = True, write_final: bool = True) -> list[dict]:
-    """Train ``model`` on ``data``; returns the metric records (also written to ``out_dir/metrics.jsonl``).
+        out_dir: str | os.PathLike | None = None, resume: bool = True, write_final: bool = True,
+        eval_data: Iterable | None = None, progress: bool | None = None) -> list[dict]:
+    """Train ``model`` on ``data``; returns the metric records (also appended to ``out_dir/metrics.jsonl``).
 
-    The model must already be initialised (seed before building it). ``step`` defaults to the one the
-    optimizer registered in ``OPTIMIZER_STEPS`` (CurveBall's), else :func:`standard_step`. With ``out_dir``,
-    a checkpoint there is resumed when ``resume`` is true; the finished run leaves ``model.pt`` and (with
-    ``write_final``) ``final.json``.
+    ``data``: an in-memory :class:`~backproplab.data.Data` (shuffled here, per epoch, from the seed), or
+    any iterable of ``(x, y)`` batches such as a ``torch.utils.data.DataLoader`` (iterated once per epoch,
+    in its own order; its sampler's ``set_epoch`` is called when it has one; ``config.batch_size`` is
+    then the loader's business). ``eval_data``: batches to evaluate on (default: ``data``'s test split;
+    an iterable ``data`` without ``eval_data`` reports the training loss only).
+
+    The model must already be initialised (seed before building it); it stays on its device unless
+    ``config.device`` names another. ``step`` defaults to the one the optimizer registered in
+    ``OPTIMIZER_STEPS`` (CurveBall's), else :func:`standard_step`. With ``out_dir``, a checkpoint there is
+    resumed when ``resume`` is true (mid-epoch for an iterable: the batches already seen are skipped, which
+    is exact when the iterable repeats its order); the finished run leaves ``model.pt`` and (with
+    ``write_final``) ``final.json``. ``progress``: print one line per evaluation to stderr (default: when
+    stderr is a terminal).
     """
-    cfg = config
+    cfg = config if config is not None else TrainConfig()
     check_config(cfg)
     events = ("on_train_start", "on_epoch_start", "on_step_end", "on_eval", "on_epoch_end", "on_train_end")
     for cb in callbacks:  # a callback has an event method, or state to checkpoint with the run (GLD's)
         if not any(callable(getattr(cb, e, None)) for e in (*events, "state_dict")):
             raise TypeError(f"callbacks: {cb!r} is not a callback (it has none of {', '.join(events)}, state_dict)")
-    if len(data.x_train) == 0:
+    in_memory = isinstance(data, Data)
+    if in_memory and len(data.x_train) == 0:
         raise ValueError(f"dataset {data.name!r} has no training examples; nothing to train on")
+    if not in_memory and not isinstance(data, Iterable):
+        raise TypeError(f"fit: data must be a backproplab Data or an iterable of (x, y) batches (a DataLoader), "
+                        f"got {type(data).__name__}")
+    if not in_memory and iter(data) is data:
+        raise TypeError("fit: data is an iterator, which is used up after one epoch; pass a re-iterable object "
+                        "such as a DataLoader or a list of batches")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = resolve_device(cfg.device)
-    data = data.to(device)
+    device = fit_device(cfg.device, model)
+    if in_memory:
+        data = data.to(device)
     model.to(device)
     net = model
     if world > 1 and not getattr(model, "no_ddp", False):  # DP-SGD averages its clipped gradients itself
@@ -384,14 +445,21 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
     step = step or OPTIMIZER_STEPS.get(cfg.optimizer, standard_step)
     state = TrainState(model, net, optimizer, LOSSES[cfg.loss], cfg, data, device, rank, world)
 
-    n = len(data.x_train)
-    full_batch = cfg.optimizer in FULL_BATCH_OPTIMIZERS or cfg.batch_size <= 0 or cfg.batch_size >= n
-    global_batch = n if full_batch else cfg.batch_size
-    if global_batch % world:
-        raise ValueError(f"batch_size={global_batch} must be divisible by the {world} processes")
-    local_batch = global_batch // world
-    per_rank = math.ceil(n / world)
-    state.steps_per_epoch = math.ceil(per_rank / local_batch)
+    if in_memory:
+        n = len(data.x_train)
+        full_batch = cfg.optimizer in FULL_BATCH_OPTIMIZERS or cfg.batch_size <= 0 or cfg.batch_size >= n
+        global_batch = n if full_batch else cfg.batch_size
+        if global_batch % world:
+            raise ValueError(f"batch_size={global_batch} must be divisible by the {world} processes")
+        local_batch = global_batch // world
+        per_rank = math.ceil(n / world)
+        state.steps_per_epoch = math.ceil(per_rank / local_batch)
+    else:
+        try:
+            state.steps_per_epoch = len(data)  # type: ignore[arg-type]
+        except TypeError:  # an iterable-style dataset: the length shows when an epoch ends
+            state.steps_per_epoch = 0
+    # 0 when neither a step budget nor the epoch length is known: then epochs end training
     state.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * state.steps_per_epoch
 
     out = Path(out_dir) if out_dir is not None else None
@@ -413,9 +481,14 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
                 raise ValueError(f"{ckpt_path} does not fit this model or optimizer ({str(e)[:300]}); it was written "
                                  "by another configuration: move it away, or start over with --no-resume") from None
 
+    if rank == 0 and out is not None:  # the rows up to the checkpoint (none when starting); appended from here
+        _io.write_jsonl(out / "metrics.jsonl", state.history)
     _call(callbacks, "on_train_start", state)
     examples, t_interval, steps_interval, t_start = 0, time.perf_counter(), 0, time.perf_counter()
     wall_offset = state.history[-1]["wall_time"] if state.history else 0.0
+    if progress is None:
+        progress = rank == 0 and sys.stderr.isatty()
+    classification = data.num_classes > 0 if in_memory else None
 
     def record() -> None:
         nonlocal loss_sum, loss_count, examples, t_interval, steps_interval
@@ -428,11 +501,16 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
             train_loss /= world
         row = {"step": state.step, "epoch": state.epoch + state_fraction(),
                "train_loss": float(train_loss) / max(loss_count, 1)}
-        classification = data.num_classes > 0
-        test = evaluate(model, data.x_test, data.y_test, state.loss_fn, cfg.eval_batch_size, classification)
+        if eval_data is not None:
+            test = evaluate_batches(model, eval_data, state.loss_fn, classification, device)
+        elif in_memory:
+            test = evaluate(model, data.x_test, data.y_test, state.loss_fn, cfg.eval_batch_size, classification)
+        else:
+            test = {}
         row.update({f"test_{k}": v for k, v in test.items()})
         if cfg.eval_train:
-            tr = evaluate(model, data.x_train, data.y_train, state.loss_fn, cfg.eval_batch_size, classification)
+            tr = (evaluate(model, data.x_train, data.y_train, state.loss_fn, cfg.eval_batch_size, classification)
+                  if in_memory else evaluate_batches(model, data, state.loss_fn, classification, device))
             row.update({f"train_full_{k}": v for k, v in tr.items()})
         bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
@@ -444,25 +522,47 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
         state.history.append(row)
         _call(callbacks, "on_eval", state)
         if rank == 0 and out is not None:
-            _io.write_jsonl(out / "metrics.jsonl", state.history)
+            _io.append_jsonl(out / "metrics.jsonl", row)
+        if progress:
+            print(_progress_line(state, row), file=sys.stderr, flush=True)
         loss_sum, loss_count, examples, steps_interval = torch.zeros((), device=device), 0, 0, 0
         t_interval = time.perf_counter()
 
     def state_fraction() -> float:
-        return position / state.steps_per_epoch
+        return position / state.steps_per_epoch if state.steps_per_epoch else 0.0
+
+    def batches(start: int) -> Iterator[Batch]:
+        """This epoch's batches from position ``start`` on."""
+        if in_memory:
+            order = epoch_order(n, state.epoch, cfg.seed, rank, world, shuffle=not full_batch).to(device)
+            for p in range(start, state.steps_per_epoch):
+                idx = order[p * local_batch:(p + 1) * local_batch]
+                yield Batch(data.x_train[idx], data.y_train[idx], idx)
+            return
+        sampler = getattr(data, "sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(state.epoch)
+        offset = 0
+        for p, item in enumerate(data):
+            x, y = _pair(item, device)
+            if p >= start:
+                yield Batch(x, y, torch.arange(offset, offset + len(x), device=device))
+            offset += len(x)
+
+    def finished() -> bool:
+        return state.stop or (state.step >= state.total_steps if state.total_steps else state.epoch >= cfg.epochs)
 
     model.train()
-    while state.step < state.total_steps and not state.stop:
-        order = epoch_order(n, state.epoch, cfg.seed, rank, world, shuffle=not full_batch).to(device)
+    while not finished():
         if position == 0:
             _call(callbacks, "on_epoch_start", state)
-        while position < state.steps_per_epoch and state.step < state.total_steps and not state.stop:
-            idx = order[position * local_batch:(position + 1) * local_batch]
-            loss = step(Batch(data.x_train[idx], data.y_train[idx], idx), state)
+        epoch_ended = True
+        for batch in batches(position):
+            loss = step(batch, state)
             state.step += 1
             position += 1
             steps_interval += 1
-            examples += len(idx)
+            examples += len(batch.x)
             loss_sum += loss
             loss_count += 1
             if cfg.finite_check_every and state.step % cfg.finite_check_every == 0 and not math.isfinite(loss):
@@ -473,7 +573,12 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
                 record()
             if ckpt_path is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 _save_checkpoint(ckpt_path, state, callbacks, position, loss_sum, loss_count)
-        if position >= state.steps_per_epoch:
+            if finished():
+                epoch_ended = bool(state.steps_per_epoch) and position >= state.steps_per_epoch
+                break
+        if epoch_ended:
+            if position == 0:
+                raise ValueError(f"fit: data yielded no batches in epoch {state.epoch}; nothing to train on")
             if not cfg.eval_every:
                 record()
             _call(callbacks, "on_epoch_end", state)
@@ -489,6 +594,13 @@ def fit(model: nn.Module, data: Data, config: TrainConfig, *, step: Step | None 
         if ckpt_path.exists():
             ckpt_path.unlink()
     return state.history
+
+
+def _progress_line(state: TrainState, row: dict) -> str:
+    total = f"/{state.total_steps}" if state.total_steps else ""
+    shown = " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                     if k not in ("step", "epoch", *TIMING_KEYS) and isinstance(v, (int, float)))
+    return f"epoch {row['epoch']:.2f} step {row['step']}{total} {shown} ({row['wall_time']:.1f} s)"
 
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> Tensor:

@@ -46,7 +46,7 @@ from .. import _io
 from ..evidence import Claim, Verdict, judge_all
 
 SCALES = ("smoke", "quick", "full")
-NOT_IDENTITY = ("seeds", "device", "checkpoint_every")
+NOT_IDENTITY = ("seeds", "device", "checkpoint_every", "log")
 
 
 class ConfigError(ValueError):
@@ -55,11 +55,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ExperimentConfig:
-    seeds: int = 5
+    seeds: int = 5  # paired seeds per arm (0..N-1); each seed is one run of every arm
     device: str = "auto"  # cpu, cuda, cuda:N or auto (CUDA when present)
     data_root: str = ""  # where local dataset files live ('' = $BACKPROPLAB_DATA or ./data)
     linear_backprop: bool = False  # train every model of the experiment with linear backprop
     checkpoint_every: int = 0  # steps between checkpoints (0: none); does not change results
+    log: str = ""  # also log each evaluation as csv and/or tensorboard (comma-separated), beside metrics.jsonl
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,13 @@ class Run:
 
     def fit(self, model, data, config, *, sub: str = "", **kwargs) -> list[dict]:
         """``train.fit`` into this run's folder (or a sub-folder), resuming; ``final.json`` is the runner's."""
+        from ..loggers import make_loggers
         from ..train import fit
 
-        return fit(model, data, config, out_dir=self.dir / sub if sub else self.dir, resume=self.resume,
-                   write_final=False, **kwargs)
+        out_dir = self.dir / sub if sub else self.dir
+        callbacks = [*kwargs.pop("callbacks", ()), *make_loggers(getattr(self.cfg, "log", ""), out_dir)]
+        return fit(model, data, config, out_dir=out_dir, resume=self.resume, write_final=False,
+                   callbacks=callbacks, **kwargs)
 
     def prepare_model(self, model):
         """Apply the model transforms the config asks for (``--set linear_backprop=true``)."""
@@ -259,9 +263,28 @@ def _parse(value: str, tp: Any) -> Any:
     raise ValueError(f"unsupported field type {tp}")
 
 
+def field_meanings(config_cls: type) -> dict[str, str]:
+    """Each config field's one-line meaning: the comment on its line in the class source (base classes too)."""
+    import inspect
+
+    meanings: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(cls) or cls is object:
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+            meanings[m.group(1)] = m.group(2).strip()
+    return meanings
+
+
 def describe_fields(config_cls: type) -> str:
     hints = typing.get_type_hints(config_cls)
+    meanings = field_meanings(config_cls)
     return "\n".join(f"  {f.name} ({_type_name(hints[f.name])}, default {f.default!r})"
+                     + (f": {meanings[f.name]}" if f.name in meanings else "")
                      for f in dataclasses.fields(config_cls))
 
 
@@ -347,6 +370,13 @@ def check_values(exp: Experiment, cfg: Any) -> None:
             if name != "auto" and name not in DATASETS:
                 fail(key, name, f"unknown dataset; choose from {', '.join(sorted(DATASETS))}" +
                      (" or auto" if isinstance(names, tuple) else ""))
+    if getattr(cfg, "log", ""):
+        from ..loggers import make_loggers
+
+        try:
+            make_loggers(cfg.log, ".")
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"bad value {cfg.log!r} for 'log': {e}") from None
     if not DEVICE.match(cfg.device):
         fail("device", cfg.device, "expected cpu, cuda, cuda:N, mps or auto")
     try:

@@ -23,20 +23,19 @@ PAPER = "Sutskever et al., ICML 2013"
 
 @dataclass
 class BaselinesConfig(ExperimentConfig):
-    datasets: tuple[str, ...] = ("digits", "mnist1d")
-    models: tuple[str, ...] = ("mlp", "cnn")
-    optimizers: tuple[str, ...] = OPTIMIZERS
-    epochs: int = 30
-    batch_size: int = 64
-    sgd_lr: float = 0.05
-    momentum_lr: float = 0.05
-    momentum: float = 0.9
-    adam_lr: float = 1e-3
-    gd_lr: float = 0.5
-    weight_decay: float = 0.0
+    datasets: tuple[str, ...] = ("digits", "mnist1d")  # datasets to train on
+    models: tuple[str, ...] = ("mlp", "cnn")  # architectures (mlp, cnn)
+    optimizers: tuple[str, ...] = OPTIMIZERS  # optimizers compared
+    epochs: int = 30  # training epochs per run
+    batch_size: int = 64  # mini-batch size
+    sgd_lr: float = 0.05  # learning rate of plain SGD
+    momentum_lr: float = 0.05  # learning rate of SGD with momentum
+    momentum: float = 0.9  # momentum of the momentum arm
+    adam_lr: float = 1e-3  # Adam's learning rate
+    gd_lr: float = 0.5  # learning rate of full-batch GD
+    weight_decay: float = 0.0  # L2 weight decay, every arm
     n_train: int = 0  # 0: the whole training set; else a per-seed subset, the rest joins the test set
-    eval_every: int = 0
-
+    eval_every: int = 0  # steps between evaluations (0: at each epoch's end)
     def validate(self) -> None:
         check_n_train(self, self.datasets)
         check_choices("optimizers", self.optimizers, OPTIMIZERS)

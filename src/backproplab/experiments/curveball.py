@@ -44,25 +44,23 @@ PAPER = "Henriques et al., ICCV 2019"
 
 @dataclass
 class CurveBallConfig(ExperimentConfig):
-    problems: tuple[str, ...] = PROBLEMS
-    toy_methods: tuple[str, ...] = TOY_METHODS
-    toy_seeds: int = 10
-    max_iters: int = 20000
+    problems: tuple[str, ...] = PROBLEMS  # toy problems (Rosenbrock family, linear network)
+    toy_methods: tuple[str, ...] = TOY_METHODS  # optimizers on the toy problems
+    toy_seeds: int = 10  # random starts per toy problem
+    max_iters: int = 20000  # iteration budget per toy run
     tol: float = 1e-3  # distance to (1, 1) for Rosenbrock
     linear_tol: float = 1e-6  # loss for the linear network
-    datasets: tuple[str, ...] = ("digits", "mnist1d")
-    cnn_methods: tuple[str, ...] = CNN_METHODS
-    batchnorm: tuple[str, ...] = ("nobn", "bn")
-    epochs: int = 10
-    batch_size: int = 64
-    momentum_lr: float = 0.05
-    momentum: float = 0.9
-    adam_lr: float = 1e-3
+    datasets: tuple[str, ...] = ("digits", "mnist1d")  # datasets of the CNN comparison
+    cnn_methods: tuple[str, ...] = CNN_METHODS  # optimizers of the CNN comparison
+    batchnorm: tuple[str, ...] = ("nobn", "bn")  # CNN variants: without / with BatchNorm
+    epochs: int = 10  # CNN training epochs
+    batch_size: int = 64  # CNN mini-batch size
+    momentum_lr: float = 0.05  # learning rate of SGD with momentum (CNN)
+    momentum: float = 0.9  # momentum of the SGD baseline
+    adam_lr: float = 1e-3  # Adam's learning rate (CNN)
     curveball_lr: float = 0.0  # <= 0: CurveBall's automatic beta (and rho below)
-    curveball_momentum: float = 0.0
-    evals_per_epoch: int = 4
-
-
+    curveball_momentum: float = 0.0  # <= 0: CurveBall's automatic rho
+    evals_per_epoch: int = 4  # evaluations per CNN epoch
 # ---------------------------------------------------------------- toy problems
 
 

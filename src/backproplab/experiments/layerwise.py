@@ -32,22 +32,20 @@ EQUIVALENCE_MARGIN = 0.02  # 2 points of test accuracy: "competitive with end-to
 @dataclass
 class LayerwiseConfig(ExperimentConfig):
     datasets: tuple[str, ...] = ("auto",)  # auto: digits, mnist1d, and cifar10 if its files are present
-    ks: tuple[int, ...] = (1, 2, 3)
-    e2e_ks: tuple[int, ...] = (3,)
-    widths: tuple[int, ...] = (32, 64, 64, 128)
-    downsample: tuple[int, ...] = (1, 3)
-    epochs_per_block: int = 10
-    decay_every: int = 5
-    decay_factor: float = 0.2
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    probe_epochs: int = 5
+    ks: tuple[int, ...] = (1, 2, 3)  # auxiliary-classifier depths k compared
+    e2e_ks: tuple[int, ...] = (3,)  # k values given an end-to-end baseline
+    widths: tuple[int, ...] = (32, 64, 64, 128)  # channels of each block
+    downsample: tuple[int, ...] = (1, 3)  # blocks followed by invertible downsampling
+    epochs_per_block: int = 10  # epochs each block trains
+    decay_every: int = 5  # epochs between lr decays
+    decay_factor: float = 0.2  # lr multiplier at each decay
+    lr: float = 0.05  # SGD learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 weight decay
+    batch_size: int = 64  # mini-batch size
+    probe_epochs: int = 5  # epochs of each linear probe
     probe_lr: float = 1e-3  # Adam, for the linear-separability probes
-    small_width: int = 16
-
-
+    small_width: int = 16  # block width of the size-reduction arm
 def _datasets(cfg: LayerwiseConfig) -> list[str]:
     if tuple(cfg.datasets) != ("auto",):
         return list(cfg.datasets)

@@ -35,20 +35,18 @@ EQUIVALENCE_MARGIN = 0.01  # 1 point of test accuracy
 @dataclass
 class LinearBackpropConfig(ExperimentConfig):
     n_inits: int = 50  # initialisations per seed in the 5-point experiment
-    points_iters: int = 2000
-    points_lr: float = 0.05
-    points_widths: tuple[int, ...] = (32, 32, 32)
-    datasets: tuple[str, ...] = ("digits", "mnist1d")
-    activations: tuple[str, ...] = ("relu", "sigmoid")
-    cnn_channels: tuple[int, ...] = (32, 64, 128)
-    epochs: int = 15
+    points_iters: int = 2000  # iterations of the 5-point fit
+    points_lr: float = 0.05  # learning rate of the 5-point fit
+    points_widths: tuple[int, ...] = (32, 32, 32)  # hidden widths of the 5-point MLP
+    datasets: tuple[str, ...] = ("digits", "mnist1d")  # datasets of the MLP/CNN comparison
+    activations: tuple[str, ...] = ("relu", "sigmoid")  # activations compared
+    cnn_channels: tuple[int, ...] = (32, 64, 128)  # channels of the CNN's conv layers
+    epochs: int = 15  # training epochs (MLP/CNN)
     lr: float = 1e-3  # Adam
-    batch_size: int = 64
-    binary_epochs: int = 15
-    binary_lr: float = 1e-3
-    binary_widths: tuple[int, ...] = (256, 256)
-
-
+    batch_size: int = 64  # mini-batch size
+    binary_epochs: int = 15  # epochs of the binary networks
+    binary_lr: float = 1e-3  # learning rate of the binary networks
+    binary_widths: tuple[int, ...] = (256, 256)  # hidden widths of the binary MLP
 @dataclass(frozen=True)
 class LBPArm(Arm):
     setting: str  # "points", "binary" or "<dataset>-<activation>"

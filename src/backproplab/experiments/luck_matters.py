@@ -27,17 +27,17 @@ PAPER = "Tian et al., arXiv:1909.13458 2019 (Luck Matters); Tian, 2020"
 
 @dataclass
 class LuckConfig(ExperimentConfig):
-    teacher_widths: tuple[int, ...] = (10, 15, 20, 25)
-    multipliers: tuple[int, ...] = (1, 2, 5, 10)
-    train_size: int = 100_000
-    test_size: int = 10_000
-    epochs: int = 40
-    lr: float = 0.1
-    batch_size: int = 64
-    bn_epochs: int = 20
+    teacher_widths: tuple[int, ...] = (10, 15, 20, 25)  # hidden widths of the teacher
+    multipliers: tuple[int, ...] = (1, 2, 5, 10)  # student width = multiplier x teacher width
+    train_size: int = 100_000  # teacher-labelled training inputs
+    test_size: int = 10_000  # teacher-labelled test inputs
+    epochs: int = 40  # student training epochs
+    lr: float = 0.1  # student SGD learning rate
+    batch_size: int = 64  # mini-batch size
+    bn_epochs: int = 20  # epochs of the BatchNorm CNN
     bn_lr: float = 0.05  # the BatchNorm CNN on digits: SGD with momentum
-    bn_momentum: float = 0.9
-    bn_channels: tuple[int, ...] = (32, 64, 64)
+    bn_momentum: float = 0.9  # momentum of the BatchNorm CNN
+    bn_channels: tuple[int, ...] = (32, 64, 64)  # channels of the BatchNorm CNN
     seeds: int = 5
 
 

@@ -38,16 +38,16 @@ EQUIVALENCE_MARGIN = 0.01  # 1 point of test accuracy: "generalizes like SGD"
 @dataclass
 class MSGDConfig(ExperimentConfig):
     datasets: tuple[str, ...] = ("auto",)  # auto: fashion_mnist if present, else digits and mnist1d
-    methods: tuple[str, ...] = SMALL + LARGE
-    n_train: int = 1000
-    batch_size: int = 50
-    large_factor: int = 20
-    cnn_channels: tuple[int, ...] = (16, 32)
-    lr: float = 0.05
-    steps: int = 3000
-    evals: int = 20
-    gld_sigma: float = 0.01
-    gld_every: int = 50
+    methods: tuple[str, ...] = SMALL + LARGE  # arms: GD, GLD, SGD, the MSGD weightings, and the large-batch pair
+    n_train: int = 1000  # training examples (a per-seed subset)
+    batch_size: int = 50  # SGD's mini-batch size b
+    large_factor: int = 20  # large batch B = large_factor x b
+    cnn_channels: tuple[int, ...] = (16, 32)  # channels of the small CNN's conv layers
+    lr: float = 0.05  # learning rate, every arm
+    steps: int = 3000  # training steps per run
+    evals: int = 20  # evaluations per run
+    gld_sigma: float = 0.01  # constant GLD's noise std
+    gld_every: int = 50  # steps between dynamic GLD's trace re-estimates
     seeds: int = 10
 
     def validate(self) -> None:

@@ -36,29 +36,29 @@ CLAIM_RADIUS = 0.5  # l2 radius at which the certification claim is judged
 
 @dataclass
 class PrivacyConfig(ExperimentConfig):
-    dataset: str = "digits"
-    epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
-    nonprivate: bool = True
-    adversarial: tuple[str, ...] = ("clean", "adv")
-    augment_sigmas: tuple[float, ...] = (0.0, 0.25, 0.5)
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    dataset: str = "digits"  # dataset (digits offline; local files for the others)
+    epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)  # target epsilons of the DP arms
+    nonprivate: bool = True  # also train a non-private arm
+    adversarial: tuple[str, ...] = ("clean", "adv")  # clean and/or adversarial training
+    augment_sigmas: tuple[float, ...] = (0.0, 0.25, 0.5)  # Gaussian noise augmentation levels
+    delta: float = 1e-5  # the DP delta
+    max_grad_norm: float = 1.0  # per-example clipping norm
     noise_multiplier: float = 0.0  # > 0: use this noise for every DP arm instead of the target epsilon
-    widths: tuple[int, ...] = (128,)
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 0.5
-    adv_eps: float = 0.3
-    adv_alpha: float = 1.0
-    adv_steps: int = 5
-    linf_eps: tuple[float, ...] = (0.1, 0.3, 0.5)
-    l2_eps: tuple[float, ...] = (0.5, 1.0, 2.0)
-    pgd_steps: int = 20
-    cert_sigma: float = 0.25
-    cert_examples: int = 200
-    cert_n0: int = 100
-    cert_n: int = 1000
-    cert_alpha: float = 0.001
+    widths: tuple[int, ...] = (128,)  # hidden widths of the MLP
+    epochs: int = 20  # training epochs
+    batch_size: int = 64  # expected Poisson batch size
+    lr: float = 0.5  # SGD learning rate
+    adv_eps: float = 0.3  # l_inf size of training attacks
+    adv_alpha: float = 1.0  # weight of the adversarial loss
+    adv_steps: int = 5  # PGD steps of training attacks
+    linf_eps: tuple[float, ...] = (0.1, 0.3, 0.5)  # l_inf attack sizes evaluated
+    l2_eps: tuple[float, ...] = (0.5, 1.0, 2.0)  # l_2 attack sizes evaluated
+    pgd_steps: int = 20  # PGD steps of evaluation attacks
+    cert_sigma: float = 0.25  # randomized-smoothing noise for certification
+    cert_examples: int = 200  # test inputs certified
+    cert_n0: int = 100  # selection samples per certified input
+    cert_n: int = 1000  # estimation samples per certified input
+    cert_alpha: float = 0.001  # certification failure probability
     secure_mode: bool = False  # Opacus's secure_mode (CSPRNG noise and sampling) for the DP arms
 
 

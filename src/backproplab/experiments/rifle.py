@@ -43,27 +43,27 @@ DEEP_LAYERS = ("stem", "layers.0")
 
 @dataclass
 class RifleConfig(ExperimentConfig):
-    arms: tuple[str, ...] = ARMS
-    width: float = 0.125
-    pretrain_epochs: int = 15
-    pretrain_lr: float = 0.05
-    pretrain_momentum: float = 0.9
-    pretrain_weight_decay: float = 5e-4
-    pretrain_batch_size: int = 64
+    arms: tuple[str, ...] = ARMS  # fine-tuning arms compared
+    width: float = 0.125  # width multiplier of the ResNet
+    pretrain_epochs: int = 15  # epochs of the source model
+    pretrain_lr: float = 0.05  # source model's learning rate
+    pretrain_momentum: float = 0.9  # source model's momentum
+    pretrain_weight_decay: float = 5e-4  # source model's weight decay
+    pretrain_batch_size: int = 64  # source model's batch size
     pretrain_seed: int = 0  # one source model for every arm and seed
-    per_class: int = 20
-    epochs: int = 40
-    batch_size: int = 20
-    lr: float = 0.01
-    momentum: float = 0.9
+    per_class: int = 20  # target training examples per class
+    epochs: int = 40  # fine-tuning epochs
+    batch_size: int = 20  # fine-tuning batch size
+    lr: float = 0.01  # fine-tuning learning rate
+    momentum: float = 0.9  # fine-tuning momentum
     times: int = 3  # RIFLE resets (and cyclic-LR restarts)
-    l2_alpha: float = 0.01
-    l2sp_alpha: float = 0.1
-    l2sp_beta: float = 0.01
-    dropout: float = 0.5
-    dropconnect: float = 0.5
-    stochastic_depth: float = 0.5
-    disturb_alpha: float = 0.1
+    l2_alpha: float = 0.01  # L2 strength of the l2 arm
+    l2sp_alpha: float = 0.1  # L2-SP pull towards the pretrained weights
+    l2sp_beta: float = 0.01  # L2-SP's L2 on the new head
+    dropout: float = 0.5  # dropout probability of the dropout arm
+    dropconnect: float = 0.5  # drop probability of the DropConnect arm
+    stochastic_depth: float = 0.5  # block drop probability of the stochastic-depth arm
+    disturb_alpha: float = 0.1  # DisturbLabel's label-noise rate
     seeds: int = 10
 
     def validate(self) -> None:

@@ -23,10 +23,13 @@ dw = rho z - beta dz (paper eq. 13-14)::
 evaluated in output space from a second forward-mode product J dz (a11 = lambda|dz|^2 + (J dz)^T H_L (J dz),
 a12 = lambda dz.z + (J z)^T H_L (J dz), a22 = lambda|z|^2 + (J z)^T H_L (J z), b1 = J_L.(J dz), b2 = J_L.(J z)).
 With z = 0 (the first step) A is singular and the solution reduces to the exact line search along -g:
-rho = 0, beta = g^T g / g^T H g. The predicted change is M = -1/2 x^T b.
+rho = 0, beta = g^T g / g^T H g.
 
-Levenberg-Marquardt damping (paper Sec. 4, defaults from the paper): every ``lambda_interval`` steps the
-loss is re-evaluated on the same batch; gamma = (L(w + z) - L(w)) / M; gamma < ``lambda_low`` gives
+Levenberg-Marquardt damping (paper Sec. 4, defaults from the paper): on steps 0, k, 2k, ... (k =
+``lambda_interval``, the authors' ``count % k == 0``) the loss is re-evaluated on the same batch;
+gamma = (L(w + z) - L(w)) / M(x) with M(x) = -b^T x + 1/2 x^T A x the quadratic model's change for the
+step actually taken (x = [beta, -rho]; at the 2x2 minimiser this is -1/2 x^T b, the authors' form, but a
+fixed lr or momentum takes a step off the minimiser); gamma < ``lambda_low`` gives
 lambda <- lambda / factor^interval, gamma > ``lambda_high`` gives lambda <- lambda * factor^interval.
 """
 
@@ -183,8 +186,9 @@ class _TangentTape:
     used where B (d_in + d_out) < d_in d_out (batch smaller than the layer).
     """
 
-    def __init__(self, params: list[Tensor], gram: bool = False):
+    def __init__(self, params: list[Tensor], gram: bool = False, model: nn.Module | None = None):
         self.param_ids = {id(p) for p in params}
+        self.module_ids = None if model is None else {id(m) for m in model.modules()}
         self.gram = gram
         self.gram_calls: set[int] = set()  # calls whose second product uses the Gram form
         self._deltas: dict[int, Tensor] = {}  # cotangents at those layers' outputs, from the reverse pass
@@ -203,7 +207,10 @@ class _TangentTape:
         if self.reason is not None or next(module.children(), None) is not None:
             return  # containers: their leaves are recorded
         name = type(module).__name__
-        if module._forward_hooks or module._forward_pre_hooks:
+        if self.module_ids is not None and id(module) not in self.module_ids:
+            return  # not the model's (a loss module inside a step closure, say)
+        if any(not getattr(h, "_curveball_catch", False) for h in module._forward_hooks.values()) \
+                or module._forward_pre_hooks:
             return self._invalid(f"{name} has forward hooks of its own")
         if len(args) != 1 or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
             return self._invalid(f"{name} is not called with one tensor in and one tensor out")
@@ -362,10 +369,22 @@ def _batchnorm_tangent(m: nn.Module, kept: tuple, t: Tensor | None, tw: Tensor |
 class CurveBall(torch.optim.Optimizer):
     """CurveBall (Henriques et al. 2019) as a ``torch.optim.Optimizer``.
 
-    ``loss, outputs = opt.step(model_fn, loss_fn)``: ``model_fn()`` returns the outputs for the current
-    batch and must be re-callable (same batch); ``loss_fn(outputs)`` returns the scalar loss. Pass
-    :class:`CrossEntropy` / :class:`MeanSquaredError` objects for closed-form H_L; any other callable is
-    differentiated twice by autograd in output space.
+    Two ways to call ``step`` (both return ``(loss, outputs)``, detached):
+
+    * ``opt.step(model_fn, loss_fn)``: ``model_fn()`` returns the outputs for the current batch and must
+      be re-callable (same batch); ``loss_fn(outputs)`` returns the scalar loss. Pass
+      :class:`CrossEntropy` / :class:`MeanSquaredError` objects for closed-form H_L; any other callable is
+      differentiated twice by autograd in output space.
+    * ``opt.step(closure)``, the torch.optim form (needs ``model=``): ``closure()`` runs ``model`` on the
+      batch and returns the loss of its output, e.g. ``lambda: F.cross_entropy(model(x), y)``. The
+      model's output is taken from its forward call, and H_L by autograd from the loss the closure built.
+      The closure must not call ``backward()``: the step computes the products itself. It is re-called
+      on the same batch (same dropout masks) for the extra passes.
+
+    ``lr`` (beta) and ``momentum`` (rho) are numbers in the parameter group, so ``torch.optim.lr_scheduler``
+    works; ``auto_lr`` / ``auto_momentum`` (default: on when the value is not given) solve for them each
+    step instead and then ignore the group's value. The values solved last are ``curveball_state['beta']``
+    and ``['rho']``.
 
     Args:
         model: the module owning the parameters. With it, J v is forward-mode differentiation: tangent
@@ -374,8 +393,13 @@ class CurveBall(torch.optim.Optimizer):
             statistics move once per step. Without it, J v uses the slower double-backward trick
             (J v = d/du <J^T u, v>), which keeps the plain optimizer contract; then a BatchNorm's
             statistics also move on the Levenberg-Marquardt re-evaluation (its buffers are unknown).
-        lr, momentum: fixed beta and rho; ``None`` (default) solves for them each step. A fixed value
-            is never overwritten; with one fixed, the other is the 1-D minimiser.
+        lr, momentum: beta and rho when not automatic. A fixed value is never overwritten; with one
+            fixed, the other is the 1-D minimiser of the quadratic model.
+        auto_lr, auto_momentum: solve for beta / rho each step (default: ``lr is None`` /
+            ``momentum is None``, the paper's setting when neither is given).
+        fill_grad: also write the loss gradient g = J^T J_L into each ``p.grad`` (for clipping statistics
+            and logging; the step itself never reads ``.grad``). The step's reverse pass yields
+            GGN z + g together, so g costs a second cotangent, batched into the same reverse pass.
         lambd: initial damping lambda (paper: 1.0). auto_lambda: the Levenberg-Marquardt rule.
         on_nonfinite: "raise" (default; one host sync per step to check) or "skip" (no sync: a
             non-finite step leaves weights and z unchanged, counted in ``state['skipped']``).
@@ -402,21 +426,35 @@ class CurveBall(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], *, model: nn.Module | None = None,
                  lr: float | None = None, momentum: float | None = None, lambd: float = 1.0,
+                 auto_lr: bool | None = None, auto_momentum: bool | None = None,
                  auto_lambda: bool = True, lambda_factor: float = 0.999, lambda_low: float = 0.5,
                  lambda_high: float = 1.5, lambda_interval: int = 5, on_nonfinite: str = "raise",
-                 jvp: str = "auto", low_memory: bool | None = None):
+                 jvp: str = "auto", low_memory: bool | None = None, fill_grad: bool = False):
         if lambd < 0:
             raise ValueError(f"lambd must be >= 0, got {lambd}")
+        auto_lr = lr is None if auto_lr is None else bool(auto_lr)
+        auto_momentum = momentum is None if auto_momentum is None else bool(auto_momentum)
+        for name, value, auto in (("lr", lr, auto_lr), ("momentum", momentum, auto_momentum)):
+            if value is None and not auto:
+                raise ValueError(f"auto_{name}=False needs a number for {name}=")
+            if value is not None and not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if int(lambda_interval) < 1:
+            raise ValueError(f"lambda_interval must be >= 1, got {lambda_interval}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if jvp not in ("auto", "replay", "forward_ad"):
             raise ValueError(f"jvp must be 'auto', 'replay' or 'forward_ad', got {jvp!r}")
         if jvp == "replay" and model is None:
             raise ValueError("jvp='replay' records the layers of `model`: pass model=")
-        defaults = dict(lr=lr, momentum=momentum, lambd=lambd, auto_lambda=auto_lambda, lambda_factor=lambda_factor,
-                        lambda_low=lambda_low, lambda_high=lambda_high, lambda_interval=lambda_interval)
+        # a number even when automatic (then unused), so that learning-rate schedulers can run
+        defaults = dict(lr=0.0 if lr is None else float(lr), momentum=0.0 if momentum is None else float(momentum),
+                        auto_lr=auto_lr, auto_momentum=auto_momentum, lambd=lambd, auto_lambda=auto_lambda,
+                        lambda_factor=lambda_factor, lambda_low=lambda_low, lambda_high=lambda_high,
+                        lambda_interval=int(lambda_interval))
         super().__init__(params, defaults)
-        shared = ("lr", "momentum", "auto_lambda", "lambda_factor", "lambda_low", "lambda_high", "lambda_interval")
+        shared = ("lr", "momentum", "auto_lr", "auto_momentum", "auto_lambda", "lambda_factor", "lambda_low",
+                  "lambda_high", "lambda_interval")
         for g in self.param_groups[1:]:
             for k in shared + ("lambd",):
                 if g[k] != self.param_groups[0][k]:
@@ -431,6 +469,7 @@ class CurveBall(torch.optim.Optimizer):
         self.replay_refused: str | None = ("no model= given" if model is None else
                                            "jvp='forward_ad'" if jvp == "forward_ad" else None)
         self.on_nonfinite = on_nonfinite
+        self.fill_grad = bool(fill_grad)
         self._names: dict[int, str] = {}
         self._tied: list[tuple[nn.Module, str, Tensor]] = []
         if model is not None:
@@ -457,6 +496,11 @@ class CurveBall(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         glob = state_dict.pop("curveball")
         super().load_state_dict(state_dict)
+        for g in self.param_groups:  # saved before auto_lr / auto_momentum existed: None meant automatic
+            for name in ("lr", "momentum"):
+                if g.get(name) is None:
+                    g[name], g[f"auto_{name}"] = 0.0, True
+                g.setdefault(f"auto_{name}", False)
         self.curveball_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in glob.items()}
 
     def _params(self) -> list[Tensor]:
@@ -504,7 +548,7 @@ class CurveBall(torch.optim.Optimizer):
         """The step's one forward with reverse graph, recorded for tangent replay (None if it cannot be)."""
         from torch.nn.modules import module as module_globals
 
-        tape = _TangentTape(params, gram=gram)
+        tape = _TangentTape(params, gram=gram, model=self.model)
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
             tape._invalid("a global module forward hook is registered")
         handle = module_globals.register_module_forward_hook(tape.hook)
@@ -533,12 +577,75 @@ class CurveBall(torch.optim.Optimizer):
         return torch.zeros_like(outputs) if jv is None else jv
 
     # -- the step
+    def _closure_as_model_and_loss(self, closure: Callable[[], Tensor]) -> tuple[ModelFn, LossFn]:
+        """``step(closure)``: the model's output is caught from its forward call; the loss is the closure's."""
+        if self.model is None:
+            raise TypeError("CurveBall.step(closure) takes the outputs from model's forward call: construct "
+                            "CurveBall(params, model=model), or call opt.step(model_fn, loss_fn)")
+        pairs: list[tuple[Tensor, Tensor]] = []  # (outputs, loss) of each call this step
+        last: list[Tensor] = []
+
+        def catch(module: nn.Module, args: tuple, output: Tensor) -> None:
+            last.append(output)
+
+        catch._curveball_catch = True  # type: ignore[attr-defined]  # the tangent tape ignores this hook
+
+        def model_fn() -> Tensor:
+            last.clear()
+            handle = self.model.register_forward_hook(catch)
+            try:
+                loss = closure()
+            finally:
+                handle.remove()
+            if not last:
+                raise ValueError("CurveBall.step(closure): the closure did not call the model given as model=")
+            if not torch.is_tensor(loss) or loss.numel() != 1:
+                raise TypeError(f"CurveBall.step(closure): the closure must return the scalar loss, got {loss!r}")
+            pairs.append((last[-1], loss))
+            return last[-1]
+
+        def loss_fn(outputs: Tensor) -> Tensor:
+            return next(loss for out, loss in pairs if out is outputs)
+
+        loss_fn._curveball_closure = loss_fn  # type: ignore[attr-defined]
+        return model_fn, loss_fn
+
+    @staticmethod
+    def _closure_output_products(loss_of: LossFn,
+                                 outputs: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Tensor]:
+        """J_L and H_L v by autograd through the loss graph the closure built on ``outputs``."""
+        loss = loss_of(outputs)
+        if loss.grad_fn is None:
+            raise ValueError("CurveBall.step(closure): the loss does not depend on the model's output "
+                             "(was it computed under torch.no_grad, or detached?)")
+        with torch.enable_grad():
+            try:
+                (grad,) = torch.autograd.grad(loss.reshape(()), outputs, create_graph=True)
+            except RuntimeError as e:
+                raise RuntimeError("CurveBall.step(closure): the closure must return the loss without calling "
+                                   f"backward() on it (CurveBall computes the products itself): {e}") from e
+
+        def hvp(v: Tensor) -> Tensor:
+            if not grad.requires_grad:  # the loss is linear in the outputs
+                return torch.zeros_like(v)
+            (h,) = torch.autograd.grad(grad, outputs, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if h is None else h
+
+        return loss.detach().reshape(()), hvp, grad.detach()
+
     @torch.no_grad()
-    def step(self, model_fn: ModelFn | None = None, loss_fn: LossFn | None = None):  # type: ignore[override]
-        """One CurveBall step on the batch that ``model_fn`` evaluates; returns ``(loss, outputs)``."""
-        if model_fn is None or loss_fn is None:
+    def step(self, model_fn: ModelFn | Callable[[], Tensor] | None = None,  # type: ignore[override]
+             loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
+        """One CurveBall step on the batch that ``model_fn`` evaluates; returns ``(loss, outputs)``.
+
+        ``step(closure)`` with one argument is the torch.optim closure form (see the class docstring)."""
+        if model_fn is None:
             raise TypeError("CurveBall.step needs model_fn and loss_fn: opt.step(lambda: model(x), "
-                            "CrossEntropy(y)); a single closure cannot give the forward-mode products")
+                            "CrossEntropy(y)), or a closure returning the loss: opt.step(lambda: "
+                            "F.cross_entropy(model(x), y)) with CurveBall(..., model=model)")
+        closure_form = loss_fn is None
+        if closure_form:
+            model_fn, loss_fn = self._closure_as_model_and_loss(model_fn)
         group = self.param_groups[0]
         glob = self.curveball_state
         params = self._params()
@@ -552,7 +659,8 @@ class CurveBall(torch.optim.Optimizer):
 
         self._rng_at_step_start = torch.get_rng_state()
         self._cuda_rng_at_step_start = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        need_system = group["lr"] is None or group["momentum"] is None or self._lambda_due(glob["step"], group)
+        lambda_due = self._lambda_due(glob["step"], group)
+        need_system = group["auto_lr"] or group["auto_momentum"] or lambda_due
         # pass 1: outputs with reverse graph, and J z by tangent replay, forward mode or double backward
         tape = None
         if self.model is not None and self.jvp != "forward_ad" and (self.jvp == "replay" or not self.replay_refused):
@@ -565,26 +673,38 @@ class CurveBall(torch.optim.Optimizer):
                 with self._same_batch_pass():
                     _, jz = self._forward_jvp(model_fn, params, zs)
         else:
-            if self.model is not None and self.low_memory:  # J z first, in a pass without a reverse graph
+            # the closure form needs the plain forward's own output: J z in a pass of its own
+            low_memory = self.low_memory or closure_form
+            if self.model is not None and low_memory:  # J z first, in a pass without a reverse graph
                 with self._same_batch_pass():
                     _, jz = self._forward_jvp(model_fn, params, zs)
             with torch.enable_grad():
                 if self.model is None:
                     outputs = model_fn()
                     jz = self._double_backward_jvp(outputs, params, zs)
-                elif self.low_memory:
+                elif low_memory:
                     outputs = model_fn()
                 else:
                     outputs, jz = self._forward_jvp(model_fn, params, zs)
-        if hasattr(loss_fn, "output_grad_and_hvp"):
+        if hasattr(loss_fn, "_curveball_closure"):
+            loss, hvp, jl = self._closure_output_products(loss_fn._curveball_closure, outputs)
+        elif hasattr(loss_fn, "output_grad_and_hvp"):
             loss = loss_fn(outputs.detach())
             hvp, jl = loss_fn.output_grad_and_hvp(outputs)
         else:
             loss, hvp, jl = _autograd_output_products(loss_fn, outputs)
         hl_jz = hvp(jz)
-        # ONE reverse pass: J^T (H_L J z + J_L) = GGN z + gradient
+        # ONE reverse pass: J^T (H_L J z + J_L) = GGN z + gradient (and J^T J_L = g beside it if asked)
         with torch.enable_grad():
-            jt = torch.autograd.grad(outputs, params, hl_jz + jl, retain_graph=self.model is None, allow_unused=True)
+            if self.fill_grad:
+                both = torch.autograd.grad(outputs, params, torch.stack([hl_jz + jl, jl]), is_grads_batched=True,
+                                           retain_graph=self.model is None, allow_unused=True)
+                jt = [None if b is None else b[0] for b in both]
+                for p, b in zip(params, both):
+                    p.grad = torch.zeros_like(p) if b is None else b[1]
+            else:
+                jt = torch.autograd.grad(outputs, params, hl_jz + jl, retain_graph=self.model is None,
+                                         allow_unused=True)
         dzs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, jt)]
         if world > 1:
             flat = torch.cat([d.reshape(-1) for d in dzs])
@@ -596,8 +716,8 @@ class CurveBall(torch.optim.Optimizer):
             d.addcmul_(z, lambd)
 
         # pass 2: J dz, then the 2x2 system in output space
-        lr_fixed = None if group["lr"] is None else torch.tensor(float(group["lr"]), device=lambd.device)
-        mom_fixed = None if group["momentum"] is None else torch.tensor(float(group["momentum"]), device=lambd.device)
+        lr_fixed = None if group["auto_lr"] else torch.tensor(float(group["lr"]), device=lambd.device)
+        mom_fixed = None if group["auto_momentum"] else torch.tensor(float(group["momentum"]), device=lambd.device)
         dot = lambda a, b: sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b))  # noqa: E731
         dz_sq = dot(dzs, dzs)  # also the finiteness check of dz: a non-finite dz must not reach z
         if need_system:
@@ -621,8 +741,8 @@ class CurveBall(torch.optim.Optimizer):
             a22 = lambd * dot(zs, zs) + out_terms[2]
             b1, b2 = out_terms[3], out_terms[4]
             beta, rho = self.solve(a11, a12, a22, b1, b2, lr_fixed, mom_fixed, first)
-            x1, x2 = beta, -rho
-            predicted = -0.5 * (x1 * b1 + x2 * b2)
+            x1, x2 = beta, -rho  # the quadratic model's change for the step taken (not only at its minimiser)
+            predicted = -(x1 * b1 + x2 * b2) + 0.5 * (x1 * x1 * a11 + 2 * x1 * x2 * a12 + x2 * x2 * a22)
         else:
             beta, rho, predicted = lr_fixed, mom_fixed, None
 
@@ -646,7 +766,7 @@ class CurveBall(torch.optim.Optimizer):
             glob["skipped"] = glob["skipped"] + (~ok).to(torch.int64)
         glob["rho"], glob["beta"] = rho.detach(), beta.detach()
 
-        if group["auto_lambda"] and self._lambda_due(glob["step"], group):
+        if lambda_due:
             with self._same_batch_pass():
                 new_loss = loss_fn(model_fn())
             if world > 1:
@@ -663,7 +783,7 @@ class CurveBall(torch.optim.Optimizer):
 
     @staticmethod
     def _lambda_due(step: int, group: dict) -> bool:
-        return group["auto_lambda"] and (step + 1) % group["lambda_interval"] == 0
+        return group["auto_lambda"] and step % group["lambda_interval"] == 0  # steps 0, k, 2k, ... (authors)
 
     @staticmethod
     def solve(a11: Tensor, a12: Tensor, a22: Tensor, b1: Tensor, b2: Tensor, lr: Tensor | None = None,
@@ -708,7 +828,6 @@ def curveball_step(batch, state) -> Tensor:
 
 def make_optimizer(model: nn.Module, cfg) -> CurveBall:
     """``optimizer=curveball``: lr <= 0 and momentum <= 0 mean automatic beta and rho."""
-    lr = cfg.lr if cfg.lr > 0 else None
-    momentum = cfg.momentum if cfg.momentum > 0 else None
-    return CurveBall(model.parameters(), model=model, lr=lr, momentum=momentum)
+    return CurveBall(model.parameters(), model=model, lr=max(cfg.lr, 0.0), momentum=max(cfg.momentum, 0.0),
+                     auto_lr=cfg.lr <= 0, auto_momentum=cfg.momentum <= 0)
 

@@ -104,27 +104,16 @@ class AuxClassifier(nn.Sequential):
         return sum(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in self)
 
 
-class LayerwiseCNN(nn.Module):
-    """Trunk of blocks, one auxiliary classifier per block; ``forward`` = trunk + the last aux classifier.
+class BlockStack(nn.Module):
+    """Any trunk of blocks with one auxiliary classifier per block; ``forward`` = trunk + the last
+    auxiliary classifier. What :class:`GreedyLayerwiseTrainer` trains: build one from your own stages,
+    ``BlockStack([stage1, stage2], [head1, head2])``, each head taking its block's output."""
 
-    Args:
-        input_shape: (C, L) or (C, H, W). widths: output channels of each block. downsample: indices of the
-        blocks that start with invertible downsampling. k: hidden layers of the auxiliary classifiers.
-    """
-
-    def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 64, 64, 128),
-                 downsample: Sequence[int] = (1, 3), k: int = 1, batchnorm: bool = True, aux_width: int | None = None):
+    def __init__(self, blocks: Sequence[nn.Module], aux: Sequence[nn.Module]):
         super().__init__()
-        self.dims = len(input_shape) - 1
-        if self.dims not in (1, 2):
-            raise ValueError(f"LayerwiseCNN takes (C, L) or (C, H, W) inputs, got {tuple(input_shape)}")
-        self.k = k
-        blocks, aux = [], []
-        c = input_shape[0]
-        for j, w in enumerate(widths):
-            blocks.append(Block(c, w, self.dims, j in downsample, batchnorm))
-            aux.append(AuxClassifier(w, num_classes, k, self.dims, aux_width))
-            c = w
+        if len(blocks) != len(aux) or not blocks:
+            raise ValueError(f"greedy layerwise training needs one auxiliary classifier per block; got {len(blocks)} "
+                             f"blocks and {len(aux)} auxiliary classifiers")
         self.blocks = nn.ModuleList(blocks)
         self.aux = nn.ModuleList(aux)
 
@@ -139,6 +128,29 @@ class LayerwiseCNN(nn.Module):
     def truncated(self, depth: int) -> nn.Module:
         """Blocks 1..depth followed by aux classifier ``depth`` (the network after stage ``depth``)."""
         return nn.Sequential(*self.blocks[:depth], self.aux[depth - 1])
+
+
+class LayerwiseCNN(BlockStack):
+    """The paper's trunk of blocks, one auxiliary classifier per block; ``forward`` = trunk + the last aux classifier.
+
+    Args:
+        input_shape: (C, L) or (C, H, W). widths: output channels of each block. downsample: indices of the
+        blocks that start with invertible downsampling. k: hidden layers of the auxiliary classifiers.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 64, 64, 128),
+                 downsample: Sequence[int] = (1, 3), k: int = 1, batchnorm: bool = True, aux_width: int | None = None):
+        dims = len(input_shape) - 1
+        if dims not in (1, 2):
+            raise ValueError(f"LayerwiseCNN takes (C, L) or (C, H, W) inputs, got {tuple(input_shape)}")
+        blocks, aux = [], []
+        c = input_shape[0]
+        for j, w in enumerate(widths):
+            blocks.append(Block(c, w, dims, j in downsample, batchnorm))
+            aux.append(AuxClassifier(w, num_classes, k, dims, aux_width))
+            c = w
+        super().__init__(blocks, aux)
+        self.dims, self.k = dims, k
 
 
 class _Stage(nn.Module):
@@ -170,12 +182,25 @@ def _features(module: nn.Module, x: Tensor, batch: int = 1024) -> Tensor:
 class GreedyLayerwiseTrainer:
     """Train ``model`` block after block with the foundation's loop.
 
+    ``model``: a :class:`BlockStack` (:class:`LayerwiseCNN` is one), or a list of blocks (e.g.
+    ``nn.Sequential`` stages) with ``aux=`` one auxiliary classifier per block. While block j trains,
+    blocks 1..j-1 are frozen (no gradients, eval mode); when :meth:`train` returns, every parameter is
+    trainable again, so the model can be fine-tuned end to end like any ``nn.Module``.
+
     ``cache_prefix=True`` computes the frozen prefix's outputs once per stage (valid without data
     augmentation, since the prefix is frozen and in eval mode), so block j does not recompute blocks
     1..j-1 for every batch; ``False`` recomputes them (needed with augmentation).
     """
 
-    def __init__(self, model: LayerwiseCNN, config: TrainConfig, cache_prefix: bool = True, callbacks=()):
+    def __init__(self, model: BlockStack | Sequence[nn.Module], config: TrainConfig, cache_prefix: bool = True,
+                 callbacks=(), *, aux: Sequence[nn.Module] | None = None):
+        if not isinstance(model, BlockStack):
+            if aux is None or isinstance(model, nn.Module) and not isinstance(model, (nn.Sequential, nn.ModuleList)):
+                raise TypeError("GreedyLayerwiseTrainer takes a BlockStack (e.g. LayerwiseCNN), or a list of blocks "
+                                "with aux= one auxiliary classifier per block")
+            model = BlockStack(list(model), list(aux))
+        elif aux is not None:
+            raise TypeError("aux= is for a list of blocks; a BlockStack has its own auxiliary classifiers")
         self.model, self.config, self.cache_prefix, self.callbacks = model, config, cache_prefix, callbacks
 
     def train_stage(self, j: int, data: Data, out_dir=None, resume: bool = True) -> list[dict]:
@@ -197,14 +222,18 @@ class GreedyLayerwiseTrainer:
     def train(self, data: Data, out_dir=None, resume: bool = True) -> list[dict]:
         """All stages; returns one record per depth: test accuracy of the truncated network after stage j."""
         records = []
-        for j in range(len(self.model.blocks)):
-            stage_dir = Path(out_dir) / f"block{j + 1}" if out_dir is not None else None
-            history = self.train_stage(j, data, stage_dir, resume)
-            net = self.model.truncated(j + 1)
-            device = next(net.parameters()).device
-            test = evaluate(net, data.x_test.to(device), data.y_test.to(device), cross_entropy)
-            records.append({"depth": j + 1, "stage_train_loss": history[-1]["train_loss"],
-                            "test_acc": test["acc"], "test_loss": test["loss"]})
+        try:
+            for j in range(len(self.model.blocks)):
+                stage_dir = Path(out_dir) / f"block{j + 1}" if out_dir is not None else None
+                history = self.train_stage(j, data, stage_dir, resume)
+                net = self.model.truncated(j + 1)
+                device = next(net.parameters()).device
+                test = evaluate(net, data.x_test.to(device), data.y_test.to(device), cross_entropy)
+                records.append({"depth": j + 1, "stage_train_loss": history[-1]["train_loss"],
+                                "test_acc": test["acc"], "test_loss": test["loss"]})
+        finally:
+            self.model.requires_grad_(True)  # frozen only while a later block trains
+            self.model.train()
         return records
 
 

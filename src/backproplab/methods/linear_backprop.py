@@ -104,6 +104,9 @@ _INPLACE: dict[type[nn.Module], Callable[[nn.Module, Tensor], Tensor]] = {
 }
 
 
+_recorded_forwards = [0]  # forwards of switched activations that autograd recorded (see linear_backprop_scope)
+
+
 class LinearBackward(nn.Module):
     """Put in front of an activation's class: same forward, identity derivative.
 
@@ -125,9 +128,11 @@ class LinearBackward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _transforms_active() or _forward_ad_active():
+            _recorded_forwards[0] += 1
             return _IdentityBackward.apply(x, self)
         if not torch.is_grad_enabled():
             return self._original_class.forward(self, x)
+        _recorded_forwards[0] += 1
         inplace = _INPLACE.get(self._original_class)
         if inplace is None:
             return _IdentityBackwardEager.apply(x, self)
@@ -200,12 +205,36 @@ def standard_backprop(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def linear_backprop_scope(model: nn.Module, **kwargs) -> Iterator[nn.Module]:
-    """``with linear_backprop_scope(model): loss.backward()`` — linear backprop inside, ordinary after."""
+    """Linear backprop for the forward passes run inside the block, ordinary backprop after it::
+
+        with linear_backprop_scope(model):
+            F.cross_entropy(model(x), y).backward()
+
+    The derivative is chosen when autograd records the forward, so the forward must run inside the
+    scope; a block in which no switched activation ran a recorded forward (``loss.backward()`` alone,
+    on a loss computed before) raises ``RuntimeError`` on exit, since its gradients were ordinary ones.
+    """
     linear_backprop(model, **kwargs)
+    before = _recorded_forwards[0]
+    failed = False
     try:
         yield model
+    except BaseException:
+        failed = True
+        raise
     finally:
         standard_backprop(model)
+        if not failed and _recorded_forwards[0] == before and is_switchable(model, **kwargs):
+            raise RuntimeError("linear_backprop_scope: no forward pass ran inside the scope, so any backward in "
+                               "it gave ordinary gradients (the derivative is fixed when the forward is "
+                               "recorded). Run the forward inside: with linear_backprop_scope(model): "
+                               "loss_fn(model(x), y).backward()")
+
+
+def is_switchable(model: nn.Module, activations: Sequence[type[nn.Module]] = KNOWN_ACTIVATIONS,
+                  **kwargs) -> bool:
+    """Whether :func:`linear_backprop` would switch any module of ``model``."""
+    return any(isinstance(m, tuple(activations)) for m in model.modules())
 
 
 def is_linear_backprop(model: nn.Module) -> bool:

@@ -69,6 +69,16 @@ class DPSGD:
         from opacus.accountants.utils import get_noise_multiplier
         from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
+        if isinstance(optimizer, DPOptimizer):
+            raise TypeError(
+                "DPSGD got an optimizer that is already an Opacus DPOptimizer (what PrivacyEngine.make_private "
+                "returns). DPSGD does make_private's work itself (per-example clipping, noise, Poisson sampling "
+                "and accounting), and a second wrapper would clip and noise twice and account wrongly: pass the "
+                "model and the plain optimizer from before make_private, e.g. DPSGD(model, "
+                "torch.optim.SGD(model.parameters(), lr), ...). Or train make_private's outputs in your own "
+                "loop and read epsilon from the PrivacyEngine.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"DPSGD needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         # under torchrun: rank r holds the examples r, r + W, ...; each rank Poisson-samples its own share at
         # the global rate q (so every example still joins a step with probability q, independently), clips
         # per example, and Opacus's DistributedDPOptimizer adds the noise once (rank 0) before averaging

@@ -59,30 +59,89 @@ def reset_epochs(epochs: int, times: int, every: int | None = None) -> list[int]
     return sorted(e for e in marks if 0 < e < epochs)
 
 
-class RIFLE:
-    """Callback: re-initialise ``head`` (an attribute path such as ``"head"``) K times while fine-tuning.
+def reinit_head(model_or_head: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                head: str | None = None, initializer: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """RIFLE's one move, for any training loop: re-draw the head's parameters in place and clear the
+    optimizer state (momentum, Adam moments) of exactly those parameters; the backbone's stays.
 
-    At each planned epoch start the head's parameters are freshly drawn (its ``reset_parameters`` or
-    ``initializer``) and the optimizer state of exactly those parameters (momentum, Adam moments) is
-    cleared; the backbone's state is untouched. ``resets`` lists (epoch, step) of the resets done.
+    ``model_or_head``: the head itself, or the model with ``head=`` naming the head's attribute path
+    (e.g. ``"fc"``). The parameters are the same objects, so the optimizer keeps training them.
+    Returns the head."""
+    module = get_submodule(model_or_head, head) if head else model_or_head
+    reset_module(module, initializer)
+    if optimizer is not None:
+        for p in module.parameters():
+            optimizer.state.pop(p, None)
+    return module
+
+
+class RIFLESchedule:
+    """RIFLE for a hand-written loop, used like a learning-rate scheduler::
+
+        schedule = RIFLESchedule(model.fc, optimizer, total_steps=len(loader) * epochs, times=3)
+        for x, y in batches:
+            ...; optimizer.step(); schedule.step()
+
+    ``step()`` counts optimizer steps; after steps ``round(k T / (K + 1))``, k = 1..K (T = ``total_steps``),
+    the head is re-initialised by :func:`reinit_head`, so the last reset leaves a full period of
+    training. ``resets`` lists the steps after which it happened. ``state_dict`` / ``load_state_dict``
+    resume the count."""
+
+    def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, times: int = 3,
+                 initializer: Callable[[nn.Module], None] | None = None):
+        if total_steps < 1 or times < 0:
+            raise ValueError(f"RIFLESchedule needs total_steps >= 1 and times >= 0, got {total_steps}, {times}")
+        self.head, self.optimizer, self.initializer = head, optimizer, initializer
+        self.planned = reset_epochs(total_steps, times)  # the same even spacing, in steps
+        self.steps = 0
+        self.resets: list[int] = []
+
+    def step(self) -> bool:
+        """Count one optimizer step; re-initialise the head if a reset is due. True when it was."""
+        self.steps += 1
+        if self.steps in self.planned:
+            reinit_head(self.head, self.optimizer, initializer=self.initializer)
+            self.resets.append(self.steps)
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "resets": list(self.resets)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.steps, self.resets = int(sd["steps"]), list(sd["resets"])
+
+
+class RIFLE:
+    """Callback for :func:`~backproplab.train.fit`: re-initialise ``head`` (an attribute path such as
+    ``"head"``) K times while fine-tuning.
+
+    At each planned epoch start the head is re-initialised by :func:`reinit_head`. ``resets`` lists
+    (epoch, step) of the resets done. The plan is made in ``on_train_start`` (the loop's length is known
+    there); a loop that never calls it gets an error rather than a run without resets. In a loop of
+    your own, :class:`RIFLESchedule` needs no loop state.
     """
 
     def __init__(self, head: str = "head", times: int = 3, every: int | None = None,
                  initializer: Callable[[nn.Module], None] | None = None):
         self.head, self.times, self.every, self.initializer = head, times, every, initializer
-        self.planned: list[int] = []
+        self.planned: list[int] | None = None
         self.resets: list[tuple[int, int]] = []
 
     def on_train_start(self, state) -> None:
+        if not state.steps_per_epoch:
+            raise ValueError("RIFLE plans its resets in epochs and needs the epoch length: give fit data with "
+                             "a length (a DataLoader over a map-style dataset), or use RIFLESchedule")
         epochs = math.ceil(state.total_steps / state.steps_per_epoch)
         self.planned = reset_epochs(epochs, self.times, self.every)
 
     def on_epoch_start(self, state) -> None:
+        if self.planned is None:
+            raise RuntimeError("RIFLE.on_epoch_start before on_train_start: the resets were never planned. In "
+                               "a loop of your own use RIFLESchedule(head, optimizer, total_steps, times) or "
+                               "reinit_head(head, optimizer)")
         if state.epoch in self.planned and (state.epoch, state.step) not in self.resets:
-            head = get_submodule(state.model, self.head)
-            reset_module(head, self.initializer)
-            for p in head.parameters():
-                state.optimizer.state.pop(p, None)
+            reinit_head(state.model, state.optimizer, head=self.head, initializer=self.initializer)
             self.resets.append((state.epoch, state.step))
 
     def state_dict(self) -> dict:

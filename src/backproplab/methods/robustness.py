@@ -21,6 +21,8 @@ Certification:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 from collections.abc import Callable
 
@@ -158,19 +160,31 @@ def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: fl
 # ---------------------------------------------------------------- randomized smoothing
 
 
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for the block; the caller's mode (train or eval) is restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sample_counts(model: nn.Module, x: Tensor, sigma: float, n: int, num_classes: int, batch: int = 1000,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Class counts of f(x + N(0, sigma^2 I)) over n draws, for a single input x (no batch dim)."""
-    model.eval()
+    """Class counts of f(x + N(0, sigma^2 I)) over n draws, for a single input x (no batch dim).
+    The model runs in eval mode; its own mode is restored afterwards."""
     counts = torch.zeros(num_classes, dtype=torch.long)
     left = n
-    while left > 0:
-        k = min(batch, left)
-        noise = torch.randn((k, *x.shape), generator=generator, device="cpu").to(x) * sigma
-        pred = model(x.unsqueeze(0) + noise).argmax(1)
-        counts += torch.bincount(pred.cpu(), minlength=num_classes)
-        left -= k
+    with _eval_mode(model):
+        while left > 0:
+            k = min(batch, left)
+            noise = torch.randn((k, *x.shape), generator=generator, device="cpu").to(x) * sigma
+            pred = model(x.unsqueeze(0) + noise).argmax(1)
+            counts += torch.bincount(pred.cpu(), minlength=num_classes)
+            left -= k
     return counts
 
 
@@ -191,9 +205,15 @@ ABSTAIN = -1
 
 
 def smoothed_predict(model: nn.Module, x: Tensor, sigma: float, n: int, alpha: float, num_classes: int,
-                     batch: int = 1000, generator: torch.Generator | None = None) -> int:
+                     batch: int = 1000, generator: torch.Generator | None = None, *,
+                     batched: bool = False) -> int | list[int]:
     """Cohen et al.'s PREDICT: the top class if a two-sided binomial test of top vs runner-up counts
-    rejects p = 1/2 at level alpha, else ABSTAIN (P[returning a wrong class] <= alpha)."""
+    rejects p = 1/2 at level alpha, else ABSTAIN (P[returning a wrong class] <= alpha).
+
+    ``batched=True``: ``x`` is a batch (first dimension) and a list with one answer per input comes back,
+    the inputs taken in order from one noise stream. The model's train/eval mode is left as it was."""
+    if batched:
+        return [smoothed_predict(model, xi, sigma, n, alpha, num_classes, batch, generator) for xi in x]
     counts = sample_counts(model, x, sigma, n, num_classes, batch, generator)
     top2 = counts.topk(2)
     na, nb = int(top2.values[0]), int(top2.values[1])
@@ -205,8 +225,14 @@ def smoothed_predict(model: nn.Module, x: Tensor, sigma: float, n: int, alpha: f
 
 
 def certify(model: nn.Module, x: Tensor, sigma: float, n0: int, n: int, alpha: float, num_classes: int,
-            batch: int = 1000, generator: torch.Generator | None = None) -> tuple[int, float]:
-    """Cohen et al.'s CERTIFY: (class, l2 radius) or (ABSTAIN, 0). Separate selection and estimation samples."""
+            batch: int = 1000, generator: torch.Generator | None = None, *,
+            batched: bool = False) -> tuple[int, float] | list[tuple[int, float]]:
+    """Cohen et al.'s CERTIFY: (class, l2 radius) or (ABSTAIN, 0). Separate selection and estimation samples.
+
+    ``batched=True``: ``x`` is a batch and a list of (class, radius), one per input, comes back (the
+    inputs in order, from one noise stream). The model's train/eval mode is left as it was."""
+    if batched:
+        return [certify(model, xi, sigma, n0, n, alpha, num_classes, batch, generator) for xi in x]
     c = int(sample_counts(model, x, sigma, n0, num_classes, batch, generator).argmax())
     counts = sample_counts(model, x, sigma, n, num_classes, batch, generator)
     pa = lower_confidence_bound(int(counts[c]), n, alpha)
@@ -215,6 +241,9 @@ def certify(model: nn.Module, x: Tensor, sigma: float, n0: int, n: int, alpha: f
     from scipy.stats import norm
 
     return c, sigma * float(norm.ppf(pa))
+
+
+predict = smoothed_predict  # the name Cohen et al. use
 
 
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:

@@ -1,0 +1,100 @@
+"""Callbacks that write each evaluation's metrics where other tools read them: CSV and TensorBoard.
+
+``fit`` already appends every evaluation to ``metrics.jsonl``; these add the same rows (the numbers of
+``state.history[-1]``) to ``metrics.csv`` (a spreadsheet, pandas) or to TensorBoard event files
+(``tensorboard --logdir DIR``; needs ``pip install backproplab[tensorboard]``). Both are rewritten or
+purged from the restored history when a run resumes, so a crash leaves no duplicate rows. In the lab:
+``backproplab run NAME --log csv,tensorboard``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from . import _io
+
+LOGGERS = ("csv", "tensorboard")
+
+
+def _numbers(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class CSVLogger:
+    """Appends each evaluation to ``path`` (a CSV with a header). Rows gaining a new column rewrite the
+    file from the history with the widened header; resuming rewrites it from the restored history."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.columns: list[str] = []
+
+    def _rewrite(self, history: list[dict]) -> None:
+        self.columns = []
+        for row in history:
+            self.columns += [k for k in row if k not in self.columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.columns, restval="")
+        writer.writeheader()
+        writer.writerows(history)
+        _io.write_text(self.path, buf.getvalue())
+
+    def on_train_start(self, state: Any) -> None:
+        if state.rank == 0:
+            self._rewrite(state.history)
+
+    def on_eval(self, state: Any) -> None:
+        if state.rank != 0:
+            return
+        row = state.history[-1]
+        if not self.columns or any(k not in self.columns for k in row):
+            return self._rewrite(state.history)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, restval="").writerow(row)
+
+
+class TensorBoardLogger:
+    """Writes each evaluation's numbers as TensorBoard scalars (tag = metric name, step = training step)."""
+
+    def __init__(self, log_dir: str | os.PathLike):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:  # torch's writer needs the tensorboard package
+            raise ImportError("the TensorBoard logger needs the tensorboard package: pip install "
+                              "'backproplab[tensorboard]' (or pip install tensorboard)") from e
+        self.log_dir = str(log_dir)
+        self.writer = None
+
+    def on_train_start(self, state: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if state.rank == 0:  # on resume, events logged after the checkpoint's step are dropped
+            self.writer = SummaryWriter(self.log_dir, purge_step=state.step + 1 if state.history else None)
+
+    def on_eval(self, state: Any) -> None:
+        if self.writer is None:
+            return
+        row = state.history[-1]
+        for key, value in _numbers(row).items():
+            if key != "step":
+                self.writer.add_scalar(key, value, row["step"])
+        self.writer.flush()
+
+    def on_train_end(self, state: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def make_loggers(names: str | list[str] | tuple[str, ...], out_dir: str | os.PathLike) -> list[Any]:
+    """``"csv,tensorboard"`` -> the logger callbacks writing into ``out_dir`` (``metrics.csv``, ``tensorboard/``)."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ValueError(f"unknown logger(s) {', '.join(map(repr, unknown))}; available: {', '.join(LOGGERS)}")
+    out = Path(out_dir)
+    return [CSVLogger(out / "metrics.csv") if n == "csv" else TensorBoardLogger(out / "tensorboard") for n in names]
