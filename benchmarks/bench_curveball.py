@@ -5,6 +5,7 @@ or fixed lr/momentum (J z and the reverse pass; J dz only on the lambda step, ev
 products by tangent replay on the recorded forward (the default for these chain networks) or by
 forward-mode AD passes, which recompute the forward (with ``low_memory``, the default for networks
 with normalisation layers, J z gets a pass of its own instead of riding on the graph-building forward).
+``fill_grad`` also writes the loss gradient to ``.grad`` (a second cotangent in the reverse pass).
 
     python benchmarks/bench_curveball.py [--device cuda] [--out curveball.json]
 """
@@ -44,13 +45,13 @@ def step(name, shape, kwargs, batch, method, device):
         return run
     fixed = {"lr": 0.01, "momentum": 0.9} if method.startswith("curveball fixed") else {}
     jvp = "forward_ad" if "forward AD" in method else "replay"
-    opt = CurveBall(model.parameters(), model=model, jvp=jvp, **fixed)
+    opt = CurveBall(model.parameters(), model=model, jvp=jvp, fill_grad="fill_grad" in method, **fixed)
     loss = CrossEntropy(y)
     return lambda: opt.step(lambda: model(x), loss)
 
 
 METHODS = ("sgd", "curveball auto (default)", "curveball fixed", "curveball auto, forward AD",
-           "curveball fixed, forward AD")
+           "curveball fixed, forward AD", "curveball auto, fill_grad")
 
 
 def main() -> None:

@@ -695,9 +695,15 @@ def test_closure_that_calls_backward_or_has_no_model_gets_a_clear_error():
         CurveBall(model.parameters()).step(lambda: F.cross_entropy(model(x), y))
 
 
+def _wide_mlp():  # batch 6 < its layers: the second product takes the Gram form
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3))
+
+
+@pytest.mark.parametrize("make", [_cnn_bn, _wide_mlp], ids=["cnn_bn", "wide_mlp"])
 @pytest.mark.parametrize("mode", ["replay", "forward_mode", "double_backward"])
-def test_fill_grad_writes_the_loss_gradient(mode):
-    model = _cnn_bn()
+def test_fill_grad_writes_the_loss_gradient(mode, make):
+    model = make()
     x, y = _batch(model)
     _, g, _ = dense_reference(model, x, y)
     opt = _curveball(model, mode, fill_grad=True)

@@ -399,7 +399,7 @@ class CurveBall(torch.optim.Optimizer):
             ``momentum is None``, the paper's setting when neither is given).
         fill_grad: also write the loss gradient g = J^T J_L into each ``p.grad`` (for clipping statistics
             and logging; the step itself never reads ``.grad``). The step's reverse pass yields
-            GGN z + g together, so g costs a second cotangent, batched into the same reverse pass.
+            GGN z + g together, so g costs a reverse pass of its own (see benchmarks/bench_curveball.py).
         lambd: initial damping lambda (paper: 1.0). auto_lambda: the Levenberg-Marquardt rule.
         on_nonfinite: "raise" (default; one host sync per step to check) or "skip" (no sync: a
             non-finite step leaves weights and z unchanged, counted in ``state['skipped']``).
@@ -696,15 +696,11 @@ class CurveBall(torch.optim.Optimizer):
         hl_jz = hvp(jz)
         # ONE reverse pass: J^T (H_L J z + J_L) = GGN z + gradient (and J^T J_L = g beside it if asked)
         with torch.enable_grad():
-            if self.fill_grad:
-                both = torch.autograd.grad(outputs, params, torch.stack([hl_jz + jl, jl]), is_grads_batched=True,
-                                           retain_graph=self.model is None, allow_unused=True)
-                jt = [None if b is None else b[0] for b in both]
-                for p, b in zip(params, both):
-                    p.grad = torch.zeros_like(p) if b is None else b[1]
-            else:
-                jt = torch.autograd.grad(outputs, params, hl_jz + jl, retain_graph=self.model is None,
-                                         allow_unused=True)
+            if self.fill_grad:  # a reverse pass of its own (less memory than one batched pass of both)
+                grads = torch.autograd.grad(outputs, params, jl, retain_graph=True, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = torch.zeros_like(p) if g is None else g
+            jt = torch.autograd.grad(outputs, params, hl_jz + jl, retain_graph=self.model is None, allow_unused=True)
         dzs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, jt)]
         if world > 1:
             flat = torch.cat([d.reshape(-1) for d in dzs])
