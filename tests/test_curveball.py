@@ -741,3 +741,33 @@ def test_state_saved_with_lr_none_loads_as_automatic():
     fresh = CurveBall(model.parameters(), model=model, lr=0.1, momentum=0.1)
     fresh.load_state_dict(sd)
     assert fresh.param_groups[0]["auto_lr"] and fresh.param_groups[0]["auto_momentum"]
+
+
+def test_lbfgs_baseline_runs_its_line_search():
+    """More than one function evaluation per iteration, and Rosenbrock solved in tens of iterations (with
+    max_eval = 1 the strong-Wolfe search never evaluates and the iterates stall)."""
+    from backproplab.experiments.curveball import CurveBallConfig, solve_toy
+
+    cfg = CurveBallConfig()
+    result = solve_toy("rosenbrock", "lbfgs", 0, cfg, lr=1.0, max_iters=300)
+    assert result["solved"] and result["iterations"] < 100
+    assert result["forward_passes"] > result["iterations"] + 1
+
+
+def test_rahimi_recht_problem_is_ill_conditioned():
+    from backproplab.experiments.curveball import CurveBallConfig, Toy, _rahimi_recht_problem, solve_toy
+
+    x, y = _rahimi_recht_problem()
+    a = torch.linalg.lstsq(x, y).solution.T
+    s = torch.linalg.svdvals(a)
+    assert math.isclose(float(s[0] / s[-1]), 1e5, rel_tol=1e-6)
+    toy = Toy("rahimi_recht", 3)
+    w1, w2 = toy.net[0].weight, toy.net[1].weight
+    torch.testing.assert_close(toy(None), ((x @ w1.T @ w2.T - y) / math.sqrt(y.numel())).reshape(-1))
+    stochastic = Toy("rahimi_recht_stochastic", 3, rr_batch=50)
+    assert stochastic.sample().shape == (50,) and not torch.equal(stochastic.sample(), stochastic.sample())
+    # the full-batch loss at an exact factorisation W2 W1 = A is zero: "solved" means the target is fitted
+    toy.set_flat(torch.cat([torch.eye(6).reshape(-1), a.reshape(-1)]).double())
+    assert toy.loss() < 1e-20 and toy.solved(CurveBallConfig())
+    # plain gradient descent cannot fit the small singular directions within a short budget
+    assert not solve_toy("rahimi_recht", "sgd", 0, CurveBallConfig(), lr=0.03, max_iters=500)["solved"]

@@ -1,5 +1,6 @@
 """Linear backprop against hand-built references in float64."""
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -235,3 +236,32 @@ def test_a_scope_around_the_backward_alone_raises():
         with linear_backprop_scope(model):
             loss.backward()
     assert not any(isinstance(m, LinearBackward) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["bp", "lbp"])
+def test_five_point_fit_shares_the_points_and_equals_a_plain_loop(method):
+    """Every initialisation of every seed fits the same 5 points; the vmapped training of all inits at
+    once equals ordinary gradient descent of each init on its own (the library's MLP, switched for lbp)."""
+    import dataclasses
+
+    from backproplab.experiments.linear_backprop import LinearBackpropConfig, fit_five_points, five_points
+
+    cfg = dataclasses.replace(LinearBackpropConfig(), n_inits=3, points_iters=15, points_widths=(8, 8))
+    x, y = five_points()
+    assert torch.equal(x, five_points()[0]) and x.shape == (5, 1)
+    for seed in (0, 1):
+        losses = fit_five_points(cfg, method, 0.3, seed)["losses"]
+        for i in range(cfg.n_inits):
+            torch.manual_seed(10_000 * seed + i)
+            model = build_model("mlp", (1,), 1, widths=(8, 8), activation="sigmoid")
+            if method == "lbp":
+                linear_backprop(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.3)
+            expected = []
+            for _ in range(cfg.points_iters):
+                opt.zero_grad()
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                opt.step()
+                expected.append(float(loss.detach()))
+            np.testing.assert_allclose(losses[i], expected, rtol=1e-5, atol=1e-7)

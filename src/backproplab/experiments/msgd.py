@@ -7,8 +7,8 @@ updates for every method. Arms:
   gd, gld_dynamic (noise trace matched to SGD's, re-estimated every ``gld_every`` steps), gld_const
   (sigma = ``gld_sigma``), sgd (batch b), msgd_cov, msgd_fisher, msgd_bernoulli, msgd_fisher_b
   (Gaussian weights on ``b`` random examples) — all matched to SGD with batch b — and for the
-  large-batch figure: large_sgd (batch B = ``large_factor`` x b, capped at n) and large_weighted (the
-  same batch with N(1, B/b - 1) loss weights).
+  large-batch figure: large_sgd (batch B = ``large_factor`` x b, strictly between b and n) and
+  large_weighted (the same batch with N(1, B/b - 1) loss weights).
 Seed k gives every arm the same data subset and the same initial weights.
 
 Claims: every "MSGD variant generalizes like SGD" claim requires that SGD beats GD in the same run
@@ -41,18 +41,34 @@ class MSGDConfig(ExperimentConfig):
     methods: tuple[str, ...] = SMALL + LARGE  # arms: GD, GLD, SGD, the MSGD weightings, and the large-batch pair
     n_train: int = 1000  # training examples (a per-seed subset)
     batch_size: int = 50  # SGD's mini-batch size b
-    large_factor: int = 20  # large batch B = large_factor x b
+    large_factor: int = 4  # large batch B = large_factor x b, strictly between b and n
     cnn_channels: tuple[int, ...] = (16, 32)  # channels of the small CNN's conv layers
     lr: float = 0.05  # learning rate, every arm
     steps: int = 3000  # training steps per run
     evals: int = 20  # evaluations per run
     gld_sigma: float = 0.01  # constant GLD's noise std
-    gld_every: int = 50  # steps between dynamic GLD's trace re-estimates
+    gld_every: int = 10  # steps between dynamic GLD's trace re-estimates (the authors': 10)
+    gld_probes: int = 100  # mini-batches per trace estimate (the authors': 100)
     seeds: int = 10
 
     def validate(self) -> None:
         check_n_train(self, _datasets(self))
         check_choices("methods", self.methods, SMALL + LARGE)
+        if set(LARGE) & set(self.methods) and self.n_train:
+            large_batch(self, self.n_train)
+
+
+def large_batch(cfg: MSGDConfig, n: int) -> int:
+    """B = large_factor x b, which must lie strictly between b and n: B = n would make large-batch SGD full-batch
+    GD (and its weighted twin MSGD-Fisher), B = b plain SGD."""
+    from . import ConfigError
+
+    big = cfg.large_factor * cfg.batch_size
+    if not cfg.batch_size < big < n:
+        raise ConfigError(f"bad value {cfg.large_factor!r} for 'large_factor': the large batch B = large_factor x "
+                          f"batch_size = {big} must satisfy batch_size ({cfg.batch_size}) < B < n ({n}); e.g. "
+                          f"large_factor={max(2, (n - 1) // cfg.batch_size // 2)}")
+    return big
 
 
 @dataclass(frozen=True)
@@ -117,7 +133,7 @@ def run_arm(run: Run) -> dict:
     cfg, arm = run.cfg, run.arm
     data = run.data(arm.dataset, n_train=cfg.n_train, rest_to_test=True)
     n, b = len(data.x_train), cfg.batch_size
-    big = min(cfg.large_factor * b, n)
+    big = large_batch(cfg, n) if arm.method in LARGE else None
     model = run.prepare_model(build_model("cnn", data.input_shape, data.num_classes, channels=cfg.cnn_channels))
     tc = run.train_config(optimizer="gd", lr=cfg.lr, max_steps=cfg.steps, eval_every=max(1, cfg.steps // cfg.evals),
                           eval_train=True)
@@ -127,7 +143,8 @@ def run_arm(run: Run) -> dict:
     elif method == "large_sgd":
         tc.optimizer, tc.batch_size = "sgd", big
     elif method.startswith("gld"):
-        gld = msgd.GLD(n, b, every=cfg.gld_every) if method == "gld_dynamic" else msgd.GLD(n, sigma=cfg.gld_sigma)
+        gld = (msgd.GLD(n, b, every=cfg.gld_every, probes=cfg.gld_probes) if method == "gld_dynamic"
+               else msgd.GLD(n, sigma=cfg.gld_sigma))
         step, callbacks = gld.training_step(), [gld]
     elif method != "gd":
         weighting = {"msgd_cov": lambda: msgd.MSGDCov(n, b), "msgd_fisher": lambda: msgd.MSGDFisher(n, b),
