@@ -126,9 +126,17 @@ def test_disturblabel_rate_matches_alpha():
     expected = alpha * (classes - 1) / classes  # resampled uniformly, so 1/C of resamples keep the label
     sigma = math.sqrt(expected * (1 - expected) / n)
     assert abs(rate - expected) < 4 * sigma
-    # the new labels are uniform over all classes
-    counts = torch.bincount(y2[y2 != y], minlength=classes).double()
-    assert counts.min() > 0
+    # a resampled label is uniform over ALL classes: among examples of true class 0, the disturbed labels
+    # are class 0 with probability 1 - alpha + alpha/C and each other class with alpha/C (chi-square test)
+    from scipy.stats import chisquare
+
+    labels = y2[y == 0]
+    counts = torch.bincount(labels, minlength=classes).double().numpy()
+    expected = [1 - alpha + alpha / classes] + [alpha / classes] * (classes - 1)
+    assert chisquare(counts, [e * len(labels) for e in expected]).pvalue > 1e-3
+    skewed = torch.where(y2 == 9, torch.full_like(y2, 8), y2)[y == 0]  # a sampler that never picks class 9
+    skewed_counts = torch.bincount(skewed, minlength=classes).double().numpy()
+    assert chisquare(skewed_counts, [e * len(labels) for e in expected]).pvalue < 1e-6
 
 
 def test_dropconnect_masks_weights_not_activations():
@@ -223,3 +231,33 @@ def test_rifle_callback_without_on_train_start_raises(data):
     cb = rifle.RIFLE("head", times=2)
     with pytest.raises(RuntimeError, match="before on_train_start"):
         cb.on_epoch_start(object())
+
+
+def test_stochastic_depth_drops_at_its_rate_and_scales_at_test_time():
+    """In training the branch survives with probability 1 - p (binomial test over forward passes); at test
+    time it is always kept and multiplied by 1 - p, the expectation of the training-time mask."""
+    from scipy.stats import binomtest
+
+    torch.manual_seed(1)
+    model = rifle.with_stochastic_depth(build_model("resnet18", (1, 8, 8), 3, width=0.125), p_last=0.5)
+    block = [m for m in model.modules() if isinstance(m, rifle.StochasticDepthBlock)][-1]
+    b = block.block
+    x = torch.randn(2, b.conv1.in_channels, 2, 2)
+    with torch.no_grad():
+        block.eval()
+        b.eval()
+        branch = b.bn2(b.conv2(b.act1(b.bn1(b.conv1(x)))))
+        torch.testing.assert_close(block(x), b.act2((1 - block.p) * branch + b.shortcut(x)))
+        block.train()
+        b.eval()  # BatchNorm with fixed statistics, so that kept and dropped outputs are exactly comparable
+        kept_out, dropped_out = b.act2(branch + b.shortcut(x)), b.act2(b.shortcut(x))
+        kept = 0
+        trials = 2000
+        for _ in range(trials):
+            out = block(x)
+            if torch.allclose(out, kept_out):
+                kept += 1
+            else:
+                torch.testing.assert_close(out, dropped_out)
+    assert binomtest(kept, trials, 1 - block.p).pvalue > 1e-3
+    assert abs(kept / trials - (1 - block.p)) < 0.05
