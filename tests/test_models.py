@@ -75,3 +75,35 @@ def test_unknown_names_are_reported():
         build_model("mlp", (4,), 2, activation="swoosh")
     with pytest.raises(ValueError, match="flat inputs"):
         build_model("cnn", (4,), 2)
+
+
+def test_binary_vgg_binarizes_weights_and_activations_with_straight_through_gradients():
+    """Forward: every hidden activation is +-1 and each layer uses sign(W); backward: the weight gradient is
+    the gradient w.r.t. sign(W) masked by |W| <= 1 (the clipped straight-through estimator), checked against
+    autograd through an explicit binarized copy of the weights."""
+    import torch.nn.functional as F
+
+    from backproplab.models import BinaryConv, BinaryLinear, Sign, build_model
+
+    torch.manual_seed(0)
+    model = build_model("binary_vgg", (1, 8, 8), 10, channels=(4, 8), hidden=16).train()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    seen = []
+    for m in model.modules():
+        if isinstance(m, Sign):
+            m.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    conv = model.body[0]
+    assert isinstance(conv, BinaryConv) and isinstance(model.head[0], BinaryLinear)
+    with torch.no_grad():
+        conv.weight.mul_(4)  # some weights beyond |w| <= 1: their straight-through gradient is zero
+    model(x)
+    assert len(seen) == 5 and all(set(o.unique().tolist()) <= {-1.0, 1.0} for o in seen)
+    binary = torch.where(conv.weight >= 0, 1.0, -1.0).detach().requires_grad_()
+    expected_out = F.conv2d(x, binary, None, padding=1)
+    out = conv(x)
+    torch.testing.assert_close(out, expected_out)
+    cotangent = torch.randn_like(out)
+    (g_binary,) = torch.autograd.grad(expected_out, binary, cotangent)
+    (g_real,) = torch.autograd.grad(out, conv.weight, cotangent)
+    assert (conv.weight.abs() > 1).any() and (conv.weight.abs() <= 1).any()
+    torch.testing.assert_close(g_real, g_binary * (conv.weight.abs() <= 1))

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 class _SignSTE(torch.autograd.Function):
@@ -204,7 +205,64 @@ class ResNet(nn.Module):
         return self.head(self.pool(self.layers(self.stem(x))))
 
 
+class _BinaryWeight(torch.autograd.Function):
+    """sign(w) forward; the clipped straight-through estimator backward (BinaryConnect, Courbariaux et al. 2015)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        return grad * (w.abs() <= 1).to(grad.dtype)
+
+
+class BinaryConv(nn.Conv2d):
+    """A convolution whose weights are binarized to +-1 in the forward pass (real-valued weights are the
+    ones trained, through the straight-through estimator); no bias (BatchNorm follows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _BinaryWeight.apply(self.weight), None)
+
+
+class BinaryLinear(nn.Linear):
+    """A linear layer with binarized weights (see :class:`BinaryConv`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _BinaryWeight.apply(self.weight), None)
+
+
+class BinaryVGG(nn.Module):
+    """A binarized VGG-style network (Hubara et al. 2016 / Courbariaux et al. 2016 layout): binary weights
+    in every convolution and linear layer, BatchNorm after each, and binary (Sign) activations between
+    them; the input stays real-valued. Stages of two 3x3 convolutions and a 2x2 max-pool, then a hidden
+    binary linear layer and the classifier (BatchNorm on the logits, as in BinaryNet)."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
+                 hidden: int = 128):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"binary_vgg takes (C, H, W) inputs, got {tuple(input_shape)}")
+        c, h, w = input_shape
+        layers: list[nn.Module] = []
+        for width in channels:
+            for _ in range(2):
+                layers += [BinaryConv(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), Sign()]
+                c = width
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        layers += [nn.Flatten(), BinaryLinear(c * h * w, hidden, bias=False), nn.BatchNorm1d(hidden), Sign()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(BinaryLinear(hidden, num_classes, bias=False), nn.BatchNorm1d(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
 register_model("mlp")(MLP)
+register_model("binary_vgg")(BinaryVGG)
 register_model("cnn")(SmallCNN)
 register_model("vgg11")(lambda shape, k, **kw: VGG(shape, k, VGG11, batchnorm=False, **kw))
 register_model("vgg11_bn")(lambda shape, k, **kw: VGG(shape, k, VGG11, batchnorm=True, **kw))
