@@ -96,13 +96,58 @@ def test_cached_prefix_equals_recomputing(digits):
     assert [r["test_acc"] for r in ra] == pytest.approx([r["test_acc"] for r in rb], abs=1e-2)
 
 
-def test_probe_trains_on_frozen_features(digits):
+def test_linear_probe_is_converged_logistic_regression(digits):
+    """The probe equals scikit-learn's multinomial logistic regression (an independent solver) on the same
+    standardised, frozen features: same held-out accuracy, and its gradient is below the tolerance."""
+    from sklearn.linear_model import LogisticRegression
+
+    from backproplab.methods.layerwise import linear_probe
+
     torch.manual_seed(0)
     model = LayerwiseCNN(digits.input_shape, 10, widths=(8, 16), downsample=(1,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    acc = probe(model, 2, digits, TrainConfig(optimizer="adam", lr=1e-2, epochs=3, batch_size=50))
-    assert 0.2 < acc <= 1.0  # even random features are far above chance (10%) for digits
+    acc = probe(model, 2, digits, None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.eval()
+        avg = nn.AdaptiveAvgPool2d(2)
+        ftr, fte = avg(model.features(digits.x_train)).flatten(1), avg(model.features(digits.x_test)).flatten(1)
+    result = linear_probe(ftr, digits.y_train, fte, digits.y_test, 10)
+    assert result["converged"] and result["grad_norm"] <= 1e-6 and result["acc"] == acc
+    mean, std = ftr.mean(0), ftr.std(0).clamp_min(1e-8)
+    n = len(ftr)
+    reference = LogisticRegression(C=1 / (1e-4 * n), tol=1e-10, max_iter=10_000).fit(
+        ((ftr - mean) / std).double().numpy(), digits.y_train.numpy())
+    sk_acc = reference.score(((fte - mean) / std).double().numpy(), digits.y_test.numpy())
+    assert abs(sk_acc - acc) <= 2 / len(fte)
+    # stopped early (what 5 epochs of Adam amounted to), the probe is not converged and says so
+    assert not linear_probe(ftr, digits.y_train, fte, digits.y_test, 10, max_iter=3)["converged"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_aux_classifier_batchnorm_follows_the_paper(k):
+    aux = AuxClassifier(16, 10, k, dims=2)
+    norms = [m for m in aux if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    assert len(norms) == (0 if k == 1 else k)  # one after each aux conv, one before the linear layer
+    if k > 1:
+        assert isinstance(aux[-2], nn.BatchNorm1d) and isinstance(aux[1], nn.BatchNorm2d)
+    assert len([m for m in AuxClassifier(16, 10, k, dims=2, batchnorm=False)
+                if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]) == 0
+
+
+def test_every_arms_lr_decay_fits_its_own_budget():
+    """End-to-end training runs blocks x epochs_per_block epochs: its schedule must make as many decays at
+    the same fractions of its run as a greedy stage makes over its epochs."""
+    from backproplab.experiments.layerwise import LayerwiseConfig, decay_schedule
+
+    cfg = LayerwiseConfig()
+    budgets = {"greedy": cfg.epochs_per_block, "e2e": cfg.epochs_per_block * len(cfg.widths)}
+    lr_at = {kind: [cfg.decay_factor ** (e // decay_schedule(cfg, kind).every) for e in range(epochs)]
+             for kind, epochs in budgets.items()}
+    for kind, epochs in budgets.items():  # the lr at each tenth of the run
+        lr_at[kind] = [lr_at[kind][int(f * epochs / 10)] for f in range(10)]
+    assert lr_at["e2e"] == lr_at["greedy"]
+    assert min(lr_at["e2e"]) >= cfg.decay_factor ** 1  # not 0.2^7 for most of the run
 
 
 def test_trainer_takes_a_list_of_blocks_and_leaves_every_parameter_trainable(digits):
