@@ -250,7 +250,7 @@ class GreedyLayerwiseTrainer:
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
-                 l2: float = 1e-4, tol: float = 1e-6, max_iter: int = 1000) -> dict[str, float]:
+                 l2: float = 1e-4, tol: float = 1e-4, max_iter: int = 1000) -> dict[str, float]:
     """Multinomial logistic regression fitted to convergence: L-BFGS (strong Wolfe) in float64 on the
     standardised features, minimising mean cross-entropy + (l2/2)|W|^2, until the gradient's max-norm is
     below ``tol``. Returns the held-out accuracy, the final gradient norm and whether it converged."""
