@@ -375,7 +375,7 @@ def _tuned_cnn_lr(dataset: str, batchnorm: str, method: str, cfg_key: str, data_
     """The baseline's learning rate with the lowest validation loss: the tuning seed trains on 80% of its
     training set for the arms' full budget and is scored on the other 20% (the test set is never seen)."""
     from ..data import load_dataset
-    from ..train import evaluate, fit, isolated_rng, seed_everything
+    from ..train import fit, isolated_rng, seed_everything
 
     cfg = CurveBallConfig(**json.loads(cfg_key))
     grid = cfg.momentum_lrs if method == "momentum" else cfg.adam_lrs
@@ -389,10 +389,8 @@ def _tuned_cnn_lr(dataset: str, batchnorm: str, method: str, cfg_key: str, data_
             seed_everything(TUNING_SEED)
             model = build_model("cnn", data.input_shape, data.num_classes, batchnorm=batchnorm == "bn")
             tc = _cnn_train_config(None, cfg, method, lr, n_fit, seed=TUNING_SEED, device=device, eval_every=0)
-            try:
-                fit(model, split, tc)
-                loss = evaluate(model, split.x_test, split.y_test, lambda o, t, reduction: torch.nn.functional
-                                .cross_entropy(o, t, reduction=reduction))["loss"]
+            try:  # the split's "test" part is the validation set: fit's last row is its loss
+                loss = fit(model, split, tc)[-1]["test_loss"]
             except FloatingPointError:
                 loss = math.inf
             scores.append((loss if math.isfinite(loss) else math.inf, lr))

@@ -607,7 +607,6 @@ class CurveBall(torch.optim.Optimizer):
         def loss_fn(outputs: Tensor) -> Tensor:
             return next(loss for out, loss in pairs if out is outputs)
 
-        loss_fn._curveball_closure = loss_fn  # type: ignore[attr-defined]
         return model_fn, loss_fn
 
     @staticmethod
@@ -686,8 +685,8 @@ class CurveBall(torch.optim.Optimizer):
                     outputs = model_fn()
                 else:
                     outputs, jz = self._forward_jvp(model_fn, params, zs)
-        if hasattr(loss_fn, "_curveball_closure"):
-            loss, hvp, jl = self._closure_output_products(loss_fn._curveball_closure, outputs)
+        if closure_form:
+            loss, hvp, jl = self._closure_output_products(loss_fn, outputs)
         elif hasattr(loss_fn, "output_grad_and_hvp"):
             loss = loss_fn(outputs.detach())
             hvp, jl = loss_fn.output_grad_and_hvp(outputs)
