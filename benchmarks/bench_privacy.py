@@ -1,13 +1,22 @@
-"""DP-SGD's step through the runner against non-private SGD and against a bare Opacus loop
-(PrivacyEngine.make_private with its Poisson DataLoader): same MLP, digits, expected batch 64.
+"""A DP-SGD step (per-example clipping to C = 1, Gaussian noise, SGD update) with every engine, against a
+non-private SGD step, in one run, interleaved, on the same model and the same fixed batch:
 
-Goal: our overhead over bare Opacus <= 5%.
+- ``backproplab ghost``: our engine through the runner's DP-SGD step (``DPSGD(..., engine="ghost")``);
+- ``opacus hooks`` / ``opacus ew`` / ``opacus functorch`` / ``opacus ghost``: ``PrivacyEngine.make_private``
+  with each ``grad_sample_mode`` (``ghost`` with Opacus's fast-gradient-clipping criterion);
+- ``torch.func vmap``: per-example gradients by ``vmap(grad(...))``, then clip, sum, noise and step.
 
-    python benchmarks/bench_privacy.py [--device cuda] [--out privacy.json]
+Models: the MLP 64-256-256-10 and the small CNN (GroupNorm) on digits, ResNet-18 with GroupNorm on
+3x32x32 inputs (width 0.25 on CPU, 1.0 on CUDA). Goals (issue 19): ours <= 1.5x SGD in time and peak memory
+on the MLP and CNN at batch 128, and >= 2x faster than the best Opacus mode.
+
+    python benchmarks/bench_privacy.py [--device cuda] [--repeats 30] [--batches 64,128,256]
+        [--models mlp,cnn,resnet18] [--out privacy.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 import warnings
@@ -15,71 +24,146 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cli, compare, report  # noqa: E402
+from harness import compare, report  # noqa: E402
 
 from backproplab.data import load_dataset  # noqa: E402
 from backproplab.methods import privacy  # noqa: E402
 from backproplab.models import build_model  # noqa: E402
 from backproplab.train import Batch  # noqa: E402
 
-BATCH = 64
 warnings.filterwarnings("ignore")
+METHODS = ("sgd", "backproplab ghost", "opacus hooks", "opacus ew", "opacus functorch", "opacus ghost",
+           "torch.func vmap")
+CLIP, NOISE, LR = 1.0, 1.0, 0.05
 
 
-def step(method: str, device: str):
-    data = load_dataset("digits").to(device)
+def _model_and_batch(model_name: str, batch: int, device: str):
     torch.manual_seed(0)
-    model = build_model("mlp", data.input_shape, 10, widths=(256, 256)).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    n = len(data.x_train)
+    if model_name == "resnet18":
+        shape = (3, 32, 32)
+        x = torch.randn(batch, *shape)
+        y = torch.randint(0, 10, (batch,))
+        width = 1.0 if device.startswith("cuda") else 0.25
+        model = build_model("resnet18", shape, 10, width=width)
+    else:
+        data = load_dataset("digits")
+        x, y = data.x_train[:batch], data.y_train[:batch]
+        if len(x) < batch:
+            raise ValueError(f"digits has {len(x)} training examples, fewer than the batch {batch}")
+        kwargs = {"widths": (256, 256)} if model_name == "mlp" else {"batchnorm": True}
+        model = build_model(model_name, data.input_shape, 10, **kwargs)
+    model = privacy.prepare_model(model, quiet=True)  # BatchNorm -> GroupNorm, for every engine alike
+    return model.to(device), x.to(device), y.to(device)
+
+
+def step(method: str, model_name: str, batch: int, device: str):
+    model, x, y = _model_and_batch(model_name, batch, device)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
     if method == "sgd":
         def run():
-            idx = torch.randint(0, n, (BATCH,), device=device)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+            F.cross_entropy(model(x), y).backward()
             opt.step()
         return run
-    if method == "bare opacus":
+    if method == "backproplab ghost":
+        dp = privacy.DPSGD(model, opt, n=len(x), batch_size=batch, steps=1000,
+                           config=privacy.DPConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, engine="ghost"))
+        index = torch.arange(len(x), device=device)
+        dp.poisson_batch = lambda device: index  # the same fixed batch as every engine
+
+        class State:
+            pass
+
+        state = State()
+        state.data = type("D", (), {"x_train": x, "y_train": y})()
+        state.loss_fn, state.optimizer, state.net = F.cross_entropy, dp.optimizer, dp.model
+        train_step = dp.step()
+        fixed = Batch(x, y, index)
+        return lambda: train_step(fixed, state)
+    if method.startswith("opacus"):
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
-        loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=BATCH)
-        gsm, dp_opt, dp_loader = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
-                                                              noise_multiplier=1.0, max_grad_norm=1.0)
-        it = iter(dp_loader)
+        mode = method.split()[1]
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+        out = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=NOISE,
+                                           max_grad_norm=CLIP, poisson_sampling=False, grad_sample_mode=mode,
+                                           criterion=nn.CrossEntropyLoss())
+        if mode == "ghost":
+            module, dp_opt, criterion, _ = out
+        else:
+            (module, dp_opt, _), criterion = out, nn.CrossEntropyLoss()
 
         def run():
-            nonlocal it
-            try:
-                x, y = next(it)
-            except StopIteration:
-                it = iter(dp_loader)
-                x, y = next(it)
             dp_opt.zero_grad(set_to_none=True)
-            F.cross_entropy(gsm(x), y).backward()
+            criterion(module(x), y).backward()
             dp_opt.step()
         return run
-    dp = privacy.DPSGD(model, opt, n, BATCH, 1000, privacy.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
-    train_step = dp.step()
+    if method == "torch.func vmap":
+        from torch.func import functional_call, grad, vmap
 
-    class State:
-        pass
+        params = [p for p in model.parameters()]
+        names = [n for n, _ in model.named_parameters()]
 
-    state = State()
-    state.data, state.loss_fn, state.optimizer, state.net = data, F.cross_entropy, dp.optimizer, dp.model
-    batch = Batch(data.x_train, data.y_train, torch.arange(n))  # the step draws its own Poisson batch
-    return lambda: train_step(batch, state)
+        def loss_one(p, xi, yi):
+            return F.cross_entropy(functional_call(model, dict(zip(names, p)), (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            grads = per_example([p.detach() for p in params], x, y)
+            norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads))
+            factor = (CLIP / (norms + 1e-6)).clamp(max=1.0)
+            for p, g in zip(params, grads):
+                p.grad = (torch.einsum("b,b...->...", factor, g) + NOISE * CLIP * torch.randn_like(p)) / batch
+            opt.step()
+        return run
+    raise ValueError(method)
+
+
+def _works(factory, device: str) -> str | None:
+    try:
+        run = factory(device)
+        run()
+        run()
+        return None
+    except Exception as e:  # an engine that cannot take a model is reported, not fatal
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
 def main() -> None:
-    args = cli(__doc__.splitlines()[0])
-    methods = ("sgd", "bare opacus", "backproplab DP-SGD step")
-    results = {"MLP 64-256-256-10, digits, batch 64": compare(
-        {m: functools.partial(step, m) for m in methods}, baseline="bare opacus", device=args.device,
-        repeats=args.repeats, inner=5)}
-    report(results, args, "DP-SGD step: runner vs bare Opacus vs non-private SGD")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--batches", default="64,128,256")
+    p.add_argument("--models", default="mlp,cnn,resnet18")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+    results, skipped = {}, []
+    for model_name in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            case = f"{model_name}, batch {batch}"
+            candidates = {}
+            for m in args.methods.split(","):
+                factory = functools.partial(step, m, model_name, batch)
+                why = _works(factory, args.device)
+                if why is None:
+                    candidates[m] = factory
+                else:
+                    skipped.append(f"{case}: {m} failed ({why})")
+            repeats = args.repeats if model_name != "resnet18" else max(3, args.repeats // 3)
+            results[case] = compare(candidates, baseline="sgd", device=args.device, repeats=repeats,
+                                    inner=5 if model_name == "mlp" else 1, memory=not args.no_memory)
+            print(f"done: {case}", file=sys.stderr, flush=True)
+    report(results, args, "DP-SGD step per engine vs non-private SGD (ratio = time / SGD's)")
+    for line in skipped:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -87,12 +87,17 @@ def adversarial(cfg):
     return _mlp(data), data, cfg, {"step": loss_step(lambda b, s: terms(s.model, b.x, b.y))}
 
 
-def dp_sgd(cfg):
+def dp_sgd(cfg, engine="ghost"):
     data = _data()
     model = privacy.prepare_model(_mlp(data))
     dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=cfg.lr), N, cfg.batch_size,
-                       privacy.planned_steps(cfg, N), privacy.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+                       privacy.planned_steps(cfg, N),
+                       privacy.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, engine=engine))
     return dp.model, data, cfg, {"optimizer": dp.optimizer, "step": dp.step(), "callbacks": [dp]}
+
+
+def dp_sgd_opacus(cfg):
+    return dp_sgd(cfg, engine="opacus")
 
 
 def stobatch_step(cfg):
@@ -104,7 +109,7 @@ def stobatch_step(cfg):
 
 
 CASES = [standard, curveball, momentum_step_decay, msgd_weighted, gld, rifle_l2sp_disturb, cyclic_lr, adversarial,
-         dp_sgd, stobatch_step]
+         dp_sgd, dp_sgd_opacus, stobatch_step]
 
 
 def _run(case, out_dir=None, crash_at=None):

@@ -458,3 +458,68 @@ def test_certify_and_predict_take_a_batch_and_restore_the_training_mode():
     model.eval()
     robustness.predict(model, x[0], 0.5, 50, 0.01, 2)
     assert not model.training
+
+
+# ---------------------------------------------------------------- the two clipping engines
+
+
+def _train_dp(engine: str, model_fn, loss_terms=None, noise=1.0, epochs=3):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (120,), generator=g)
+    data = Data("toy", x, y, x, y, 3)
+    model = privacy.prepare_model(model_fn(), quiet=True).double()
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.2), n=120, batch_size=20, steps=18,
+                       config=privacy.DPConfig(noise_multiplier=noise, max_grad_norm=0.5, engine=engine))
+    history = fit(dp.model, data, TrainConfig(optimizer="sgd", lr=0.2, batch_size=20, epochs=epochs),
+                  optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp])
+    return history[-1], [p.detach().clone() for p in dp.model._module.parameters()]
+
+
+_MODELS = {
+    "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 3)),
+    "cnn_groupnorm": lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                           nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(128, 3)),
+}
+
+
+@pytest.mark.parametrize("adversarial", [False, True], ids=["clean", "pgd"])
+@pytest.mark.parametrize("name", list(_MODELS))
+def test_ghost_engine_trains_exactly_as_opacus(name, adversarial):
+    """Same seed, same noise stream, float64: the whole noisy run (Poisson batches, clipping, noise, SGD, and for
+    adversarial training clean and PGD examples clipped together) ends at the same weights and epsilon."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss = (robustness.adversarial_loss(robustness.pgd, 1.0, eps=0.1, steps=2) if adversarial else None)
+        ghost, w_ghost = _train_dp("ghost", _MODELS[name], loss)
+        opacus, w_opacus = _train_dp("opacus", _MODELS[name], loss)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert ghost["epsilon_rdp"] == opacus["epsilon_rdp"] > 0
+    for a, b in zip(w_ghost, w_opacus):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert any(not torch.equal(a, b) for a, b in zip(w_ghost, _train_dp_init(name)))  # it did train
+
+
+def _train_dp_init(name):
+    torch.manual_seed(0)
+    return [p.detach().double() for p in privacy.prepare_model(_MODELS[name](), quiet=True).parameters()]
+
+
+def test_the_noise_stream_is_the_seeds_and_secure_mode_seeds_it_from_the_os():
+    def noise_seed(secure):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        return privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=10, batch_size=2, steps=1,
+                             config=privacy.DPConfig(noise_multiplier=1.0, secure_mode=secure)).noise.seed
+
+    assert noise_seed(False) == noise_seed(False)
+    assert noise_seed(True) != noise_seed(True)  # 63 bits from the CSPRNG: equal with probability 2^-63
+
+
+def test_an_unknown_engine_is_refused():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=10, batch_size=2, steps=1,
+                      config=privacy.DPConfig(noise_multiplier=1.0, engine="fast"))

@@ -28,7 +28,7 @@ from ..evidence import Claim
 from ..methods import privacy, robustness
 from ..models import build_model
 from ..train import loss_step
-from . import Arm, Experiment, ExperimentConfig, Results, Run
+from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 CLAIM_RADIUS = 0.5  # l2 radius at which the certification claim is judged
@@ -60,6 +60,10 @@ class PrivacyConfig(ExperimentConfig):
     cert_n: int = 1000  # estimation samples per certified input
     cert_alpha: float = 0.001  # certification failure probability
     secure_mode: bool = False  # Opacus's secure_mode (CSPRNG noise and sampling) for the DP arms
+    engine: str = "ghost"  # DP-SGD's clipping engine: ghost (per-example norms, no per-example gradients) or opacus
+
+    def validate(self) -> None:
+        check_choices("engine", (self.engine,), privacy.ENGINES)
 
 
 def _privacy_levels(cfg: PrivacyConfig) -> list[str]:
@@ -173,7 +177,7 @@ def run_arm(run: Run) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         dpc = privacy.DPConfig(noise_multiplier=cfg.noise_multiplier or None, max_grad_norm=cfg.max_grad_norm,
                                target_epsilon=None if cfg.noise_multiplier else eps, delta=cfg.delta,
-                               secure_mode=cfg.secure_mode)
+                               secure_mode=cfg.secure_mode, engine=cfg.engine)
         dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch_size,
                            privacy.planned_steps(tc, len(data.x_train)), dpc)
         history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp])

@@ -30,7 +30,7 @@ from ..data import Data
 from ..evidence import Claim
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
-from . import Arm, Experiment, ExperimentConfig, Results, Run
+from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices
 
 PAPER = "Phan et al., ICML 2020"
 
@@ -49,6 +49,7 @@ class StoBatchExpConfig(ExperimentConfig):
     lr: float = 1e-3  # Adam, StoBatch and the non-private arm
     dp_lr: float = 0.5  # SGD, the DP-SGD baselines
     dp_max_grad_norm: float = 1.0  # DP-SGD baselines' clipping norm
+    dp_engine: str = "ghost"  # DP-SGD baselines' clipping engine: ghost (ours) or opacus
     dp_adv_alpha: float = 1.0  # weight of the adversarial term in DP-SGD + PGD training
     dp_adv_steps: int = 3  # PGD steps while training the DP-SGD + PGD baseline
     attack_size: float = 0.2  # mu_max for StoBatch's adversarial training and DP-SGD's PGD training
@@ -66,6 +67,9 @@ class StoBatchExpConfig(ExperimentConfig):
     audit_guesses: int = 200  # the one-run audit's guesses (its power: r perfect guesses certify ln(q/(1-q)))
     dp_baselines: bool = True  # the DP-SGD arms (their per-example gradients make them the slow arms)
     seeds: int = 5
+
+    def validate(self) -> None:
+        check_choices("dp_engine", (self.dp_engine,), privacy.ENGINES)
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,8 @@ def run_arm(run: Run) -> dict:
                 if arm.kind == "dpsgd_smooth" else None)
         opt = torch.optim.SGD(model.parameters(), lr=tc.lr)
         dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch, privacy.planned_steps(tc, len(data.x_train)),
-                           privacy.DPConfig(target_epsilon=eps, delta=cfg.delta, max_grad_norm=cfg.dp_max_grad_norm))
+                           privacy.DPConfig(target_epsilon=eps, delta=cfg.delta, max_grad_norm=cfg.dp_max_grad_norm,
+                                            engine=cfg.dp_engine))
         history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss), callbacks=[dp])
         dp.model.remove_hooks()
     if "acc_training_draw" not in extra:  # inference adds no noise to these arms: one accuracy for both readings

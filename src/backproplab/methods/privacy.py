@@ -1,8 +1,17 @@
-"""DP-SGD (Abadi et al. 2016) through the training loop, built on Opacus.
+"""DP-SGD (Abadi et al. 2016) through the training loop: our clipping engine, Opacus's accountants.
 
-Per-example gradients come from Opacus's ``GradSampleModule``; clipping to ``max_grad_norm`` and Gaussian
-noise of standard deviation ``noise_multiplier * max_grad_norm`` from its ``DPOptimizer``; the privacy
-spent from its accountants (RDP, Mironov 2017; PRV, Gopi et al. 2021), both kept and reported as
+Each example's gradient is clipped to ``max_grad_norm`` and Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm`` is added to the sum, which is divided by the expected batch size.
+Two engines compute the clipped sum:
+
+- ``engine="ghost"`` (the default): :mod:`.ghost_clipping`, per-example norms from each layer's kept
+  activations and output gradients, the clipped sum by book-keeping, no per-example gradient
+  materialised where a cheaper form exists (Li et al. 2022; Bu et al. 2023). Same clip factor
+  ``min(1, C / (||g_i|| + 1e-6))``, same noise draws (Opacus's ``_generate_noise``, in the same order)
+  as Opacus.
+- ``engine="opacus"``: Opacus's ``GradSampleModule`` per-example gradients and its ``DPOptimizer``.
+
+The privacy spent comes from Opacus's accountants (RDP, Mironov 2017; PRV, Gopi et al. 2021), both kept and reported as
 ``epsilon_rdp`` / ``epsilon_prv`` at every evaluation. Batches are drawn by Poisson sampling with rate
 q = batch_size / n (each example independently), which is what the accountants assume: the loop's own
 fixed-size batches are not used. ``target_epsilon`` picks the noise multiplier with Opacus's
@@ -25,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..train import TrainConfig, TrainState, loss_step
+from .ghost_clipping import GhostClipping
 
 
 @dataclass
@@ -35,6 +45,7 @@ class DPConfig:
     delta: float = 1e-5
     accountant: str = "rdp"  # which accountant picks the noise multiplier for target_epsilon
     secure_mode: bool = False  # Opacus's secure_mode: noise from a CSPRNG, not from the (public) run seed
+    engine: str = "ghost"  # "ghost": our clipping engine; "opacus": Opacus's per-example gradients (for comparison)
 
 
 def prepare_model(model: nn.Module, quiet: bool = False) -> nn.Module:
@@ -54,11 +65,59 @@ def prepare_model(model: nn.Module, quiet: bool = False) -> nn.Module:
     return model
 
 
+ENGINES = ("ghost", "opacus")
+
+
+class GaussianNoise:
+    """The noise N(0, std^2 I) of each DP-SGD step, one draw per parameter in parameter order, from a stream
+    of its own: seeded from the run's seed (so a run is reproducible and its noise does not depend on the data
+    order or on dropout), or, in secure mode, from the operating system's CSPRNG, with Opacus's defence against
+    floating-point attacks (the scaled sum of 4 draws: Holohan et al. 2021). Both engines draw from it, in
+    Opacus's order, so the same seed gives the same noise on either.
+    """
+
+    def __init__(self, std: float, seed: int, secure: bool = False):
+        import secrets
+
+        self.std, self.secure = std, secure
+        self.seed = secrets.randbits(63) if secure else seed
+        self.generator: torch.Generator | None = None
+        self._state: Tensor | None = None  # from load_state_dict, before the generator exists
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            state = self._state if self.generator is None else self.generator.get_state()
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+            if state is not None:
+                self.generator.set_state(state)
+        return self.generator
+
+    def draw(self, params: list[Tensor]) -> list[Tensor]:
+        from opacus.optimizers.optimizer import _generate_noise
+
+        g = self.generator_on(params[0].device)
+        if self.secure or self.std == 0:
+            return [_generate_noise(self.std, p, generator=g, secure_mode=self.secure) for p in params]
+        # Opacus's non-secure draw, without its unused zeros
+        return [torch.normal(0, self.std, size=p.shape, generator=g, dtype=p.dtype, device=p.device) for p in params]
+
+    def state_dict(self) -> dict:
+        state = self.generator.get_state() if self.generator is not None else self._state
+        return {"seed": self.seed, "state": state}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.seed, self._state = sd["seed"], sd["state"]
+        if self.generator is not None and self._state is not None:
+            self.generator.set_state(self._state)
+
+
 class DPSGD:
     """Wraps a model and optimizer for DP-SGD and supplies the loop's step and accounting callback.
 
     ``dp = DPSGD(model, optimizer, n=len(train), batch_size=B, steps=S, config=DPConfig(...))``;
     train ``dp.model`` with ``fit(dp.model, data, cfg, optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])``.
+    ``dp.model._module`` is the trained model; ``dp.model.remove_hooks()`` returns it to plain gradients.
+    An Opacus ``GradSampleModule`` (from ``make_private``) is trained as it is, on the Opacus engine.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int, steps: int,
@@ -95,12 +154,22 @@ class DPSGD:
         if noise is None:
             raise ValueError("DP-SGD needs noise_multiplier or target_epsilon")
         self.noise_multiplier = float(noise)
-        self.model = model if isinstance(model, GradSampleModule) else GradSampleModule(model)
+        self.engine = "opacus" if isinstance(model, GradSampleModule) else config.engine
+        if self.engine not in ENGINES:
+            raise ValueError(f"DPConfig.engine must be one of {ENGINES}, got {config.engine!r}")
+        if self.engine == "ghost":
+            self.model = GhostClipping(model)
+            self.optimizer = optimizer  # the noise and the scaling happen in our step, before optimizer.step()
+        else:
+            self.model = model if isinstance(model, GradSampleModule) else GradSampleModule(model)
         self.model.no_ddp = True  # the loop must not wrap it in DDP: gradients are clipped before they are averaged
         if self.world > 1:
             with torch.no_grad():  # every rank starts from rank 0's weights
                 for p in self.model.parameters():
                     dist.broadcast(p, 0)
+        if self.engine == "ghost":
+            pass
+        elif self.world > 1:
             self.optimizer = DistributedDPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                                                     max_grad_norm=config.max_grad_norm,
                                                     expected_batch_size=batch_size / self.world,
@@ -111,14 +180,16 @@ class DPSGD:
                                          secure_mode=config.secure_mode)
         # this rank's sampling stream: its own, so that two ranks' inclusions are independent
         self.sampler = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.rank) % 2**63)
+        # the noise stream (drawn on rank 0 only), shared by both engines: the same seed gives the same noise
+        self.noise = GaussianNoise(self.noise_multiplier * config.max_grad_norm,
+                                   (torch.initial_seed() * 1_000_003 + 999_983) % 2**63, secure=config.secure_mode)
         self.accountants = {"rdp": RDPAccountant(), "prv": PRVAccountant()}
-        hooks = [acc.get_optimizer_hook_fn(sample_rate=self.sample_rate) for acc in self.accountants.values()]
+        if self.engine == "opacus":  # DPOptimizer keeps a single step hook: feed both accountants
+            self.optimizer.attach_step_hook(lambda optim: self._account())
 
-        def account(optim) -> None:  # DPOptimizer keeps a single step hook: feed both accountants
-            for hook in hooks:
-                hook(optim)
-
-        self.optimizer.attach_step_hook(account)
+    def _account(self) -> None:
+        for acc in self.accountants.values():
+            acc.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def epsilon(self, kind: str = "rdp") -> float:
         acc = self.accountants[kind]
@@ -139,13 +210,15 @@ class DPSGD:
 
     def state_dict(self) -> dict:
         return {**{k: [list(h) for h in a.history] for k, a in self.accountants.items()},
-                "sampler": self.sampler.get_state()}
+                "sampler": self.sampler.get_state(), "noise": self.noise.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         for k, a in self.accountants.items():
             a.history = [tuple(h) for h in sd[k]]
         if "sampler" in sd:
             self.sampler.set_state(sd["sampler"])
+        if "noise" in sd:
+            self.noise.load_state_dict(sd["noise"])
 
     def poisson_batch(self, device: torch.device | str) -> Tensor:
         """Indices of a Poisson sample: each training example independently with probability q (in secure mode
@@ -173,18 +246,58 @@ class DPSGD:
         def private_loss(part, state: TrainState) -> Tensor:
             x, y = part
             if len(x) == 0:  # probability (1 - q)^n: Opacus's convention, a noise-only step
-                for p in self.model.parameters():
+                for p in self.model.parameters() if self.engine == "opacus" else ():
                     if p.requires_grad:
                         p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
                 return torch.zeros((), device=x.device)
             return loss_terms(self.model, x, y) if loss_terms else state.loss_fn(self.model(x), y)
 
+        if self.engine == "ghost":
+            return self._ghost_step(poisson, private_loss)
         inner = loss_step(private_loss, parts=poisson)
 
         def step(batch, state: TrainState) -> Tensor:
+            device = next(self.model.parameters()).device
+            if self.rank == 0:  # Opacus draws from our noise stream (it adds noise on rank 0 only)
+                self.optimizer.generator = self.noise.generator_on(device)
             with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 return inner(batch, state)
+
+        return step
+
+    def _ghost_step(self, poisson: Callable, private_loss: Callable) -> Callable:
+        """zero_grad; loss of a Poisson batch; clipped sum (ghost engine); + noise on rank 0; sum over ranks;
+        / expected batch size; optimizer.step(); account. The order of the noise draws is Opacus's."""
+        import torch.distributed as dist
+
+        clip = self.config.max_grad_norm
+
+        def step(batch, state: TrainState) -> Tensor:
+            opt = self.optimizer
+            opt.zero_grad(set_to_none=True)
+            ((x, y), _), = poisson(batch, state)
+            with self.model.recording():
+                loss = private_loss((x, y), state)
+            sums = self.model.clipped_sum(loss * len(x), clip)[0] if len(x) else {}
+            params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+            if self.rank == 0:  # one draw per parameter, in Opacus's order
+                grads = self.noise.draw(params)
+            else:
+                grads = [torch.zeros_like(p) for p in params]
+            with torch.no_grad():
+                present = [(g, sums[p]) for g, p in zip(grads, params) if p in sums]
+                if present:
+                    torch._foreach_add_([g for g, _ in present], [s for _, s in present])
+                if self.world > 1:
+                    for g in grads:
+                        dist.all_reduce(g)
+                torch._foreach_div_(grads, self.batch_size)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            self._account()
+            return loss.detach()
 
         return step
 

@@ -1,0 +1,489 @@
+"""Per-example gradient clipping without per-example gradients: ghost norms and book-keeping.
+
+DP-SGD (Abadi et al., CCS 2016) needs, for a batch of B examples with losses l_i, the clipped sum
+
+    S = sum_i c_i g_i,    g_i = dl_i/dtheta,    c_i = min(1, C / (||g_i|| + 1e-6))
+
+(Opacus's clip factor, to the same 1e-6). Opacus materialises every g_i: B copies of every weight.
+Here one forward keeps each layer's input a, and one backward gives the gradient of sum_i l_i with respect
+to each layer's output, g = dL/ds. That backward computes activation gradients only: no parameter is an
+input of it, so autograd skips every weight-gradient product. Per layer, from (a, g):
+
+- **The per-example norm of the layer's parameter gradient.** For a Linear layer with T positions per
+  example (T = 1 for an MLP), s_i = a_i W^T + b, dW_i = g_i^T a_i:
+  ``||dW_i||^2 = <a_i a_i^T, g_i g_i^T>`` from two T x T Gram matrices (ghost clipping: Goodfellow 2015 for
+  T = 1, Li et al., ICLR 2022 for sequences), or ``||g_i^T a_i||^2`` with dW_i materialised: whichever costs
+  fewer flops, chosen per layer and per call (mixed ghost clipping, Bu et al., AAAI 2023). Convolutions are
+  Linear layers over the unfolded input (positions = output pixels). Embeddings: a_i is one-hot, so
+  ``||dE_i||^2 = sum_{t,s} [id_t = id_s] g_t . g_s``. LayerNorm and GroupNorm: the per-example gradients
+  of their affine parameters are as small as the parameters, so they are formed directly from the
+  normalised input.
+- **The clipped sum, by book-keeping** (Bu et al., ICML 2023): ``S_W = (c * g)^T a``, one product of the
+  kept tensors, the cost of the weight gradient in an ordinary backward (or, where dW_i was materialised,
+  ``sum_i c_i dW_i``, cheaper still). A second, weighted backward (Lee & Kifer 2021) would spend the same
+  weight-gradient products plus all the activation gradients again, so book-keeping is used for every layer.
+
+Any other layer that holds trainable parameters falls back to ``torch.func`` per-example gradients of that
+layer alone (vmap of the layer's own vector-Jacobian product at each example's input and output gradient),
+not of the whole model. A layer called several times in one forward (clean and adversarial inputs, say)
+contributes the sum over its calls: positions of all calls are concatenated, which keeps the norms exact.
+
+The first step checks the unclipped sum of the per-example gradients against autograd's batch gradient,
+so a parameter used outside its module's forward (tied weights, ``F.linear(x, other.weight)``) or an output
+modified in place is an error, not a silent privacy leak.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+# the most elements a convolution's unfolded input may take when formed in one piece (faster for small
+# layers); larger ones are read offset by offset, in place
+STACK_LIMIT = 2**22
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+
+
+class _Call:
+    __slots__ = ("args", "kwargs", "edge", "version")
+
+    def __init__(self, args: tuple, kwargs: dict, output: Tensor):
+        if not args or not isinstance(args[0], Tensor):
+            raise TypeError(f"a layer with trainable parameters was called without a tensor as its first argument "
+                            f"({len(args)} positional arguments); the ghost clipping engine reads its input there")
+        self.args, self.kwargs = args, kwargs
+        self.edge = get_gradient_edge(output)
+        self.version = args[0]._version
+
+
+class _Recording:
+    def __init__(self, clipper: GhostClipping):
+        self.clipper = clipper
+
+    def __enter__(self) -> None:
+        self.clipper._calls.clear()
+        self.clipper._state[0] = True
+
+    def __exit__(self, *exc) -> None:
+        self.clipper._state[0] = False
+
+
+class GhostClipping(nn.Module):
+    """Wraps a model; ``clipped_sum`` gives DP-SGD's per-example clipped gradient sum of the last recorded loss.
+
+    ``clipper = GhostClipping(model)``, then for each batch::
+
+        with clipper.recording():
+            loss = F.cross_entropy(clipper(x), y, reduction="sum")   # a sum of per-example losses
+        sums, norms = clipper.clipped_sum(loss, max_grad_norm=C)      # {parameter: sum_i c_i g_i}, (B,) norms
+
+    The model must not mix examples (no BatchNorm: ``privacy.prepare_model`` replaces it). ``_module`` is the
+    wrapped model, and ``hooks_enabled`` / ``enable_hooks`` / ``disable_hooks`` / ``remove_hooks`` behave as
+    Opacus's ``GradSampleModule``'s, so code written for one works with the other.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self._module = module
+        self.no_ddp = True  # clipping happens before gradients are summed across ranks
+        self.hooks_enabled = True
+        self._state = [False]  # recording? (a list: nn.Module's __setattr__ is slow for a per-step flag)
+        self._checked = False
+        self._calls: list[tuple[nn.Module, _Call]] = []
+        self._layers: list[tuple[nn.Module, list[nn.Parameter]]] = []
+        owner: dict[int, str] = {}
+        for name, m in module.named_modules():
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            for p in own:
+                if id(p) in owner:
+                    raise ValueError(f"parameter shared by modules {owner[id(p)]!r} and {name!r}: the ghost "
+                                     "clipping engine needs each parameter in one module; use engine='opacus'")
+                owner[id(p)] = name
+            if own:
+                self._layers.append((m, own))
+        self._kinds = {m: _kind(m) for m, _ in self._layers}
+        self._params = {m: list(m.parameters(recurse=False)) for m, _ in self._layers}
+        self._handles = [m.register_forward_hook(self._tap, with_kwargs=True) for m, _ in self._layers]
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    # -- the Opacus GradSampleModule switches, used by the attacks to run without recording
+    def enable_hooks(self) -> None:
+        self.hooks_enabled = True
+
+    def disable_hooks(self) -> None:
+        self.hooks_enabled = False
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.hooks_enabled = False
+
+    def recording(self) -> _Recording:
+        """Forward passes inside (with grad enabled and hooks enabled) are kept for ``clipped_sum``."""
+        return _Recording(self)
+
+    def _tap(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if not (self._state[0] and self.hooks_enabled and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor):
+            raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; the ghost clipping engine "
+                            "needs layers with trainable parameters to return one tensor (use engine='opacus')")
+        if output.requires_grad:
+            self._calls.append((module, _Call(args, kwargs, output)))
+
+    # -- the engine
+    def clipped_sum(self, loss: Tensor, max_grad_norm: float, check: bool | None = None
+                    ) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+        """``({p: sum_i c_i dl_i/dp}, per-example norms)`` for ``loss = sum_i l_i`` recorded under ``recording()``.
+
+        ``check`` (default: on the first call only) compares the unclipped per-example sum with autograd's
+        gradient of ``loss`` and raises if a parameter's gradient is not accounted for.
+        """
+        check = (not self._checked) if check is None else check
+        calls = self._calls
+        if not calls:
+            raise RuntimeError("clipped_sum found no recorded forward: run the model inside `with "
+                               "clipper.recording():` with gradients enabled")
+        for m, c in calls:
+            if c.args[0]._version != c.version:
+                raise RuntimeError(f"the input of {type(m).__name__} was modified in place after its forward; "
+                                   "the per-example gradients need it as it was (use an out-of-place operation)")
+        grads = torch.autograd.grad(loss, [c.edge for _, c in calls], retain_graph=check, allow_unused=True)
+        by_module: dict[nn.Module, list[tuple[_Call, Tensor]]] = {}
+        for (m, c), g in zip(calls, grads):
+            if g is not None:
+                by_module.setdefault(m, []).append((c, g))
+        sizes = {g.shape[0] for pairs in by_module.values() for _, g in pairs}
+        if len(sizes) > 1:
+            raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: every recorded call must take "
+                             "the batch's examples along dimension 0")
+        if not by_module:  # nothing reached the loss: every gradient is zero
+            return {}, torch.zeros(0)
+        with torch.no_grad():
+            rules = [(m, _rule(m, pairs, self._kinds.get(m))) for m, pairs in by_module.items()]
+            norms = torch.stack([rule.sq for _, rule in rules]).sum(0).sqrt()  # Gram forms can round below 0: none here
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            sums = {p: s for m, rule in rules for p, s in zip(self._own(m), rule.weighted(factor))}
+        if check:
+            self._check(loss, rules)
+        return sums, norms
+
+    def _own(self, m: nn.Module) -> list[nn.Parameter]:
+        """The module's parameters that take gradients now, in the order its rule returns them."""
+        return [p for p in self._params[m] if p.requires_grad]
+
+    def _check(self, loss: Tensor, rules: list) -> None:
+        params = [p for _, own in self._layers for p in own]
+        reference = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            ones = None
+            mine: dict[nn.Parameter, Tensor] = {}
+            for m, rule in rules:
+                ones = torch.ones_like(rule.sq) if ones is None else ones
+                mine.update(zip(self._own(m), rule.weighted(ones)))
+        names = {id(p): n for n, p in self._module.named_parameters()}
+        for p, ref in zip(params, reference):
+            got = mine.get(p)
+            ref = torch.zeros_like(p) if ref is None else ref
+            got = torch.zeros_like(p) if got is None else got
+            if not torch.allclose(got, ref, rtol=1e-3, atol=1e-5 * (1 + float(ref.abs().max()))):
+                raise RuntimeError(
+                    f"the per-example gradients of {names.get(id(p), '?')!r} do not add up to its batch gradient: "
+                    "the parameter is used outside its module's forward (tied weights, F.linear(x, m.weight)), "
+                    "a layer's output is modified in place, or the loss is not a sum over examples. Use "
+                    "engine='opacus', or call the module itself.")
+        self._checked = True
+
+
+class _Rule:
+    """One layer's per-example squared norms ``sq`` (B,) and its clipped sum ``weighted(c)``."""
+
+    sq: Tensor
+
+    def weighted(self, c: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+
+def _kind(m: nn.Module) -> type | None:
+    """The supported layer type whose rule applies: an instance that keeps that type's own forward."""
+    return next((k for k in SUPPORTED if isinstance(m, k) and type(m).forward is k.forward), None)
+
+
+def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = None) -> _Rule:
+    inputs, grads = [c.args[0] for c, _ in pairs], [g for _, g in pairs]
+    kind = _kind(m) if kind is None else kind
+    if kind is nn.Linear:
+        return _LinearRule(m, inputs, grads)
+    if kind in (nn.Conv1d, nn.Conv2d) and _symmetric_padding(m) is not None:
+        return _ConvRule(m, _symmetric_padding(m), inputs, grads)
+    if kind is nn.Embedding:
+        return _EmbeddingRule(m, inputs, grads)
+    if kind is nn.LayerNorm:
+        return _NormRule(m, pairs, lambda a: F.layer_norm(a, m.normalized_shape, eps=m.eps),
+                         own_dims=len(m.normalized_shape))
+    if kind is nn.GroupNorm:
+        return _NormRule(m, pairs, lambda a: F.group_norm(a, m.num_groups, eps=m.eps), own_dims=None)
+    return _FuncRule(m, pairs)
+
+
+def _materialise_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
+    """dW_i costs T*i*o flops (and i*o memory) per example, the two Gram matrices T^2*(i+o)."""
+    return positions * (fan_in + fan_out) >= fan_in * fan_out
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _sq(t: Tensor) -> Tensor:
+    """Per-example squared norm of a (B, ...) tensor."""
+    t = t.reshape(len(t), -1)
+    return torch.linalg.vecdot(t, t)
+
+
+class _LinearRule(_Rule):
+    def __init__(self, m: nn.Linear, inputs: list[Tensor], grads: list[Tensor]):
+        self.bias = m.bias is not None and m.bias.requires_grad
+        self.weight = m.weight.requires_grad
+        self.per = None
+        if len(inputs) == 1 and inputs[0].dim() == 2:  # one call, no positions: ||g_i a_i^T|| = ||a_i|| ||g_i||
+            self.a, self.g = inputs[0], grads[0]
+            gg = torch.linalg.vecdot(self.g, self.g)
+            self.sq = (gg * torch.linalg.vecdot(self.a, self.a) if self.weight else 0) + (gg if self.bias else 0)
+            return
+        B = grads[0].shape[0]
+        self.a = _cat([a.reshape(B, -1, a.shape[-1]) for a in inputs], 1)  # (B, T, i)
+        self.g = _cat([g.reshape(B, -1, g.shape[-1]) for g in grads], 1)  # (B, T, o)
+        T, i, o = self.a.shape[1], self.a.shape[2], self.g.shape[2]
+        sq = 0
+        if self.weight:
+            if _materialise_cheaper(T, i, o):
+                self.per = torch.bmm(self.g.transpose(1, 2), self.a)  # (B, o, i)
+                sq = _sq(self.per)
+            else:
+                sq = (torch.bmm(self.a, self.a.transpose(1, 2)) * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
+        if self.bias:
+            sq = sq + _sq(self.g.sum(1))
+        self.sq = sq
+
+    def weighted(self, c: Tensor) -> list[Tensor]:
+        if self.per is not None:
+            return [torch.einsum("b,boi->oi", c, self.per)] + ([c @ self.g.sum(1)] if self.bias else [])
+        if self.g.dim() == 2:
+            cg = self.g * c.unsqueeze(1)
+            return ([cg.T @ self.a] if self.weight else []) + ([cg.sum(0)] if self.bias else [])
+        cg = self.g * c.view(-1, *[1] * (self.g.dim() - 1))  # each example's output gradient, weighted
+        o, i = self.g.shape[-1], self.a.shape[-1]
+        out = [cg.reshape(-1, o).T @ self.a.reshape(-1, i)] if self.weight else []
+        if self.bias:
+            out.append(cg.reshape(-1, o).sum(0))
+        return out
+
+
+def _symmetric_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """The padding F.unfold can express, or None (padding modes and uneven 'same' go to torch.func)."""
+    if m.padding_mode != "zeros":
+        return None
+    if m.padding == "valid":
+        return (0,) * len(m.kernel_size)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+    return tuple(m.padding)
+
+
+class _ConvRule(_Rule):
+    """A convolution is a Linear layer applied at every output position to the input patch there.
+
+    Stride 1 (and 1x1 kernels at any stride) avoids unfolding: in the zero-padded input flattened row by
+    row, the patch entries at kernel offset (y, x) for all output positions form one contiguous slice, if
+    each output row is taken as wide as the padded input (the extra columns get a zero output gradient).
+    Then per kernel offset, dW_i[:, :, y, x] = g_i A_{i,yx}^T (materialised) or the patch Gram is the sum over
+    offsets of A_{i,yx}^T A_{i,yx} (ghost). Other strides unfold (F.unfold). The clipped sum is the
+    convolution's own weight gradient of the weighted output gradient (``torch.nn.grad.conv*d_weight``).
+    """
+
+    def __init__(self, m: nn.Conv1d | nn.Conv2d, padding: tuple[int, ...], inputs: list[Tensor],
+                 grads: list[Tensor]):
+        self.m, self.padding = m, padding
+        self.inputs, self.grads = inputs, grads
+        self.one_d = isinstance(m, nn.Conv1d)
+        B, G = grads[0].shape[0], m.groups
+        o = m.out_channels
+        self.weight = m.weight.requires_grad
+        self.bias = m.bias is not None and m.bias.requires_grad
+        kernel, stride, dilation, pad = self._two(m.kernel_size, 1), self._two(m.stride, 1), \
+            self._two(m.dilation, 1), self._two(padding, 0)
+        K, cg, og = kernel[0] * kernel[1], m.in_channels // G, o // G
+        self.per = None
+        sq = 0
+        if self.weight:
+            if stride == (1, 1) or (kernel == (1, 1) and pad == (0, 0)):
+                flats, gw = self._widened(inputs, grads, kernel, stride, dilation, pad, B, G)
+                L = gw.shape[2]
+                offsets = [y * dilation[0] * wp + x * dilation[1] for _, wp, _ in flats
+                           for y in range(kernel[0]) for x in range(kernel[1])][:K]
+                same_width = len({wp for _, wp, _ in flats}) == 1  # the Gram form needs one row layout
+                if _materialise_cheaper(L, K * cg, og) or not same_width:
+                    views = [f.as_strided((B * G, cg, kernel[0], kernel[1], n),
+                                          (f.stride(0), f.stride(1), dilation[0] * wp, dilation[1], 1))
+                             for f, wp, n in flats]  # [:, :, y, x]: the input under kernel offset (y, x)
+                    if views[0].numel() <= STACK_LIMIT:  # small layers: one strided copy, then one product
+                        per = torch.bmm(gw, _cat([v.reshape(B * G, cg * K, -1) for v in views], 2).transpose(1, 2))
+                    else:  # large ones: offset by offset, reading the padded input in place
+                        per = torch.stack([torch.bmm(gw, _cat([v[:, :, y, x] for v in views], 2).transpose(1, 2))
+                                           for y in range(kernel[0]) for x in range(kernel[1])], -1)
+                    self.per = per.reshape(B, *m.weight.shape)  # (BG, og, cg, K) -> (B, o, cg, kh, kw)
+                    sq = _sq(self.per)
+                else:
+                    # patch Gram from the padded input's own Gram: <patch_l, patch_m> = sum over offsets s of
+                    # <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted slices, no unfolding
+                    flat = _cat([f for f, _, _ in flats], 2)
+                    gram = torch.bmm(flat.transpose(1, 2), flat)  # (BG, N, N), N = all calls' padded positions
+                    starts, at = [], 0
+                    for f, _, n in flats:
+                        starts.append((at, n))
+                        at += f.shape[2]
+                    patches = torch.cat([torch.cat([sum(gram[:, i + s:i + s + n, j + s:j + s + k] for s in offsets)
+                                                    for j, k in starts], 2) for i, n in starts], 1)  # (BG, L, L)
+                    sq = (patches * torch.bmm(gw.transpose(1, 2), gw)).reshape(B, -1).sum(1)
+            else:
+                u = _cat([F.unfold(a.unsqueeze(-2) if self.one_d else a, kernel, dilation=dilation, padding=pad,
+                                   stride=stride).reshape(B * G, cg * K, -1) for a in inputs], 2)
+                gu = _cat([g.reshape(B * G, og, -1) for g in grads], 2)
+                if _materialise_cheaper(gu.shape[2], K * cg, og):
+                    self.per = torch.bmm(gu, u.transpose(1, 2)).reshape(B, *m.weight.shape)
+                    sq = _sq(self.per)
+                else:
+                    sq = (torch.bmm(u.transpose(1, 2), u) * torch.bmm(gu.transpose(1, 2), gu)).reshape(B, -1).sum(1)
+        if self.bias:
+            self.gb = sum(g.reshape(B, o, -1).sum(2) for g in grads)
+            sq = sq + _sq(self.gb)
+        self.sq = sq
+
+    def _two(self, t: tuple, fill: int) -> tuple:
+        return (fill, *t) if self.one_d else tuple(t)
+
+    def _widened(self, inputs, grads, kernel, stride, dilation, pad, B, G):
+        """Per call: the (BG, cg, N) flattened zero-padded input (with a tail so that every offset's slice
+        fits), its padded row width, and its number of wide output positions; and the (BG, og, L) output
+        gradients of all calls, widened with zero columns to the padded row width."""
+        flats, gws = [], []
+        for a, g in zip(inputs, grads):
+            if self.one_d:
+                a, g = a.unsqueeze(-2), g.unsqueeze(-2)
+            if stride != (1, 1):  # a 1x1 kernel: the strided positions are the whole input
+                a = a[:, :, ::stride[0], ::stride[1]]
+            hp, wp = a.shape[2] + 2 * pad[0], a.shape[3] + 2 * pad[1]
+            ho, wo = g.shape[2], g.shape[3]
+            flat = a.new_zeros(B * G, a.shape[1] // G, hp * wp + dilation[1] * (kernel[1] - 1))
+            flat[:, :, :hp * wp].view(B, a.shape[1], hp, wp)[:, :, pad[0]:pad[0] + a.shape[2],
+                                                             pad[1]:pad[1] + a.shape[3]] = a
+            flats.append((flat, wp, ho * wp))
+            gws.append(F.pad(g, (0, wp - wo)).reshape(B * G, g.shape[1] // G, ho * wp))
+        return flats, _cat(gws, 2)
+
+    def weighted(self, c: Tensor) -> list[Tensor]:
+        out = []
+        if self.weight:
+            if self.per is not None:
+                out.append(torch.einsum("b,b...->...", c, self.per))
+            else:
+                m = self.m
+                wgrad = torch.nn.grad.conv1d_weight if self.one_d else torch.nn.grad.conv2d_weight
+                out.append(sum(wgrad(a, m.weight.shape, g * c.view(-1, *[1] * (g.dim() - 1)), stride=m.stride,
+                                     padding=self.padding, dilation=m.dilation, groups=m.groups)
+                               for a, g in zip(self.inputs, self.grads)))
+        if self.bias:
+            out.append(c @ self.gb)
+        return out
+
+
+class _EmbeddingRule(_Rule):
+    def __init__(self, m: nn.Embedding, inputs: list[Tensor], grads: list[Tensor]):
+        if m.scale_grad_by_freq:
+            raise ValueError("Embedding(scale_grad_by_freq=True) scales by counts over the whole batch, which mixes "
+                             "examples: it has no per-example gradient")
+        B, d = grads[0].shape[0], m.embedding_dim
+        self.ids = _cat([i.reshape(B, -1) for i in inputs], 1)  # (B, T)
+        self.g = _cat([g.reshape(B, -1, d) for g in grads], 1)  # (B, T, d)
+        if m.padding_idx is not None:  # the padding row gets no gradient
+            self.g = self.g * (self.ids != m.padding_idx).unsqueeze(-1)
+        self.num = m.num_embeddings
+        same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.g.dtype)
+        self.sq = (same * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
+
+    def weighted(self, c: Tensor) -> list[Tensor]:
+        d = self.g.shape[2]
+        out = torch.zeros(self.num, d, dtype=self.g.dtype, device=self.g.device)
+        return [out.index_add_(0, self.ids.reshape(-1), (self.g * c[:, None, None]).reshape(-1, d))]
+
+
+class _NormRule(_Rule):
+    """LayerNorm / GroupNorm: per-example gradients of the affine weight and bias, formed directly."""
+
+    def __init__(self, m: nn.Module, pairs: list[tuple[_Call, Tensor]], normalise, own_dims: int | None):
+        per_w, per_b = 0, 0
+        for c, g in pairs:
+            a = c.args[0]
+            # sum over every dimension but the batch and the parameter's own: GroupNorm (B, C, *spatial) ->
+            # (B, C); LayerNorm (B, *, *normalized_shape) -> (B, *normalized_shape)
+            dims = tuple(range(2, g.dim())) if own_dims is None else tuple(range(1, g.dim() - own_dims))
+
+            def total(t: Tensor, dims: tuple = dims) -> Tensor:
+                return t.sum(dims) if dims else t  # sum(()) would sum over everything
+
+            if m.weight is not None and m.weight.requires_grad:
+                if own_dims is None and g.dim() > 2:  # trailing spatial dimensions: one fused product
+                    per_w = per_w + torch.linalg.vecdot(normalise(a).flatten(2), g.flatten(2))
+                else:
+                    per_w = per_w + total(normalise(a) * g)
+            if m.bias is not None and m.bias.requires_grad:
+                per_b = per_b + total(g)
+        self.per = [t for t, p in ((per_w, m.weight), (per_b, m.bias)) if p is not None and p.requires_grad]
+        self.sq = sum(_sq(t) for t in self.per)
+
+    def weighted(self, c: Tensor) -> list[Tensor]:
+        return [torch.einsum("b,b...->...", c, t) for t in self.per]
+
+
+class _FuncRule(_Rule):
+    """Any other layer: per-example gradients of its own parameters by torch.func (vmap of the layer's VJP)."""
+
+    def __init__(self, m: nn.Module, pairs: list[tuple[_Call, Tensor]]):
+        from torch.func import grad, vmap
+
+        names = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+        params = {n: getattr(m, n).detach() for n in names}
+        B = pairs[0][1].shape[0]
+        self.per = None
+        for c, g in pairs:
+            batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == B for a in c.args]
+            args = [a.detach() if isinstance(a, Tensor) else a for a in c.args]
+            vjp = _example_vjp(m, args, batched, c.kwargs)
+            ins = [a for a, b in zip(args, batched) if b]
+            with torch.enable_grad():
+                per = vmap(grad(vjp), in_dims=(None, 0, *[0] * len(ins)))(params, g, *ins)
+            self.per = per if self.per is None else {n: self.per[n] + per[n] for n in names}
+        self.names = names
+        self.sq = sum(_sq(self.per[n]) for n in names)
+
+    def weighted(self, c: Tensor) -> list[Tensor]:
+        return [torch.einsum("b,b...->...", c, self.per[n]) for n in self.names]
+
+
+def _example_vjp(m: nn.Module, args: list, batched: list[bool], kwargs: dict):
+    """(params, g_i, *example's batched args) -> <layer(args), g_i>: its gradient is the example's."""
+    from torch.func import functional_call
+
+    def vjp(params, g_i, *inputs):
+        it = iter(inputs)
+        full = tuple(next(it).unsqueeze(0) if b else a for a, b in zip(args, batched))
+        return (functional_call(m, params, full, kwargs) * g_i.unsqueeze(0)).sum()
+
+    return vjp
