@@ -141,11 +141,24 @@ class GhostClipping(nn.Module):
                     ) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
         """``({p: sum_i c_i dl_i/dp}, per-example norms)`` for ``loss = sum_i l_i`` recorded under ``recording()``.
 
-        ``check`` (default: on the first call only) compares the unclipped per-example sum with autograd's
-        gradient of ``loss`` and raises if a parameter's gradient is not accounted for.
+        ``check`` (default: on the first call only) first runs :meth:`verify` on the same loss.
         """
-        check = (not self._checked) if check is None else check
-        calls = self._calls
+        if (not self._checked) if check is None else check:
+            self.verify(loss, retain_graph=True)
+        rules = self._rules(loss, retain_graph=False)
+        if not rules:  # nothing reached the loss: every gradient is zero
+            return {}, torch.zeros(0)
+        with torch.no_grad():
+            norms = torch.stack([rule.sq for _, rule in rules]).sum(0).sqrt()
+            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            sums = {}
+            for m, rule in rules:
+                sums.update(zip(self._own(m), rule.weighted(factor)))
+                rule.release()
+        return sums, norms
+
+    def _rules(self, loss: Tensor, retain_graph: bool) -> list[tuple[nn.Module, _Rule]]:
+        calls, self._calls = self._calls, []  # the rules keep only what their clipped sums need
         if not calls:
             raise RuntimeError("clipped_sum found no recorded forward: run the model inside `with "
                                "clipper.recording():` with gradients enabled")
@@ -153,50 +166,45 @@ class GhostClipping(nn.Module):
             if c.args[0]._version != c.version:
                 raise RuntimeError(f"the input of {type(m).__name__} was modified in place after its forward; "
                                    "the per-example gradients need it as it was (use an out-of-place operation)")
-        grads = torch.autograd.grad(loss, [c.edge for _, c in calls], retain_graph=check, allow_unused=True)
+        grads = torch.autograd.grad(loss, [c.edge for _, c in calls], retain_graph=retain_graph, allow_unused=True)
         by_module: dict[nn.Module, list[tuple[_Call, Tensor]]] = {}
         for (m, c), g in zip(calls, grads):
             if g is not None:
                 by_module.setdefault(m, []).append((c, g))
+        del calls, grads
         sizes = {g.shape[0] for pairs in by_module.values() for _, g in pairs}
         if len(sizes) > 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: every recorded call must take "
                              "the batch's examples along dimension 0")
-        if not by_module:  # nothing reached the loss: every gradient is zero
-            return {}, torch.zeros(0)
         with torch.no_grad():
-            rules = [(m, _rule(m, pairs, self._kinds.get(m))) for m, pairs in by_module.items()]
-            norms = torch.stack([rule.sq for _, rule in rules]).sum(0).sqrt()  # Gram forms can round below 0: none here
-            factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            sums = {p: s for m, rule in rules for p, s in zip(self._own(m), rule.weighted(factor))}
-        if check:
-            self._check(loss, rules)
-        return sums, norms
+            return [(m, _rule(m, by_module.pop(m), self._kinds.get(m))) for m in list(by_module)]
 
     def _own(self, m: nn.Module) -> list[nn.Parameter]:
         """The module's parameters that take gradients now, in the order its rule returns them."""
         return [p for p in self._params[m] if p.requires_grad]
 
-    def _check(self, loss: Tensor, rules: list) -> None:
-        params = [p for _, own in self._layers for p in own]
-        reference = torch.autograd.grad(loss, params, allow_unused=True)
-        with torch.no_grad():
-            ones = None
-            mine: dict[nn.Parameter, Tensor] = {}
-            for m, rule in rules:
-                ones = torch.ones_like(rule.sq) if ones is None else ones
-                mine.update(zip(self._own(m), rule.weighted(ones)))
+    def verify(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """Check that the per-example gradients of ``loss = sum_i l_i`` (recorded under ``recording()``) add up
+        to autograd's gradient of ``loss``; raises naming the first parameter whose gradient is not accounted
+        for (tied weights, a parameter used outside its module's forward, an output modified in place)."""
+        calls = list(self._calls)
+        rules = self._rules(loss, retain_graph=True)
+        self._calls = calls if retain_graph else []
         names = {id(p): n for n, p in self._module.named_parameters()}
-        for p, ref in zip(params, reference):
-            got = mine.get(p)
-            ref = torch.zeros_like(p) if ref is None else ref
-            got = torch.zeros_like(p) if got is None else got
-            if not torch.allclose(got, ref, rtol=1e-3, atol=1e-5 * (1 + float(ref.abs().max()))):
-                raise RuntimeError(
-                    f"the per-example gradients of {names.get(id(p), '?')!r} do not add up to its batch gradient: "
-                    "the parameter is used outside its module's forward (tied weights, F.linear(x, m.weight)), "
-                    "a layer's output is modified in place, or the loss is not a sum over examples. Use "
-                    "engine='opacus', or call the module itself.")
+        ruled = dict(rules)
+        for m, _ in self._layers:  # one layer at a time: the check costs one layer's gradients in memory
+            with torch.no_grad():
+                mine = ruled[m].weighted(torch.ones_like(ruled[m].sq)) if m in ruled else [None] * len(self._own(m))
+            for p, got in zip(self._own(m), mine):
+                (ref,) = torch.autograd.grad(loss, p, allow_unused=True, retain_graph=True)
+                ref = torch.zeros_like(p) if ref is None else ref
+                got = torch.zeros_like(p) if got is None else got
+                if not torch.allclose(got, ref, rtol=1e-3, atol=1e-5 * (1 + float(ref.abs().max()))):
+                    raise RuntimeError(
+                        f"the per-example gradients of {names.get(id(p), '?')!r} do not add up to its batch "
+                        "gradient: the parameter is used outside its module's forward (tied weights, F.linear(x, "
+                        "m.weight)), a layer's output is modified in place, or the loss is not a sum over "
+                        "examples. Use engine='opacus', or call the module itself.")
         self._checked = True
 
 
@@ -207,6 +215,10 @@ class _Rule:
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop the kept activations and gradients (after the last ``weighted``)."""
+        self.__dict__.clear()
 
 
 def _kind(m: nn.Module) -> type | None:
@@ -268,12 +280,15 @@ class _LinearRule(_Rule):
             else:
                 sq = (torch.bmm(self.a, self.a.transpose(1, 2)) * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
         if self.bias:
-            sq = sq + _sq(self.g.sum(1))
+            self.gb = self.g.sum(1)
+            sq = sq + _sq(self.gb)
+        if self.per is not None:
+            self.a = self.g = None  # the clipped sum needs only dW_i
         self.sq = sq
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         if self.per is not None:
-            return [torch.einsum("b,boi->oi", c, self.per)] + ([c @ self.g.sum(1)] if self.bias else [])
+            return [torch.einsum("b,boi->oi", c, self.per)] + ([c @ self.gb] if self.bias else [])
         if self.g.dim() == 2:
             cg = self.g * c.unsqueeze(1)
             return ([cg.T @ self.a] if self.weight else []) + ([cg.sum(0)] if self.bias else [])
@@ -364,6 +379,8 @@ class _ConvRule(_Rule):
         if self.bias:
             self.gb = sum(g.reshape(B, o, -1).sum(2) for g in grads)
             sq = sq + _sq(self.gb)
+        if self.per is not None or not self.weight:
+            self.inputs = self.grads = None  # the clipped sum needs only dW_i
         self.sq = sq
 
     def _two(self, t: tuple, fill: int) -> tuple:

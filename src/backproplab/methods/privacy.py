@@ -92,14 +92,17 @@ class GaussianNoise:
                 self.generator.set_state(state)
         return self.generator
 
-    def draw(self, params: list[Tensor]) -> list[Tensor]:
+    def add_to(self, tensors: list[Tensor]) -> None:
+        """Add this step's noise to ``tensors`` (one per parameter, in order), in place, one draw at a time."""
+        if self.std == 0:
+            return
         from opacus.optimizers.optimizer import _generate_noise
 
-        g = self.generator_on(params[0].device)
-        if self.secure or self.std == 0:
-            return [_generate_noise(self.std, p, generator=g, secure_mode=self.secure) for p in params]
-        # Opacus's non-secure draw, without its unused zeros
-        return [torch.normal(0, self.std, size=p.shape, generator=g, dtype=p.dtype, device=p.device) for p in params]
+        g = self.generator_on(tensors[0].device)
+        for t in tensors:
+            # Opacus's draw (its non-secure one without the zeros it does not use)
+            t.add_(_generate_noise(self.std, t, generator=g, secure_mode=True) if self.secure else
+                   torch.normal(0, self.std, size=t.shape, generator=g, dtype=t.dtype, device=t.device))
 
     def state_dict(self) -> dict:
         state = self.generator.get_state() if self.generator is not None else self._state
@@ -266,6 +269,15 @@ class DPSGD:
 
         return step
 
+    def _verify(self, x: Tensor, y: Tensor, state: TrainState, private_loss: Callable) -> None:
+        """The engine's check (per-example gradients add up to the batch gradient) on two examples, before
+        the first step; the random state is restored after, so the run is the same with or without it."""
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            with self.model.recording():
+                loss = private_loss((x, y), state) * len(x)
+            self.model.verify(loss)
+
     def _ghost_step(self, poisson: Callable, private_loss: Callable) -> Callable:
         """zero_grad; loss of a Poisson batch; clipped sum (ghost engine); + noise on rank 0; sum over ranks;
         / expected batch size; optimizer.step(); account. The order of the noise draws is Opacus's."""
@@ -277,18 +289,17 @@ class DPSGD:
             opt = self.optimizer
             opt.zero_grad(set_to_none=True)
             ((x, y), _), = poisson(batch, state)
+            if not self.model._checked and len(x):
+                self._verify(x[:2], y[:2], state, private_loss)
             with self.model.recording():
                 loss = private_loss((x, y), state)
-            sums = self.model.clipped_sum(loss * len(x), clip)[0] if len(x) else {}
+            sums = self.model.clipped_sum(loss * len(x), clip, check=False)[0] if len(x) else {}
             params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-            if self.rank == 0:  # one draw per parameter, in Opacus's order
-                grads = self.noise.draw(params)
-            else:
-                grads = [torch.zeros_like(p) for p in params]
             with torch.no_grad():
-                present = [(g, sums[p]) for g, p in zip(grads, params) if p in sums]
-                if present:
-                    torch._foreach_add_([g for g, _ in present], [s for _, s in present])
+                grads = [sums[p] if p in sums else torch.zeros_like(p) for p in params]
+                del sums
+                if self.rank == 0:  # one draw per parameter, in Opacus's order
+                    self.noise.add_to(grads)
                 if self.world > 1:
                     for g in grads:
                         dist.all_reduce(g)
