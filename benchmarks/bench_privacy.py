@@ -4,7 +4,9 @@ non-private SGD step, in one run, interleaved, on the same model and the same fi
 - ``backproplab ghost``: our engine through the runner's DP-SGD step (``DPSGD(..., engine="ghost")``);
 - ``opacus hooks`` / ``opacus ew`` / ``opacus functorch`` / ``opacus ghost``: ``PrivacyEngine.make_private``
   with each ``grad_sample_mode`` (``ghost`` with Opacus's fast-gradient-clipping criterion);
-- ``torch.func vmap``: per-example gradients by ``vmap(grad(...))``, then clip, sum, noise and step.
+- ``torch.func vmap``: per-example gradients by ``vmap(grad(...))``, then clip, sum, noise and step;
+- ``noise draw alone``: only the Gaussian noise every DP-SGD step draws (one sample per parameter entry),
+  the floor under every engine.
 
 Models: the MLP 64-256-256-10 and the small CNN (GroupNorm) on digits, ResNet-18 with GroupNorm on
 3x32x32 inputs (width 0.25 on CPU, 1.0 on CUDA). Goals (issue 19): ours <= 1.5x SGD in time and peak memory
@@ -36,7 +38,7 @@ from backproplab.train import Batch  # noqa: E402
 
 warnings.filterwarnings("ignore")
 METHODS = ("sgd", "backproplab ghost", "opacus hooks", "opacus ew", "opacus functorch", "opacus ghost",
-           "torch.func vmap")
+           "torch.func vmap", "noise draw alone")
 CLIP, NOISE, LR = 1.0, 1.0, 0.05
 
 
@@ -67,6 +69,13 @@ def step(method: str, model_name: str, batch: int, device: str):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
+        return run
+    if method == "noise draw alone":  # the floor under every engine: one Gaussian draw per parameter entry
+        noise = privacy.GaussianNoise(NOISE * CLIP, seed=0)
+        params = [p for p in model.parameters()]
+
+        def run():
+            noise.add_to([torch.zeros_like(p) for p in params])
         return run
     if method == "backproplab ghost":
         dp = privacy.DPSGD(model, opt, n=len(x), batch_size=batch, steps=1000,

@@ -312,6 +312,25 @@ def _symmetric_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
     return tuple(m.padding)
 
 
+class _Padded:
+    """One call's input, zero-padded and flattened row by row to (BG, cg, N), with a tail so that every
+    kernel offset's slice fits; the output position (r, c) sits at r * wp + c."""
+
+    def __init__(self, a: Tensor, B: int, G: int, pad: tuple[int, int], tail: int, ho: int, wo: int, start: int):
+        C, H, W = a.shape[1], a.shape[2], a.shape[3]
+        self.hp, self.wp, self.ho, self.wo, self.start = H + 2 * pad[0], W + 2 * pad[1], ho, wo, start
+        self.flat = a.new_zeros(B * G, C // G, self.hp * self.wp + tail)
+        self.flat[:, :, :self.hp * self.wp].view(B, C, self.hp, self.wp)[:, :, pad[0]:pad[0] + H,
+                                                                          pad[1]:pad[1] + W] = a
+        self.real = (torch.arange(ho * self.wp) % self.wp) < wo  # which wide positions are real outputs
+
+    def windows(self, kernel: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+        """(BG, cg, kh, kw, ho, wo) view: [:, :, y, x] is the input under kernel offset (y, x)."""
+        f = self.flat
+        return f.as_strided((f.shape[0], f.shape[1], kernel[0], kernel[1], self.ho, self.wo),
+                            (f.stride(0), f.stride(1), dilation[0] * self.wp, dilation[1], self.wp, 1))
+
+
 class _ConvRule(_Rule):
     """A convolution is a Linear layer applied at every output position to the input patch there.
 
@@ -339,34 +358,37 @@ class _ConvRule(_Rule):
         sq = 0
         if self.weight:
             if stride == (1, 1) or (kernel == (1, 1) and pad == (0, 0)):
-                flats, gw = self._widened(inputs, grads, kernel, stride, dilation, pad, B, G)
-                L = gw.shape[2]
-                offsets = [y * dilation[0] * wp + x * dilation[1] for _, wp, _ in flats
-                           for y in range(kernel[0]) for x in range(kernel[1])][:K]
-                same_width = len({wp for _, wp, _ in flats}) == 1  # the Gram form needs one row layout
+                flats = self._padded(inputs, grads, kernel, stride, dilation, pad, B, G)
+                g_all = _cat([g.reshape(B * G, og, -1) for g in grads], 2)  # (BG, og, L)
+                L = g_all.shape[2]
+                same_width = len({f.wp for f in flats}) == 1  # the Gram form needs one row layout
                 if _materialise_cheaper(L, K * cg, og) or not same_width:
-                    views = [f.as_strided((B * G, cg, kernel[0], kernel[1], n),
-                                          (f.stride(0), f.stride(1), dilation[0] * wp, dilation[1], 1))
-                             for f, wp, n in flats]  # [:, :, y, x]: the input under kernel offset (y, x)
-                    if views[0].numel() <= STACK_LIMIT:  # small layers: one strided copy, then one product
-                        per = torch.bmm(gw, _cat([v.reshape(B * G, cg * K, -1) for v in views], 2).transpose(1, 2))
-                    else:  # large ones: offset by offset, reading the padded input in place
-                        per = torch.stack([torch.bmm(gw, _cat([v[:, :, y, x] for v in views], 2).transpose(1, 2))
+                    windows = [f.windows(kernel, dilation) for f in flats]  # (BG, cg, kh, kw, ho, wo) views
+                    if windows[0].numel() <= STACK_LIMIT:  # small layers: one strided copy, then one product
+                        unfolded = _cat([w.reshape(B * G, cg * K, -1) for w in windows], 2)
+                        per = torch.bmm(g_all, unfolded.transpose(1, 2))
+                    else:  # large ones: offset by offset, one window copied at a time
+                        per = torch.stack([torch.bmm(g_all, _cat([w[:, :, y, x].reshape(B * G, cg, -1)
+                                                                  for w in windows], 2).transpose(1, 2))
                                            for y in range(kernel[0]) for x in range(kernel[1])], -1)
                     self.per = per.reshape(B, *m.weight.shape)  # (BG, og, cg, K) -> (B, o, cg, kh, kw)
                     sq = _sq(self.per)
                 else:
-                    # patch Gram from the padded input's own Gram: <patch_l, patch_m> = sum over offsets s of
-                    # <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted slices, no unfolding
-                    flat = _cat([f for f, _, _ in flats], 2)
+                    # the patch Gram from the padded input's own Gram: <patch_l, patch_m> = sum over kernel
+                    # offsets s of <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted slices, no unfolding;
+                    # output positions are read in rows as wide as the padded input, the extra ones dropped
+                    wp = flats[0].wp
+                    offsets = [y * dilation[0] * wp + x * dilation[1]
+                               for y in range(kernel[0]) for x in range(kernel[1])]
+                    flat = _cat([f.flat for f in flats], 2)
                     gram = torch.bmm(flat.transpose(1, 2), flat)  # (BG, N, N), N = all calls' padded positions
-                    starts, at = [], 0
-                    for f, _, n in flats:
-                        starts.append((at, n))
-                        at += f.shape[2]
+                    wide = [(f.start, f.ho * wp) for f in flats]
                     patches = torch.cat([torch.cat([sum(gram[:, i + s:i + s + n, j + s:j + s + k] for s in offsets)
-                                                    for j, k in starts], 2) for i, n in starts], 1)  # (BG, L, L)
-                    sq = (patches * torch.bmm(gw.transpose(1, 2), gw)).reshape(B, -1).sum(1)
+                                                    for j, k in wide], 2) for i, n in wide], 1)
+                    local = torch.cat([torch.nonzero(f.real).flatten() + sum(n for _, n in wide[:t])
+                                       for t, f in enumerate(flats)]).to(patches.device)  # real outputs, in order
+                    patches = patches[:, local][:, :, local]  # (BG, L, L)
+                    sq = (patches * torch.bmm(g_all.transpose(1, 2), g_all)).reshape(B, -1).sum(1)
             else:
                 u = _cat([F.unfold(a.unsqueeze(-2) if self.one_d else a, kernel, dilation=dilation, padding=pad,
                                    stride=stride).reshape(B * G, cg * K, -1) for a in inputs], 2)
@@ -386,24 +408,17 @@ class _ConvRule(_Rule):
     def _two(self, t: tuple, fill: int) -> tuple:
         return (fill, *t) if self.one_d else tuple(t)
 
-    def _widened(self, inputs, grads, kernel, stride, dilation, pad, B, G):
-        """Per call: the (BG, cg, N) flattened zero-padded input (with a tail so that every offset's slice
-        fits), its padded row width, and its number of wide output positions; and the (BG, og, L) output
-        gradients of all calls, widened with zero columns to the padded row width."""
-        flats, gws = [], []
+    def _padded(self, inputs, grads, kernel, stride, dilation, pad, B, G) -> list[_Padded]:
+        out, start = [], 0
         for a, g in zip(inputs, grads):
             if self.one_d:
                 a, g = a.unsqueeze(-2), g.unsqueeze(-2)
             if stride != (1, 1):  # a 1x1 kernel: the strided positions are the whole input
                 a = a[:, :, ::stride[0], ::stride[1]]
-            hp, wp = a.shape[2] + 2 * pad[0], a.shape[3] + 2 * pad[1]
-            ho, wo = g.shape[2], g.shape[3]
-            flat = a.new_zeros(B * G, a.shape[1] // G, hp * wp + dilation[1] * (kernel[1] - 1))
-            flat[:, :, :hp * wp].view(B, a.shape[1], hp, wp)[:, :, pad[0]:pad[0] + a.shape[2],
-                                                             pad[1]:pad[1] + a.shape[3]] = a
-            flats.append((flat, wp, ho * wp))
-            gws.append(F.pad(g, (0, wp - wo)).reshape(B * G, g.shape[1] // G, ho * wp))
-        return flats, _cat(gws, 2)
+            f = _Padded(a, B, G, pad, dilation[1] * (kernel[1] - 1), g.shape[2], g.shape[3], start)
+            start += f.flat.shape[2]
+            out.append(f)
+        return out
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         out = []
