@@ -306,3 +306,9 @@ def test_report_survives_corrupt_files_and_embeds_only_its_own_figures(tmp_path)
     assert "seed1/final.json: unreadable" in page
     assert "other" in page and "could not be built" in page
     assert page.count("<img") == len(json.loads((exp_dir / "summary.json").read_text())["figures"]) - 2
+
+
+def test_a_number_beyond_float32_is_rejected_before_training():
+    exp = experiments.get("baselines")
+    with pytest.raises(experiments.ConfigError, match="'sgd_lr'.*float32"):
+        experiments.make_config(exp, ["sgd_lr=3.402823466385289e+38"], scale="smoke")

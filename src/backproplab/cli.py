@@ -38,6 +38,16 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         sp.add_argument("--log", help="also log each evaluation as csv and/or tensorboard (comma-separated), "
                         "beside metrics.jsonl: metrics.csv, tensorboard/ in each run folder")
+        sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: the runs one after another in this process (default); ray: every run a Ray "
+                             "task, on this machine or on a cluster (--address)")
+        sp.add_argument("--address", help="ray: join this cluster ('auto' or HOST:PORT; default: start Ray here)")
+        sp.add_argument("--cpus-per-run", type=float, help="CPUs (and torch threads) per run; ray's default 1. "
+                        "Results are identical across executors for the same value")
+        sp.add_argument("--gpus-per-run", type=float, default=0.0, help="ray: GPUs per run (fractions share one)")
+        sp.add_argument("--max-retries", type=int, default=3, help="ray: retries of a run whose worker died")
+        sp.add_argument("--storage", help="ray on a cluster: a folder every machine shares, for checkpoints "
+                        "(default: the results folder, which is enough on one machine)")
 
     epilog = None
     if run_name is not None:  # `backproplab run NAME --help` lists NAME's config keys
@@ -186,14 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     except (experiments.ConfigError, FileNotFoundError) as e:
         print(f"backproplab: error: {e}", file=sys.stderr)
         return 2
+    if args.executor == "ray":
+        return _run_on_ray(args, configs, scale)
     rank, _ = init_distributed(configs[0][1].device)
     t0 = time.perf_counter()
     failed = []
+    threads = int(args.cpus_per_run) if args.cpus_per_run else None
     try:
         for exp, cfg in configs:
             try:
                 exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
-                                          overwrite=args.overwrite, scale=scale)
+                                          overwrite=args.overwrite, scale=scale, threads=threads)
             except Exception as e:  # noqa: BLE001 - one broken experiment must not sink the others
                 if len(configs) == 1 or dist_initialized():
                     raise
@@ -214,6 +227,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backproplab: failed experiments: {', '.join(failed)} (see the messages above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_on_ray(args, configs, scale: str) -> int:
+    """Every run of every experiment as one pool of Ray tasks; then each experiment's verdicts and analysis."""
+    from .executors import RayExecutor, RunFailed
+
+    t0 = time.perf_counter()
+    executor = RayExecutor(address=args.address, cpus_per_run=args.cpus_per_run or 1, gpus_per_run=args.gpus_per_run,
+                           max_retries=args.max_retries, storage=args.storage)
+    jobs = [job for exp, cfg in configs
+            for job in experiments.plan(exp, cfg, args.out, args.resume, device=executor.device)]
+    code = 0
+    try:
+        executor.run(jobs, progress=not args.no_progress, desc=args.command)
+    except RunFailed as e:
+        print(f"backproplab: {e}; the verdicts use the runs that finished", file=sys.stderr)
+        code = 1
+    for exp, cfg in configs:
+        print(f"{exp.name}: results in {experiments.finish(exp, cfg, args.out, scale)}")
+    print(f"report: {build_report(args.out)} ({time.perf_counter() - t0:.0f} s)")
+    return code
 
 
 def dist_initialized() -> bool:

@@ -40,12 +40,12 @@ from typing import Any
 from collections.abc import Callable, Sequence
 
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .. import _io
 from ..evidence import Claim, Verdict, judge_all
 
 SCALES = ("smoke", "quick", "full")
+FLOAT32_MAX = 3.0e38
 NOT_IDENTITY = ("seeds", "device", "checkpoint_every", "log")
 
 
@@ -356,6 +356,8 @@ def check_values(exp: Experiment, cfg: Any) -> None:
                 continue
             if not math.isfinite(v) or v < 0:
                 fail(key, v, "expected a finite number >= 0")
+            if v > FLOAT32_MAX:  # training holds it in float32 tensors (an lr of 3.4e38 overflows there)
+                fail(key, v, f"expected a number below {FLOAT32_MAX:g}, float32's range")
             if key in ZERO_OK:
                 continue
             if key.endswith(AT_LEAST_ONE) and isinstance(v, int) and v < 1:
@@ -424,44 +426,84 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True, progress: bool = True,
-        overwrite: bool = False, scale: str = "full") -> Path:
-    """Run every arm and seed of ``exp`` under ``out/<name>/``, judge the claims, analyze; returns the folder."""
-    from ..train import NonFiniteLossError, resolve_device, seed_everything
+@dataclass
+class Job:
+    """One (experiment, arm, seed) run, as the runner hands it to an executor."""
+
+    exp: Experiment
+    cfg: Any
+    arm: Any
+    seed: int
+    exp_dir: Path
+    resume: bool
+    device: str
+    threads: int | None = None  # torch's CPU threads for this run (None: leave torch's setting)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.exp_dir / self.arm.name / f"seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.exp.name} {self.arm.name} seed {self.seed}"
+
+
+def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True,
+         threads: int | None = None, device: str | None = None) -> list[Job]:
+    """The runs of ``exp`` still to do under ``out`` (all of them with ``resume=False``)."""
+    from ..train import resolve_device
 
     exp_dir = Path(out) / exp.name
-    device = str(resolve_device(cfg.device))
+    device = device or str(resolve_device(cfg.device))
+    record, seeds_of = identity(cfg), exp.seeds_of(cfg)
+    jobs = []
+    for arm in exp.arms(cfg):
+        for seed in range(seeds_of(arm)):
+            job = Job(exp, cfg, arm, seed, exp_dir, resume, device, threads)
+            if resume and (job.run_dir / "final.json").exists() and _same_identity(job.run_dir, record):
+                continue
+            jobs.append(job)
+    return jobs
+
+
+def run_job(job: Job) -> dict:
+    """One run: its folder (started over if another config's, or with resume off), its seed, ``run_arm``,
+    then ``final.json`` (written last: its presence marks the run done). Returns the final record."""
+    import torch
+
+    from ..train import NonFiniteLossError, seed_everything
+
+    exp, cfg, arm, seed, run_dir = job.exp, job.cfg, job.arm, job.seed, job.run_dir
     record = identity(cfg)
-    arms = exp.arms(cfg)
-    seeds_of = exp.seeds_of(cfg)
-    jobs = [(arm, seed) for arm in arms for seed in range(seeds_of(arm))]
-    preflight(exp, cfg, out, resume, overwrite)
-    bar = tqdm(jobs, desc=exp.name, unit="run", disable=not progress or _rank() != 0, file=sys.stderr,
-               mininterval=0.2 if sys.stderr.isatty() else 20)  # a log file gets a line every 20 s
-    for arm, seed in bar:
-        bar.set_postfix_str(f"{arm.name} seed {seed}", refresh=False)
-        run_dir = exp_dir / arm.name / f"seed{seed}"
-        run_config = {"experiment": exp.name, "arm": arm.name, "arm_fields": dataclasses.asdict(arm),
-                      "seed": seed, "config": record}
-        done = (run_dir / "final.json").exists() and _same_identity(run_dir, record)
-        _barrier()
-        if done and resume:
-            continue
-        if _rank() == 0:  # another config's run here (allowed by --overwrite), or --no-resume: start it over
-            if run_dir.exists() and (not resume or not _same_identity(run_dir, record)):
-                shutil.rmtree(run_dir)
-            _io.write_json(run_dir / "config.json", run_config)
-        _barrier()
-        seed_everything(seed)
-        try:
-            final = {"status": "ok", **exp.run_arm(Run(cfg, arm, seed, run_dir, exp_dir, resume, device))}
-        except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
-            final = {"status": "diverged", "diverged_at_step": e.step, "diverged_at_epoch": e.epoch,
-                     "error": str(e), "last_finite": e.last}
-            if _rank() == 0:
-                print(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on", file=sys.stderr)
+    if _rank() == 0:
+        if run_dir.exists() and (not job.resume or not _same_identity(run_dir, record)):
+            shutil.rmtree(run_dir)
+        _io.write_json(run_dir / "config.json", {"experiment": exp.name, "arm": arm.name,
+                                                 "arm_fields": dataclasses.asdict(arm), "seed": seed,
+                                                 "config": record})
+    _barrier()
+    threads = torch.get_num_threads()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    seed_everything(seed)
+    try:
+        final = {"status": "ok", **exp.run_arm(Run(cfg, arm, seed, run_dir, job.exp_dir, job.resume, job.device))}
+    except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
+        final = {"status": "diverged", "diverged_at_step": e.step, "diverged_at_epoch": e.epoch,
+                 "error": str(e), "last_finite": e.last}
         if _rank() == 0:
-            _io.write_json(run_dir / "final.json", final)  # written once, last: its presence marks the run done
+            print(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on", file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+    if _rank() == 0:
+        _io.write_json(run_dir / "final.json", final)
+    return final
+
+
+def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = "full") -> Path:
+    """Judge the claims on the finished runs, analyze, and write ``summary.json``; returns the folder."""
+    exp_dir = Path(out) / exp.name
+    arms, seeds_of = exp.arms(cfg), exp.seeds_of(cfg)
     if _rank() == 0:
         results = Results(exp_dir, cfg, arms, seeds_of)
         verdicts = judge_claims(exp, cfg, results, scale)
@@ -475,6 +517,19 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
             "figures": sorted(p.name for p in exp_dir.glob("*.png")), "config": dataclasses.asdict(cfg)})
     _barrier()
     return exp_dir
+
+
+def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True, progress: bool = True,
+        overwrite: bool = False, scale: str = "full", executor: Any = None, threads: int | None = None) -> Path:
+    """Run every arm and seed of ``exp`` under ``out/<name>/`` on ``executor`` (default: one after another in
+    this process, :class:`backproplab.executors.LocalExecutor`), judge the claims, analyze; returns the folder."""
+    from ..executors import LocalExecutor
+
+    preflight(exp, cfg, out, resume, overwrite)
+    executor = executor or LocalExecutor()
+    executor.run(plan(exp, cfg, out, resume, threads=threads, device=getattr(executor, "device", None)),
+                 progress=progress, desc=exp.name)
+    return finish(exp, cfg, out, scale)
 
 
 def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, overwrite: bool = False) -> None:

@@ -1,0 +1,192 @@
+"""Where a reproduction's runs execute: one after another in this process, or as Ray tasks.
+
+``LocalExecutor`` is today's loop (and the one that runs under torchrun). ``RayExecutor`` makes every
+(experiment, arm, seed) run a Ray task: locally with no set-up (``ray.init()`` starts a private instance on
+this machine), or on a cluster by ``address``. Each task takes ``cpus_per_run`` CPUs and sets torch's thread
+count to them (so parallel runs do not oversubscribe the cores) and ``gpus_per_run`` GPUs (fractions share
+one). A task whose worker dies is retried up to ``max_retries`` times; the retry resumes from the run's last
+checkpoint, which lives where the retry can find it: the driver's results folder on one machine, or a shared
+``storage`` folder on a cluster. Every task returns its run folder's files, so results reach the driver's
+folder whether or not the machines share a file system. A run that fails for its own reasons is recorded
+(``error.json`` in its folder) and the others go on; Ctrl-C cancels what is left and keeps what finished.
+
+Results equal a sequential run's (timing fields aside) for the same threads per run: torch's CPU kernels
+sum in an order that depends on the thread count, so ``--cpus-per-run`` sets it under both executors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from . import _io
+
+ATTEMPTS = ".attempts"  # under the experiment folder: one line per attempt at a run, while it is running
+
+
+class RunFailed(RuntimeError):
+    """Some runs failed for their own reasons; each one's error is in ``error.json`` in its folder."""
+
+
+class LocalExecutor:
+    """Runs the jobs one after another in this process (under torchrun: every rank runs every job)."""
+
+    device = None
+
+    def run(self, jobs: list, progress: bool = True, desc: str = "") -> None:
+        from .experiments import _rank, run_job
+
+        bar = tqdm(jobs, desc=desc, unit="run", disable=not progress or _rank() != 0, file=sys.stderr,
+                   mininterval=0.2 if sys.stderr.isatty() else 20)  # a log file gets a line every 20 s
+        for job in bar:
+            bar.set_postfix_str(f"{job.arm.name} seed {job.seed}", refresh=False)
+            run_job(job)
+
+
+def _collect(run_dir: Path) -> dict[str, bytes]:
+    """The run folder's files (the checkpoint aside: the run is finished), by path relative to it."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "checkpoint.pt"}
+
+
+def _remote_run(job, storage: str | None) -> dict:
+    """The Ray task: the run (in ``storage`` if given, else at the driver's path), then its files."""
+    from .experiments import run_job
+
+    marker = _marker(job, storage)
+    if storage:
+        job = replace(job, exp_dir=Path(storage) / job.exp.name)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    resumes = (job.run_dir / "checkpoint.pt").exists() and job.resume
+    with open(marker, "a") as f:  # the driver counts the attempts (a retry after a dead worker adds one)
+        f.write(f"{os.getpid()} {'from-checkpoint' if resumes else 'from-start'}\n")
+    final = run_job(job)
+    return {"final": final, "files": _collect(job.run_dir), "run_dir": str(job.run_dir)}
+
+
+@dataclass
+class RayExecutor:
+    """Every run a Ray task. ``address``: None starts Ray on this machine; ``"auto"`` or ``"HOST:PORT"`` joins
+    a running cluster."""
+
+    address: str | None = None
+    cpus_per_run: float = 1
+    gpus_per_run: float = 0
+    max_retries: int = 3
+    storage: str | None = None
+    num_cpus: int | None = None  # a local instance's CPUs (None: all of this machine's)
+
+    def __post_init__(self) -> None:
+        self.attempts: dict[str, list[str]] = {}  # per finished run: "pid from-start|from-checkpoint" per attempt
+
+    @property
+    def device(self) -> str | None:
+        return "cuda" if self.gpus_per_run > 0 else None
+
+    def start(self) -> None:
+        try:
+            import ray
+        except ImportError as e:
+            raise ImportError("--executor ray needs Ray: pip install 'backproplab[ray]'") from e
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+        if self.address is None:
+            kwargs.update(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False)
+        context = ray.init(address=self.address, **kwargs)
+        resources = ray.cluster_resources()
+        where = getattr(context, "dashboard_url", None)
+        print(f"ray: {'started on this machine' if self.address is None else 'joined ' + self.address}, "
+              f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
+              f"dashboard: {'http://' + where if where else 'none (pip install ray[default] for one)'}",
+              file=sys.stderr)
+
+    def run(self, jobs: list, progress: bool = True, desc: str = "") -> None:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        if not jobs:
+            return
+        self.start()
+        threads = max(1, int(self.cpus_per_run))
+        task = ray.remote(_remote_run).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
+                                               max_retries=self.max_retries, retry_exceptions=False)
+        pending = {task.remote(replace(job, threads=job.threads or threads), self.storage): job for job in jobs}
+        bar = tqdm(total=len(jobs), desc=desc or "runs", unit="run", disable=not progress, file=sys.stderr,
+                   mininterval=0.2 if sys.stderr.isatty() else 20)
+        failed, retried = [], 0
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    self.attempts[job.label] = _attempt_lines(job, self.storage)
+                    attempts = len(self.attempts[job.label])
+                    retried += attempts > 1
+                    try:
+                        out = ray.get(ref)
+                    except (RayTaskError, RayError) as e:  # the run's own error, or retries exhausted
+                        failed.append(job)
+                        _io.write_json(job.run_dir / "error.json", {"status": "failed", "attempts": attempts,
+                                                                     "error": f"{type(e).__name__}: {e}"[-4000:]})
+                        print(f"{job.label} failed ({type(e).__name__}); recorded in {job.run_dir / 'error.json'}, "
+                              "going on", file=sys.stderr)
+                    else:
+                        _deliver(out, job.run_dir)
+                    _forget_attempts(job, self.storage)
+                    bar.update(1)
+                running = sum(1 for job in pending.values() if _attempt_lines(job, self.storage))
+                bar.set_postfix_str(f"running {running}, retried {retried}, failed {len(failed)}", refresh=False)
+        except BaseException:  # Ctrl-C (or anything else): cancel the rest, keep every finished run
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            bar.close()
+        if failed:
+            raise RunFailed(f"{len(failed)} of {len(jobs)} runs failed: " + ", ".join(j.label for j in failed))
+
+
+def _marker(job, storage: str | None) -> Path:
+    root = Path(storage) / job.exp.name if storage else job.exp_dir
+    return root / ATTEMPTS / job.arm.name / f"seed{job.seed}"
+
+
+def _attempt_lines(job, storage: str | None) -> list[str]:
+    marker = _marker(job, storage)
+    return marker.read_text().splitlines() if marker.exists() else []
+
+
+def _forget_attempts(job, storage: str | None) -> None:
+    marker = _marker(job, storage)
+    marker.unlink(missing_ok=True)
+    root = marker.parents[1]
+    if root.exists() and not any(p.is_file() for p in root.rglob("*")):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _deliver(out: dict, run_dir: Path) -> None:
+    """Write a finished task's files into the driver's run folder (nothing to do where the task wrote there)."""
+    if Path(out["run_dir"]).resolve() == run_dir.resolve():
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    for rel, data in out["files"].items():
+        _io.write_bytes(run_dir / rel, data)
+
+
+def make_executor(name: str, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
+                  max_retries: int = 3, storage: str | None = None):
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                           max_retries=max_retries, storage=storage)
+    raise ValueError(f"unknown executor {name!r}; choose local or ray")
+
