@@ -243,3 +243,36 @@ def test_csv_logger_rewrites_from_the_restored_history_on_resume(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 1 + len(history) == 1 + 6  # rows 6 (seen before the crash) is not duplicated
     assert [int(line.split(",")[lines[0].split(",").index("step")]) for line in lines[1:]] == [2, 4, 6, 8, 10, 12]
+
+
+def test_sweep_tunes_on_a_held_out_validation_split_and_records_the_choice(tmp_path, capsys):
+    """Each grid point trains on 80% of the training set and reports on the other 20%; the saved model's
+    accuracy on that split (rebuilt independently) is the reported one, so the test set played no part."""
+    import torch
+
+    from backproplab import experiments as ex
+    from backproplab.data import load_dataset
+    from backproplab.models import build_model
+
+    code = main(["sweep", "baselines", "--grid", "sgd_lr=0.001,0.3", "--set", "optimizers=sgd", "--scale", "smoke",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    record = json.loads((tmp_path / "sweeps" / "baselines" / "sweep.json").read_text())
+    assert {r["point"] for r in record["points"]} == {"sgd_lr=0.001", "sgd_lr=0.3"}
+    assert record["choice"] == {"digits-mlp-sgd": "sgd_lr=0.3"}  # 0.001 barely moves in 2 epochs
+    run = tmp_path / "sweeps" / "baselines" / "sgd_lr=0.3" / "baselines" / "digits-mlp-sgd" / "seed1"
+    final = json.loads((run / "final.json").read_text())
+    data = ex.validation_split(load_dataset("digits", seed=1, n_train=300, rest_to_test=True), 0.2, 1)
+    assert len(data.x_test) == 60 and len(data.x_train) == 240
+    model = build_model("mlp", data.input_shape, 10)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    with torch.no_grad():
+        acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+    assert acc == pytest.approx(final["test_acc"], abs=1e-6)
+    assert "Chosen per arm: digits-mlp-sgd: sgd_lr=0.3" in capsys.readouterr().out
+
+
+def test_validation_is_refused_by_an_experiment_that_does_not_load_through_run_data(tmp_path):
+    code = main(["run", "luck_matters", "--scale", "smoke", "--set", "validation=0.2", "--out", str(tmp_path),
+                 "--no-progress"])
+    assert code != 0

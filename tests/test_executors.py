@@ -101,3 +101,32 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path, local_ray, mo
     assert error["status"] == "failed" and "no-such" in error["error"]
     for i in (0, 2, 3):
         assert json.loads((jobs[i].run_dir / "final.json").read_text())["status"] == "ok"
+
+
+def test_ctrl_c_cancels_the_rest_and_keeps_every_finished_run(tmp_path):
+    """SIGINT to a `run --executor ray` once a run has finished: the command stops, the finished runs stay
+    whole, and the same command afterwards does only what is left."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "backproplab", "run", "baselines", "--scale", "smoke", "--set", "epochs=12",
+           "checkpoint_every=20", "--executor", "ray", "--out", str(tmp_path), "--no-progress"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finals = lambda: list((tmp_path / "baselines").glob("*/seed*/final.json"))  # noqa: E731
+    end = time.time() + 180
+    while time.time() < end and not finals() and proc.poll() is None:
+        time.sleep(0.05)
+    assert finals() and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no run finished"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done = finals()
+    assert 1 <= len(done) < 4, err[-2000:]
+    for f in done:
+        assert json.loads(f.read_text())["status"] == "ok" and (f.parent / "model.pt").exists()
+    stamps = {f: f.stat().st_mtime_ns for f in done}
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(finals()) == 4
+    assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())  # kept, not redone

@@ -63,6 +63,17 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("name")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     common(r)
+    sw = sub.add_parser("sweep", help="a grid of config values, every point a run of the experiment on a "
+                        "validation split held out of the training set; the table and each arm's best point")
+    sw.add_argument("name")
+    sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                    help="a config key and its values (repeat for a product grid)")
+    sw.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override other config fields")
+    sw.add_argument("--validation", type=float, default=0.2,
+                    help="fraction of each training set held out and reported on instead of the test set (0.2)")
+    sw.add_argument("--metric", default="test_acc", help="final metric compared, measured on the validation split")
+    sw.add_argument("--mode", choices=("max", "min"), default="max", help="whether larger or smaller is better")
+    common(sw)
     rep = sub.add_parser("report", help="one HTML page from a results folder")
     rep.add_argument("dir")
     rep.add_argument("--output", help="output file (default DIR/report.html)")
@@ -183,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bn_bias(args.checkpoint)
         if args.command == "certify":
             return _certify(args)
+        if args.command == "sweep":
+            return _sweep(args)
         todo = [experiments.get(args.name)] if args.command == "run" else experiments.all_experiments()
         overrides = args.set if args.command == "run" else []
         if args.quick and args.scale not in (None, "quick"):
@@ -207,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
                                           overwrite=args.overwrite, scale=scale, threads=threads)
+            except experiments.ConfigError as e:  # found once a run starts (e.g. validation where it cannot apply)
+                print(f"backproplab: error: {e}", file=sys.stderr)
+                return 2
             except Exception as e:  # noqa: BLE001 - one broken experiment must not sink the others
                 if len(configs) == 1 or dist_initialized():
                     raise
@@ -227,6 +243,88 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backproplab: failed experiments: {', '.join(failed)} (see the messages above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _executor(args):
+    from .executors import LocalExecutor, RayExecutor
+
+    if args.executor == "ray":
+        return RayExecutor(address=args.address, cpus_per_run=args.cpus_per_run or 1,
+                           gpus_per_run=args.gpus_per_run, max_retries=args.max_retries, storage=args.storage)
+    return LocalExecutor()
+
+
+def _sweep(args) -> int:
+    """Every grid point's runs as one pool of jobs (under either executor), each point in its own folder
+    ``OUT/sweeps/EXP/<key=value,...>/``, then ``sweep.json`` / ``sweep.md``: the validation metric per point
+    and arm (mean and sd over seeds) and each arm's best point."""
+    import itertools
+    import json
+    import statistics
+    from pathlib import Path
+
+    from . import _io
+    from .executors import RunFailed
+
+    exp = experiments.get(args.name)
+    if args.quick and args.scale not in (None, "quick"):
+        raise experiments.ConfigError(f"--quick and --scale {args.scale} contradict each other")
+    scale = args.scale or ("quick" if args.quick else "full")
+    grid: dict[str, list[str]] = {}
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise experiments.ConfigError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        grid[key] = values.split(",")
+    root = Path(args.out) / "sweeps" / exp.name
+    points = []
+    for combo in itertools.product(*grid.values()):
+        point = dict(zip(grid, combo))
+        label = ",".join(f"{k}={v}" for k, v in point.items())
+        cfg = experiments.make_config(exp, [*args.set, *(f"{k}={v}" for k, v in point.items()),
+                                            f"validation={args.validation}"],
+                                      scale=scale, seeds=args.seeds, device=args.device, log=args.log)
+        experiments.preflight(exp, cfg, root / label, args.resume, args.overwrite)
+        points.append((label, cfg))
+    executor = _executor(args)
+    threads = int(args.cpus_per_run) if args.cpus_per_run else None
+    jobs = [job for label, cfg in points
+            for job in experiments.plan(exp, cfg, root / label, args.resume, threads=threads,
+                                        device=getattr(executor, "device", None))]
+    code = 0
+    try:
+        executor.run(jobs, progress=not args.no_progress, desc=f"sweep {exp.name}")
+    except RunFailed as e:
+        print(f"backproplab: {e}", file=sys.stderr)
+        code = 1
+    rows, best = [], {}
+    for label, cfg in points:
+        exp_dir = experiments.finish(exp, cfg, root / label, scale)
+        for arm in exp.arms(cfg):
+            finals = sorted((exp_dir / arm.name).glob("seed*/final.json"))
+            values = [json.loads(f.read_text()).get(args.metric) for f in finals]
+            values = [v for v in values if isinstance(v, (int, float))]
+            if not values:
+                continue
+            row = {"point": label, "arm": arm.name, "mean": statistics.mean(values),
+                   "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values)}
+            rows.append(row)
+            old = best.get(arm.name)
+            if old is None or (row["mean"] > old["mean"] if args.mode == "max" else row["mean"] < old["mean"]):
+                best[arm.name] = row
+    record = {"experiment": exp.name, "grid": grid, "validation": args.validation, "metric": args.metric,
+              "mode": args.mode, "scale": scale, "points": rows,
+              "choice": {arm: row["point"] for arm, row in best.items()}}
+    _io.write_json(root / "sweep.json", record)
+    lines = [f"# sweep of {exp.name}: {args.metric} on a validation split ({args.validation:g} of each training "
+             f"set), {args.mode} is best; the test set is not used", "",
+             "| point | arm | mean | sd | seeds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['point']} | {r['arm']} | {r['mean']:.4f} | {r['sd']:.4f} | {r['seeds']} |" for r in rows]
+    lines += ["", "Chosen per arm: " + "; ".join(f"{arm}: {row['point']}" for arm, row in best.items())]
+    _io.write_text(root / "sweep.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"sweep: {root / 'sweep.md'}")
+    return code
 
 
 def _run_on_ray(args, configs, scale: str) -> int:

@@ -149,6 +149,9 @@ class RayExecutor:
             raise
         finally:
             bar.close()
+            for root in {_marker(job, self.storage).parents[1] for job in jobs}:
+                if root.exists() and not any(p.is_file() for p in root.rglob("*")):
+                    shutil.rmtree(root, ignore_errors=True)
         if failed:
             raise RunFailed(f"{len(failed)} of {len(jobs)} runs failed: " + ", ".join(j.label for j in failed))
 
@@ -164,11 +167,7 @@ def _attempt_lines(job, storage: str | None) -> list[str]:
 
 
 def _forget_attempts(job, storage: str | None) -> None:
-    marker = _marker(job, storage)
-    marker.unlink(missing_ok=True)
-    root = marker.parents[1]
-    if root.exists() and not any(p.is_file() for p in root.rglob("*")):
-        shutil.rmtree(root, ignore_errors=True)
+    _marker(job, storage).unlink(missing_ok=True)  # the folders go at the end: a task may be creating its own now
 
 
 def _deliver(out: dict, run_dir: Path) -> None:

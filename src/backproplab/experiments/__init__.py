@@ -61,6 +61,7 @@ class ExperimentConfig:
     linear_backprop: bool = False  # train every model of the experiment with linear backprop
     checkpoint_every: int = 0  # steps between checkpoints (0: none); does not change results
     log: str = ""  # also log each evaluation as csv and/or tensorboard (comma-separated), beside metrics.jsonl
+    validation: float = 0.0  # > 0: hold out this fraction of the training set, report on it (not the test set)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class Arm:
 
 def _token(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_NO_VALIDATION = ("experiment {name!r} (this arm) does not load its data through Run.data, so it cannot hold out a "
+                  "validation split: --set validation (and sweep) do not apply to it")
 
 
 @dataclass
@@ -96,10 +101,15 @@ class Run:
         return self.cfg.data_root or None
 
     def data(self, name: str, **kwargs):
-        """Dataset ``name`` for this seed: seed k of every arm gets the same split/subset, which changes with k."""
+        """Dataset ``name`` for this seed: seed k of every arm gets the same split/subset, which changes with k.
+        With ``cfg.validation`` > 0 the returned "test" split is a held-out part of the training set."""
         from ..data import load_dataset
 
-        return load_dataset(name, seed=self.seed, root=self.data_root, **kwargs)
+        data = load_dataset(name, seed=self.seed, root=self.data_root, **kwargs)
+        if getattr(self.cfg, "validation", 0):
+            data = validation_split(data, self.cfg.validation, self.seed)
+            self.validation_used = True
+        return data
 
     def train_config(self, **fields):
         """A :class:`~backproplab.train.TrainConfig` with this run's seed, device and checkpointing."""
@@ -113,6 +123,8 @@ class Run:
         from ..loggers import make_loggers
         from ..train import fit
 
+        if getattr(self.cfg, "validation", 0) and not getattr(self, "validation_used", False):
+            raise ConfigError(_NO_VALIDATION.format(name=self.dir.parent.parent.name))
         out_dir = self.dir / sub if sub else self.dir
         callbacks = [*kwargs.pop("callbacks", ()), *make_loggers(getattr(self.cfg, "log", ""), out_dir)]
         return fit(model, data, config, out_dir=out_dir, resume=self.resume, write_final=False,
@@ -332,7 +344,7 @@ AT_LEAST_ONE = ("seeds", "epochs", "steps", "iters", "evals", "inits", "examples
                 "size", "cert_n", "cert_n0", "every", "times", "workers", "canaries", "factor", "widths", "channels",
                 "multipliers", "ks", "width", "per_epoch")
 ZERO_OK = ("eval_every", "checkpoint_every", "n_train", "noise_multiplier", "curveball_lr", "curveball_momentum")
-PROBABILITIES = ("dropout", "dropconnect", "stochastic_depth", "disturb_alpha", "delta", "cert_alpha")
+PROBABILITIES = ("dropout", "dropconnect", "stochastic_depth", "disturb_alpha", "delta", "cert_alpha", "validation")
 DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
 
 
@@ -409,8 +421,11 @@ def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> N
 
 
 def identity(cfg: Any) -> dict:
-    """The fields of ``cfg`` that decide results (all but :data:`NOT_IDENTITY`), JSON-normalised."""
+    """The fields of ``cfg`` that decide results (all but :data:`NOT_IDENTITY`), JSON-normalised. ``validation``
+    appears only when set, so runs made before the field existed keep their identity."""
     record = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    if not record.get("validation"):
+        record.pop("validation", None)
     return json.loads(json.dumps(record))
 
 
@@ -424,6 +439,22 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def validation_split(data: Any, fraction: float, seed: int) -> Any:
+    """``data`` with a random ``fraction`` of its training set (seeded) as the evaluation split; the test set
+    is dropped, so nothing tuned on this can see it."""
+    import torch
+
+    n = len(data.x_train)
+    k = max(1, int(round(fraction * n)))
+    if not 0 < fraction < 1 or k >= n:
+        raise ConfigError(f"bad value {fraction!r} for 'validation': expected a fraction in (0, 1) leaving "
+                          f"training examples of the {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7919 + seed))
+    held, kept = order[:k], order[k:]
+    return dataclasses.replace(data, name=f"{data.name}-validation", x_train=data.x_train[kept],
+                               y_train=data.y_train[kept], x_test=data.x_train[held], y_test=data.y_train[held])
 
 
 @dataclass
@@ -486,8 +517,11 @@ def run_job(job: Job) -> dict:
     if job.threads:
         torch.set_num_threads(job.threads)
     seed_everything(seed)
+    run = Run(cfg, arm, seed, run_dir, job.exp_dir, job.resume, job.device)
     try:
-        final = {"status": "ok", **exp.run_arm(Run(cfg, arm, seed, run_dir, job.exp_dir, job.resume, job.device))}
+        final = {"status": "ok", **exp.run_arm(run)}
+        if getattr(cfg, "validation", 0) and not getattr(run, "validation_used", False):
+            raise ConfigError(_NO_VALIDATION.format(name=exp.name))
     except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
         final = {"status": "diverged", "diverged_at_step": e.step, "diverged_at_epoch": e.epoch,
                  "error": str(e), "last_finite": e.last}
