@@ -24,6 +24,7 @@ identity stops the run with the differences named, unless ``overwrite`` (or ``re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -514,12 +515,17 @@ def run_job(job: Job) -> dict:
                                                  "config": record})
     _barrier()
     threads = torch.get_num_threads()
-    if job.threads:
+    limits: Any = contextlib.nullcontext()
+    if job.threads:  # torch's and NumPy's BLAS (the PRV accountant's sums), so results follow the thread count only
+        from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(job.threads)
+        limits = threadpool_limits(limits=job.threads)
     seed_everything(seed)
     run = Run(cfg, arm, seed, run_dir, job.exp_dir, job.resume, job.device)
     try:
-        final = {"status": "ok", **exp.run_arm(run)}
+        with limits:
+            final = {"status": "ok", **exp.run_arm(run)}
         if getattr(cfg, "validation", 0) and not getattr(run, "validation_used", False):
             raise ConfigError(_NO_VALIDATION.format(name=exp.name))
     except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
