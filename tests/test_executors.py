@@ -130,3 +130,14 @@ def test_ctrl_c_cancels_the_rest_and_keeps_every_finished_run(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(finals()) == 4
     assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())  # kept, not redone
+
+
+def test_with_a_storage_folder_the_runs_come_back_to_the_driver(tmp_path, local_ray):
+    """As on a cluster without a shared results folder: the tasks write under --storage, return their run
+    folders, and the driver's folder ends with the same files as a sequential run (checkpoints stay behind)."""
+    exp, cfg = _config("epochs=2")
+    sequential = experiments.run(exp, cfg, out=tmp_path / "local", progress=False, threads=1)
+    executor = RayExecutor(cpus_per_run=1, storage=str(tmp_path / "shared"))
+    delivered = experiments.run(exp, cfg, out=tmp_path / "driver", progress=False, executor=executor)
+    assert (tmp_path / "shared" / exp.name / "digits-mlp-sgd" / "seed0" / "final.json").exists()
+    assert assert_same_files(sequential, delivered) >= 10

@@ -22,7 +22,7 @@ import torch
 
 from . import _io
 
-from .experiments import NOT_IDENTITY  # fields that do not change results: runs differing only in them match
+from .experiments import identity_of  # fields that change results: runs differing only in others match
 COLOURS = {"reproduced": "#d7f0d4", "contradicted": "#f7d4d4", "inconclusive": "#fbefc7"}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1250px;margin:1.5em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 7px;
@@ -36,7 +36,7 @@ border:1px solid #eee;margin:.5em 0}code{background:#f3f3f3}small{color:#555}"""
 
 
 def _identity(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    return identity_of(config)
 
 
 def _read_json(path: Path, problems: list[str]):

@@ -424,10 +424,15 @@ def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> N
 def identity(cfg: Any) -> dict:
     """The fields of ``cfg`` that decide results (all but :data:`NOT_IDENTITY`), JSON-normalised. ``validation``
     appears only when set, so runs made before the field existed keep their identity."""
-    record = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    return json.loads(json.dumps(identity_of(dataclasses.asdict(cfg))))
+
+
+def identity_of(config: dict) -> dict:
+    """The identity part of a config written as a dict (a ``summary.json``'s, say): see :func:`identity`."""
+    record = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
     if not record.get("validation"):
         record.pop("validation", None)
-    return json.loads(json.dumps(record))
+    return record
 
 
 # ---------------------------------------------------------------- the runner
