@@ -329,11 +329,10 @@ def _sweep(args) -> int:
 
 def _run_on_ray(args, configs, scale: str) -> int:
     """Every run of every experiment as one pool of Ray tasks; then each experiment's verdicts and analysis."""
-    from .executors import RayExecutor, RunFailed
+    from .executors import RunFailed
 
     t0 = time.perf_counter()
-    executor = RayExecutor(address=args.address, cpus_per_run=args.cpus_per_run or 1, gpus_per_run=args.gpus_per_run,
-                           max_retries=args.max_retries, storage=args.storage)
+    executor = _executor(args)
     jobs = [job for exp, cfg in configs
             for job in experiments.plan(exp, cfg, args.out, args.resume, device=executor.device)]
     code = 0
