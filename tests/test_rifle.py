@@ -152,22 +152,90 @@ def test_dropconnect_masks_weights_not_activations():
     torch.testing.assert_close(layer(x), layer.linear(x))
 
 
+class _LrRecorder:
+    def __init__(self):
+        self.per_epoch = []
+
+    def on_step_end(self, state):
+        if (state.step - 1) % state.steps_per_epoch == 0:  # the first step of each epoch
+            self.per_epoch.append([g["lr"] for g in state.optimizer.param_groups])
+
+
+def _cosine(base, t):
+    return 0.5 * base * (1 + math.cos(math.pi * t))
+
+
 def test_cyclic_lr_restarts_at_the_rifle_boundaries(data):
+    """The authors' per-epoch cosine, restarting at the RIFLE period starts, written out by hand."""
     seed_everything(0)
     model = build_model("mlp", data.input_shape, 10, widths=(16,))
-    lrs = []
+    rec = _LrRecorder()
+    fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=50, epochs=8),
+        callbacks=[rifle.CyclicLR(times=3), rec])
+    # periods [0, 2), [2, 4), [4, 6), [6, 8): t = 0, 1/2 in each
+    assert [lr for (lr,) in rec.per_epoch] == pytest.approx([_cosine(0.1, t) for t in [0, 0.5] * 4], abs=1e-15)
 
-    class Rec:
-        def on_step_end(self, state):
-            lrs.append(state.optimizer.param_groups[0]["lr"])
 
-    cyc = rifle.CyclicLR(times=3)
-    fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=50, epochs=8), callbacks=[cyc, Rec()])
-    # lrs[i] is the lr for step i+1; periods start at steps 0, 8, 16, 24 (4 steps per epoch)
-    starts = [8, 16, 24]
-    for s in starts:
-        assert math.isclose(lrs[s - 1], 0.1)
-        assert lrs[s - 2] < 0.02
+def test_cosine_lr_anneals_the_backbone_over_the_run_and_restarts_only_the_head(data):
+    """The authors' train.py: lr_cnn = cos over all E epochs, lr_fc restarting every E / (K + 1) epochs."""
+    seed_everything(0)
+    model = build_model("mlp", data.input_shape, 10, widths=(16,))
+    groups = rifle.head_param_groups(model, "head")
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.head.parameters()}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+    rec = _LrRecorder()
+    fit(model, data, TrainConfig(optimizer="sgd", lr=0.01, batch_size=50, epochs=12), optimizer=opt,
+        callbacks=[rifle.RIFLE("head", times=2), rifle.CosineLR(times=2, restart=[0]), rec])
+    head, body = zip(*rec.per_epoch)
+    assert body == pytest.approx([_cosine(0.01, e / 12) for e in range(12)], abs=1e-15)
+    assert head == pytest.approx([_cosine(0.01, (e % 4) / 4) for e in range(12)], abs=1e-15)
+    assert body[-1] < 0.001 and head[-1] < 0.002  # both end annealed
+
+
+def test_gradient_monitor_records_each_layers_gradient_at_every_step(data):
+    """Against gradients taken independently with torch.autograd.grad on the same batches and weights."""
+    from backproplab.experiments.rifle import GradNormMonitor
+
+    seed_everything(0)
+    model = build_model("mlp", data.input_shape, 10, widths=(16, 12))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    expected = {n: [] for n in names}
+
+    def step(batch, state):  # a plain step that also computes each layer's gradient norm on its own
+        loss = F.cross_entropy(state.model(batch.x), batch.y)
+        for n in names:
+            params = list(model.get_submodule(n).parameters())
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            expected[n].append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+        state.optimizer.zero_grad()
+        loss.backward()
+        state.optimizer.step()
+        return loss.detach()
+
+    monitor = GradNormMonitor(tuple(names))
+    history = fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=50, epochs=3), step=step,
+                  callbacks=[monitor])
+    for n in names:
+        assert monitor.norms[n] == pytest.approx(expected[n], rel=1e-5)
+        per_epoch = [sum(expected[n][4 * e:4 * e + 4]) / 4 for e in range(3)]  # 4 steps an epoch
+        assert [row[f"grad_norm_{n}"] for row in history] == pytest.approx(per_epoch, rel=1e-5)
+    windows = monitor.windows([0, 5, 12])
+    assert windows[names[0]] == pytest.approx([sum(expected[names[0]][:5]) / 5, sum(expected[names[0]][5:]) / 7],
+                                              rel=1e-5)
+
+
+def test_direction_change_is_one_minus_the_cosine_of_the_flattened_weights():
+    torch.manual_seed(0)
+    a, b = build_model("mlp", (6,), 3, widths=(5,)), build_model("mlp", (6,), 3, widths=(5,))
+    got = rifle.direction_change(a, b, ["head"])["head"]
+    w = torch.cat([a.head.weight.flatten(), a.head.bias]).double().detach()
+    w0 = torch.cat([b.head.weight.flatten(), b.head.bias]).double().detach()
+    assert got == pytest.approx(1 - float(w @ w0) / float(w.norm() * w0.norm()), abs=1e-12)
+    with torch.no_grad():
+        a.head.weight.copy_(b.head.weight * 0.3)
+        a.head.bias.copy_(b.head.bias * 0.3)
+    assert rifle.direction_change(a, b, ["head"])["head"] == pytest.approx(0, abs=1e-12)  # shrinking is no turn
 
 
 def test_stochastic_depth_needs_residual_blocks_and_drops_branches():

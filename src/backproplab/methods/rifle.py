@@ -151,39 +151,69 @@ class RIFLE:
         self.resets = [tuple(r) for r in sd["resets"]]
 
 
-class CyclicLR:
-    """Callback: cosine learning rate restarting at the start of each period (SGDR-style), with the same
-    period boundaries as RIFLE (``reset_epochs``), from ``base_lr`` down to ``min_lr``."""
+class CosineLR:
+    """Callback: the RIFLE authors' cosine learning rate, set at every epoch start.
 
-    def __init__(self, times: int = 3, every: int | None = None, min_lr: float = 0.0):
+    lr_g(e) = min_lr + (base_g - min_lr) (1 + cos(pi t)) / 2, with t = e / E over the run's E epochs for
+    every param group, except those listed in ``restart`` (``True``: all of them), whose t runs from 0 to 1
+    within each RIFLE period instead (``reset_epochs(E, times, every)`` are the period starts): the
+    authors' per-period head learning rate (``fc_lr_util='cyclic'`` in their train.py, the head in its
+    own param group) or, for every group, the cyclic-LR baseline (SGDR). Both kinds end the run annealed,
+    so a comparison between them is not one of annealed against not annealed.
+    """
+
+    def __init__(self, times: int = 0, restart: bool | Sequence[int] = (), every: int | None = None,
+                 min_lr: float = 0.0):
         self.times, self.every, self.min_lr = times, every, min_lr
+        self.restart = restart
         self.base: list[float] = []
+        self.bounds: list[int] = []
 
     def on_train_start(self, state) -> None:
+        if not state.steps_per_epoch:
+            raise ValueError("CosineLR sets the learning rate per epoch and needs the epoch length: give fit "
+                             "data with a length")
         epochs = math.ceil(state.total_steps / state.steps_per_epoch)
-        bounds = [0] + reset_epochs(epochs, self.times, self.every) + [epochs]
-        self.bounds = [b * state.steps_per_epoch for b in bounds]
+        self.bounds = [0, *reset_epochs(epochs, self.times, self.every), epochs]
         if not self.base:
             self.base = [g["lr"] for g in state.optimizer.param_groups]
-        self._set(state)
 
-    def _set(self, state) -> None:
-        step = state.step
-        k = max(i for i, b in enumerate(self.bounds[:-1]) if b <= step)
+    def lr_at(self, epoch: int) -> list[float]:
+        """Every param group's learning rate in ``epoch`` (after ``on_train_start``)."""
+        epochs = self.bounds[-1]
+        k = max(i for i, b in enumerate(self.bounds[:-1]) if b <= epoch)
         start, end = self.bounds[k], self.bounds[k + 1]
-        frac = (step - start) / max(end - start, 1)
-        for g, base in zip(state.optimizer.param_groups, self.base):
-            g["lr"] = self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * frac))
+        out = []
+        for i, base in enumerate(self.base):
+            cyclic = self.restart is True or (self.restart is not False and i in self.restart)
+            t = (epoch - start) / max(end - start, 1) if cyclic else epoch / max(epochs, 1)
+            out.append(self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * t)))
+        return out
 
-    def on_step_end(self, state) -> None:
-        if state.step < state.total_steps:
-            self._set(state)
+    def on_epoch_start(self, state) -> None:
+        for g, lr in zip(state.optimizer.param_groups, self.lr_at(state.epoch)):
+            g["lr"] = lr
 
     def state_dict(self) -> dict:
         return {"base": list(self.base)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.base = list(sd["base"])
+
+
+class CyclicLR(CosineLR):
+    """The cyclic-LR baseline: every group's cosine restarts at each RIFLE period start (SGDR-style)."""
+
+    def __init__(self, times: int = 3, every: int | None = None, min_lr: float = 0.0):
+        super().__init__(times, restart=True, every=every, min_lr=min_lr)
+
+
+def head_param_groups(model: nn.Module, head: str = "head") -> list[dict]:
+    """``[{"params": head's}, {"params": the rest}]``: the authors' two groups, so the head's learning rate
+    can restart per period (:class:`CosineLR` with ``restart=[0]``)."""
+    ids = {id(p) for p in get_submodule(model, head).parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) in ids]},
+            {"params": [p for p in model.parameters() if id(p) not in ids]}]
 
 
 class L2SP:
@@ -304,5 +334,27 @@ def with_stochastic_depth(model: nn.Module, p_last: float = 0.5) -> nn.Module:
 
 
 def layer_grad_norms(model: nn.Module, names: Sequence[str]) -> dict[str, float]:
+    """The l2 norm of the gradient (``.grad``) of each named submodule's parameters together."""
     return {n: float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in get_submodule(model, n).parameters()
                                     if p.grad is not None))) for n in names}
+
+
+def _layer_weights(model: nn.Module, name: str) -> Tensor:
+    """The weights and biases of the convolutions and linear layers inside ``name``, as one vector."""
+    parts = [p.detach().flatten() for m in get_submodule(model, name).modules()
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for p in m.parameters(recurse=False)]
+    if not parts:
+        raise ValueError(f"{name!r} has no convolution or linear layer to compare")
+    return torch.cat(parts)
+
+
+def direction_change(model: nn.Module, reference: nn.Module, names: Sequence[str]) -> dict[str, float]:
+    """1 - cos(w, w0) per named layer: how far the direction of each layer's weights (convolutions and
+    linear layers, as one vector) turned away from ``reference``'s (the pretrained model). The paper's
+    "backpropagation in depth" means the deep layers' weights change more; a direction is blind to the
+    uniform shrinking that weight decay alone causes."""
+    out = {}
+    for n in names:
+        w, w0 = _layer_weights(model, n).double().cpu(), _layer_weights(reference, n).double().cpu()
+        out[n] = float(1 - torch.dot(w, w0) / (w.norm() * w0.norm()))
+    return out
