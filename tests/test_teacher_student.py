@@ -1,5 +1,7 @@
 """Luck Matters: teachers, correlation metrics against numpy, exact-copy students, BN-bias fractions."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,43 @@ def test_2019_teacher_weights_come_from_the_grid_with_distinct_unit_rows():
         quarters = 4 * rows / (rows.abs().max(1, keepdim=True).values / 0.5)
         torch.testing.assert_close(quarters, quarters.round(), rtol=0, atol=1e-5)
         assert len({tuple(r.tolist()) for r in rows}) == len(rows)
-        assert ((lin.bias >= -0.5) & (lin.bias <= 0.5)).all()
+
+
+def test_2019_teacher_bias_is_divided_by_the_row_norm_like_the_authors_normalize_layer():
+    """Undo the normalisation: where a row holds both 0.25 and 0.5 magnitudes its raw scale is known
+    (the largest entry was 0.5), and bias * scale must then be the raw U(-0.5, 0.5) draw."""
+    from scipy import stats
+
+    raw_biases = []
+    for seed in range(3):
+        for lin in ts.make_teacher(version="2019", seed=seed).linears:
+            for w, b in zip(lin.weight.double(), lin.bias.double()):
+                mags = w.abs()[w.abs() > 1e-9]
+                if (mags.max() / mags.min() - 2).abs() < 1e-6:  # magnitudes 0.25 and 0.5: scale = 0.5 / max
+                    raw_biases.append(float(b * 0.5 / mags.max()))
+    assert len(raw_biases) > 300
+    assert max(map(abs, raw_biases)) <= 0.5 + 1e-6
+    assert stats.kstest(raw_biases, stats.uniform(-0.5, 1).cdf).pvalue > 0.01
+
+
+def test_normalize_rows_keeps_each_nodes_half_space():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4)
+    x = torch.randn(200, 5)
+    before = lin(x)
+    w = lin.weight.detach().clone()
+    ts.normalize_rows(lin)
+    torch.testing.assert_close(lin(x), before / w.norm(dim=1))
+    assert torch.equal(lin(x) > 0, before > 0)
+
+
+def test_2020_teacher_outputs_are_standardised_on_fresh_inputs():
+    teacher = ts.make_teacher(version="2020", seed=4)
+    data = ts.teacher_data(teacher, 10, 20000, seed=9)  # other draws than the calibration's
+    y = data.y_test.double()
+    # mean and sd of each of the 100 outputs: 0 and 1 up to sampling error (about 0.007 each, twice over)
+    assert y.mean(0).abs().max() < 0.05
+    assert (y.std(0) - 1).abs().max() < 0.05
 
 
 def test_correlation_equals_numpy():
@@ -105,15 +143,56 @@ def test_bn_bias_cli(tmp_path, capsys):
     assert main(["bn-bias", str(tmp_path / "missing.pt")]) == 2
 
 
+def test_fan_out_ratio_is_per_layer_and_relative_to_each_nodes_start():
+    best = torch.tensor([0.95, 0.92, 0.3, 0.1, 0.7])  # matched, matched, unmatched, unmatched, neither
+    start = torch.tensor([2.0, 1.0, 4.0, 0.5, 9.0])
+    final = torch.tensor([4.0, 3.0, 2.0, 0.5, 1.0])
+    # relative: unmatched (0.5 + 1) / 2 = 0.75 over matched (2 + 3) / 2 = 2.5
+    assert ts.fan_out_ratio(best, final, start) == pytest.approx(0.3)
+    # raw norms would say (2 + 0.5) / 2 over (4 + 3) / 2
+    assert ts.fan_out_ratio(best, final) == pytest.approx(1.25 / 3.5)
+    assert np.isnan(ts.fan_out_ratio(best[:2], final[:2], start[:2]))  # no unmatched node: undefined
+
+
+def test_lucky_nodes_keep_every_duplicate_of_a_matched_teacher_node():
+    from backproplab.experiments.luck_matters import lucky_nodes
+
+    corr = torch.tensor([[0.95, 0.2, 0.93, 0.1], [0.1, 0.5, 0.2, 0.91]])  # teacher node 0 matched twice
+    assert lucky_nodes([corr], 0.9)[0].tolist() == [0, 2, 3]
+    assert lucky_nodes([corr], 0.99)[0].tolist() == [0, 3]  # none reaches it: each teacher node's best
+
+
 def test_quick_reproduction_runs_on_cpu(tmp_path):
+    """A tiny run end to end: the verdicts exist, the per-layer fan-out in final.json is what the stored
+    per-node norms give (recomputed here with numpy), and every pruning arm that trains has the same budget."""
+    import json
+
     from backproplab import experiments
 
     exp = experiments.get("luck_matters")
-    cfg = experiments.make_config(exp, ["train_size=2000", "test_size=500", "epochs=1", "bn_epochs=1",
-                                        "multipliers=1,2"], quick=True, seeds=1)
+    cfg = experiments.make_config(exp, ["train_size=2000", "test_size=500", "epochs=2", "bn_epochs=1",
+                                        "multipliers=1,2", "prune_epochs=1", "two_layer_steps=300",
+                                        "matched_corr=0.3", "unmatched_corr=0.2"],  # both groups occur this early
+                                  quick=True, seeds=1)
     exp_dir = experiments.run(exp, cfg, out=tmp_path, progress=False)
-    import json
-
     summary = json.loads((exp_dir / "summary.json").read_text())
     assert any("BatchNorm biases" in v for v in summary["notes"]) and summary["figures"] == ["luck_matters.png"]
-    assert {v["claim"] for v in summary["verdicts"]} >= {"luck_matters.bn_bias_negative"}
+    claims = {v["claim"] for v in summary["verdicts"]}
+    assert claims >= {"luck_matters.bn_bias_negative", "luck_matters.rewind_beats_reinit",
+                      "luck_matters.lucky_finetune_beats_reinit", "luck_matters.fan_out_l_shape.two_layer",
+                      *(f"luck_matters.fan_out_l_shape.layer{li}" for li in range(1, 5))}
+    defined = 0
+    for arm, depth in (("mult2", 4), ("two_layer", 1)):
+        final = json.loads((exp_dir / arm / "seed0" / "final.json").read_text())
+        assert len(final["layers"]) == depth
+        for li, layer in enumerate(final["layers"], start=1):
+            best, rel = np.array(layer["student_best"]), np.array(layer["fan_out"]) / np.array(layer["fan_out_init"])
+            lo, hi = rel[best < 0.2], rel[best >= 0.3]
+            expected = lo.mean() / hi.mean() if len(lo) and len(hi) else None
+            got = final[f"fan_out_ratio_layer{li}"]
+            assert (got is None) if expected is None else got == pytest.approx(expected, rel=1e-5)
+            defined += expected is not None
+    assert defined >= 2
+    pruning = json.loads((exp_dir / "mult2" / "seed0" / "final.json").read_text())["pruning"]
+    assert set(pruning["steps"].values()) == {math.ceil(2000 / 64)}  # prune_epochs x steps an epoch, each
+    assert set(pruning["steps"]) == {"lucky_finetuned", "random_finetuned", "reinit", "lucky_rewound"}

@@ -190,7 +190,7 @@ def judge(claim: Claim, arm: Mapping[int, float], baseline: Mapping[int, float] 
     if not np.all(np.isfinite(diffs)):
         bad = [s for s, d in zip(seeds, diffs) if not math.isfinite(d)]
         return Verdict(claim.id, "inconclusive", nan, nan, nan, n, nan, confidence, scale, seeds,
-                       f"non-finite values at seeds {bad} (a diverged run)")
+                       f"non-finite values at seeds {bad} (a diverged run, or a metric undefined there)")
     estimate = float(diffs.mean())
     if n < 2:
         return Verdict(claim.id, "inconclusive", estimate, nan, nan, n, nan, confidence, scale, seeds,

@@ -4,12 +4,23 @@ Teacher: the structured 2019 teacher (input 20, hidden ``teacher_widths``, outpu
 arm says otherwise; inputs N(0, 10^2 I); ``train_size`` training and ``test_size`` evaluation inputs.
 Students: the same depth, each hidden layer ``multiplier`` times wider, plain SGD on MSE.
 Arms: ``mult{m}`` (multiplier sweep), ``random_teacher`` and ``teacher2020`` (largest multiplier, other
-teachers), ``bn_student`` (largest multiplier with BatchNorm) and ``bn_cnn_digits`` (the small CNN with
-BatchNorm on digits, for the BatchNorm-bias claim).
+teachers), ``bn_student`` (largest multiplier with BatchNorm), ``bn_cnn_digits`` (the small CNN with
+BatchNorm on digits, for the BatchNorm-bias claim) and ``two_layer``: the regime the authors demonstrate the
+L-shape in, a 2-layer 2020 teacher (``two_layer_width`` hidden nodes, no strength decay: their config's
+default) and a student ``multiplier`` times wider whose initial weights are scaled by ``student_scale``
+(their ``student_scale_down`` 0.1), plain SGD at their lr 0.01 for ``two_layer_steps`` (62.5k) steps.
+
+Fan-out (the L-shape) is judged per layer, each node's outgoing-weight norm relative to its own norm at
+initialisation (:func:`teacher_student.fan_out_ratio`), and also as fan-out x activation std (the node's
+contribution to the next layer). Pruning keeps every student node matched to a teacher node (best
+correlation >= ``prune_corr``, duplicates included) and gives every arm that trains the same budget
+(``prune_epochs``): fine-tuning the kept nodes, the same shape re-initialised, and the kept nodes rewound
+to their initial weights (the lottery-ticket arm); random pruning to as many nodes is the control.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +30,7 @@ from .. import plots
 from ..evidence import Claim
 from ..methods import teacher_student as ts
 from ..models import build_model
-from ..train import TrainConfig, evaluate, fit, mse
+from ..train import evaluate, mse
 from . import Arm, Experiment, ExperimentConfig, Results, Run
 
 PAPER = "Tian et al., arXiv:1909.13458 2019 (Luck Matters); Tian, 2020"
@@ -38,6 +49,14 @@ class LuckConfig(ExperimentConfig):
     bn_lr: float = 0.05  # the BatchNorm CNN on digits: SGD with momentum
     bn_momentum: float = 0.9  # momentum of the BatchNorm CNN
     bn_channels: tuple[int, ...] = (32, 64, 64)  # channels of the BatchNorm CNN
+    matched_corr: float = 0.9  # fan-out groups: a student node is matched at this best correlation or above
+    unmatched_corr: float = 0.5  # ... and unmatched below this one
+    prune_corr: float = 0.9  # a student node is kept (lucky) when it matches some teacher node this well
+    prune_epochs: int = 10  # the training budget of every pruning arm that trains
+    two_layer_width: int = 10  # hidden nodes of the 2-layer teacher
+    two_layer_steps: int = 62_500  # SGD steps of the 2-layer student (the authors run 62.5k)
+    two_layer_lr: float = 0.01  # its learning rate (the authors' config)
+    student_scale: float = 0.1  # the 2-layer student's initial weights are scaled by this
     seeds: int = 5
 
 
@@ -51,7 +70,8 @@ class LuckArm(Arm):
 
 
 def arms(cfg: LuckConfig) -> list[LuckArm]:
-    kinds = [f"mult{m}" for m in cfg.multipliers] + ["random_teacher", "teacher2020", "bn_student", "bn_cnn_digits"]
+    kinds = [f"mult{m}" for m in cfg.multipliers] + ["random_teacher", "teacher2020", "bn_student", "bn_cnn_digits",
+                                                     "two_layer"]
     return [LuckArm(k) for k in kinds]
 
 
@@ -64,14 +84,34 @@ def claims(cfg: LuckConfig) -> list[Claim]:
               "final best students rank near the top at init (authors' notebooks: top 1/11/22/34% per layer)",
               threshold=0.5, metric_label="rank at init of each teacher node's final best student (0 = luckiest, "
                                           "1 = least; 0.5 = luck does not matter), mean over nodes and layers"),
-        Claim("luck_matters.fan_out_l_shape", PAPER, "Fig. 6 (L-shape)",
-              "Student nodes that do not match a teacher node end with small fan-out weights.", "fan_out_ratio", top,
-              "less", 0.0, "an L-shaped scatter: unmatched nodes have near-zero fan-out norms", threshold=1.0,
-              metric_label="mean fan-out norm of unmatched (corr < 0.5) over matched (corr >= 0.9) students"),
         Claim("luck_matters.prune_to_lucky", PAPER, "Section 6 (pruning)",
               "Keeping only the lucky (matched) nodes preserves the function better than keeping as many random nodes.",
               "pruning_gap", top, "greater", 0.0, "pruning to the matched nodes keeps the loss low",
               threshold=0.0, metric_label="eval loss after random pruning minus after lucky pruning (MSE)"),
+        Claim("luck_matters.lucky_finetune_beats_reinit", PAPER, "Section 6 (pruning)",
+              "Fine-tuning the lucky nodes beats training the same pruned shape from a fresh initialisation, "
+              "with the same budget.", "finetune_gap", top, "greater", 0.0,
+              "lucky nodes carry what was learned", threshold=0.0,
+              metric_label="eval loss of the re-initialised minus the fine-tuned lucky network (MSE)"),
+        Claim("luck_matters.rewind_beats_reinit", PAPER, "Section 6 (lottery tickets)",
+              "The lucky nodes' own initial weights train better than a fresh initialisation of the same shape "
+              "(the lottery-ticket reading of luck), with the same budget.", "rewind_gap", top, "greater", 0.0,
+              "lucky initialisations are winning tickets", threshold=0.0,
+              metric_label="eval loss of the re-initialised minus the rewound lucky network (MSE)"),
+    ]
+    for li in range(1, len(cfg.teacher_widths) + 1):
+        out.append(Claim(f"luck_matters.fan_out_l_shape.layer{li}", PAPER, "Fig. 6 (L-shape)",
+                         f"Student nodes of layer {li} that match no teacher node end with smaller fan-out weights, "
+                         "relative to their start, than the matched ones.", f"fan_out_ratio_layer{li}", top, "less",
+                         0.0, "an L-shaped scatter: unmatched nodes have near-zero fan-out norms", threshold=1.0,
+                         metric_label="mean final/initial fan-out norm of unmatched (corr < 0.5) over matched "
+                                      "(corr >= 0.9) students"))
+    out.append(Claim("luck_matters.fan_out_l_shape.two_layer", PAPER, "Tian 2020, Fig. 3 (2-layer, small init)",
+                     "In a 2-layer network trained from a small initialisation, unmatched student nodes' fan-out "
+                     "weights stay small while matched nodes' grow.", "fan_out_ratio_layer1", "two_layer", "less",
+                     0.0, "unmatched nodes' fan-out shrinks to near zero", threshold=1.0,
+                     metric_label="mean final/initial fan-out norm of unmatched over matched students"))
+    out += [
         Claim("luck_matters.bn_bias_negative", PAPER, "Section 7 (BatchNorm)",
               "After training with BatchNorm, most BatchNorm biases are negative.", "bn_negative_mean",
               "bn_cnn_digits", "greater", 0.0, "most BN biases negative in trained CNNs (CIFAR-10, VGG/ResNet)",
@@ -112,56 +152,98 @@ def run_arm(run: Run) -> dict:
                                                         epochs=cfg.bn_epochs))
         fractions = ts.bn_bias_fractions(model)
         return {**history[-1], "bn_negative": fractions, "bn_negative_mean": float(np.mean(list(fractions.values())))}
-    version = {"random_teacher": "random", "teacher2020": "2020"}.get(kind, "2019")
-    mult = int(kind[4:]) if kind.startswith("mult") else _max_mult(cfg)
-    teacher = ts.make_teacher(widths=cfg.teacher_widths, version=version, seed=0)
+    if kind == "two_layer":
+        teacher = ts.make_teacher(widths=(cfg.two_layer_width,), version="2020", seed=0, strength_decay=0.0)
+        student = ts.ReLUNet(20, [cfg.two_layer_width * _max_mult(cfg)], 100)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(cfg.student_scale)
+        tc = run.train_config(optimizer="sgd", lr=cfg.two_layer_lr, batch_size=cfg.batch_size,
+                              max_steps=cfg.two_layer_steps, loss="mse")
+    else:
+        version = {"random_teacher": "random", "teacher2020": "2020"}.get(kind, "2019")
+        mult = int(kind[4:]) if kind.startswith("mult") else _max_mult(cfg)
+        teacher = ts.make_teacher(widths=cfg.teacher_widths, version=version, seed=0)
+        student = ts.ReLUNet(20, [w * mult for w in cfg.teacher_widths], 100, batchnorm=kind == "bn_student")
+        tc = run.train_config(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, loss="mse")
     data = ts.teacher_data(teacher, cfg.train_size, cfg.test_size, seed=run.seed)
-    student = ts.ReLUNet(20, [w * mult for w in cfg.teacher_widths], 100, batchnorm=kind == "bn_student")
     x_eval = data.x_test[:5000]
+    initial = copy.deepcopy(student)
     corr_init = ts.layer_correlations(teacher, student, x_eval)
-    tc = run.train_config(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, loss="mse")
+    fan_out_init = ts.fan_out_norms(student)
     history = run.fit(student, data, tc, callbacks=[CorrelationMonitor(teacher, x_eval)])
     student = student.cpu()
     corr = ts.layer_correlations(teacher, student, x_eval)
     fan_out = ts.fan_out_norms(student)
-    layers = []
-    for c0, c, f in zip(corr_init, corr, fan_out):
+    act_std = [h.std(0) for h in ts.hidden_activations(student, x_eval)]
+    layers, final = [], {**history[-1]}
+    for li, (c0, c, f, f0, sd) in enumerate(zip(corr_init, corr, fan_out, fan_out_init, act_std), start=1):
         table = ts.match_table(c)
+        best = c.max(0).values
         layers.append({"mean_best": table["mean_best"], "covered": table["covered"],
                        "hits_mean": float(table["hits"].double().mean()),
                        "teacher_best": table["best"].tolist(), "luck_rank": ts.luck_ranks(c0, c).tolist(),
-                       "student_best": c.max(0).values.tolist(), "fan_out": f.tolist(), "students": c.shape[1]})
+                       "student_best": best.tolist(), "fan_out": f.tolist(), "fan_out_init": f0.tolist(),
+                       "act_std": sd.tolist(), "students": c.shape[1]})
+        groups = {"unmatched": cfg.unmatched_corr, "matched": cfg.matched_corr}
+        final[f"fan_out_ratio_layer{li}"] = ts.fan_out_ratio(best, f, f0, **groups)
+        final[f"contribution_ratio_layer{li}"] = ts.fan_out_ratio(best, f * sd.float(), **groups)
     ranks = np.concatenate([np.array(layer["luck_rank"]) / max(layer["students"] - 1, 1) for layer in layers])
-    best = np.concatenate([layer["student_best"] for layer in layers])
-    fo = np.concatenate([layer["fan_out"] for layer in layers])
-    lo, hi = fo[best < 0.5], fo[best >= 0.9]
-    final = {**history[-1], "layers": layers, "luck_rank_mean": float(ranks.mean()),
-             "covered_mean": float(np.mean([layer["covered"] for layer in layers])),
-             "fan_out_ratio": float(lo.mean() / hi.mean()) if len(lo) and len(hi) else float("nan")}
+    final.update({"layers": layers, "luck_rank_mean": float(ranks.mean()),
+                  "covered_mean": float(np.mean([layer["covered"] for layer in layers]))})
     if kind == "bn_student":
         fractions = ts.bn_bias_fractions(student)
         final.update({"bn_negative": fractions, "bn_negative_mean": float(np.mean(list(fractions.values())))})
     if kind == f"mult{_max_mult(cfg)}":
-        final["pruning"] = _pruning(cfg, teacher, student, corr, data, run.seed)
-        final["pruning_gap"] = final["pruning"]["random_pruned"] - final["pruning"]["lucky_pruned"]
+        pruning = _pruning(cfg, student, initial.cpu(), corr, data, run)
+        final.update({"pruning": pruning, "pruning_gap": pruning["random_pruned"] - pruning["lucky_pruned"],
+                      "finetune_gap": pruning["reinit"] - pruning["lucky_finetuned"],
+                      "rewind_gap": pruning["reinit"] - pruning["lucky_rewound"]})
     return final
 
 
-def _pruning(cfg: LuckConfig, teacher, student, corr, data, seed: int) -> dict:
-    """Keep each teacher node's best student (the lucky nodes): trained weights vs re-initialised and
-    retrained, against the full student and a random choice of as many nodes."""
-    keep = [torch.unique(c.argmax(1)) for c in corr]
-    g = torch.Generator().manual_seed(seed)
+def _seed_mean(finals: list[dict], key: str) -> float:
+    """Mean over seeds, leaving out the seeds where the value is undefined (NaN, stored as null)."""
+    vals = [f[key] for f in finals if f.get(key) is not None and np.isfinite(f[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+PRUNING_ARMS = ("lucky_finetuned", "random_finetuned", "reinit", "lucky_rewound")
+
+
+def lucky_nodes(corr: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Per layer, every student node whose best correlation with a teacher node reaches ``threshold``
+    (duplicates of one teacher node included); each teacher node's best student when none does."""
+    out = []
+    for c in corr:
+        keep = torch.nonzero(c.max(0).values >= threshold).flatten()
+        out.append(keep if len(keep) else torch.unique(c.argmax(1)))
+    return out
+
+
+def _pruning(cfg: LuckConfig, student, initial, corr, data, run: Run) -> dict:
+    """Prune to the lucky nodes and to as many random ones; evaluate as pruned, then give every arm that
+    trains the same budget (``prune_epochs``): fine-tune the kept nodes, fine-tune the random ones, train the
+    same shape from a fresh initialisation, and rewind the kept nodes to their initial weights."""
+    keep = lucky_nodes(corr, cfg.prune_corr)
+    g = torch.Generator().manual_seed(run.seed)
     random_keep = [torch.randperm(c.shape[1], generator=g)[:len(k)].sort().values for c, k in zip(corr, keep)]
     x, y = data.x_test, data.y_test
     loss = lambda m: evaluate(m, x, y, mse, classification=False)["loss"]  # noqa: E731
-    reinit = ts.prune_to_nodes(student, keep, reinit=True, seed=seed)
-    fit(reinit, data, TrainConfig(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                                  loss="mse", seed=seed, device=str(next(student.parameters()).device)))
-    return {"nodes_kept": [len(k) for k in keep], "full": loss(student),
-            "lucky_pruned": loss(ts.prune_to_nodes(student, keep)),
-            "random_pruned": loss(ts.prune_to_nodes(student, random_keep)),
-            "lucky_reinit_retrained": loss(reinit)}
+    out = {"nodes_kept": [len(k) for k in keep], "full": loss(student),
+           "lucky_pruned": loss(ts.prune_to_nodes(student, keep)),
+           "random_pruned": loss(ts.prune_to_nodes(student, random_keep))}
+    nets = {"lucky_finetuned": ts.prune_to_nodes(student, keep),
+            "random_finetuned": ts.prune_to_nodes(student, random_keep),
+            "reinit": ts.prune_to_nodes(student, keep, reinit=True, seed=run.seed),
+            "lucky_rewound": ts.prune_to_nodes(initial, keep)}
+    out["steps"] = {}
+    for name in PRUNING_ARMS:
+        tc = run.train_config(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.prune_epochs,
+                              loss="mse")
+        history = run.fit(nets[name], data, tc, sub=f"prune_{name}")
+        out[name], out["steps"][name] = loss(nets[name].cpu()), history[-1]["step"]
+    return out
 
 
 def analyze(res: Results) -> list[str]:
@@ -216,30 +298,37 @@ def analyze(res: Results) -> list[str]:
                        ylabel="final best correlation", title="luck")
         for li in range(depth):
             sb = np.concatenate([f["layers"][li]["student_best"] for f in tops])
-            fo = np.concatenate([f["layers"][li]["fan_out"] for f in tops])
-            axes[1][0].scatter(sb, fo, s=4, alpha=0.4, label=f"layer {li + 1}")
-        axes[1][0].set(xlabel="student's best correlation with a teacher node", ylabel="fan-out weight norm",
-                       title="L-shape")
+            rel = np.concatenate([np.array(f["layers"][li]["fan_out"]) / np.array(f["layers"][li]["fan_out_init"])
+                                  for f in tops])
+            axes[1][0].scatter(sb, rel, s=4, alpha=0.4, label=f"layer {li + 1}")
+        axes[1][0].set(xlabel="student's best correlation with a teacher node",
+                       ylabel="fan-out norm / its initial value", title="L-shape", yscale="log")
         axes[1][0].legend(fontsize=6)
         verdict.append(f"winner takes all / luck: the final best student of a teacher node ranked, at init, in the "
                        f"top {100 * np.mean(ranks):.0f}% on average (median {100 * np.median(ranks):.0f}%; 50% "
                        "would mean luck does not matter).")
-        sb = np.concatenate([li["student_best"] for f in tops for li in f["layers"]])
-        fo = np.concatenate([li["fan_out"] for f in tops for li in f["layers"]])
-        lo, hi = fo[sb < 0.5], fo[sb >= 0.9]
-        if len(lo) and len(hi):
-            verdict.append(f"fan-out: unmatched students (best corr < 0.5) have mean fan-out norm {lo.mean():.3g} vs "
-                           f"{hi.mean():.3g} for matched ones (>= 0.9), ratio {lo.mean() / hi.mean():.2f}.")
+        for arm in (top, "two_layer"):
+            fs = res.final_list(arm)
+            if fs:
+                n_layers = len(fs[0]["layers"])
+                rel, con = ([_seed_mean(fs, f"{m}_layer{li}") for li in range(1, n_layers + 1)]
+                            for m in ("fan_out_ratio", "contribution_ratio"))
+                verdict.append(f"fan-out, {arm}: unmatched (best corr < 0.5) over matched (>= 0.9) students per layer, "
+                               "final/initial fan-out norm " + "/".join(f"{v:.2f}" for v in rel)
+                               + "; fan-out x activation std " + "/".join(f"{v:.2f}" for v in con)
+                               + " (seed means; below 1 is the L-shape).")
         pr = [f["pruning"] for f in tops if "pruning" in f]
         if pr:
-            keys = ("full", "lucky_pruned", "random_pruned", "lucky_reinit_retrained")
+            keys = ("full", "lucky_pruned", "random_pruned", *PRUNING_ARMS)
             vals = {k: np.array([p[k] for p in pr]) for k in keys}
-            axes[1][1].bar(range(4), [vals[k].mean() for k in keys], yerr=[vals[k].std() for k in keys], capsize=3)
-            axes[1][1].set_xticks(range(4), ["full", "lucky\npruned", "random\npruned", "lucky\nre-init"], fontsize=7)
+            axes[1][1].bar(range(len(keys)), [vals[k].mean() for k in keys], yerr=[vals[k].std() for k in keys],
+                           capsize=3)
+            axes[1][1].set_xticks(range(len(keys)), [k.replace("_", "\n") for k in keys], fontsize=6)
             axes[1][1].set(ylabel="eval loss", yscale="log", title=f"pruning to {pr[0]['nodes_kept']} nodes")
             verdict.append("pruning to the lucky nodes: eval loss " + ", ".join(
                 f"{k} {vals[k].mean():.3g}" for k in keys)
-                + " (re-init = same pruned shape, re-initialised and retrained).")
+                + f" (every trained arm: {pr[0]['steps']['reinit']} steps; rewound = the kept nodes' initial "
+                  "weights).")
     # 5. structured vs random teacher, 2020 teacher
     rows = []
     for arm, label in ((top, "structured 2019"), ("teacher2020", "2020 (median bias, strengths)"),
@@ -274,7 +363,8 @@ EXPERIMENT = Experiment(
                 "BN biases.",
     config=LuckConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"multipliers": (1, 2), "train_size": 1000, "test_size": 500, "epochs": 1, "bn_epochs": 1, "seeds": 2,
-           "bn_channels": (8, 8, 8)},
-    quick={"train_size": 20_000, "test_size": 5000, "epochs": 8, "bn_epochs": 5, "seeds": 3},
+           "bn_channels": (8, 8, 8), "prune_epochs": 1, "two_layer_steps": 100},
+    quick={"train_size": 20_000, "test_size": 5000, "epochs": 8, "bn_epochs": 5, "seeds": 3, "prune_epochs": 2,
+           "two_layer_steps": 10_000},
     table_metrics=("test_loss", "train_loss", "corr_layer1", "corr_layer2", "corr_layer3", "corr_layer4", "test_acc"),
 )

@@ -6,16 +6,19 @@ Dimension" (ICML 2020). A fixed multi-layer ReLU teacher labels Gaussian inputs;
 student of the same depth is trained on the teacher's outputs (MSE), and student nodes are matched to
 teacher nodes by the Pearson correlation of their activations on held-out inputs.
 
-Teachers (:func:`make_teacher`):
-  ``"2019"``: weights drawn from {+-0.5, +-0.25, 0} with distinct rows, biases U(-0.5, 0.5), each weight row
-  scaled to unit length.
-  ``"2020"``: the same, then every hidden bias is shifted by the median pre-activation on the data so each
-  node is active on about half the inputs, and hidden node j's outgoing weights are scaled by the strength
-  (j + 1)^-``strength_decay`` (strong nodes first, weak nodes last; our choice of decay law).
+Teachers (:func:`make_teacher`), as the authors' code builds them (luckmatters, ``model_gen.py`` and
+``teacher_tune.py``):
+  ``"2019"``: weights drawn from {+-0.5, +-0.25, 0} with distinct rows, biases U(-0.5, 0.5); then each row
+  and its bias are divided by the row's norm (:func:`normalize_rows`, the authors' ``normalize_layer``), so
+  every node computes the same half-space as before, with unit weights.
+  ``"2020"``: the same grid, then hidden node j's outgoing weights are divided by (j + 1)^``strength_decay``
+  (strong nodes first, weak nodes last), then the rows are normalised, then every hidden bias is shifted
+  by the median pre-activation on Gaussian inputs so each node is active on about half of them, and
+  finally the outputs are standardised (mean 0, standard deviation 1 each on those inputs).
   ``"random"``: Gaussian weights N(0, 1/fan_in) and no structure (the 'random data' contrast).
 
 Metrics (any two MLPs whose activations are ``nn.ReLU`` modules): :func:`layer_correlations`,
-:func:`match_table`, :func:`luck_ranks`, :func:`fan_out_norms`; pruning to the lucky nodes:
+:func:`match_table`, :func:`luck_ranks`, :func:`fan_out_norms`, :func:`fan_out_ratio`; pruning to the lucky nodes:
 :func:`prune_to_nodes`; BatchNorm biases: :func:`bn_bias_fractions`.
 """
 
@@ -51,16 +54,28 @@ class ReLUNet(nn.Sequential):
 
 
 def _structured_rows(rows: int, cols: int, g: torch.Generator) -> Tensor:
+    """Distinct, non-zero rows with entries from the grid {+-0.5, +-0.25, 0}."""
     values = torch.tensor([-0.5, -0.25, 0.0, 0.25, 0.5])
     seen, out = set(), []
     while len(out) < rows:
         row = values[torch.randint(0, 5, (cols,), generator=g)]
         key = tuple(row.tolist())
-        if key in seen or not row.abs().sum():
+        if key in seen or not row.any():
             continue
         seen.add(key)
-        out.append(row / row.norm())
+        out.append(row)
     return torch.stack(out)
+
+
+@torch.no_grad()
+def normalize_rows(linear: nn.Linear) -> nn.Linear:
+    """Divide each row of the weight and its bias by the row's norm (in place): the node's half-space
+    {x : w.x + b > 0} is unchanged and its weights have unit length."""
+    norm = linear.weight.norm(dim=1)
+    linear.weight.div_(norm[:, None])
+    if linear.bias is not None:
+        linear.bias.div_(norm)
+    return linear
 
 
 @torch.no_grad()
@@ -75,18 +90,25 @@ def make_teacher(input_dim: int = 20, widths: Sequence[int] = (10, 15, 20, 25), 
     for lin in teacher.linears:
         if version == "random":
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features ** 0.5)
-            lin.bias.copy_(torch.rand(lin.bias.shape, generator=g) - 0.5)
         else:
             lin.weight.copy_(_structured_rows(lin.out_features, lin.in_features, g))
-            lin.bias.copy_(torch.rand(lin.bias.shape, generator=g) - 0.5)
+        lin.bias.copy_(torch.rand(lin.bias.shape, generator=g) - 0.5)
+    if version == "2020":
+        for lin in teacher.linears[1:]:
+            lin.weight.div_((torch.arange(lin.in_features) + 1.0)[None, :] ** strength_decay)
+    if version != "random":
+        for lin in teacher.linears:
+            normalize_rows(lin)
     if version == "2020":
         x = torch.randn(calibration, input_dim, generator=g) * input_std
-        for i, lin in enumerate(teacher.linears[:-1]):
-            pre = lin(x)
-            lin.bias.sub_(pre.median(0).values)
+        for lin in teacher.linears[:-1]:
+            lin.bias.sub_(lin(x).median(0).values)
             x = torch.relu(lin(x))
-            strength = (torch.arange(lin.out_features) + 1.0) ** -strength_decay
-            teacher.linears[i + 1].weight.mul_(strength[None, :])
+        out = teacher.linears[-1]
+        y = out(x)
+        mean, std = y.mean(0), y.std(0)
+        out.weight.div_(std[:, None])
+        out.bias.sub_(mean).div_(std)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -169,6 +191,17 @@ def fan_out_norms(model: nn.Module) -> list[Tensor]:
     """Per hidden layer, the norm of each node's outgoing weights (columns of the next Linear)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return [nxt.weight.detach().norm(dim=0) for nxt in linears[1:]]
+
+
+def fan_out_ratio(best_corr: Tensor, fan_out: Tensor, fan_out_init: Tensor | None = None, unmatched: float = 0.5,
+                  matched: float = 0.9) -> float:
+    """Within one layer: the mean fan-out of the unmatched student nodes (best correlation with any
+    teacher node < ``unmatched``) over that of the matched ones (>= ``matched``); each node's fan-out taken
+    relative to its own value at initialisation when ``fan_out_init`` is given. Below 1 is the paper's
+    L-shape. NaN when either group is empty. Pooling layers would mix their different initial scales."""
+    value = fan_out / fan_out_init if fan_out_init is not None else fan_out
+    lo, hi = value[best_corr < unmatched], value[best_corr >= matched]
+    return float(lo.mean() / hi.mean()) if len(lo) and len(hi) else float("nan")
 
 
 @torch.no_grad()
