@@ -203,3 +203,31 @@ def test_the_large_batch_lies_strictly_between_b_and_n():
     for bad in ("large_factor=20", "large_factor=1"):  # B = n is GD (weighted: MSGD-Fisher); B = b is SGD
         with pytest.raises(experiments.ConfigError, match="large_factor"):
             experiments.make_config(exp, ["datasets=digits", bad])
+
+
+def test_constant_gld_sigma_is_chosen_by_validation_accuracy_inside_the_training_subset(monkeypatch):
+    """The sweep picks the best validation accuracy, and every validation example is a training example of
+    the tuning seed: the test pool is never seen."""
+    from backproplab import train
+    from backproplab.data import load_dataset
+    from backproplab.experiments import msgd as experiment
+
+    accuracy = {0.003: 0.5, 0.01: 0.9, 0.03: 0.7}
+    seen = []
+
+    def fake_fit(model, data, config, step=None, callbacks=()):
+        seen.append(data)
+        return [{"test_acc": accuracy[callbacks[0].sigma], "step": config.max_steps}]
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    experiment._tuned_gld_sigma.cache_clear()
+    cfg = experiment.MSGDConfig(datasets=("digits",), n_train=300, steps=5)
+    assert experiment.tuned_gld_sigma(cfg, "digits", "cpu") == 0.01
+    assert len(seen) == 3
+    full = load_dataset("digits", seed=experiment.TUNING_SEED, n_train=300, rest_to_test=True)
+    train_rows = {tuple(r.flatten().tolist()) for r in full.x_train}
+    for data in seen:
+        assert len(data.x_train) + len(data.x_test) == 300
+        assert all(tuple(r.flatten().tolist()) in train_rows for r in data.x_test)
+    experiment._tuned_gld_sigma.cache_clear()
+    assert experiment.tuned_gld_sigma(experiment.MSGDConfig(gld_sigmas=(), gld_sigma=0.2), "digits", "cpu") == 0.2

@@ -5,7 +5,10 @@ data root, otherwise digits and MNIST-1D); the examples left out join the test s
 (``cnn_channels``), a fixed learning rate, no weight decay, no augmentation, a budget of ``steps``
 updates for every method. Arms:
   gd, gld_dynamic (noise trace matched to SGD's, re-estimated every ``gld_every`` steps), gld_const
-  (sigma = ``gld_sigma``), sgd (batch b), msgd_cov, msgd_fisher, msgd_bernoulli, msgd_fisher_b
+  (sigma chosen from ``gld_sigmas`` by validation accuracy: a tuning seed that is never evaluated trains
+  on 80% of its subset for the full budget and is scored on the other 20%; its one free parameter gets a
+  sweep like the CNN baselines' learning rates in the CurveBall experiment), sgd (batch b), msgd_cov,
+  msgd_fisher, msgd_bernoulli, msgd_fisher_b
   (Gaussian weights on ``b`` random examples) — all matched to SGD with batch b — and for the
   large-batch figure: large_sgd (batch B = ``large_factor`` x b, strictly between b and n) and
   large_weighted (the same batch with N(1, B/b - 1) loss weights).
@@ -18,6 +21,9 @@ digits / MNIST-1D instead of Fashion-MNIST / CIFAR-10 when their files are absen
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +33,8 @@ from ..data import DataNotFoundError, load_dataset
 from ..evidence import Claim
 from ..methods import msgd
 from ..models import build_model
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values
+from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values,
+               validation_split)
 
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
 LARGE = ("large_sgd", "large_weighted")
@@ -46,7 +53,8 @@ class MSGDConfig(ExperimentConfig):
     lr: float = 0.05  # learning rate, every arm
     steps: int = 3000  # training steps per run
     evals: int = 20  # evaluations per run
-    gld_sigma: float = 0.01  # constant GLD's noise std
+    gld_sigma: float = 0.01  # constant GLD's noise std when ``gld_sigmas`` is empty
+    gld_sigmas: tuple[float, ...] = (0.003, 0.01, 0.03)  # constant GLD's sweep, chosen on validation
     gld_every: int = 10  # steps between dynamic GLD's trace re-estimates (the authors': 10)
     gld_probes: int = 100  # mini-batches per trace estimate (the authors': 100)
     seeds: int = 10
@@ -144,7 +152,7 @@ def run_arm(run: Run) -> dict:
         tc.optimizer, tc.batch_size = "sgd", big
     elif method.startswith("gld"):
         gld = (msgd.GLD(n, b, every=cfg.gld_every, probes=cfg.gld_probes) if method == "gld_dynamic"
-               else msgd.GLD(n, sigma=cfg.gld_sigma))
+               else msgd.GLD(n, sigma=tuned_gld_sigma(cfg, arm.dataset, run.device)))
         step, callbacks = gld.training_step(), [gld]
     elif method != "gd":
         weighting = {"msgd_cov": lambda: msgd.MSGDCov(n, b), "msgd_fisher": lambda: msgd.MSGDFisher(n, b),
@@ -152,7 +160,44 @@ def run_arm(run: Run) -> dict:
                      "msgd_fisher_b": lambda: msgd.MSGDFisherB(n, b, noise_batch=b),
                      "large_weighted": lambda: msgd.LargeBatchWeighted(n, b, large_batch=big)}[method]()
         step = msgd.weighted_gradient_step(weighting)
-    return run.fit(model, data, tc, step=step, callbacks=callbacks)[-1]
+    final = run.fit(model, data, tc, step=step, callbacks=callbacks)[-1]
+    return {**final, "gld_sigma": gld.sigma} if method == "gld_const" else final
+
+
+TUNING_SEED = 10_000  # tunes constant GLD's sigma; never one of the evaluated seeds
+
+
+def tuned_gld_sigma(cfg: MSGDConfig, dataset: str, device: str) -> float:
+    """Constant GLD's sigma: the one of ``cfg.gld_sigmas`` with the best validation accuracy."""
+    if not cfg.gld_sigmas:
+        return cfg.gld_sigma
+    key = json.dumps({k: getattr(cfg, k) for k in ("n_train", "cnn_channels", "lr", "steps", "gld_sigmas",
+                                                   "data_root")}, sort_keys=True)
+    return _tuned_gld_sigma(key, dataset, device)
+
+
+@functools.cache
+def _tuned_gld_sigma(key: str, dataset: str, device: str) -> float:
+    from ..train import TrainConfig, fit, isolated_rng, seed_everything
+
+    cfg = json.loads(key)
+    data = load_dataset(dataset, seed=TUNING_SEED, root=cfg["data_root"] or None, n_train=cfg["n_train"],
+                        rest_to_test=True)
+    split = validation_split(data, 0.2, TUNING_SEED)
+    scores = []
+    with isolated_rng(TUNING_SEED):
+        for sigma in cfg["gld_sigmas"]:
+            seed_everything(TUNING_SEED)
+            model = build_model("cnn", split.input_shape, split.num_classes, channels=tuple(cfg["cnn_channels"]))
+            gld = msgd.GLD(len(split.x_train), sigma=sigma)
+            tc = TrainConfig(optimizer="gd", lr=cfg["lr"], max_steps=cfg["steps"], eval_every=0, seed=TUNING_SEED,
+                             device=device)
+            try:  # the split's "test" part is the validation set
+                acc = fit(model, split, tc, step=gld.training_step(), callbacks=[gld])[-1]["test_acc"]
+            except FloatingPointError:
+                acc = -math.inf
+            scores.append((acc, -sigma))
+    return -max(scores)[1]
 
 
 def analyze(res: Results) -> list[str]:
@@ -174,6 +219,10 @@ def analyze(res: Results) -> list[str]:
         if acc:
             notes.append(f"{d}: final test accuracy after {cfg.steps} steps, mean over seeds — " +
                          ", ".join(f"{m} {100 * a.mean():.1f}%" for m, a in acc.items()) + ".")
+        sigmas = final_values(res, MSGDArm(d, "gld_const").name, "gld_sigma")
+        if sigmas:
+            notes.append(f"{d}: constant GLD's sigma {sigmas[0]:g}, chosen from {', '.join(map(str, cfg.gld_sigmas))} "
+                         "by validation accuracy on a tuning seed.")
     return notes
 
 
