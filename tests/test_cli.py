@@ -42,6 +42,12 @@ def test_unknown_set_key_fails_fast_listing_valid_keys(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
+def test_repeated_set_flags_all_apply(tmp_path, capsys):
+    """``--set a=1 --set b=2`` must not silently drop a=1: a bad key in the first flag still fails."""
+    assert main(["run", "baselines", "--set", "epochz=3", "--set", "epochs=1", "--out", str(tmp_path)]) == 2
+    assert "unknown key 'epochz'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad,expect", [("epochs=three", "expected int"), ("optimizers=sgd,lbfgs", "lbfgs"),
                                         ("noequals", "key=value")])
 def test_bad_values_fail_before_training(tmp_path, capsys, bad, expect):

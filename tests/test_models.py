@@ -107,3 +107,17 @@ def test_binary_vgg_binarizes_weights_and_activations_with_straight_through_grad
     (g_real,) = torch.autograd.grad(out, conv.weight, cotangent)
     assert (conv.weight.abs() > 1).any() and (conv.weight.abs() <= 1).any()
     torch.testing.assert_close(g_real, g_binary * (conv.weight.abs() <= 1))
+
+
+@pytest.mark.parametrize("shape,features", [((1, 28, 28), 160), ((1, 8, 8), 40), ((1, 40), 70)])
+def test_wu_cnn_is_the_msgd_authors_network(shape, features):
+    """conv 1->10 5x5, pool, ReLU, conv 10->10 5x5, pool, ReLU, fc 160->50 on 28x28 (their Fashion-MNIST
+    net), every parameter N(0, 0.02^2)."""
+    torch.manual_seed(0)
+    model = build_model("wu_cnn", shape, 10)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [(1, 10, 5), (10, 10, 5)]
+    assert model.classifier[1].in_features == features and model.classifier[1].out_features == 50
+    assert model(torch.randn(3, *shape)).shape == (3, 10)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert abs(float(flat.std()) - 0.02) < 0.002 and abs(float(flat.mean())) < 0.002

@@ -61,14 +61,16 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one experiment", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("name")
-    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    r.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields (repeatable)")
     common(r)
     sw = sub.add_parser("sweep", help="a grid of config values, every point a run of the experiment on a "
                         "validation split held out of the training set; the table and each arm's best point")
     sw.add_argument("name")
     sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                     help="a config key and its values (repeat for a product grid)")
-    sw.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override other config fields")
+    sw.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="override other config fields (repeatable)")
     sw.add_argument("--validation", type=float, default=0.2,
                     help="fraction of each training set held out and reported on instead of the test set (0.2)")
     sw.add_argument("--metric", default="test_acc", help="final metric compared, measured on the validation split")

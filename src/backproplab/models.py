@@ -132,6 +132,33 @@ class SmallCNN(nn.Module):
         return self.head(self.classifier(self.features(x)))
 
 
+class WuCNN(nn.Module):
+    """The MSGD authors' small CNN (Wu et al., ICML 2020, their Fashion-MNIST network): conv 1->10 5x5,
+    max-pool 2, ReLU, conv 10->10 5x5, max-pool 2, ReLU, linear -> 50, ReLU, linear 50 -> classes, every
+    weight and bias drawn from N(0, ``init_std``^2) (their 0.02). On 28x28 inputs the flattened features
+    are their 160; inputs under 16 wide (digits' 8x8) get padding 2 so both 5-wide convolutions fit."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (10, 10),
+                 hidden: int = 50, init_std: float = 0.02):
+        super().__init__()
+        conv, _, pool, _ = _layers(input_shape)
+        pad = 0 if min(input_shape[1:]) >= 16 else 2
+        c, spatial, layers = input_shape[0], list(input_shape[1:]), []
+        for width in channels:
+            layers += [conv(c, width, 5, padding=pad), pool(2), nn.ReLU()]
+            spatial = [(s + 2 * pad - 4) // 2 for s in spatial]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * math.prod(spatial), hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.normal_(0.0, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.classifier(self.features(x)))
+
+
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
@@ -264,6 +291,7 @@ class BinaryVGG(nn.Module):
 register_model("mlp")(MLP)
 register_model("binary_vgg")(BinaryVGG)
 register_model("cnn")(SmallCNN)
+register_model("wu_cnn")(WuCNN)
 register_model("vgg11")(lambda shape, k, **kw: VGG(shape, k, VGG11, batchnorm=False, **kw))
 register_model("vgg11_bn")(lambda shape, k, **kw: VGG(shape, k, VGG11, batchnorm=True, **kw))
 register_model("resnet18")(ResNet)

@@ -38,6 +38,7 @@ from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, c
 
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
 LARGE = ("large_sgd", "large_weighted")
+MODELS = ("cnn", "wu_cnn")
 PAPER = "Wu et al., ICML 2020"
 EQUIVALENCE_MARGIN = 0.01  # 1 point of test accuracy: "generalizes like SGD"
 
@@ -49,7 +50,8 @@ class MSGDConfig(ExperimentConfig):
     n_train: int = 1000  # training examples (a per-seed subset)
     batch_size: int = 50  # SGD's mini-batch size b
     large_factor: int = 4  # large batch B = large_factor x b, strictly between b and n
-    cnn_channels: tuple[int, ...] = (16, 32)  # channels of the small CNN's conv layers
+    model: str = "cnn"  # "cnn" (our small CNN) or "wu_cnn" (the authors' CNN, N(0, 0.02^2) initialisation)
+    cnn_channels: tuple[int, ...] = (16, 32)  # channels of the small CNN's conv layers (model "cnn")
     lr: float = 0.05  # learning rate, every arm
     steps: int = 3000  # training steps per run
     evals: int = 20  # evaluations per run
@@ -62,6 +64,7 @@ class MSGDConfig(ExperimentConfig):
     def validate(self) -> None:
         check_n_train(self, _datasets(self))
         check_choices("methods", self.methods, SMALL + LARGE)
+        check_choices("model", (self.model,), MODELS)
         if set(LARGE) & set(self.methods) and self.n_train:
             large_batch(self, self.n_train)
 
@@ -142,7 +145,7 @@ def run_arm(run: Run) -> dict:
     data = run.data(arm.dataset, n_train=cfg.n_train, rest_to_test=True)
     n, b = len(data.x_train), cfg.batch_size
     big = large_batch(cfg, n) if arm.method in LARGE else None
-    model = run.prepare_model(build_model("cnn", data.input_shape, data.num_classes, channels=cfg.cnn_channels))
+    model = run.prepare_model(_model(cfg, data))
     tc = run.train_config(optimizer="gd", lr=cfg.lr, max_steps=cfg.steps, eval_every=max(1, cfg.steps // cfg.evals),
                           eval_train=True)
     step, callbacks, method = None, [], arm.method
@@ -164,6 +167,12 @@ def run_arm(run: Run) -> dict:
     return {**final, "gld_sigma": gld.sigma} if method == "gld_const" else final
 
 
+def _model(cfg: MSGDConfig, data):
+    if cfg.model == "wu_cnn":
+        return build_model("wu_cnn", data.input_shape, data.num_classes)
+    return build_model("cnn", data.input_shape, data.num_classes, channels=cfg.cnn_channels)
+
+
 TUNING_SEED = 10_000  # tunes constant GLD's sigma; never one of the evaluated seeds
 
 
@@ -171,7 +180,7 @@ def tuned_gld_sigma(cfg: MSGDConfig, dataset: str, device: str) -> float:
     """Constant GLD's sigma: the one of ``cfg.gld_sigmas`` with the best validation accuracy."""
     if not cfg.gld_sigmas:
         return cfg.gld_sigma
-    key = json.dumps({k: getattr(cfg, k) for k in ("n_train", "cnn_channels", "lr", "steps", "gld_sigmas",
+    key = json.dumps({k: getattr(cfg, k) for k in ("n_train", "model", "cnn_channels", "lr", "steps", "gld_sigmas",
                                                    "data_root")}, sort_keys=True)
     return _tuned_gld_sigma(key, dataset, device)
 
@@ -188,7 +197,7 @@ def _tuned_gld_sigma(key: str, dataset: str, device: str) -> float:
     with isolated_rng(TUNING_SEED):
         for sigma in cfg["gld_sigmas"]:
             seed_everything(TUNING_SEED)
-            model = build_model("cnn", split.input_shape, split.num_classes, channels=tuple(cfg["cnn_channels"]))
+            model = _model(MSGDConfig(model=cfg["model"], cnn_channels=tuple(cfg["cnn_channels"])), split)
             gld = msgd.GLD(len(split.x_train), sigma=sigma)
             tc = TrainConfig(optimizer="gd", lr=cfg["lr"], max_steps=cfg["steps"], eval_every=0, seed=TUNING_SEED,
                              device=device)
