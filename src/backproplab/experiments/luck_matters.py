@@ -104,9 +104,9 @@ def claims(cfg: LuckConfig) -> list[Claim]:
                          f"Student nodes of layer {li} that match no teacher node end with smaller fan-out weights, "
                          "relative to their start, than the matched ones.", f"fan_out_ratio_layer{li}", top, "less",
                          0.0, "an L-shaped scatter: unmatched nodes have near-zero fan-out norms", threshold=1.0,
-                         metric_label="mean final/initial fan-out norm of unmatched (corr < 0.5) over matched "
-                                      "(corr >= 0.9) students"))
-    out.append(Claim("luck_matters.fan_out_l_shape.two_layer", PAPER, "Tian 2020, Fig. 3 (2-layer, small init)",
+                         metric_label=f"mean final/initial fan-out norm of unmatched (corr < {cfg.unmatched_corr:g}) "
+                                      f"over matched (corr >= {cfg.matched_corr:g}) students"))
+    out.append(Claim("luck_matters.fan_out_l_shape.two_layer", PAPER, "Tian 2020 (2-layer experiments, small init)",
                      "In a 2-layer network trained from a small initialisation, unmatched student nodes' fan-out "
                      "weights stay small while matched nodes' grow.", "fan_out_ratio_layer1", "two_layer", "less",
                      0.0, "unmatched nodes' fan-out shrinks to near zero", threshold=1.0,
@@ -313,7 +313,8 @@ def analyze(res: Results) -> list[str]:
                 n_layers = len(fs[0]["layers"])
                 rel, con = ([_seed_mean(fs, f"{m}_layer{li}") for li in range(1, n_layers + 1)]
                             for m in ("fan_out_ratio", "contribution_ratio"))
-                verdict.append(f"fan-out, {arm}: unmatched (best corr < 0.5) over matched (>= 0.9) students per layer, "
+                verdict.append(f"fan-out, {arm}: unmatched (best corr < {cfg.unmatched_corr:g}) over matched "
+                               f"(>= {cfg.matched_corr:g}) students per layer, "
                                "final/initial fan-out norm " + "/".join(f"{v:.2f}" for v in rel)
                                + "; fan-out x activation std " + "/".join(f"{v:.2f}" for v in con)
                                + " (seed means; below 1 is the L-shape).")
