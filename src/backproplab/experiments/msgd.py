@@ -15,8 +15,14 @@ updates for every method. Arms:
 Seed k gives every arm the same data subset and the same initial weights.
 
 Claims: every "MSGD variant generalizes like SGD" claim requires that SGD beats GD in the same run
-(the paper's premise); where it does not, those verdicts are inconclusive. Deviation from the paper:
-digits / MNIST-1D instead of Fashion-MNIST / CIFAR-10 when their files are absent, and a shorter budget.
+(the paper's premise); where it does not, those verdicts are inconclusive. The equivalence margin,
+1.5 points, was fixed before the full run as half the SGD-GD gap of a pilot (3 seeds, the settings here,
+2026-12-01): on MNIST-1D GD fits the training set (100%) and reaches 62.3% test accuracy against SGD's
+65.2% (gap 2.9 points, every seed positive); on digits the gap is 0.2 points (97.8% against 98.0%), so
+digits is no default. The authors' own CNN (model ``wu_cnn``, N(0, 0.02^2) initialisation, lr 0.01) does
+not leave its plateau on digits in 10,000 GD steps (21% training accuracy), so it is an option, not the
+default. Deviation from the paper: MNIST-1D instead of Fashion-MNIST / CIFAR-10 when their files are
+absent, our small CNN, lr 0.05 and 3000 steps instead of the authors' 10,000 at lr 0.01.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "ms
 LARGE = ("large_sgd", "large_weighted")
 MODELS = ("cnn", "wu_cnn")
 PAPER = "Wu et al., ICML 2020"
-EQUIVALENCE_MARGIN = 0.01  # 1 point of test accuracy: "generalizes like SGD"
 
 
 @dataclass
@@ -59,6 +64,7 @@ class MSGDConfig(ExperimentConfig):
     gld_sigmas: tuple[float, ...] = (0.003, 0.01, 0.03)  # constant GLD's sweep, chosen on validation
     gld_every: int = 10  # steps between dynamic GLD's trace re-estimates (the authors': 10)
     gld_probes: int = 100  # mini-batches per trace estimate (the authors': 100)
+    equivalence_margin: float = 0.015  # "generalizes like SGD": within half the SGD-GD gap (see the docstring)
     seeds: int = 10
 
     def validate(self) -> None:
@@ -95,7 +101,7 @@ def _datasets(cfg: MSGDConfig) -> list[str]:
         load_dataset("fashion_mnist", root=cfg.data_root or None)
         return ["fashion_mnist"]
     except DataNotFoundError:
-        return ["digits", "mnist1d"]
+        return ["mnist1d"]  # digits shows no SGD-GD gap at this scale (see the module docstring)
 
 
 def arms(cfg: MSGDConfig) -> list[MSGDArm]:
@@ -121,7 +127,8 @@ def claims(cfg: MSGDConfig) -> list[Claim]:
                 out.append(Claim(
                     f"msgd.{m}_generalizes_like_sgd.{d}", PAPER, "Fig. 2, Section 5",
                     f"{label}, whose noise has SGD's covariance, generalizes as well as SGD.", "test_acc", name(m),
-                    "equivalent", EQUIVALENCE_MARGIN, "Fashion-MNIST / CIFAR-10: test accuracy curves overlap SGD's",
+                    "equivalent", cfg.equivalence_margin,
+                    "Fashion-MNIST / CIFAR-10: test accuracy curves overlap SGD's",
                     baseline=name("sgd"), metric_label=acc, requires=(premise,) if "gd" in have else ()))
         for m in ("gld_dynamic", "gld_const"):
             if {m, "sgd"} <= have:
@@ -228,6 +235,11 @@ def analyze(res: Results) -> list[str]:
         if acc:
             notes.append(f"{d}: final test accuracy after {cfg.steps} steps, mean over seeds — " +
                          ", ".join(f"{m} {100 * a.mean():.1f}%" for m, a in acc.items()) + ".")
+        if {"gd", "sgd"} <= set(acc):
+            train = {m: final_values(res, MSGDArm(d, m).name, "train_full_acc") for m in ("gd", "sgd")}
+            notes.append(f"{d}: training accuracy at the end GD {100 * np.mean(train['gd']):.1f}%, SGD "
+                         f"{100 * np.mean(train['sgd']):.1f}%; the SGD-GD test gap is the claim msgd.sgd_beats_gd.{d}; "
+                         f"the equivalence margin is {100 * cfg.equivalence_margin:g} points.")
         sigmas = final_values(res, MSGDArm(d, "gld_const").name, "gld_sigma")
         if sigmas:
             notes.append(f"{d}: constant GLD's sigma {sigmas[0]:g}, chosen from {', '.join(map(str, cfg.gld_sigmas))} "
