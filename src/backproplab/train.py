@@ -22,6 +22,7 @@ epoch, so a resumed run ends with exactly the metrics of an uninterrupted one (t
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
@@ -239,11 +240,29 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world size)."""
+    """Join the process group torchrun describes in the environment; (rank, world size). The group is
+    left at interpreter exit if the script does not call :func:`shutdown_distributed` itself: a rank
+    that exits with gloo's threads still running can abort and fail the whole torchrun job."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        _leave_group_at_exit()
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _leave_group_at_exit() -> None:
+    """At interpreter exit, leave the group: after meeting the other ranks when this one ends normally
+    (destroying it while a peer still talks can abort too), at once after an uncaught exception (the
+    peers may never come)."""
+    crashed = []
+    previous = sys.excepthook
+
+    def note_crash(*exc_info):
+        crashed.append(True)
+        previous(*exc_info)
+
+    sys.excepthook = note_crash
+    atexit.register(lambda: shutdown_distributed(wait=not crashed))
 
 
 def shutdown_distributed(wait: bool = True) -> None:
