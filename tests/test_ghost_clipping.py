@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -61,16 +61,18 @@ def ce(model, xs, y):
     return F.cross_entropy(model(*xs), y, reduction="sum")
 
 
-def engine(model: nn.Module, loss_of, xs, y, clip: float):
+def engine(model: nn.Module, loss_of, xs, y, clip: float, into=None, alpha: float = 1.0):
     clipper = GhostClipping(model)
     with clipper.recording():
         loss = loss_of(clipper, xs, y)
-    sums, norms = clipper.clipped_sum(loss, clip)
+    sums, norms = clipper.clipped_sum(loss, clip, into=into, alpha=alpha)
     clipper.remove_hooks()
     return sums, norms
 
 
 def assert_engine_exact(model, xs, y, clip, loss_of=ce, check_func=True):
+    """Both outputs of the engine against the loop: the clipped sums it returns, and (the DP-SGD step's
+    path) base + alpha * clipped sum accumulated in place into given tensors."""
     model = model.double()
     xs = [x.double() if x.is_floating_point() else x for x in xs]
     sums, norms = engine(model, loss_of, xs, y, clip)
@@ -79,6 +81,11 @@ def assert_engine_exact(model, xs, y, clip, loss_of=ce, check_func=True):
     names = {p: n for n, p in model.named_parameters()}
     for p, ref in ref_sums.items():
         torch.testing.assert_close(sums.get(p, torch.zeros_like(p)), ref, **TOL, msg=names[p])
+    gen = torch.Generator().manual_seed(1)
+    base = {p: torch.randn(p.shape, generator=gen) for p in ref_sums}
+    into, _ = engine(model, loss_of, xs, y, clip, into={p: b.clone() for p, b in base.items()}, alpha=0.37)
+    for p, ref in ref_sums.items():
+        torch.testing.assert_close(into[p], base[p] + 0.37 * ref, **TOL, msg=f"{names[p]} (into)")
     if check_func:
         torch.testing.assert_close(norms, func_norms(model, loss_of, xs, y), **TOL)
     return norms
@@ -132,11 +139,19 @@ def test_linear(b, i, o, t, bias, clip):
         assert_engine_exact(model, [x], _y(b, o), clip, loss_of)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=24, deadline=None)
 @given(b=st.integers(1, 5), c=st.integers(1, 3), k=st.integers(1, 3), stride=st.integers(1, 2),
        padding=st.integers(0, 1), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), bias=st.booleans(),
-       one_d=st.booleans(), side=st.integers(6, 9))
-def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side):
+       one_d=st.booleans(), side=st.integers(6, 9), path=st.sampled_from(["cheaper", "ghost", "materialise"]))
+@example(b=3, c=2, k=3, stride=1, padding=1, dilation=2, groups=2, bias=True, one_d=False, side=8, path="ghost")
+@example(b=2, c=1, k=2, stride=1, padding=0, dilation=2, groups=1, bias=False, one_d=True, side=7, path="ghost")
+@example(b=3, c=2, k=1, stride=2, padding=0, dilation=1, groups=1, bias=True, one_d=False, side=7, path="ghost")
+def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side, path):
+    """Every shape on every path: the one the flop count picks (dW_i for layers this small), and each forced."""
+    from unittest import mock
+
+    from backproplab.methods import ghost_clipping
+
     torch.manual_seed(side)
     conv = nn.Conv1d if one_d else nn.Conv2d
     c_in, c_out = c * groups, 2 * groups
@@ -144,7 +159,9 @@ def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side):
                                bias=bias), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
     x = _x(b, c_in, side) if one_d else _x(b, c_in, side, side - 1)
     model(x)  # materialise the lazy layer
-    assert_engine_exact(model, [x], _y(b, 3), 0.5)
+    cheaper = ghost_clipping._materialise_cheaper if path == "cheaper" else lambda *a: path == "materialise"
+    with mock.patch.object(ghost_clipping, "_materialise_cheaper", cheaper):
+        assert_engine_exact(model, [x], _y(b, 3), 0.5)
 
 
 def test_conv_padding_modes_go_to_torch_func():

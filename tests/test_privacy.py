@@ -523,3 +523,4 @@ def test_an_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="engine must be one of"):
         privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=10, batch_size=2, steps=1,
                       config=privacy.DPConfig(noise_multiplier=1.0, engine="fast"))
+

@@ -16,12 +16,14 @@ input of it, so autograd skips every weight-gradient product. Per layer, from (a
   fewer flops, chosen per layer and per call (mixed ghost clipping, Bu et al., AAAI 2023). Convolutions are
   Linear layers over the unfolded input (positions = output pixels). Embeddings: a_i is one-hot, so
   ``||dE_i||^2 = sum_{t,s} [id_t = id_s] g_t . g_s``. LayerNorm and GroupNorm: the per-example gradients
-  of their affine parameters are as small as the parameters, so they are formed directly from the
-  normalised input.
+  of their affine parameters are as small as the parameters, so they are formed directly: LayerNorm's from
+  the normalised input, GroupNorm's from the mean and 1/std its forward saved,
+  ``rstd * (sum_s x_s g_s - mean * sum_s g_s)`` per channel, without normalising the input again.
 - **The clipped sum, by book-keeping** (Bu et al., ICML 2023): ``S_W = (c * g)^T a``, one product of the
   kept tensors, the cost of the weight gradient in an ordinary backward (or, where dW_i was materialised,
-  ``sum_i c_i dW_i``, cheaper still). A second, weighted backward (Lee & Kifer 2021) would spend the same
-  weight-gradient products plus all the activation gradients again, so book-keeping is used for every layer.
+  ``sum_i c_i dW_i``, cheaper still), returned or added in place into given tensors (DP-SGD's noise). A
+  second, weighted backward (Lee & Kifer 2021) would spend the same weight-gradient products plus all the
+  activation gradients again, so book-keeping is used for every layer.
 
 Any other layer that holds trainable parameters falls back to ``torch.func`` per-example gradients of that
 layer alone (vmap of the layer's own vector-Jacobian product at each example's input and output gradient),
@@ -35,6 +37,8 @@ modified in place is an error, not a silent privacy leak.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,15 +51,20 @@ SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.Gro
 
 
 class _Call:
-    __slots__ = ("args", "kwargs", "edge", "version")
+    __slots__ = ("args", "kwargs", "edge", "version", "stats")
 
-    def __init__(self, args: tuple, kwargs: dict, output: Tensor):
+    def __init__(self, args: tuple, kwargs: dict, output: Tensor, kind: type | None = None):
         if not args or not isinstance(args[0], Tensor):
             raise TypeError(f"a layer with trainable parameters was called without a tensor as its first argument "
                             f"({len(args)} positional arguments); the ghost clipping engine reads its input there")
         self.args, self.kwargs = args, kwargs
         self.edge = get_gradient_edge(output)
         self.version = args[0]._version
+        self.stats = None
+        if kind is nn.GroupNorm and type(output.grad_fn).__name__ == "NativeGroupNormBackward0":
+            # the per-(example, group) mean and 1/std GroupNorm saved for its backward (freed by that backward,
+            # so taken now)
+            self.stats = (output.grad_fn._saved_result1, output.grad_fn._saved_result2)
 
 
 class _Recording:
@@ -134,26 +143,37 @@ class GhostClipping(nn.Module):
             raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; the ghost clipping engine "
                             "needs layers with trainable parameters to return one tensor (use engine='opacus')")
         if output.requires_grad:
-            self._calls.append((module, _Call(args, kwargs, output)))
+            self._calls.append((module, _Call(args, kwargs, output, self._kinds[module])))
 
     # -- the engine
-    def clipped_sum(self, loss: Tensor, max_grad_norm: float, check: bool | None = None
-                    ) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+    def clipped_sum(self, loss: Tensor, max_grad_norm: float, check: bool | None = None,
+                    into: dict[nn.Parameter, Tensor] | Callable[[], dict[nn.Parameter, Tensor]] | None = None,
+                    alpha: float = 1.0) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
         """``({p: sum_i c_i dl_i/dp}, per-example norms)`` for ``loss = sum_i l_i`` recorded under ``recording()``.
 
+        ``into`` ({parameter: tensor of its shape}, or a function returning one, called after the backward):
+        add ``alpha * sum_i c_i dl_i/dp`` to those tensors in place instead (the DP-SGD step passes its noise,
+        already divided by the batch size) and return them; a parameter the loss does not reach keeps its
+        tensor unchanged.
         ``check`` (default: on the first call only) first runs :meth:`verify` on the same loss.
         """
         if (not self._checked) if check is None else check:
             self.verify(loss, retain_graph=True)
         rules = self._rules(loss, retain_graph=False)
+        if callable(into):
+            into = into()
         if not rules:  # nothing reached the loss: every gradient is zero
-            return {}, torch.zeros(0)
+            return ({} if into is None else into), torch.zeros(0)
         with torch.no_grad():
             norms = torch.stack([rule.sq for _, rule in rules]).sum(0).sqrt()
             factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            sums = {}
+            sums = {} if into is None else into
             for m, rule in rules:
-                sums.update(zip(self._own(m), rule.weighted(factor)))
+                own = self._own(m)
+                if into is None:
+                    sums.update(zip(own, rule.weighted(factor)))
+                else:
+                    rule.accumulate(factor, [into[p] for p in own], alpha)
                 rule.release()
         return sums, norms
 
@@ -216,6 +236,11 @@ class _Rule:
     def weighted(self, c: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
+    def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
+        """``out += alpha * weighted(c)`` for each of the layer's parameters, in place."""
+        for out, w in zip(outs, self.weighted(c)):
+            out.add_(w, alpha=alpha)
+
     def release(self) -> None:
         """Drop the kept activations and gradients (after the last ``weighted``)."""
         self.__dict__.clear()
@@ -252,6 +277,14 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def _addmv(out: Tensor, per: Tensor, c: Tensor, alpha: float) -> None:
+    """out += alpha * sum_i c_i per_i, for per (B, *out.shape): one matrix-vector product."""
+    if out.is_contiguous():
+        out.view(-1).addmv_(per.reshape(len(per), -1).T, c, alpha=alpha)
+    else:
+        out.add_(torch.einsum("b,b...->...", c, per), alpha=alpha)
+
+
 def _sq(t: Tensor) -> Tensor:
     """Per-example squared norm of a (B, ...) tensor."""
     t = t.reshape(len(t), -1)
@@ -266,7 +299,11 @@ class _LinearRule(_Rule):
         if len(inputs) == 1 and inputs[0].dim() == 2:  # one call, no positions: ||g_i a_i^T|| = ||a_i|| ||g_i||
             self.a, self.g = inputs[0], grads[0]
             gg = torch.linalg.vecdot(self.g, self.g)
-            self.sq = (gg * torch.linalg.vecdot(self.a, self.a) if self.weight else 0) + (gg if self.bias else 0)
+            if self.weight:  # ||a_i||^2 ||g_i||^2 (+ ||g_i||^2 for the bias)
+                aa = torch.linalg.vecdot(self.a, self.a)
+                self.sq = torch.addcmul(gg, gg, aa) if self.bias else gg * aa
+            else:
+                self.sq = gg
             return
         B = grads[0].shape[0]
         self.a = _cat([a.reshape(B, -1, a.shape[-1]) for a in inputs], 1)  # (B, T, i)
@@ -285,6 +322,17 @@ class _LinearRule(_Rule):
         if self.per is not None:
             self.a = self.g = None  # the clipped sum needs only dW_i
         self.sq = sq
+
+    def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
+        bias = outs[-1] if self.bias else None
+        if self.per is not None:
+            _addmv(outs[0], self.per, c, alpha)
+        elif self.weight:  # sum_i c_i g_i^T a_i over every position: one product, into the output
+            o, i = self.g.shape[-1], self.a.shape[-1]
+            cg = self.g * c.view(-1, *[1] * (self.g.dim() - 1))
+            outs[0].addmm_(cg.reshape(-1, o).T, self.a.reshape(-1, i), alpha=alpha)
+        if bias is not None:
+            bias.addmv_((self.g if self.g is not None and self.g.dim() == 2 else self.gb).T, c, alpha=alpha)
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         if self.per is not None:
@@ -322,7 +370,6 @@ class _Padded:
         self.flat = a.new_zeros(B * G, C // G, self.hp * self.wp + tail)
         self.flat[:, :, :self.hp * self.wp].view(B, C, self.hp, self.wp)[:, :, pad[0]:pad[0] + H,
                                                                           pad[1]:pad[1] + W] = a
-        self.real = (torch.arange(ho * self.wp) % self.wp) < wo  # which wide positions are real outputs
 
     def windows(self, kernel: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
         """(BG, cg, kh, kw, ho, wo) view: [:, :, y, x] is the input under kernel offset (y, x)."""
@@ -375,20 +422,29 @@ class _ConvRule(_Rule):
                     sq = _sq(self.per)
                 else:
                     # the patch Gram from the padded input's own Gram: <patch_l, patch_m> = sum over kernel
-                    # offsets s of <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted slices, no unfolding;
-                    # output positions are read in rows as wide as the padded input, the extra ones dropped
+                    # offsets s of <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted blocks summed in
+                    # place (offset (y, x) moves both indices by y * dh * wp + x * dw), no unfolding. A block's
+                    # rows and columns are output positions in rows as wide as the padded input: viewed as
+                    # (rows, wp) and cut to the real columns (a view), they are the real output positions.
                     wp = flats[0].wp
-                    offsets = [y * dilation[0] * wp + x * dilation[1]
-                               for y in range(kernel[0]) for x in range(kernel[1])]
                     flat = _cat([f.flat for f in flats], 2)
                     gram = torch.bmm(flat.transpose(1, 2), flat)  # (BG, N, N), N = all calls' padded positions
-                    wide = [(f.start, f.ho * wp) for f in flats]
-                    patches = torch.cat([torch.cat([sum(gram[:, i + s:i + s + n, j + s:j + s + k] for s in offsets)
-                                                    for j, k in wide], 2) for i, n in wide], 1)
-                    local = torch.cat([torch.nonzero(f.real).flatten() + sum(n for _, n in wide[:t])
-                                       for t, f in enumerate(flats)]).to(patches.device)  # real outputs, in order
-                    patches = patches[:, local][:, :, local]  # (BG, L, L)
-                    sq = (patches * torch.bmm(g_all.transpose(1, 2), g_all)).reshape(B, -1).sum(1)
+                    offsets = [y * dilation[0] * wp + x * dilation[1]
+                               for y in range(kernel[0]) for x in range(kernel[1])]
+
+                    def block(f: _Padded, h: _Padded) -> Tensor:
+                        def real(s: int) -> Tensor:
+                            view = gram[:, f.start + s:f.start + s + f.ho * wp, h.start + s:h.start + s + h.ho * wp]
+                            return view.view(B * G, f.ho, wp, h.ho, wp)[:, :, :f.wo, :, :h.wo]
+
+                        total = real(0).clone()
+                        for s in offsets[1:]:  # a strided sum over the offsets is ten times slower on CPU
+                            total.add_(real(s))
+                        return total.view(B * G, f.ho * f.wo, h.ho * h.wo)
+
+                    patches = _cat([_cat([block(f, h) for h in flats], 2) for f in flats], 1)  # (BG, L, L)
+                    g_gram = torch.bmm(g_all.transpose(1, 2), g_all)
+                    sq = torch.linalg.vecdot(patches.flatten(1), g_gram.flatten(1)).view(B, G).sum(1)
             else:
                 u = _cat([F.unfold(a.unsqueeze(-2) if self.one_d else a, kernel, dilation=dilation, padding=pad,
                                    stride=stride).reshape(B * G, cg * K, -1) for a in inputs], 2)
@@ -420,20 +476,30 @@ class _ConvRule(_Rule):
             out.append(f)
         return out
 
+    def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
+        if self.weight:
+            if self.per is not None:
+                _addmv(outs[0], self.per, c, alpha)
+            else:
+                outs[0].add_(self._weight_sum(c), alpha=alpha)
+        if self.bias:
+            outs[-1].addmv_(self.gb.T, c, alpha=alpha)
+
     def weighted(self, c: Tensor) -> list[Tensor]:
         out = []
         if self.weight:
-            if self.per is not None:
-                out.append(torch.einsum("b,b...->...", c, self.per))
-            else:
-                m = self.m
-                wgrad = torch.nn.grad.conv1d_weight if self.one_d else torch.nn.grad.conv2d_weight
-                out.append(sum(wgrad(a, m.weight.shape, g * c.view(-1, *[1] * (g.dim() - 1)), stride=m.stride,
-                                     padding=self.padding, dilation=m.dilation, groups=m.groups)
-                               for a, g in zip(self.inputs, self.grads)))
+            out.append(torch.einsum("b,b...->...", c, self.per) if self.per is not None else self._weight_sum(c))
         if self.bias:
             out.append(c @ self.gb)
         return out
+
+    def _weight_sum(self, c: Tensor) -> Tensor:
+        """sum_i c_i dW_i as the convolution's own weight gradient of the weighted output gradient."""
+        m = self.m
+        wgrad = torch.nn.grad.conv1d_weight if self.one_d else torch.nn.grad.conv2d_weight
+        return sum(wgrad(a, m.weight.shape, g * c.view(-1, *[1] * (g.dim() - 1)), stride=m.stride,
+                         padding=self.padding, dilation=m.dilation, groups=m.groups)
+                   for a, g in zip(self.inputs, self.grads))
 
 
 class _EmbeddingRule(_Rule):
@@ -450,6 +516,10 @@ class _EmbeddingRule(_Rule):
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.g.dtype)
         self.sq = (same * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
 
+    def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
+        d = self.g.shape[2]
+        outs[0].index_add_(0, self.ids.reshape(-1), (self.g * c[:, None, None]).reshape(-1, d), alpha=alpha)
+
     def weighted(self, c: Tensor) -> list[Tensor]:
         d = self.g.shape[2]
         out = torch.zeros(self.num, d, dtype=self.g.dtype, device=self.g.device)
@@ -460,7 +530,11 @@ class _NormRule(_Rule):
     """LayerNorm / GroupNorm: per-example gradients of the affine weight and bias, formed directly."""
 
     def __init__(self, m: nn.Module, pairs: list[tuple[_Call, Tensor]], normalise, own_dims: int | None):
-        per_w, per_b = 0, 0
+        per_w = per_b = None
+
+        def plus(total: Tensor | None, t: Tensor) -> Tensor:
+            return t if total is None else total + t
+
         for c, g in pairs:
             a = c.args[0]
             # sum over every dimension but the batch and the parameter's own: GroupNorm (B, C, *spatial) ->
@@ -470,15 +544,28 @@ class _NormRule(_Rule):
             def total(t: Tensor, dims: tuple = dims) -> Tensor:
                 return t.sum(dims) if dims else t  # sum(()) would sum over everything
 
+            g_sum = total(g)
             if m.weight is not None and m.weight.requires_grad:
-                if own_dims is None and g.dim() > 2:  # trailing spatial dimensions: one fused product
-                    per_w = per_w + torch.linalg.vecdot(normalise(a).flatten(2), g.flatten(2))
+                if c.stats is not None and g.dim() > 2:
+                    # GroupNorm's saved mean and 1/std per (example, group): sum_s xhat_s g_s =
+                    # rstd * (sum_s x_s g_s - mean * sum_s g_s), without normalising the input again
+                    mean, rstd = c.stats
+                    B, C, G = g.shape[0], g.shape[1], mean.shape[1]
+                    xg = torch.linalg.vecdot(a.flatten(2), g.flatten(2)).view(B, G, C // G)
+                    xg.addcmul_(mean.unsqueeze(-1), g_sum.view(B, G, C // G), value=-1).mul_(rstd.unsqueeze(-1))
+                    per_w = plus(per_w, xg.view(B, C))
+                elif own_dims is None and g.dim() > 2:  # trailing spatial dimensions: one fused product
+                    per_w = plus(per_w, torch.linalg.vecdot(normalise(a).flatten(2), g.flatten(2)))
                 else:
-                    per_w = per_w + total(normalise(a) * g)
+                    per_w = plus(per_w, total(normalise(a) * g))
             if m.bias is not None and m.bias.requires_grad:
-                per_b = per_b + total(g)
+                per_b = plus(per_b, g_sum)
         self.per = [t for t, p in ((per_w, m.weight), (per_b, m.bias)) if p is not None and p.requires_grad]
-        self.sq = sum(_sq(t) for t in self.per)
+        self.sq = _sq(self.per[0]) if len(self.per) == 1 else _sq(self.per[0]).add_(_sq(self.per[1]))
+
+    def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
+        for out, t in zip(outs, self.per):
+            _addmv(out, t, c, alpha)
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         return [torch.einsum("b,b...->...", c, t) for t in self.per]
@@ -504,6 +591,10 @@ class _FuncRule(_Rule):
             self.per = per if self.per is None else {n: self.per[n] + per[n] for n in names}
         self.names = names
         self.sq = sum(_sq(self.per[n]) for n in names)
+
+    def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
+        for out, n in zip(outs, self.names):
+            _addmv(out, self.per[n], c, alpha)
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         return [torch.einsum("b,b...->...", c, self.per[n]) for n in self.names]

@@ -96,13 +96,21 @@ class GaussianNoise:
         """Add this step's noise to ``tensors`` (one per parameter, in order), in place, one draw at a time."""
         if self.std == 0:
             return
+        for t, z in zip(tensors, self.draw(tensors)):
+            t.add_(z)
+
+    def draw(self, like: list[Tensor], scale: float = 1.0) -> list[Tensor]:
+        """This step's noise times ``scale``: new tensors shaped as ``like``, drawn one at a time, in order."""
+        if self.std == 0:
+            return [torch.zeros_like(t) for t in like]
         from opacus.optimizers.optimizer import _generate_noise
 
-        g = self.generator_on(tensors[0].device)
-        for t in tensors:
-            # Opacus's draw (its non-secure one without the zeros it does not use)
-            t.add_(_generate_noise(self.std, t, generator=g, secure_mode=True) if self.secure else
-                   torch.normal(0, self.std, size=t.shape, generator=g, dtype=t.dtype, device=t.device))
+        g = self.generator_on(like[0].device)
+        if self.secure:  # Opacus's draw, its defence against floating-point attacks included
+            return [_generate_noise(self.std, t, generator=g, secure_mode=True).mul_(scale) for t in like]
+        # Opacus's non-secure draw (without the zeros it does not use), its scale folded into the deviation
+        return [torch.normal(0, self.std * scale, size=t.shape, generator=g, dtype=t.dtype, device=t.device)
+                for t in like]
 
     def state_dict(self) -> dict:
         state = self.generator.get_state() if self.generator is not None else self._state
@@ -244,7 +252,7 @@ class DPSGD:
 
         def poisson(batch, state: TrainState):
             idx = self.poisson_batch(state.data.x_train.device)
-            yield (state.data.x_train[idx], state.data.y_train[idx]), 1.0
+            yield (state.data.x_train.index_select(0, idx), state.data.y_train.index_select(0, idx)), 1.0
 
         def private_loss(part, state: TrainState) -> Tensor:
             x, y = part
@@ -279,8 +287,9 @@ class DPSGD:
             self.model.verify(loss)
 
     def _ghost_step(self, poisson: Callable, private_loss: Callable) -> Callable:
-        """zero_grad; loss of a Poisson batch; clipped sum (ghost engine); + noise on rank 0; sum over ranks;
-        / expected batch size; optimizer.step(); account. The order of the noise draws is Opacus's."""
+        """zero_grad; loss of a Poisson batch; noise / expected batch size on rank 0 + clipped sum (ghost
+        engine) / expected batch size; sum over ranks; optimizer.step(); account. The noise draws are
+        Opacus's, in its order."""
         import torch.distributed as dist
 
         clip = self.config.max_grad_norm
@@ -288,22 +297,29 @@ class DPSGD:
         def step(batch, state: TrainState) -> Tensor:
             opt = self.optimizer
             opt.zero_grad(set_to_none=True)
+            params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+            scale = 1.0 / self.batch_size
             ((x, y), _), = poisson(batch, state)
             if not self.model._checked and len(x):
                 self._verify(x[:2], y[:2], state, private_loss)
             with self.model.recording():
                 loss = private_loss((x, y), state)
-            sums = self.model.clipped_sum(loss * len(x), clip, check=False)[0] if len(x) else {}
-            params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-            with torch.no_grad():
-                grads = [sums[p] if p in sums else torch.zeros_like(p) for p in params]
-                del sums
-                if self.rank == 0:  # one draw per parameter, in Opacus's order
-                    self.noise.add_to(grads)
-                if self.world > 1:
+
+            def noise() -> dict[nn.Parameter, Tensor]:
+                """The noise / expected batch size, one draw per parameter in Opacus's order, on rank 0 (drawn
+                after the backward, when the activations it no longer needs are freed)."""
+                draws = self.noise.draw(params, scale) if self.rank == 0 else [torch.zeros_like(p) for p in params]
+                return dict(zip(params, draws))
+
+            if len(x):  # + the clipped sum / expected batch size, in place
+                grads = list(self.model.clipped_sum(loss * len(x), clip, check=False, into=noise, alpha=scale)[0]
+                             .values())
+            else:
+                grads = list(noise().values())
+            if self.world > 1:
+                with torch.no_grad():
                     for g in grads:
                         dist.all_reduce(g)
-                torch._foreach_div_(grads, self.batch_size)
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
