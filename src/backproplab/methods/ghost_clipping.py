@@ -425,7 +425,7 @@ class _ConvRule(_Rule):
                     # offsets s of <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted blocks summed in
                     # place (offset (y, x) moves both indices by y * dh * wp + x * dw), no unfolding. A block's
                     # rows and columns are output positions in rows as wide as the padded input: viewed as
-                    # (rows, wp) and cut to the real columns (a view), they are the real output positions.
+                    # (rows, wp) and cut to the real columns, they are the real output positions.
                     wp = flats[0].wp
                     flat = _cat([f.flat for f in flats], 2)
                     gram = torch.bmm(flat.transpose(1, 2), flat)  # (BG, N, N), N = all calls' padded positions
@@ -433,14 +433,14 @@ class _ConvRule(_Rule):
                                for y in range(kernel[0]) for x in range(kernel[1])]
 
                     def block(f: _Padded, h: _Padded) -> Tensor:
-                        def real(s: int) -> Tensor:
-                            view = gram[:, f.start + s:f.start + s + f.ho * wp, h.start + s:h.start + s + h.ho * wp]
-                            return view.view(B * G, f.ho, wp, h.ho, wp)[:, :, :f.wo, :, :h.wo]
+                        def wide(s: int) -> Tensor:
+                            return gram[:, f.start + s:f.start + s + f.ho * wp, h.start + s:h.start + s + h.ho * wp]
 
-                        total = real(0).clone()
-                        for s in offsets[1:]:  # a strided sum over the offsets is ten times slower on CPU
-                            total.add_(real(s))
-                        return total.view(B * G, f.ho * f.wo, h.ho * h.wo)
+                        total = wide(0).clone()
+                        for s in offsets[1:]:  # one strided sum over the offsets is ten times slower on CPU
+                            total.add_(wide(s))
+                        return total.view(B * G, f.ho, wp, h.ho, wp)[:, :, :f.wo, :, :h.wo].reshape(
+                            B * G, f.ho * f.wo, h.ho * h.wo)
 
                     patches = _cat([_cat([block(f, h) for h in flats], 2) for f in flats], 1)  # (BG, L, L)
                     g_gram = torch.bmm(g_all.transpose(1, 2), g_all)
