@@ -524,3 +524,27 @@ def test_an_unknown_engine_is_refused():
         privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=10, batch_size=2, steps=1,
                       config=privacy.DPConfig(noise_multiplier=1.0, engine="fast"))
 
+
+
+def test_ghost_step_with_an_optimizer_over_some_parameters_clips_over_all():
+    """An optimizer that holds only the head's weight: in one step it moves exactly as with an optimizer over
+    every parameter (the clip factors count every parameter's gradient), and the rest does not move."""
+    def run(head_weight_only: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        start = [p.detach().clone() for p in model.parameters()]
+        params = [model[2].weight] if head_weight_only else model.parameters()
+        dp = privacy.DPSGD(model, torch.optim.SGD(params, lr=0.5), n=40, batch_size=10, steps=1,
+                           config=privacy.DPConfig(noise_multiplier=0.0, max_grad_norm=0.05))
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+        fit(dp.model, Data("toy", x, y, x, y, 3), TrainConfig(optimizer="sgd", lr=0.5, batch_size=10, max_steps=1),
+            optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
+        return start, [p.detach().clone() for p in model.parameters()]
+
+    start, some = run(True)
+    _, every = run(False)
+    for i in (0, 1, 3):  # the first layer and the head's bias
+        assert torch.equal(some[i], start[i])
+    assert not torch.equal(some[2], start[2])
+    torch.testing.assert_close(some[2], every[2], rtol=1e-6, atol=1e-7)

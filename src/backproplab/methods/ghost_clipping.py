@@ -154,7 +154,7 @@ class GhostClipping(nn.Module):
         ``into`` ({parameter: tensor of its shape}, or a function returning one, called after the backward):
         add ``alpha * sum_i c_i dl_i/dp`` to those tensors in place instead (the DP-SGD step passes its noise,
         already divided by the batch size) and return them; a parameter the loss does not reach keeps its
-        tensor unchanged.
+        tensor unchanged, and a parameter not in ``into`` still counts in the norms.
         ``check`` (default: on the first call only) first runs :meth:`verify` on the same loss.
         """
         if (not self._checked) if check is None else check:
@@ -173,7 +173,13 @@ class GhostClipping(nn.Module):
                 if into is None:
                     sums.update(zip(own, rule.weighted(factor)))
                 else:
-                    rule.accumulate(factor, [into[p] for p in own], alpha)
+                    outs = [into.get(p) for p in own]
+                    if all(out is not None for out in outs):
+                        rule.accumulate(factor, outs, alpha)
+                    else:  # a parameter left out (an optimizer holding only some of them): add the others'
+                        for out, w in zip(outs, rule.weighted(factor)):
+                            if out is not None:
+                                out.add_(w, alpha=alpha)
                 rule.release()
         return sums, norms
 

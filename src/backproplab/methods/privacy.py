@@ -101,7 +101,7 @@ class GaussianNoise:
 
     def draw(self, like: list[Tensor], scale: float = 1.0) -> list[Tensor]:
         """This step's noise times ``scale``: new tensors shaped as ``like``, drawn one at a time, in order."""
-        if self.std == 0:
+        if self.std == 0 or not like:
             return [torch.zeros_like(t) for t in like]
         from opacus.optimizers.optimizer import _generate_noise
 
