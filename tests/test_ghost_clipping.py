@@ -240,6 +240,30 @@ def test_whole_models_with_groupnorm(name, shape, kwargs, path, monkeypatch):
     assert (norms > 1.0).any()  # some examples are clipped: the factor matters
 
 
+def test_two_layers_whose_outputs_are_added_share_an_output_gradient_and_both_stay_exact():
+    """y = A(x) + B(h): autograd hands A and B one and the same output-gradient tensor, so neither layer's
+    clipped sum may scale it in place; a lone layer's (C's) may."""
+    from backproplab.methods import ghost_clipping
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h, self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 3), nn.Linear(6, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.a(x) + self.b(torch.relu(self.h(x)))))
+
+    torch.manual_seed(0)
+    model = Branches().double()
+    clipper = GhostClipping(model)
+    with clipper.recording():
+        loss = ce(clipper, [_x(5, 4)], _y(5, 2))
+    owned = {m: r.owned for m, r in clipper._rules(loss, retain_graph=False)
+             if isinstance(r, ghost_clipping._LinearRule)}
+    assert owned == {model.h: True, model.a: False, model.b: False, model.c: True}
+    assert_engine_exact(Branches(), [_x(5, 4)], _y(5, 2), 0.05)
+
+
 def test_inplace_activation_after_a_layer_is_handled():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))

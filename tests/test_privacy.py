@@ -518,6 +518,32 @@ def test_the_noise_stream_is_the_seeds_and_secure_mode_seeds_it_from_the_os():
     assert noise_seed(True) != noise_seed(True)  # 63 bits from the CSPRNG: equal with probability 2^-63
 
 
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_drawn_on_first_read_is_the_stream_drawn_in_order(secure):
+    """Read in any order (last parameter first), the lazily drawn noise equals drawing every parameter's in
+    order up front, and leaves the stream where that would: the next step's noise is unchanged too."""
+    shapes = [(3, 4), (4,), (2, 3), (5,)]
+    params = [torch.zeros(s) for s in shapes]
+
+    def stream():
+        noise = privacy.GaussianNoise(1.5, seed=7)
+        if secure:  # the CSPRNG path, made reproducible for the comparison
+            noise.secure = True
+        return noise
+
+    eager = stream()
+    ref, ref_next = eager.draw(params, 0.5), eager.draw(params, 0.5)
+    lazy = stream()
+    got = lazy.in_order(params, 0.5)
+    assert torch.equal(got[params[2]], ref[2])
+    assert torch.equal(got[params[0]], ref[0])
+    for p, r in zip(params, ref):
+        assert torch.equal(got[p], r)
+    assert list(got) == params and len(got) == 4 and got.get(torch.zeros(1)) is None
+    for a, b in zip(lazy.draw(params, 0.5), ref_next):
+        assert torch.equal(a, b)
+
+
 def test_an_unknown_engine_is_refused():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="engine must be one of"):

@@ -37,7 +37,9 @@ modified in place is an error, not a silent privacy leak.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +115,7 @@ class GhostClipping(nn.Module):
             if own:
                 self._layers.append((m, own))
         self._kinds = {m: _kind(m) for m, _ in self._layers}
+        self._rank = {m: i for i, (m, _) in enumerate(self._layers)}  # the order of model.parameters()
         self._params = {m: list(m.parameters(recurse=False)) for m, _ in self._layers}
         self._handles = [m.register_forward_hook(self._tap, with_kwargs=True) for m, _ in self._layers]
 
@@ -147,14 +150,17 @@ class GhostClipping(nn.Module):
 
     # -- the engine
     def clipped_sum(self, loss: Tensor, max_grad_norm: float, check: bool | None = None,
-                    into: dict[nn.Parameter, Tensor] | Callable[[], dict[nn.Parameter, Tensor]] | None = None,
-                    alpha: float = 1.0) -> tuple[dict[nn.Parameter, Tensor], Tensor]:
+                    into: Mapping[nn.Parameter, Tensor] | Callable[[], Mapping[nn.Parameter, Tensor]] | None = None,
+                    alpha: float = 1.0) -> tuple[Mapping[nn.Parameter, Tensor], Tensor]:
         """``({p: sum_i c_i dl_i/dp}, per-example norms)`` for ``loss = sum_i l_i`` recorded under ``recording()``.
 
         ``into`` ({parameter: tensor of its shape}, or a function returning one, called after the backward):
         add ``alpha * sum_i c_i dl_i/dp`` to those tensors in place instead (the DP-SGD step passes its noise,
         already divided by the batch size) and return them; a parameter the loss does not reach keeps its
-        tensor unchanged, and a parameter not in ``into`` still counts in the norms.
+        tensor unchanged, and a parameter not in ``into`` still counts in the norms. Layers are summed in
+        parameter order, each read from ``into`` when reached and its kept tensors freed after, so a mapping
+        that makes its tensors on first read (``privacy.NoiseInOrder``) never holds them all beside every
+        layer's kept tensors.
         ``check`` (default: on the first call only) first runs :meth:`verify` on the same loss.
         """
         if (not self._checked) if check is None else check:
@@ -194,6 +200,10 @@ class GhostClipping(nn.Module):
                                    "the per-example gradients need it as it was (use an out-of-place operation)")
         grads = torch.autograd.grad(loss, [c.edge for _, c in calls], retain_graph=retain_graph, allow_unused=True)
         by_module: dict[nn.Module, list[tuple[_Call, Tensor]]] = {}
+        # a gradient that shares memory with no other kept tensor (the output gradients of two branches that
+        # are added share one) may be scaled in place by its layer's clipped sum
+        shared = Counter(t.untyped_storage().data_ptr() for (_, c), g in zip(calls, grads)
+                         for t in (c.args[0], g) if t is not None)
         for (m, c), g in zip(calls, grads):
             if g is not None:
                 by_module.setdefault(m, []).append((c, g))
@@ -202,8 +212,9 @@ class GhostClipping(nn.Module):
         if len(sizes) > 1:
             raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: every recorded call must take "
                              "the batch's examples along dimension 0")
-        with torch.no_grad():
-            return [(m, _rule(m, by_module.pop(m), self._kinds.get(m))) for m in list(by_module)]
+        with torch.no_grad():  # in parameter order: the DP-SGD step draws each layer's noise as it reaches it
+            return [(m, _rule(m, by_module.pop(m), self._kinds.get(m), shared))
+                    for m in sorted(by_module, key=self._rank.__getitem__)]
 
     def _own(self, m: nn.Module) -> list[nn.Parameter]:
         """The module's parameters that take gradients now, in the order its rule returns them."""
@@ -225,7 +236,7 @@ class GhostClipping(nn.Module):
                 (ref,) = torch.autograd.grad(loss, p, allow_unused=True, retain_graph=True)
                 ref = torch.zeros_like(p) if ref is None else ref
                 got = torch.zeros_like(p) if got is None else got
-                if not torch.allclose(got, ref, rtol=1e-3, atol=1e-5 * (1 + float(ref.abs().max()))):
+                if not _close(got, ref, rtol=1e-3, atol=1e-5 * (1 + float(torch.linalg.vector_norm(ref, math.inf)))):
                     raise RuntimeError(
                         f"the per-example gradients of {names.get(id(p), '?')!r} do not add up to its batch "
                         "gradient: the parameter is used outside its module's forward (tied weights, F.linear(x, "
@@ -257,11 +268,14 @@ def _kind(m: nn.Module) -> type | None:
     return next((k for k in SUPPORTED if isinstance(m, k) and type(m).forward is k.forward), None)
 
 
-def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = None) -> _Rule:
+def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = None,
+          shared: Counter | None = None) -> _Rule:
     inputs, grads = [c.args[0] for c, _ in pairs], [g for _, g in pairs]
     kind = _kind(m) if kind is None else kind
     if kind is nn.Linear:
-        return _LinearRule(m, inputs, grads)
+        owned = (shared is not None and len(grads) == 1 and grads[0].is_contiguous()
+                 and shared[grads[0].untyped_storage().data_ptr()] == 1)
+        return _LinearRule(m, inputs, grads, owned)
     if kind in (nn.Conv1d, nn.Conv2d) and _symmetric_padding(m) is not None:
         return _ConvRule(m, _symmetric_padding(m), inputs, grads)
     if kind is nn.Embedding:
@@ -277,6 +291,14 @@ def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = N
 def _materialise_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
     """dW_i costs T*i*o flops (and i*o memory) per example, the two Gram matrices T^2*(i+o)."""
     return positions * (fan_in + fan_out) >= fan_in * fan_out
+
+
+def _close(got: Tensor, ref: Tensor, rtol: float, atol: float, chunk: int = 2**14) -> bool:
+    """``torch.allclose`` a chunk at a time: no temporaries the size of a weight (the check runs in the first
+    step, whose peak memory is the run's)."""
+    with torch.no_grad():
+        return all(torch.allclose(g, r, rtol=rtol, atol=atol)
+                   for g, r in zip(got.reshape(-1).split(chunk), ref.reshape(-1).split(chunk)))
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -298,18 +320,21 @@ def _sq(t: Tensor) -> Tensor:
 
 
 class _LinearRule(_Rule):
-    def __init__(self, m: nn.Linear, inputs: list[Tensor], grads: list[Tensor]):
+    def __init__(self, m: nn.Linear, inputs: list[Tensor], grads: list[Tensor], owned: bool = False):
         self.bias = m.bias is not None and m.bias.requires_grad
         self.weight = m.weight.requires_grad
         self.per = None
         if len(inputs) == 1 and inputs[0].dim() == 2:  # one call, no positions: ||g_i a_i^T|| = ||a_i|| ||g_i||
             self.a, self.g = inputs[0], grads[0]
-            gg = torch.linalg.vecdot(self.g, self.g)
+            self.owned = owned  # g may be scaled in place by the clipped sum
+            gn = torch.linalg.vector_norm(self.g, dim=1)  # one reduction each, no (B, o) temporary
             if self.weight:  # ||a_i||^2 ||g_i||^2 (+ ||g_i||^2 for the bias)
-                aa = torch.linalg.vecdot(self.a, self.a)
-                self.sq = torch.addcmul(gg, gg, aa) if self.bias else gg * aa
+                self.sq = gn * torch.linalg.vector_norm(self.a, dim=1)
+                self.sq.square_()
+                if self.bias:
+                    self.sq.addcmul_(gn, gn)
             else:
-                self.sq = gg
+                self.sq = gn.square_()
             return
         B = grads[0].shape[0]
         self.a = _cat([a.reshape(B, -1, a.shape[-1]) for a in inputs], 1)  # (B, T, i)
@@ -331,6 +356,18 @@ class _LinearRule(_Rule):
 
     def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
         bias = outs[-1] if self.bias else None
+        if self.g is not None and self.g.dim() == 2:  # (c * g)^T a, the weight folded into g in place if it is
+            if bias is not None:  # ours alone, else into the smaller of a and g
+                bias.addmv_(self.g.T, c, alpha=alpha)
+            if self.weight:
+                c = c.unsqueeze(1)
+                if self.owned:
+                    outs[0].addmm_(self.g.mul_(c).T, self.a, alpha=alpha)
+                elif self.a.shape[1] < self.g.shape[1]:
+                    outs[0].addmm_(self.g.T, self.a * c, alpha=alpha)
+                else:
+                    outs[0].addmm_((self.g * c).T, self.a, alpha=alpha)
+            return
         if self.per is not None:
             _addmv(outs[0], self.per, c, alpha)
         elif self.weight:  # sum_i c_i g_i^T a_i over every position: one product, into the output
@@ -338,7 +375,7 @@ class _LinearRule(_Rule):
             cg = self.g * c.view(-1, *[1] * (self.g.dim() - 1))
             outs[0].addmm_(cg.reshape(-1, o).T, self.a.reshape(-1, i), alpha=alpha)
         if bias is not None:
-            bias.addmv_((self.g if self.g is not None and self.g.dim() == 2 else self.gb).T, c, alpha=alpha)
+            bias.addmv_(self.gb.T, c, alpha=alpha)
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         if self.per is not None:

@@ -28,7 +28,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -101,16 +101,47 @@ class GaussianNoise:
 
     def draw(self, like: list[Tensor], scale: float = 1.0) -> list[Tensor]:
         """This step's noise times ``scale``: new tensors shaped as ``like``, drawn one at a time, in order."""
-        if self.std == 0 or not like:
-            return [torch.zeros_like(t) for t in like]
-        from opacus.optimizers.optimizer import _generate_noise
+        return [self.draw_one(t, scale) for t in like]
 
-        g = self.generator_on(like[0].device)
+    def draw_one(self, like: Tensor, scale: float = 1.0) -> Tensor:
+        """The next tensor of the stream, shaped as ``like``, times ``scale``."""
+        if self.std == 0:
+            return torch.zeros_like(like)
+        g = self.generator_on(like.device)
         if self.secure:  # Opacus's draw, its defence against floating-point attacks included
-            return [_generate_noise(self.std, t, generator=g, secure_mode=True).mul_(scale) for t in like]
+            from opacus.optimizers.optimizer import _generate_noise
+
+            return _generate_noise(self.std, like, generator=g, secure_mode=True).mul_(scale)
         # Opacus's non-secure draw (without the zeros it does not use), its scale folded into the deviation
-        return [torch.normal(0, self.std * scale, size=t.shape, generator=g, dtype=t.dtype, device=t.device)
-                for t in like]
+        return torch.normal(0, self.std * scale, size=like.shape, generator=g, dtype=like.dtype, device=like.device)
+
+    def in_order(self, params: list[Tensor], scale: float = 1.0) -> NoiseInOrder:
+        """This step's noise for ``params`` as a mapping that draws on first access, in ``params``' order."""
+        return NoiseInOrder(params, lambda t: self.draw_one(t, scale))
+
+
+class NoiseInOrder(Mapping):
+    """``{parameter: its noise}``, each drawn when first read, every earlier one first: the stream (and so the
+    values) is that of drawing them all in order up front, but a consumer that reads them in order (the ghost
+    engine, layer by layer, freeing each layer's kept tensors as it goes) never holds all the noise beside all
+    the kept tensors."""
+
+    def __init__(self, params: list[Tensor], draw: Callable[[Tensor], Tensor]):
+        self._params, self._draw = params, draw
+        self._index = {p: i for i, p in enumerate(params)}
+        self._drawn: list[Tensor] = []
+
+    def __getitem__(self, p: Tensor) -> Tensor:
+        i = self._index[p]
+        while len(self._drawn) <= i:
+            self._drawn.append(self._draw(self._params[len(self._drawn)]))
+        return self._drawn[i]
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
 
     def state_dict(self) -> dict:
         state = self.generator.get_state() if self.generator is not None else self._state
@@ -305,11 +336,13 @@ class DPSGD:
             with self.model.recording():
                 loss = private_loss((x, y), state)
 
-            def noise() -> dict[nn.Parameter, Tensor]:
-                """The noise / expected batch size, one draw per parameter in Opacus's order, on rank 0 (drawn
-                after the backward, when the activations it no longer needs are freed)."""
-                draws = self.noise.draw(params, scale) if self.rank == 0 else [torch.zeros_like(p) for p in params]
-                return dict(zip(params, draws))
+            def noise() -> Mapping[nn.Parameter, Tensor]:
+                """The noise / expected batch size, one draw per parameter in Opacus's order, on rank 0: each drawn
+                when the engine reaches its layer, after the backward (so never beside the activations that
+                the backward frees, nor beside the kept tensors of the layers already summed)."""
+                if self.rank == 0:
+                    return self.noise.in_order(params, scale)
+                return NoiseInOrder(params, torch.zeros_like)
 
             if len(x):  # + the clipped sum / expected batch size, in place
                 grads = list(self.model.clipped_sum(loss * len(x), clip, check=False, into=noise, alpha=scale)[0]
