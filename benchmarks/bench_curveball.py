@@ -57,7 +57,7 @@ METHODS = ("sgd", "curveball auto (default)", "curveball fixed", "curveball auto
 def main() -> None:
     args = cli(__doc__.splitlines()[0])
     results = {case: compare({m: functools.partial(step, *spec, m) for m in METHODS},
-                             baseline="sgd", device=args.device, repeats=args.repeats)
+                             baseline="sgd", device=args.device, repeats=args.repeats, memory_method=args.memory)
                for case, spec in CASES.items()}
     report(results, args, "CurveBall step vs SGD+momentum")
 

@@ -53,7 +53,8 @@ def main() -> None:
     for k in (1, 3):
         modes = ("end-to-end", "greedy last block, cached")
         results[f"k={k}"] = compare({m: functools.partial(step, m, k) for m in modes},
-                                    baseline="end-to-end", device=args.device, repeats=args.repeats)
+                                    baseline="end-to-end", device=args.device, repeats=args.repeats,
+                                    memory_method=args.memory)
     report(results, args, "greedy last block (cached prefix) vs end-to-end step")
     model = LayerwiseCNN(SHAPE, 10, WIDTHS, (1, 3)).eval()
     x = torch.randn(BATCH, *SHAPE)

@@ -49,7 +49,7 @@ def main() -> None:
     args = cli(__doc__.splitlines()[0])
     results = {case: compare({"backprop": functools.partial(step, *spec, False),
                               "linear backprop": functools.partial(step, *spec, True)},
-                             baseline="backprop", device=args.device, repeats=args.repeats)
+                             baseline="backprop", device=args.device, repeats=args.repeats, memory_method=args.memory)
                for case, spec in CASES.items()}
     report(results, args, "linear backprop step time")
 

@@ -66,8 +66,7 @@ def main() -> None:
     for case, (dataset, model_name) in CASES.items():
         results[case] = compare({"bare torch loop": functools.partial(bare, dataset, model_name),
                                  "backproplab.fit": functools.partial(ours, dataset, model_name)},
-                                baseline="bare torch loop", device=args.device, repeats=args.repeats,
-                                memory=False)
+                                baseline="bare torch loop", device=args.device, repeats=args.repeats, memory=False)
     report(results, args, "loop overhead: one epoch + evaluation")
 
 

@@ -72,7 +72,7 @@ def main() -> None:
     args = cli(__doc__.splitlines()[0])
     methods = ("gd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "per-example G w (vmap)")
     results = {f"small CNN, n={N}": compare({m: functools.partial(step, m) for m in methods}, baseline="gd",
-                                            device=args.device, repeats=args.repeats)}
+                                            device=args.device, repeats=args.repeats, memory_method=args.memory)}
     report(results, args, "MSGD weighted-loss step vs GD")
 
 

@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--models", default="mlp,cnn,resnet18")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory", choices=("tensors", "rss"), default="tensors",
+                   help="CPU peak memory: bytes of live tensors (exact) or the resident set (see harness.py)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     results, skipped = {}, []
@@ -168,7 +170,8 @@ def main() -> None:
                     skipped.append(f"{case}: {m} failed ({why})")
             repeats = args.repeats if model_name != "resnet18" else max(3, args.repeats // 3)
             results[case] = compare(candidates, baseline="sgd", device=args.device, repeats=repeats,
-                                    inner=5 if model_name == "mlp" else 1, memory=not args.no_memory)
+                                    inner=5 if model_name == "mlp" else 1, memory=not args.no_memory,
+                                    memory_method=args.memory)
             print(f"done: {case}", file=sys.stderr, flush=True)
     report(results, args, "DP-SGD step per engine vs non-private SGD (ratio = time / SGD's)")
     for line in skipped:

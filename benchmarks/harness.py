@@ -7,10 +7,13 @@ alike; the table gives each median, its ratio to the baseline's median, and peak
 
 Peak memory is what the steps add on top of the set-up (model and data), including optimizer state
 created by the first step, excluding one-time library initialisation: on CUDA ``max_memory_allocated`` after a
-reset; on CPU the growth of the
-resident set's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) measured in a fresh
-process per candidate, so one candidate's freed memory cannot hide another's, with glibc told to map
-and unmap every block of 64 KiB or more so that the resident set follows the live tensors.
+reset; on CPU (``memory_method="tensors"``, the default) the same quantity, the most bytes of tensors alive at
+once, replayed from the profiler's memory timeline (every tensor's creation and destruction, in order) of a
+fresh instance's steps: exact and the same from run to run. ``memory_method="rss"`` measures instead the
+growth of the resident set's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) in a fresh
+process per candidate, with glibc told to map and unmap every block of 64 KiB or more so that the resident
+set follows the live tensors; it also counts memory that is not a tensor, but below a few MB it varies by
+tens of percent from run to run (heap reuse of small blocks).
 """
 
 from __future__ import annotations
@@ -99,8 +102,33 @@ def _cpu_peak_child(factory: Factory, steps: int, queue) -> None:
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
-def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3) -> int | None:
+def tensor_peak(factory: Factory, device: str = "cpu", steps: int = 3) -> int:
+    """The most bytes of tensors alive at once during the first ``steps`` steps of a fresh instance, over those
+    alive before (the profiler's memory timeline: needs shapes and stacks recorded)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    torch.manual_seed(0)
+    step = factory(device)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        for _ in range(steps):
+            step()
+    live = top = 0
+    for _, action, _, size in p._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        top = max(top, live)
+    return top
+
+
+def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3, method: str = "tensors") -> int | None:
     """Bytes the first ``steps`` training steps add at their peak over the set-up."""
+    if method not in ("tensors", "rss"):
+        raise ValueError(f"memory method must be 'tensors' or 'rss', got {method!r}")
+    if method == "tensors" and not device.startswith("cuda"):
+        return tensor_peak(factory, device, steps)
     if device.startswith("cuda"):
         torch.manual_seed(0)
         step = factory(device)
@@ -132,11 +160,12 @@ def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3) -> int | 
 
 
 def compare(candidates: dict[str, Factory], baseline: str, device: str = "cpu", repeats: int = 30,
-            warmup: int = 3, inner: int = 1, memory: bool = True) -> list[Result]:
+            warmup: int = 3, inner: int = 1, memory: bool = True, memory_method: str = "tensors") -> list[Result]:
     torch.manual_seed(0)
     steps = {name: f(device) for name, f in candidates.items()}
     times = time_interleaved(steps, device, repeats, warmup, inner)
-    peaks = {name: peak_memory(f, device) if memory else None for name, f in candidates.items()}
+    peaks = {name: peak_memory(f, device, method=memory_method) if memory else None
+             for name, f in candidates.items()}
     base_t = statistics.median(times[baseline])
     base_m = peaks[baseline]
     results = []
@@ -165,11 +194,14 @@ def cli(description: str) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--memory", choices=("tensors", "rss"), default="tensors",
+                   help="CPU peak memory: bytes of live tensors (exact) or the resident set (see harness.py)")
     return p.parse_args()
 
 
 def report(results_by_case: dict[str, list[Result]], args: argparse.Namespace, title: str) -> None:
-    print(f"# {title} (device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    memory = "" if args.device.startswith("cuda") else f", CPU memory: {getattr(args, 'memory', 'tensors')}"
+    print(f"# {title} (device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads{memory})")
     for case, results in results_by_case.items():
         print(table(results, f"\n## {case}"))
     if args.out:
