@@ -44,6 +44,7 @@ class Result:
     ratio: float  # median / baseline median
     peak_mb: float | None
     peak_ratio: float | None
+    peak_method: str | None = None  # "tensors", "rss" or "cuda" (see peak_memory)
 
 
 def _sync(device: str) -> None:
@@ -123,12 +124,41 @@ def tensor_peak(factory: Factory, device: str = "cpu", steps: int = 3) -> int:
     return top
 
 
-def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3, method: str = "tensors") -> int | None:
-    """Bytes the first ``steps`` training steps add at their peak over the set-up."""
+def _tensor_peak_child(factory: Factory, steps: int, queue) -> None:
+    queue.put(tensor_peak(factory, "cpu", steps))
+
+
+def _in_child(target, factory: Factory, steps: int, env: dict[str, str]) -> int | None:
+    """``target(factory, steps, queue)`` in a fresh process: its value, or None if the process failed."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(factory, steps, queue))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by the child (glibc: when it starts)
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    proc.join(timeout=3600)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    return queue.get(timeout=10) if proc.exitcode == 0 else None
+
+
+def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3,
+                method: str = "tensors") -> tuple[int | None, str]:
+    """``(bytes the first steps training steps add at their peak over the set-up, how it was measured)``.
+
+    On CPU each candidate is measured in a fresh process. The profiler's memory analysis is private API and
+    has crashed the interpreter on large models (``none_dealloc``, torch 2.13): a candidate whose tensor
+    measurement fails is measured by the resident set instead, and the table says so."""
     if method not in ("tensors", "rss"):
         raise ValueError(f"memory method must be 'tensors' or 'rss', got {method!r}")
-    if method == "tensors" and not device.startswith("cuda"):
-        return tensor_peak(factory, device, steps)
     if device.startswith("cuda"):
         torch.manual_seed(0)
         step = factory(device)
@@ -138,25 +168,15 @@ def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3, method: s
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return torch.cuda.max_memory_allocated() - base, "cuda"
+    if method == "tensors":
+        value = _in_child(_tensor_peak_child, factory, steps, {})
+        if value is not None:
+            return value, "tensors"
+        print("harness: the tensor memory measurement failed; using the resident set", file=sys.stderr)
     if not Path("/proc/self/clear_refs").exists():
-        return None
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_cpu_peak_child, args=(factory, steps, queue))
-    saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
-    os.environ.update(_MALLOC_ENV)  # read by glibc when the child starts
-    try:
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    value = queue.get(timeout=600)
-    proc.join()
-    return value
+        return None, "rss"
+    return _in_child(_cpu_peak_child, factory, steps, _MALLOC_ENV), "rss"
 
 
 def compare(candidates: dict[str, Factory], baseline: str, device: str = "cpu", repeats: int = 30,
@@ -164,28 +184,29 @@ def compare(candidates: dict[str, Factory], baseline: str, device: str = "cpu", 
     torch.manual_seed(0)
     steps = {name: f(device) for name, f in candidates.items()}
     times = time_interleaved(steps, device, repeats, warmup, inner)
-    peaks = {name: peak_memory(f, device, method=memory_method) if memory else None
+    peaks = {name: peak_memory(f, device, method=memory_method) if memory else (None, None)
              for name, f in candidates.items()}
     base_t = statistics.median(times[baseline])
-    base_m = peaks[baseline]
+    base_m, base_how = peaks[baseline]
     results = []
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
-        m = peaks[name]
+        m, how = peaks[name]
         results.append(Result(name, 1e3 * statistics.median(ts), 1e3 * q[0], 1e3 * q[2],
                               statistics.median(ts) / base_t,
                               None if m is None else m / 2**20,
-                              None if (m is None or not base_m) else m / base_m))
+                              None if (m is None or not base_m or how != base_how) else m / base_m, how))
     return results
 
 
 def table(results: list[Result], title: str) -> str:
-    lines = [title, f"{'name':32s} {'median ms':>10s} {'IQR ms':>15s} {'ratio':>7s} {'peak MB':>9s} {'mem ratio':>9s}"]
+    lines = [title, f"{'name':32s} {'median ms':>10s} {'IQR ms':>15s} {'ratio':>7s} {'peak MB':>9s} {'mem ratio':>9s}"
+                    f" {'memory':>8s}"]
     for r in results:
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:9.2f}"
         pr = "-" if r.peak_ratio is None else f"{r.peak_ratio:9.2f}"
         lines.append(f"{r.name:32s} {r.median_ms:10.3f} {r.q1_ms:7.3f}-{r.q3_ms:<7.3f} {r.ratio:7.3f} "
-                     f"{peak:>9s} {pr:>9s}")
+                     f"{peak:>9s} {pr:>9s} {r.peak_method or '-':>8s}")
     return "\n".join(lines)
 
 
