@@ -119,6 +119,15 @@ class GaussianNoise:
         """This step's noise for ``params`` as a mapping that draws on first access, in ``params``' order."""
         return NoiseInOrder(params, lambda t: self.draw_one(t, scale))
 
+    def state_dict(self) -> dict:
+        state = self.generator.get_state() if self.generator is not None else self._state
+        return {"seed": self.seed, "state": state}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.seed, self._state = sd["seed"], sd["state"]
+        if self.generator is not None and self._state is not None:
+            self.generator.set_state(self._state)
+
 
 class NoiseInOrder(Mapping):
     """``{parameter: its noise}``, each drawn when first read, every earlier one first: the stream (and so the
@@ -142,15 +151,6 @@ class NoiseInOrder(Mapping):
 
     def __len__(self) -> int:
         return len(self._params)
-
-    def state_dict(self) -> dict:
-        state = self.generator.get_state() if self.generator is not None else self._state
-        return {"seed": self.seed, "state": state}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.seed, self._state = sd["seed"], sd["state"]
-        if self.generator is not None and self._state is not None:
-            self.generator.set_state(self._state)
 
 
 class DPSGD:
