@@ -109,9 +109,14 @@ def test_ctrl_c_cancels_the_rest_and_keeps_every_finished_run(tmp_path):
     import subprocess
     import sys
 
+    # two CPUs per run: one run at a time on a 2-core machine, so when the first run's results arrive the other
+    # three are still to come (one per CPU, two finished together and the last two could all land before the
+    # signal: the command then ended normally, exit 0, in two CI runs on a loaded machine)
     cmd = [sys.executable, "-m", "backproplab", "run", "baselines", "--scale", "smoke", "--set", "epochs=12",
-           "checkpoint_every=20", "--executor", "ray", "--out", str(tmp_path), "--no-progress"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+           "checkpoint_every=20", "--executor", "ray", "--cpus-per-run", "2", "--out", str(tmp_path),
+           "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own private instance
+    env["RAY_AUTH_MODE"] = "disabled"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finals = lambda: list((tmp_path / "baselines").glob("*/seed*/final.json"))  # noqa: E731
     end = time.time() + 180
