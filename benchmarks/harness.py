@@ -3,7 +3,11 @@
 ``compare(candidates, baseline=...)`` takes ``{name: factory}`` where ``factory(device) -> step`` builds
 the model, data and optimizer and returns a zero-argument callable doing one training step. Times are
 taken in interleaved rounds (baseline, method, baseline, method, ...) so drift and turbo affect both
-alike; the table gives each median, its ratio to the baseline's median, and peak memory.
+alike; the table gives each median, its ratio to the baseline's median with a 95% confidence interval
+(``ratio_ci``: a paired bootstrap over the rounds, each round's candidate and baseline times kept together),
+and peak memory. The interval covers the noise within one run; the noise between runs (another process,
+another minute on a shared machine) can be larger, so a goal within a few percent of a ratio should be
+checked on more than one run.
 
 Peak memory is what the steps add on top of the set-up (model and data), including optimizer state
 created by the first step, excluding one-time library initialisation: on CUDA ``max_memory_allocated`` after a
@@ -45,6 +49,8 @@ class Result:
     peak_mb: float | None
     peak_ratio: float | None
     peak_method: str | None = None  # "tensors", "rss" or "cuda" (see peak_memory)
+    ratio_lo: float | None = None  # 95% confidence interval of ratio (ratio_ci)
+    ratio_hi: float | None = None
 
 
 def _sync(device: str) -> None:
@@ -179,6 +185,22 @@ def peak_memory(factory: Factory, device: str = "cpu", steps: int = 3,
     return _in_child(_cpu_peak_child, factory, steps, _MALLOC_ENV), "rss"
 
 
+def ratio_ci(times: list[float], base: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Confidence interval of median(times) / median(base), paired by round: scipy's percentile bootstrap
+    over rounds, each resample keeping a round's two times together (so slow rounds that slowed both do
+    not widen it)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(times) != len(base) or len(times) < 3:
+        raise ValueError(f"ratio_ci needs the same number (at least 3) of paired rounds, got {len(times)} and "
+                         f"{len(base)}")
+    res = bootstrap((times, base), lambda t, b, axis=-1: np.median(t, axis) / np.median(b, axis),
+                    paired=True, vectorized=True, n_resamples=2000, confidence_level=level, method="percentile",
+                    random_state=seed)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def compare(candidates: dict[str, Factory], baseline: str, device: str = "cpu", repeats: int = 30,
             warmup: int = 3, inner: int = 1, memory: bool = True, memory_method: str = "tensors") -> list[Result]:
     torch.manual_seed(0)
@@ -192,20 +214,22 @@ def compare(candidates: dict[str, Factory], baseline: str, device: str = "cpu", 
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         m, how = peaks[name]
+        lo, hi = ratio_ci(ts, times[baseline]) if len(ts) >= 3 else (None, None)
         results.append(Result(name, 1e3 * statistics.median(ts), 1e3 * q[0], 1e3 * q[2],
                               statistics.median(ts) / base_t,
                               None if m is None else m / 2**20,
-                              None if (m is None or not base_m or how != base_how) else m / base_m, how))
+                              None if (m is None or not base_m or how != base_how) else m / base_m, how, lo, hi))
     return results
 
 
 def table(results: list[Result], title: str) -> str:
-    lines = [title, f"{'name':32s} {'median ms':>10s} {'IQR ms':>15s} {'ratio':>7s} {'peak MB':>9s} {'mem ratio':>9s}"
-                    f" {'memory':>8s}"]
+    lines = [title, f"{'name':32s} {'median ms':>10s} {'IQR ms':>15s} {'ratio':>7s} {'ratio 95% CI':>13s} "
+                    f"{'peak MB':>9s} {'mem ratio':>9s} {'memory':>8s}"]
     for r in results:
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:9.2f}"
         pr = "-" if r.peak_ratio is None else f"{r.peak_ratio:9.2f}"
-        lines.append(f"{r.name:32s} {r.median_ms:10.3f} {r.q1_ms:7.3f}-{r.q3_ms:<7.3f} {r.ratio:7.3f} "
+        ci = "-" if r.ratio_lo is None else f"{r.ratio_lo:.3f}-{r.ratio_hi:.3f}"
+        lines.append(f"{r.name:32s} {r.median_ms:10.3f} {r.q1_ms:7.3f}-{r.q3_ms:<7.3f} {r.ratio:7.3f} {ci:>13s} "
                      f"{peak:>9s} {pr:>9s} {r.peak_method or '-':>8s}")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -49,3 +50,24 @@ def _dies_under_the_profiler(device: str):
 def test_a_failed_tensor_measurement_falls_back_to_the_resident_set_and_says_so():
     value, how = peak_memory(_dies_under_the_profiler, "cpu", steps=2)
     assert how == "rss" and value is not None and value >= 0
+
+
+def test_ratio_ci_pairs_rounds_so_a_drift_shared_by_both_steps_does_not_widen_it():
+    import numpy as np
+
+    from harness import ratio_ci
+
+    rng = np.random.default_rng(0)
+    drift = np.exp(rng.normal(0, 0.3, 40))  # each round's slowdown, shared by both steps (a busy machine)
+    base = list(drift * 1.0 * np.exp(rng.normal(0, 0.02, 40)))
+    times = list(drift * 1.5 * np.exp(rng.normal(0, 0.02, 40)))
+    lo, hi = ratio_ci(times, base)
+    assert lo < 1.5 < hi  # the true ratio
+    assert hi - lo < 0.15  # 30% drift between rounds, 2% noise within: paired, a few percent either side
+    # unpaired (the same times, rounds shuffled apart) it is several times wider (0.34 against 0.12)
+    lo_u, hi_u = ratio_ci(times, list(rng.permutation(base)))
+    assert hi_u - lo_u > 2.5 * (hi - lo)
+    # an exact ratio: a point
+    assert ratio_ci([1.5 * b for b in base], base) == pytest.approx((1.5, 1.5), abs=1e-12)
+    with pytest.raises(ValueError, match="paired rounds"):
+        ratio_ci(times[:5], base)

@@ -61,18 +61,21 @@ def ce(model, xs, y):
     return F.cross_entropy(model(*xs), y, reduction="sum")
 
 
-def engine(model: nn.Module, loss_of, xs, y, clip: float, into=None, alpha: float = 1.0):
+def engine(model: nn.Module, loss_of, xs, y, clip: float, into=None, alpha: float = 1.0, scale: float = 1.0):
+    """The engine on ``loss_of`` (a sum over examples), divided by ``scale`` and passed with it (the DP-SGD
+    step's mean loss: ``scale`` = batch size)."""
     clipper = GhostClipping(model)
     with clipper.recording():
-        loss = loss_of(clipper, xs, y)
-    sums, norms = clipper.clipped_sum(loss, clip, into=into, alpha=alpha)
+        loss = loss_of(clipper, xs, y) / scale
+    sums, norms = clipper.clipped_sum(loss, clip, into=into, alpha=alpha, scale=scale)
     clipper.remove_hooks()
     return sums, norms
 
 
 def assert_engine_exact(model, xs, y, clip, loss_of=ce, check_func=True):
     """Both outputs of the engine against the loop: the clipped sums it returns, and (the DP-SGD step's
-    path) base + alpha * clipped sum accumulated in place into given tensors."""
+    path: a mean loss, its backward started from the batch size) base + alpha * clipped sum accumulated in
+    place into given tensors."""
     model = model.double()
     xs = [x.double() if x.is_floating_point() else x for x in xs]
     sums, norms = engine(model, loss_of, xs, y, clip)
@@ -83,7 +86,8 @@ def assert_engine_exact(model, xs, y, clip, loss_of=ce, check_func=True):
         torch.testing.assert_close(sums.get(p, torch.zeros_like(p)), ref, **TOL, msg=names[p])
     gen = torch.Generator().manual_seed(1)
     base = {p: torch.randn(p.shape, generator=gen) for p in ref_sums}
-    into, _ = engine(model, loss_of, xs, y, clip, into={p: b.clone() for p, b in base.items()}, alpha=0.37)
+    into, _ = engine(model, loss_of, xs, y, clip, into={p: b.clone() for p, b in base.items()}, alpha=0.37,
+                     scale=len(y))
     for p, ref in ref_sums.items():
         torch.testing.assert_close(into[p], base[p] + 0.37 * ref, **TOL, msg=f"{names[p]} (into)")
     if check_func:
@@ -262,6 +266,24 @@ def test_two_layers_whose_outputs_are_added_share_an_output_gradient_and_both_st
              if isinstance(r, ghost_clipping._LinearRule)}
     assert owned == {model.h: True, model.a: False, model.b: False, model.c: True}
     assert_engine_exact(Branches(), [_x(5, 4)], _y(5, 2), 0.05)
+
+
+def test_two_groupnorms_whose_outputs_are_added_share_an_output_gradient_and_both_stay_exact():
+    """The same for GroupNorm, whose rule multiplies its output gradient by its input in place when the
+    gradient is its own: a residual block's two normalised branches get one gradient tensor."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.n1, self.n2 = nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GroupNorm(2, 4)
+            self.n3, self.head = nn.GroupNorm(2, 4), nn.Linear(4 * 5 * 5, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.n1(self.conv(x)) + self.n2(x))  # n1 and n2 share their output gradient
+            return self.head(torch.tanh(self.n3(h)).flatten(1))  # n3's is its own
+
+    torch.manual_seed(0)
+    assert_engine_exact(Residual(), [_x(6, 4, 5, 5)], _y(6, 3), 0.05)
 
 
 def test_inplace_activation_after_a_layer_is_handled():

@@ -151,8 +151,10 @@ class GhostClipping(nn.Module):
     # -- the engine
     def clipped_sum(self, loss: Tensor, max_grad_norm: float, check: bool | None = None,
                     into: Mapping[nn.Parameter, Tensor] | Callable[[], Mapping[nn.Parameter, Tensor]] | None = None,
-                    alpha: float = 1.0) -> tuple[Mapping[nn.Parameter, Tensor], Tensor]:
-        """``({p: sum_i c_i dl_i/dp}, per-example norms)`` for ``loss = sum_i l_i`` recorded under ``recording()``.
+                    alpha: float = 1.0, scale: float = 1.0) -> tuple[Mapping[nn.Parameter, Tensor], Tensor]:
+        """``({p: sum_i c_i dl_i/dp}, per-example norms)`` for ``loss * scale = sum_i l_i`` recorded under
+        ``recording()`` (a mean over B examples: ``scale=B``; the backward starts from ``scale``, so no graph
+        node multiplies the loss).
 
         ``into`` ({parameter: tensor of its shape}, or a function returning one, called after the backward):
         add ``alpha * sum_i c_i dl_i/dp`` to those tensors in place instead (the DP-SGD step passes its noise,
@@ -164,14 +166,15 @@ class GhostClipping(nn.Module):
         ``check`` (default: on the first call only) first runs :meth:`verify` on the same loss.
         """
         if (not self._checked) if check is None else check:
-            self.verify(loss, retain_graph=True)
-        rules = self._rules(loss, retain_graph=False)
+            self.verify(loss * scale if scale != 1 else loss, retain_graph=True)
+        rules = self._rules(loss, retain_graph=False, scale=scale)
         if callable(into):
             into = into()
         if not rules:  # nothing reached the loss: every gradient is zero
             return ({} if into is None else into), torch.zeros(0)
         with torch.no_grad():
-            norms = torch.stack([rule.sq for _, rule in rules]).sum(0).sqrt()
+            # Opacus's form: the norm of the stacked per-parameter norms
+            norms = torch.linalg.vector_norm(torch.stack([n for _, rule in rules for n in rule.norms]), dim=0)
             factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             sums = {} if into is None else into
             for m, rule in rules:
@@ -189,7 +192,7 @@ class GhostClipping(nn.Module):
                 rule.release()
         return sums, norms
 
-    def _rules(self, loss: Tensor, retain_graph: bool) -> list[tuple[nn.Module, _Rule]]:
+    def _rules(self, loss: Tensor, retain_graph: bool, scale: float = 1.0) -> list[tuple[nn.Module, _Rule]]:
         calls, self._calls = self._calls, []  # the rules keep only what their clipped sums need
         if not calls:
             raise RuntimeError("clipped_sum found no recorded forward: run the model inside `with "
@@ -198,7 +201,9 @@ class GhostClipping(nn.Module):
             if c.args[0]._version != c.version:
                 raise RuntimeError(f"the input of {type(m).__name__} was modified in place after its forward; "
                                    "the per-example gradients need it as it was (use an out-of-place operation)")
-        grads = torch.autograd.grad(loss, [c.edge for _, c in calls], retain_graph=retain_graph, allow_unused=True)
+        start = None if scale == 1 else torch.full_like(loss, scale)
+        grads = torch.autograd.grad(loss, [c.edge for _, c in calls], start, retain_graph=retain_graph,
+                                    allow_unused=True)
         by_module: dict[nn.Module, list[tuple[_Call, Tensor]]] = {}
         # a gradient that shares memory with no other kept tensor (the output gradients of two branches that
         # are added share one) may be scaled in place by its layer's clipped sum
@@ -231,7 +236,8 @@ class GhostClipping(nn.Module):
         ruled = dict(rules)
         for m, _ in self._layers:  # one layer at a time: the check costs one layer's gradients in memory
             with torch.no_grad():
-                mine = ruled[m].weighted(torch.ones_like(ruled[m].sq)) if m in ruled else [None] * len(self._own(m))
+                mine = (ruled[m].weighted(torch.ones_like(ruled[m].norms[0])) if m in ruled
+                        else [None] * len(self._own(m)))
             for p, got in zip(self._own(m), mine):
                 (ref,) = torch.autograd.grad(loss, p, allow_unused=True, retain_graph=True)
                 ref = torch.zeros_like(p) if ref is None else ref
@@ -246,9 +252,12 @@ class GhostClipping(nn.Module):
 
 
 class _Rule:
-    """One layer's per-example squared norms ``sq`` (B,) and its clipped sum ``weighted(c)``."""
+    """One layer's per-example gradient norms and its clipped sum ``weighted(c)``.
 
-    sq: Tensor
+    ``norms``: (B,) tensors, each the per-example norm of a part of the layer's gradient (a parameter, or a
+    factor of one: ||dW_i|| = ||a_i|| ||g_i||); the layer's norm is the norm of their stack."""
+
+    norms: list[Tensor]
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         raise NotImplementedError
@@ -272,9 +281,10 @@ def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = N
           shared: Counter | None = None) -> _Rule:
     inputs, grads = [c.args[0] for c, _ in pairs], [g for _, g in pairs]
     kind = _kind(m) if kind is None else kind
+    # the output gradient may be overwritten once read if no other kept tensor shares its memory
+    owned = (shared is not None and len(grads) == 1 and grads[0].is_contiguous()
+             and shared[grads[0].untyped_storage().data_ptr()] == 1)
     if kind is nn.Linear:
-        owned = (shared is not None and len(grads) == 1 and grads[0].is_contiguous()
-                 and shared[grads[0].untyped_storage().data_ptr()] == 1)
         return _LinearRule(m, inputs, grads, owned)
     if kind in (nn.Conv1d, nn.Conv2d) and _symmetric_padding(m) is not None:
         return _ConvRule(m, _symmetric_padding(m), inputs, grads)
@@ -284,7 +294,7 @@ def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = N
         return _NormRule(m, pairs, lambda a: F.layer_norm(a, m.normalized_shape, eps=m.eps),
                          own_dims=len(m.normalized_shape))
     if kind is nn.GroupNorm:
-        return _NormRule(m, pairs, lambda a: F.group_norm(a, m.num_groups, eps=m.eps), own_dims=None)
+        return _NormRule(m, pairs, lambda a: F.group_norm(a, m.num_groups, eps=m.eps), own_dims=None, owned=owned)
     return _FuncRule(m, pairs)
 
 
@@ -305,6 +315,14 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def _total(parts: list[Tensor]) -> Tensor:
+    """The sum of tensors (``sum`` would start with an extra ``0 + t``)."""
+    total = parts[0]
+    for t in parts[1:]:
+        total = total + t
+    return total
+
+
 def _addmv(out: Tensor, per: Tensor, c: Tensor, alpha: float) -> None:
     """out += alpha * sum_i c_i per_i, for per (B, *out.shape): one matrix-vector product."""
     if out.is_contiguous():
@@ -313,10 +331,14 @@ def _addmv(out: Tensor, per: Tensor, c: Tensor, alpha: float) -> None:
         out.add_(torch.einsum("b,b...->...", c, per), alpha=alpha)
 
 
-def _sq(t: Tensor) -> Tensor:
-    """Per-example squared norm of a (B, ...) tensor."""
-    t = t.reshape(len(t), -1)
-    return torch.linalg.vecdot(t, t)
+def _norm(t: Tensor) -> Tensor:
+    """Per-example norm of a (B, ...) tensor (one reduction, no temporary)."""
+    return torch.linalg.vector_norm(t.reshape(len(t), -1), dim=1)
+
+
+def _root(sq: Tensor) -> Tensor:
+    """The norm from a squared norm summed from Gram matrices (whose rounding can leave it just below 0)."""
+    return sq.clamp_(min=0).sqrt_()
 
 
 class _LinearRule(_Rule):
@@ -328,31 +350,26 @@ class _LinearRule(_Rule):
             self.a, self.g = inputs[0], grads[0]
             self.owned = owned  # g may be scaled in place by the clipped sum
             gn = torch.linalg.vector_norm(self.g, dim=1)  # one reduction each, no (B, o) temporary
-            if self.weight:  # ||a_i||^2 ||g_i||^2 (+ ||g_i||^2 for the bias)
-                self.sq = gn * torch.linalg.vector_norm(self.a, dim=1)
-                self.sq.square_()
-                if self.bias:
-                    self.sq.addcmul_(gn, gn)
-            else:
-                self.sq = gn.square_()
+            self.norms = ([gn * torch.linalg.vector_norm(self.a, dim=1)] if self.weight else []) + \
+                ([gn] if self.bias else [])
             return
         B = grads[0].shape[0]
         self.a = _cat([a.reshape(B, -1, a.shape[-1]) for a in inputs], 1)  # (B, T, i)
         self.g = _cat([g.reshape(B, -1, g.shape[-1]) for g in grads], 1)  # (B, T, o)
         T, i, o = self.a.shape[1], self.a.shape[2], self.g.shape[2]
-        sq = 0
+        self.norms = []
         if self.weight:
             if _materialise_cheaper(T, i, o):
                 self.per = torch.bmm(self.g.transpose(1, 2), self.a)  # (B, o, i)
-                sq = _sq(self.per)
+                self.norms.append(_norm(self.per))
             else:
-                sq = (torch.bmm(self.a, self.a.transpose(1, 2)) * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
+                gram = torch.bmm(self.a, self.a.transpose(1, 2)).mul_(torch.bmm(self.g, self.g.transpose(1, 2)))
+                self.norms.append(_root(gram.sum((1, 2))))
         if self.bias:
             self.gb = self.g.sum(1)
-            sq = sq + _sq(self.gb)
+            self.norms.append(_norm(self.gb))
         if self.per is not None:
             self.a = self.g = None  # the clipped sum needs only dW_i
-        self.sq = sq
 
     def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
         bias = outs[-1] if self.bias else None
@@ -403,6 +420,57 @@ def _symmetric_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
     return tuple(m.padding)
 
 
+_MAPS: dict[tuple, Tensor] = {}
+# the most entries a convolution's position maps may have (built once per geometry, then kept)
+GRAM_MAP_LIMIT = 2**16  # (N * N) x (L * L)
+UNFOLD_MAP_LIMIT = 2**16  # N x (K * L)
+
+
+def _reads(in_size: tuple[int, int], out_size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+           dilation: tuple[int, int], pad: tuple[int, int]) -> list[tuple[int, Tensor, Tensor]]:
+    """For each kernel offset s (row-major): (s, p, l), the output positions l whose patch reads input position p
+    (not padding) at that offset; positions are flattened row-major."""
+    r, c = torch.meshgrid(torch.arange(out_size[0]), torch.arange(out_size[1]), indexing="ij")
+    r, c, out_index = r.reshape(-1), c.reshape(-1), torch.arange(out_size[0] * out_size[1])
+    reads = []
+    for y in range(kernel[0]):
+        for x in range(kernel[1]):
+            pr, pc = r * stride[0] + y * dilation[0] - pad[0], c * stride[1] + x * dilation[1] - pad[1]
+            inside = (pr >= 0) & (pr < in_size[0]) & (pc >= 0) & (pc < in_size[1])
+            reads.append((y * kernel[1] + x, (pr * in_size[1] + pc)[inside], out_index[inside]))
+    return reads
+
+
+def _position_map(kind: str, geometry: tuple, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """A convolution's positions as a 0/1 matrix, for ``geometry = (in_size, out_size, kernel, stride, dilation,
+    pad)`` with N input positions, L output positions and K kernel offsets; None if it would exceed its limit.
+
+    - ``"unfold"``, (N, K * L): ``a @ M`` is the unfolded input, ``[.., s * L + l]`` the input read by output
+      position l at offset s (F.unfold's layout), from one product instead of padding and strided copies.
+    - ``"gram"``, (N * N, L * L): the Gram of the unfolded input, ``<patch_l, patch_m> = sum_s <a_{p_s(l)},
+      a_{p_s(m)}>`` over the offsets where both are inside, is a fixed linear function of the input's Gram
+      ``<a_p, a_q>``: M[(p, q), (l, m)] = 1 if an offset s has p_s(l) = p and p_s(m) = q (distinct offsets read
+      distinct positions, so at most one does). One product replaces unfolding and the per-offset sums.
+
+    Any stride, dilation and padding."""
+    in_size, out_size, kernel = geometry[:3]
+    N, L, K = in_size[0] * in_size[1], out_size[0] * out_size[1], kernel[0] * kernel[1]
+    if (N * N * L * L if kind == "gram" else N * K * L) > (GRAM_MAP_LIMIT if kind == "gram" else UNFOLD_MAP_LIMIT):
+        return None
+    key = (kind, geometry, dtype, device)
+    if key not in _MAPS:
+        if kind == "gram":
+            m = torch.zeros(N * N, L * L, dtype=dtype)
+            for _, p, out in _reads(*geometry):
+                m[(p[:, None] * N + p[None, :]).reshape(-1), (out[:, None] * L + out[None, :]).reshape(-1)] = 1
+        else:
+            m = torch.zeros(N, K * L, dtype=dtype)
+            for s, p, out in _reads(*geometry):
+                m[p, s * L + out] = 1
+        _MAPS[key] = m.to(device)
+    return _MAPS[key]
+
+
 class _Padded:
     """One call's input, zero-padded and flattened row by row to (BG, cg, N), with a tail so that every
     kernel offset's slice fits; the output position (r, c) sits at r * wp + c."""
@@ -424,6 +492,8 @@ class _Padded:
 class _ConvRule(_Rule):
     """A convolution is a Linear layer applied at every output position to the input patch there.
 
+    One call with few positions (a late layer of a small network): the unfolded input, or for the ghost norm
+    its Gram, by one product with a fixed 0/1 position map (``_position_map``). Otherwise:
     Stride 1 (and 1x1 kernels at any stride) avoids unfolding: in the zero-padded input flattened row by
     row, the patch entries at kernel offset (y, x) for all output positions form one contiguous slice, if
     each output row is taken as wide as the padded input (the extra columns get a zero output gradient).
@@ -445,8 +515,26 @@ class _ConvRule(_Rule):
             self._two(m.dilation, 1), self._two(padding, 0)
         K, cg, og = kernel[0] * kernel[1], m.in_channels // G, o // G
         self.per = None
-        sq = 0
-        if self.weight:
+        self.norms = []
+        # one call with few positions: the unfolded input, or its Gram, by one product with a position map
+        geometry = (self._two(inputs[0].shape[2:], 1), self._two(grads[0].shape[2:], 1), kernel, stride, dilation, pad)
+        L = geometry[1][0] * geometry[1][1]
+        materialise = _materialise_cheaper(L, K * cg, og)
+        a, dtype = inputs[0], inputs[0].dtype
+        maps = _position_map("unfold" if materialise else "gram", geometry, dtype, a.device) \
+            if self.weight and len(inputs) == 1 else None
+        if maps is not None and materialise:
+            unfolded = (a.reshape(-1, geometry[0][0] * geometry[0][1]) @ maps).view(B * G, cg * K, L)
+            per = torch.bmm(grads[0].reshape(B * G, og, L), unfolded.transpose(1, 2))  # (BG, og, cg * K)
+            self.per = per.reshape(B, *m.weight.shape)
+            self.norms.append(_norm(self.per))
+        elif maps is not None:
+            a = a.reshape(B * G, cg, -1)
+            g = grads[0].reshape(B * G, og, L)
+            patches = torch.bmm(a.transpose(1, 2), a).view(B * G, -1) @ maps  # (BG, L * L)
+            g_gram = torch.bmm(g.transpose(1, 2), g).view(B * G, -1)
+            self.norms.append(_root(torch.linalg.vecdot(patches, g_gram).view(B, G).sum(1)))
+        elif self.weight:
             if stride == (1, 1) or (kernel == (1, 1) and pad == (0, 0)):
                 flats = self._padded(inputs, grads, kernel, stride, dilation, pad, B, G)
                 g_all = _cat([g.reshape(B * G, og, -1) for g in grads], 2)  # (BG, og, L)
@@ -462,7 +550,7 @@ class _ConvRule(_Rule):
                                                                   for w in windows], 2).transpose(1, 2))
                                            for y in range(kernel[0]) for x in range(kernel[1])], -1)
                     self.per = per.reshape(B, *m.weight.shape)  # (BG, og, cg, K) -> (B, o, cg, kh, kw)
-                    sq = _sq(self.per)
+                    self.norms.append(_norm(self.per))
                 else:
                     # the patch Gram from the padded input's own Gram: <patch_l, patch_m> = sum over kernel
                     # offsets s of <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted blocks summed in
@@ -488,23 +576,24 @@ class _ConvRule(_Rule):
                     patches = _cat([_cat([block(f, h) for h in flats], 2) for f in flats], 1)  # (BG, L, L)
                     g_gram = torch.bmm(g_all.transpose(1, 2), g_all)
                     sq = torch.linalg.vecdot(patches.flatten(1), g_gram.flatten(1)).view(B, G).sum(1)
+                    self.norms.append(_root(sq))
             else:
                 u = _cat([F.unfold(a.unsqueeze(-2) if self.one_d else a, kernel, dilation=dilation, padding=pad,
                                    stride=stride).reshape(B * G, cg * K, -1) for a in inputs], 2)
                 gu = _cat([g.reshape(B * G, og, -1) for g in grads], 2)
                 if _materialise_cheaper(gu.shape[2], K * cg, og):
                     self.per = torch.bmm(gu, u.transpose(1, 2)).reshape(B, *m.weight.shape)
-                    sq = _sq(self.per)
+                    self.norms.append(_norm(self.per))
                 else:
                     sq = (torch.bmm(u.transpose(1, 2), u) * torch.bmm(gu.transpose(1, 2), gu)).reshape(B, -1).sum(1)
+                    self.norms.append(_root(sq))
         if self.bias:
-            self.gb = sum(g.reshape(B, o, -1).sum(2) for g in grads)
-            sq = sq + _sq(self.gb)
+            self.gb = _total([g.reshape(B, o, -1).sum(2) for g in grads])
+            self.norms.append(_norm(self.gb))
         if self.per is not None or not self.weight:
             self.inputs = self.grads = None  # the clipped sum needs only dW_i
-        self.sq = sq
 
-    def _two(self, t: tuple, fill: int) -> tuple:
+    def _two(self, t: tuple, fill: int) -> tuple:  # a 1-d convolution as a 2-d one of height 1
         return (fill, *t) if self.one_d else tuple(t)
 
     def _padded(self, inputs, grads, kernel, stride, dilation, pad, B, G) -> list[_Padded]:
@@ -557,7 +646,7 @@ class _EmbeddingRule(_Rule):
             self.g = self.g * (self.ids != m.padding_idx).unsqueeze(-1)
         self.num = m.num_embeddings
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.g.dtype)
-        self.sq = (same * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
+        self.norms = [_root((same * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2)))]
 
     def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
         d = self.g.shape[2]
@@ -572,7 +661,8 @@ class _EmbeddingRule(_Rule):
 class _NormRule(_Rule):
     """LayerNorm / GroupNorm: per-example gradients of the affine weight and bias, formed directly."""
 
-    def __init__(self, m: nn.Module, pairs: list[tuple[_Call, Tensor]], normalise, own_dims: int | None):
+    def __init__(self, m: nn.Module, pairs: list[tuple[_Call, Tensor]], normalise, own_dims: int | None,
+                 owned: bool = False):
         per_w = per_b = None
 
         def plus(total: Tensor | None, t: Tensor) -> Tensor:
@@ -587,14 +677,24 @@ class _NormRule(_Rule):
             def total(t: Tensor, dims: tuple = dims) -> Tensor:
                 return t.sum(dims) if dims else t  # sum(()) would sum over everything
 
-            g_sum = total(g)
-            if m.weight is not None and m.weight.requires_grad:
+            weight = m.weight is not None and m.weight.requires_grad
+            if c.stats is not None and g.dim() > 2:  # GroupNorm: sums over positions as products with ones
+                B, C = g.shape[0], g.shape[1]
+                rows = g.reshape(B * C, -1)
+                ones = g.new_ones(rows.shape[1])
+                g_sum = (rows @ ones).view(B, C)
+            else:
+                g_sum = total(g)
+            if weight:
                 if c.stats is not None and g.dim() > 2:
                     # GroupNorm's saved mean and 1/std per (example, group): sum_s xhat_s g_s =
-                    # rstd * (sum_s x_s g_s - mean * sum_s g_s), without normalising the input again
+                    # rstd * (sum_s x_s g_s - mean * sum_s g_s), without normalising the input again; x_s g_s
+                    # in place of g when g is ours alone (a temporary the size of the activations costs more
+                    # in page faults than the product itself)
                     mean, rstd = c.stats
-                    B, C, G = g.shape[0], g.shape[1], mean.shape[1]
-                    xg = torch.linalg.vecdot(a.flatten(2), g.flatten(2)).view(B, G, C // G)
+                    G = mean.shape[1]
+                    products = rows.mul_(a.reshape(B * C, -1)) if owned else a.reshape(B * C, -1) * rows
+                    xg = (products @ ones).view(B, G, C // G)
                     xg.addcmul_(mean.unsqueeze(-1), g_sum.view(B, G, C // G), value=-1).mul_(rstd.unsqueeze(-1))
                     per_w = plus(per_w, xg.view(B, C))
                 elif own_dims is None and g.dim() > 2:  # trailing spatial dimensions: one fused product
@@ -604,7 +704,7 @@ class _NormRule(_Rule):
             if m.bias is not None and m.bias.requires_grad:
                 per_b = plus(per_b, g_sum)
         self.per = [t for t, p in ((per_w, m.weight), (per_b, m.bias)) if p is not None and p.requires_grad]
-        self.sq = _sq(self.per[0]) if len(self.per) == 1 else _sq(self.per[0]).add_(_sq(self.per[1]))
+        self.norms = [_norm(t) for t in self.per]
 
     def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
         for out, t in zip(outs, self.per):
@@ -633,7 +733,7 @@ class _FuncRule(_Rule):
                 per = vmap(grad(vjp), in_dims=(None, 0, *[0] * len(ins)))(params, g, *ins)
             self.per = per if self.per is None else {n: self.per[n] + per[n] for n in names}
         self.names = names
-        self.sq = sum(_sq(self.per[n]) for n in names)
+        self.norms = [_norm(self.per[n]) for n in names]
 
     def accumulate(self, c: Tensor, outs: list[Tensor], alpha: float) -> None:
         for out, n in zip(outs, self.names):

@@ -345,8 +345,8 @@ class DPSGD:
                 return NoiseInOrder(params, torch.zeros_like)
 
             if len(x):  # + the clipped sum / expected batch size, in place
-                grads = list(self.model.clipped_sum(loss * len(x), clip, check=False, into=noise, alpha=scale)[0]
-                             .values())
+                grads = list(self.model.clipped_sum(loss, clip, check=False, into=noise, alpha=scale,
+                                                    scale=len(x))[0].values())
             else:
                 grads = list(noise().values())
             if self.world > 1:
