@@ -37,6 +37,7 @@ modified in place is an error, not a silent privacy leak.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -420,7 +421,6 @@ def _symmetric_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
     return tuple(m.padding)
 
 
-_MAPS: dict[tuple, Tensor] = {}
 # the most entries a convolution's position maps may have (built once per geometry, then kept)
 GRAM_MAP_LIMIT = 2**16  # (N * N) x (L * L)
 UNFOLD_MAP_LIMIT = 2**16  # N x (K * L)
@@ -441,6 +441,7 @@ def _reads(in_size: tuple[int, int], out_size: tuple[int, int], kernel: tuple[in
     return reads
 
 
+@functools.lru_cache(maxsize=64)
 def _position_map(kind: str, geometry: tuple, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """A convolution's positions as a 0/1 matrix, for ``geometry = (in_size, out_size, kernel, stride, dilation,
     pad)`` with N input positions, L output positions and K kernel offsets; None if it would exceed its limit.
@@ -452,23 +453,20 @@ def _position_map(kind: str, geometry: tuple, dtype: torch.dtype, device: torch.
       ``<a_p, a_q>``: M[(p, q), (l, m)] = 1 if an offset s has p_s(l) = p and p_s(m) = q (distinct offsets read
       distinct positions, so at most one does). One product replaces unfolding and the per-offset sums.
 
-    Any stride, dilation and padding."""
+    Any stride, dilation and padding. Built once per geometry (the last 64 kept)."""
     in_size, out_size, kernel = geometry[:3]
     N, L, K = in_size[0] * in_size[1], out_size[0] * out_size[1], kernel[0] * kernel[1]
     if (N * N * L * L if kind == "gram" else N * K * L) > (GRAM_MAP_LIMIT if kind == "gram" else UNFOLD_MAP_LIMIT):
         return None
-    key = (kind, geometry, dtype, device)
-    if key not in _MAPS:
-        if kind == "gram":
-            m = torch.zeros(N * N, L * L, dtype=dtype)
-            for _, p, out in _reads(*geometry):
-                m[(p[:, None] * N + p[None, :]).reshape(-1), (out[:, None] * L + out[None, :]).reshape(-1)] = 1
-        else:
-            m = torch.zeros(N, K * L, dtype=dtype)
-            for s, p, out in _reads(*geometry):
-                m[p, s * L + out] = 1
-        _MAPS[key] = m.to(device)
-    return _MAPS[key]
+    if kind == "gram":
+        m = torch.zeros(N * N, L * L, dtype=dtype)
+        for _, p, out in _reads(*geometry):
+            m[(p[:, None] * N + p[None, :]).reshape(-1), (out[:, None] * L + out[None, :]).reshape(-1)] = 1
+    else:
+        m = torch.zeros(N, K * L, dtype=dtype)
+        for s, p, out in _reads(*geometry):
+            m[p, s * L + out] = 1
+    return m.to(device)
 
 
 class _Padded:
