@@ -182,6 +182,40 @@ def _works(factory, device: str) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
+def goals(results: dict[str, list]) -> str:
+    """Issue 19's goals per case, each a verdict from its 95% interval (met: the whole interval on the right
+    side; missed: the whole interval on the wrong side; else inconclusive): our step <= 1.5x SGD's; >= 2x
+    faster than the fastest Opacus mode (paired by round, like the ratios); peak memory <= 1.5x SGD's (exact)."""
+    from harness import ratio_ci
+
+    def verdict(lo: float, hi: float, bound: float, below: bool) -> str:
+        if (hi <= bound) if below else (lo >= bound):
+            return "met"
+        if (lo > bound) if below else (hi < bound):
+            return "missed"
+        return "inconclusive"
+
+    lines = ["", "## goals (issue 19)", "case | time x SGD (95% CI) | vs fastest Opacus mode (95% CI) | memory x SGD"]
+    for case, rs in results.items():
+        by = {r.name: r for r in rs}
+        ours = by.get("backproplab ghost")
+        opacus = [r for r in rs if r.name.startswith("opacus")]
+        if ours is None or ours.ratio_lo is None:
+            continue
+        time = (f"{ours.ratio:.2f} ({ours.ratio_lo:.2f}-{ours.ratio_hi:.2f}) "
+                f"{verdict(ours.ratio_lo, ours.ratio_hi, 1.5, True)}")
+        speed = "-"
+        if opacus:
+            best = min(opacus, key=lambda r: r.median_ms)
+            lo, hi = ratio_ci(best.times_ms, ours.times_ms)
+            speed = (f"{best.median_ms / ours.median_ms:.2f}x {best.name} ({lo:.2f}-{hi:.2f}) "
+                     f"{verdict(lo, hi, 2.0, False)}")
+        memory = "-" if ours.peak_ratio is None else \
+            f"{ours.peak_ratio:.2f} {'met' if ours.peak_ratio <= 1.5 else 'missed'}"
+        lines.append(f"{case} | {time} | {speed} | {memory}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -214,6 +248,7 @@ def main() -> None:
     report(results, args, "DP-SGD step per engine vs non-private SGD (ratio = time / SGD's)")
     for line in skipped:
         print(line)
+    print(goals(results))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class Result:
     peak_method: str | None = None  # "tensors", "rss" or "cuda" (see peak_memory)
     ratio_lo: float | None = None  # 95% confidence interval of ratio (ratio_ci)
     ratio_hi: float | None = None
+    times_ms: list[float] | None = None  # every round's time, in round order (paired with every other's)
 
 
 def _sync(device: str) -> None:
@@ -218,7 +219,8 @@ def compare(candidates: dict[str, Factory], baseline: str, device: str = "cpu", 
         results.append(Result(name, 1e3 * statistics.median(ts), 1e3 * q[0], 1e3 * q[2],
                               statistics.median(ts) / base_t,
                               None if m is None else m / 2**20,
-                              None if (m is None or not base_m or how != base_how) else m / base_m, how, lo, hi))
+                              None if (m is None or not base_m or how != base_how) else m / base_m, how, lo, hi,
+                              [1e3 * t for t in ts]))
     return results
 
 

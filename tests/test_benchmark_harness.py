@@ -71,3 +71,32 @@ def test_ratio_ci_pairs_rounds_so_a_drift_shared_by_both_steps_does_not_widen_it
     assert ratio_ci([1.5 * b for b in base], base) == pytest.approx((1.5, 1.5), abs=1e-12)
     with pytest.raises(ValueError, match="paired rounds"):
         ratio_ci(times[:5], base)
+
+
+def test_bench_privacy_goal_verdicts_come_from_the_intervals_and_can_go_each_way():
+    import numpy as np
+
+    import bench_privacy
+    from harness import Result, ratio_ci
+
+    rng = np.random.default_rng(1)
+    drift = np.exp(rng.normal(0, 0.2, 30))
+
+    def result(name, factor, noise, base=None, peak=None):
+        times = list(drift * factor * np.exp(rng.normal(0, noise, 30)))
+        r = Result(name, float(np.median(times)), 0, 0, 0, None, peak, times_ms=times)
+        if base is not None:
+            r.ratio = r.median_ms / base.median_ms
+            r.ratio_lo, r.ratio_hi = ratio_ci(times, base.times_ms)
+        return r
+
+    def verdicts(ours_factor, opacus_factor, noise, peak):
+        sgd = result("sgd", 1.0, 0.01)
+        ours = result("backproplab ghost", ours_factor, noise, sgd, peak)
+        opacus = result("opacus ghost", opacus_factor, noise, sgd)
+        row = bench_privacy.goals({"case": [sgd, ours, opacus]}).splitlines()[-1]
+        return [part.split()[-1] for part in row.split(" | ")[1:]]
+
+    assert verdicts(1.3, 3.0, 0.01, 1.2) == ["met", "met", "met"]
+    assert verdicts(1.8, 3.0, 0.01, 1.7) == ["missed", "missed", "missed"]
+    assert verdicts(1.5, 3.0, 0.05, 1.0) == ["inconclusive", "inconclusive", "met"]  # both bounds inside the CIs
