@@ -146,12 +146,19 @@ def test_linear(b, i, o, t, bias, clip):
 @settings(max_examples=24, deadline=None)
 @given(b=st.integers(1, 5), c=st.integers(1, 3), k=st.integers(1, 3), stride=st.integers(1, 2),
        padding=st.integers(0, 1), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), bias=st.booleans(),
-       one_d=st.booleans(), side=st.integers(6, 9), path=st.sampled_from(["cheaper", "ghost", "materialise"]))
-@example(b=3, c=2, k=3, stride=1, padding=1, dilation=2, groups=2, bias=True, one_d=False, side=8, path="ghost")
-@example(b=2, c=1, k=2, stride=1, padding=0, dilation=2, groups=1, bias=False, one_d=True, side=7, path="ghost")
-@example(b=3, c=2, k=1, stride=2, padding=0, dilation=1, groups=1, bias=True, one_d=False, side=7, path="ghost")
-def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side, path):
-    """Every shape on every path: the one the flop count picks (dW_i for layers this small), and each forced."""
+       one_d=st.booleans(), side=st.integers(6, 9), path=st.sampled_from(["cheaper", "ghost", "materialise"]),
+       maps=st.booleans())
+@example(b=3, c=2, k=3, stride=1, padding=1, dilation=2, groups=2, bias=True, one_d=False, side=8, path="ghost",
+         maps=False)
+@example(b=2, c=1, k=2, stride=1, padding=0, dilation=2, groups=1, bias=False, one_d=True, side=7, path="ghost",
+         maps=True)
+@example(b=3, c=2, k=1, stride=2, padding=0, dilation=1, groups=1, bias=True, one_d=False, side=7, path="ghost",
+         maps=False)
+@example(b=2, c=2, k=3, stride=2, padding=1, dilation=1, groups=2, bias=True, one_d=False, side=9,
+         path="materialise", maps=False)
+def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side, path, maps):
+    """Every shape on every path: the one the flop count picks (dW_i for layers this small), and each forced;
+    with the position maps where they apply (layers this small), and without (the paths of larger layers)."""
     from unittest import mock
 
     from backproplab.methods import ghost_clipping
@@ -164,7 +171,9 @@ def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side, pat
     x = _x(b, c_in, side) if one_d else _x(b, c_in, side, side - 1)
     model(x)  # materialise the lazy layer
     cheaper = ghost_clipping._materialise_cheaper if path == "cheaper" else lambda *a: path == "materialise"
-    with mock.patch.object(ghost_clipping, "_materialise_cheaper", cheaper):
+    limits = {k: getattr(ghost_clipping, k) if maps else 0 for k in ("GRAM_MAP_LIMIT", "UNFOLD_MAP_LIMIT")}
+    with mock.patch.object(ghost_clipping, "_materialise_cheaper", cheaper), \
+            mock.patch.multiple(ghost_clipping, **limits):
         assert_engine_exact(model, [x], _y(b, 3), 0.5)
 
 

@@ -441,7 +441,6 @@ def _reads(in_size: tuple[int, int], out_size: tuple[int, int], kernel: tuple[in
     return reads
 
 
-@functools.lru_cache(maxsize=64)
 def _position_map(kind: str, geometry: tuple, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """A convolution's positions as a 0/1 matrix, for ``geometry = (in_size, out_size, kernel, stride, dilation,
     pad)`` with N input positions, L output positions and K kernel offsets; None if it would exceed its limit.
@@ -458,6 +457,13 @@ def _position_map(kind: str, geometry: tuple, dtype: torch.dtype, device: torch.
     N, L, K = in_size[0] * in_size[1], out_size[0] * out_size[1], kernel[0] * kernel[1]
     if (N * N * L * L if kind == "gram" else N * K * L) > (GRAM_MAP_LIMIT if kind == "gram" else UNFOLD_MAP_LIMIT):
         return None
+    return _build_map(kind, geometry, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_map(kind: str, geometry: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    in_size, out_size, kernel = geometry[:3]
+    N, L, K = in_size[0] * in_size[1], out_size[0] * out_size[1], kernel[0] * kernel[1]
     if kind == "gram":
         m = torch.zeros(N * N, L * L, dtype=dtype)
         for _, p, out in _reads(*geometry):
