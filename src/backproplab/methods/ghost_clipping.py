@@ -316,14 +316,6 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def _total(parts: list[Tensor]) -> Tensor:
-    """The sum of tensors (``sum`` would start with an extra ``0 + t``)."""
-    total = parts[0]
-    for t in parts[1:]:
-        total = total + t
-    return total
-
-
 def _addmv(out: Tensor, per: Tensor, c: Tensor, alpha: float) -> None:
     """out += alpha * sum_i c_i per_i, for per (B, *out.shape): one matrix-vector product."""
     if out.is_contiguous():
@@ -524,8 +516,8 @@ class _ConvRule(_Rule):
         geometry = (self._two(inputs[0].shape[2:], 1), self._two(grads[0].shape[2:], 1), kernel, stride, dilation, pad)
         L = geometry[1][0] * geometry[1][1]
         materialise = _materialise_cheaper(L, K * cg, og)
-        a, dtype = inputs[0], inputs[0].dtype
-        maps = _position_map("unfold" if materialise else "gram", geometry, dtype, a.device) \
+        a = inputs[0]
+        maps = _position_map("unfold" if materialise else "gram", geometry, a.dtype, a.device) \
             if self.weight and len(inputs) == 1 else None
         if maps is not None and materialise:
             unfolded = (a.reshape(-1, geometry[0][0] * geometry[0][1]) @ maps).view(B * G, cg * K, L)
@@ -592,7 +584,8 @@ class _ConvRule(_Rule):
                     sq = (torch.bmm(u.transpose(1, 2), u) * torch.bmm(gu.transpose(1, 2), gu)).reshape(B, -1).sum(1)
                     self.norms.append(_root(sq))
         if self.bias:
-            self.gb = _total([g.reshape(B, o, -1).sum(2) for g in grads])
+            sums = [g.reshape(B, o, -1).sum(2) for g in grads]
+            self.gb = sum(sums[1:], sums[0])  # no extra 0 + t
             self.norms.append(_norm(self.gb))
         if self.per is not None or not self.weight:
             self.inputs = self.grads = None  # the clipped sum needs only dW_i
@@ -682,7 +675,8 @@ class _NormRule(_Rule):
                 return t.sum(dims) if dims else t  # sum(()) would sum over everything
 
             weight = m.weight is not None and m.weight.requires_grad
-            if c.stats is not None and g.dim() > 2:  # GroupNorm: sums over positions as products with ones
+            group_norm = c.stats is not None and g.dim() > 2
+            if group_norm:  # sums over positions as products with ones
                 B, C = g.shape[0], g.shape[1]
                 rows = g.reshape(B * C, -1)
                 ones = g.new_ones(rows.shape[1])
@@ -690,11 +684,11 @@ class _NormRule(_Rule):
             else:
                 g_sum = total(g)
             if weight:
-                if c.stats is not None and g.dim() > 2:
+                if group_norm:
                     # GroupNorm's saved mean and 1/std per (example, group): sum_s xhat_s g_s =
                     # rstd * (sum_s x_s g_s - mean * sum_s g_s), without normalising the input again; x_s g_s
-                    # in place of g when g is ours alone (a temporary the size of the activations costs more
-                    # in page faults than the product itself)
+                    # in place of g when g is ours alone (a new temporary the size of the activations cost
+                    # several times in the step what it costs alone)
                     mean, rstd = c.stats
                     G = mean.shape[1]
                     products = rows.mul_(a.reshape(B * C, -1)) if owned else a.reshape(B * C, -1) * rows
