@@ -574,3 +574,28 @@ def test_ghost_step_with_an_optimizer_over_some_parameters_clips_over_all():
         assert torch.equal(some[i], start[i])
     assert not torch.equal(some[2], start[2])
     torch.testing.assert_close(some[2], every[2], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("engine", privacy.ENGINES)
+def test_a_frozen_parameter_does_not_step_on_a_stale_gradient(engine):
+    """A parameter frozen after it got a gradient (fine-tuning a head, say) stays where it is: the DP step
+    drops that gradient, as zero_grad(set_to_none=True) does, and moves every trainable parameter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    F.cross_entropy(model(torch.randn(3, 5)), torch.tensor([0, 1, 2])).backward()  # every .grad now set
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trainable = [p.detach().clone() for p in list(model.parameters())[1:]]
+    data = _toy(n=8)
+    dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.5), n=8, batch_size=8, steps=1,
+                       config=privacy.DPConfig(noise_multiplier=0.5, max_grad_norm=1.0, engine=engine))
+    dp.poisson_batch = lambda device: torch.arange(8)
+
+    class State:
+        pass
+
+    state = State()
+    state.data, state.loss_fn, state.optimizer, state.net = data, F.cross_entropy, dp.optimizer, dp.model
+    dp.step()(Batch(data.x_train, data.y_train, torch.arange(8)), state)
+    assert torch.equal(model[0].weight, frozen)
+    assert all(not torch.equal(p, q) for p, q in zip(list(model.parameters())[1:], trainable))

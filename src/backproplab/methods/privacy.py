@@ -327,8 +327,15 @@ class DPSGD:
 
         def step(batch, state: TrainState) -> Tensor:
             opt = self.optimizer
-            opt.zero_grad(set_to_none=True)
-            params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+            # every trainable parameter's gradient is assigned below (no backward writes .grad); a frozen one
+            # must not step on a stale gradient: zero_grad(set_to_none=True) without its per-step overhead
+            params = []
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        params.append(p)
+                    elif p.grad is not None:
+                        p.grad = None
             scale = 1.0 / self.batch_size
             ((x, y), _), = poisson(batch, state)
             if not self.model._checked and len(x):
