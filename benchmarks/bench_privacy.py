@@ -168,6 +168,7 @@ def _inlined(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
                 b.addmv_(g.T, factor, alpha=1 / B)
                 w.addmm_(g.mul_(factor.unsqueeze(1)).T, a, alpha=1 / B)
                 m.weight.grad, m.bias.grad = w, b
+        kept.clear()  # the inputs and outputs are not kept into the next step
         opt.step()
     return run
 

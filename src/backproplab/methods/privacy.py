@@ -327,15 +327,14 @@ class DPSGD:
 
         def step(batch, state: TrainState) -> Tensor:
             opt = self.optimizer
-            # every trainable parameter's gradient is assigned below (no backward writes .grad); a frozen one
-            # must not step on a stale gradient: zero_grad(set_to_none=True) without its per-step overhead
+            # zero_grad(set_to_none=True) without its per-step overhead: the last step's gradients are freed
+            # before this step's activations exist, and a frozen parameter does not step on a stale one
             params = []
             for group in opt.param_groups:
                 for p in group["params"]:
+                    p.grad = None
                     if p.requires_grad:
                         params.append(p)
-                    elif p.grad is not None:
-                        p.grad = None
             scale = 1.0 / self.batch_size
             ((x, y), _), = poisson(batch, state)
             if not self.model._checked and len(x):
