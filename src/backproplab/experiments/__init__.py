@@ -421,6 +421,26 @@ def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> N
                           f"{', '.join(allowed)}")
 
 
+def check_private_validation(cfg: Any, private_arms: bool) -> None:
+    """A validation split of a private training set is private data: choosing a grid point by a metric on it
+    (``sweep``) releases it beyond what each run's epsilon accounts for. Refuse it unless the config declares
+    the split public (``validation_public=true``, recorded with every run)."""
+    if getattr(cfg, "validation", 0) > 0 and private_arms and not getattr(cfg, "validation_public", False):
+        raise ConfigError(
+            f"validation={cfg.validation:g} on a private training set: choosing among runs by a metric on that "
+            "split (what sweep does) uses private data that no run's epsilon accounts for. Fix: tune on public "
+            "data; or, if the held-out split is public data, say so with --set validation_public=true (each run "
+            "records it)")
+
+
+def private_selection_note(cfg: Any) -> str:
+    """What each private run records about selection on its validation split."""
+    if not getattr(cfg, "validation", 0):
+        return "no selection on a validation split"
+    return ("validation split declared public (validation_public=true): selection on it is not accounted in "
+            "epsilon")
+
+
 def identity(cfg: Any) -> dict:
     """The fields of ``cfg`` that decide results (all but :data:`NOT_IDENTITY`), JSON-normalised. ``validation``
     appears only when set, so runs made before the field existed keep their identity."""

@@ -28,7 +28,8 @@ from ..evidence import Claim
 from ..methods import privacy, robustness
 from ..models import build_model
 from ..train import loss_step
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices
+from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation,
+               private_selection_note)
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 CLAIM_RADIUS = 0.5  # l2 radius at which the certification claim is judged
@@ -61,18 +62,23 @@ class PrivacyConfig(ExperimentConfig):
     cert_alpha: float = 0.001  # certification failure probability
     secure_mode: bool = False  # Opacus's secure_mode (CSPRNG noise and sampling) for the DP arms
     engine: str = "ghost"  # DP-SGD's clipping engine: ghost (per-example norms, no per-example gradients) or opacus
+    validation_public: bool = False  # the validation split a sweep selects on is public data (else refused)
 
     def validate(self) -> None:
         check_choices("engine", (self.engine,), privacy.ENGINES)
+        check_private_validation(self, private_arms=True)  # epsilons is never empty
 
 
 def _privacy_levels(cfg: PrivacyConfig) -> list[str]:
-    return (["nonprivate"] if cfg.nonprivate else []) + [f"eps{e:g}" for e in cfg.epsilons]
+    """The arms' privacy levels: ``eps<target>`` per target epsilon, or, when ``noise_multiplier`` fixes the noise
+    instead, one level ``noise<sigma>`` (a folder named eps8 must hold a run that targeted epsilon 8)."""
+    private = [f"noise{cfg.noise_multiplier:g}"] if cfg.noise_multiplier else [f"eps{e:g}" for e in cfg.epsilons]
+    return (["nonprivate"] if cfg.nonprivate else []) + private
 
 
 @dataclass(frozen=True)
 class PrivacyArm(Arm):
-    level: str  # "nonprivate" or "eps<target epsilon>"
+    level: str  # "nonprivate", "eps<target epsilon>" or "noise<noise multiplier>"
     training: str  # "clean" | "adv"
     augment_sigma: float
 
@@ -81,8 +87,13 @@ class PrivacyArm(Arm):
         return f"{self.level}-{self.training}-aug{self.augment_sigma:g}"
 
     @property
+    def private(self) -> bool:
+        return self.level != "nonprivate"
+
+    @property
     def epsilon(self) -> float | None:
-        return None if self.level == "nonprivate" else float(self.level[3:])
+        """The target epsilon of an ``eps`` level (None for the others)."""
+        return float(self.level[3:]) if self.level.startswith("eps") else None
 
 
 def arms(cfg: PrivacyConfig) -> list[PrivacyArm]:
@@ -95,12 +106,12 @@ def claims(cfg: PrivacyConfig) -> list[Claim]:
     out = []
     lo, hi = min(cfg.epsilons, default=None), max(cfg.epsilons, default=None)
     clean = lambda level, s=0.0: PrivacyArm(level, "clean", s).name  # noqa: E731
-    if lo is not None and lo != hi:
+    if lo is not None and lo != hi and {clean(f"eps{hi:g}"), clean(f"eps{lo:g}")} <= have:
         out.append(Claim("privacy.dpsgd.utility_grows_with_epsilon", "Abadi et al., CCS 2016", "Fig. 4 / Section 5",
                          "DP-SGD's accuracy rises with the privacy budget epsilon.", "test_acc", clean(f"eps{hi:g}"),
                          "greater", 0.0, "MNIST: about 90 / 95 / 97% at epsilon 0.5 / 2 / 8",
                          baseline=clean(f"eps{lo:g}"), metric_label=acc))
-    if hi is not None and clean("nonprivate") in have:
+    if hi is not None and {clean("nonprivate"), clean(f"eps{hi:g}")} <= have:
         out.append(Claim("privacy.dpsgd.cost_of_privacy", "Abadi et al., CCS 2016", "Section 5",
                          "Even at the largest budget, DP-SGD stays below non-private training.", "test_acc",
                          clean("nonprivate"), "greater", 0.0, "MNIST: 98.3% non-private vs 97% at epsilon 8",
@@ -168,7 +179,7 @@ def run_arm(run: Run) -> dict:
     if sigma > 0:
         noisy = robustness.gaussian_augmentation(sigma)
         loss_terms = noisy if loss_terms is None else _both(noisy, loss_terms)
-    if eps is None:
+    if not arm.private:
         step = None if loss_terms is None else loss_step(lambda batch, state: loss_terms(state.model, batch.x, batch.y))
         history = run.fit(model, data, tc, step=step)
         trained = model
@@ -181,10 +192,11 @@ def run_arm(run: Run) -> dict:
         dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch_size,
                            privacy.planned_steps(tc, len(data.x_train)), dpc)
         history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp])
-        dp.model.remove_hooks()  # evaluation and attacks need plain gradients, not per-example ones
-        trained = dp.model._module
+        trained = dp.detach()  # evaluation and attacks need plain gradients, not per-example ones
     trained.eval()
     final = dict(history[-1])
+    if arm.private:
+        final["selection_privacy"] = private_selection_note(cfg)
     x, y = data.x_test, data.y_test
     for e in cfg.linf_eps:
         final[f"pgd_linf_{e:g}"] = robustness.robust_accuracy(trained, x, y, "pgd", e, steps=cfg.pgd_steps,
@@ -258,7 +270,10 @@ def analyze(res: Results) -> list[str]:
             accs = np.array([f["test_acc"] for f in finals[arm]])
             spent = "" if p == "nonprivate" else (f", epsilon spent RDP {mean(arm, 'epsilon_rdp'):.2f} / PRV "
                                                    f"{mean(arm, 'epsilon_prv'):.2f} at noise "
-                                                   f"{mean(arm, 'noise_multiplier'):.2f}")
+                                                   f"{mean(arm, 'noise_multiplier'):.2f} (noise from "
+                                                   f"{finals[arm][0].get('noise_source', '?')}; sigma chosen by "
+                                                   f"the {finals[arm][0].get('accountant_for_target') or 'given'} "
+                                                   "accountant)")
             verdict.append(f"privacy-utility: {p} clean accuracy {100 * accs.mean():.1f}% (sd "
                            f"{100 * accs.std():.1f}){spent}.")
     mid = cfg.linf_eps[len(cfg.linf_eps) // 2]

@@ -30,7 +30,7 @@ from ..data import Data
 from ..evidence import Claim
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices
+from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation
 
 PAPER = "Phan et al., ICML 2020"
 
@@ -67,9 +67,11 @@ class StoBatchExpConfig(ExperimentConfig):
     audit_guesses: int = 200  # the one-run audit's guesses (its power: r perfect guesses certify ln(q/(1-q)))
     dp_baselines: bool = True  # the DP-SGD arms (their per-example gradients make them the slow arms)
     seeds: int = 5
+    validation_public: bool = False  # the validation split a sweep selects on is public data (else refused)
 
     def validate(self) -> None:
         check_choices("dp_engine", (self.dp_engine,), privacy.ENGINES)
+        check_private_validation(self, bool(self.epsilons))
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def run_arm(run: Run) -> dict:
                            privacy.DPConfig(target_epsilon=eps, delta=cfg.delta, max_grad_norm=cfg.dp_max_grad_norm,
                                             engine=cfg.dp_engine))
         history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss), callbacks=[dp])
-        dp.model.remove_hooks()
+        dp.detach()
     if "acc_training_draw" not in extra:  # inference adds no noise to these arms: one accuracy for both readings
         extra["acc_training_draw"] = extra["acc_fresh_noise"] = history[-1]["test_acc"]
     model.eval()

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +91,20 @@ class GhostClipping(nn.Module):
             loss = F.cross_entropy(clipper(x), y, reduction="sum")   # a sum of per-example losses
         sums, norms = clipper.clipped_sum(loss, max_grad_norm=C)      # {parameter: sum_i c_i g_i}, (B,) norms
 
-    The model must not mix examples (no BatchNorm: ``privacy.prepare_model`` replaces it). ``_module`` is the
+    The model must not mix examples (no BatchNorm: ``privacy.prepare_model`` replaces it). A layer without a rule
+    of its own is differentiated per example by ``torch.func``; ``per_example_args`` ({module or module type:
+    positional indices}) says which of its arguments carry the batch along dimension 0 (default: the first
+    only; the others are shared by all examples, whatever their shape). ``_module`` is the
     wrapped model, and ``hooks_enabled`` / ``enable_hooks`` / ``disable_hooks`` / ``remove_hooks`` behave as
     Opacus's ``GradSampleModule``'s, so code written for one works with the other.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module,
+                 per_example_args: Mapping[nn.Module | type, Sequence[int]] | None = None):
         super().__init__()
         self._module = module
+        # which positional arguments of a torch.func layer carry the batch (default: the first only)
+        self._per_example_args = dict(per_example_args or {})
         self.no_ddp = True  # clipping happens before gradients are summed across ranks
         self.hooks_enabled = True
         self._state = [False]  # recording? (a list: nn.Module's __setattr__ is slow for a per-step flag)
@@ -152,7 +158,8 @@ class GhostClipping(nn.Module):
     # -- the engine
     def clipped_sum(self, loss: Tensor, max_grad_norm: float, check: bool | None = None,
                     into: Mapping[nn.Parameter, Tensor] | Callable[[], Mapping[nn.Parameter, Tensor]] | None = None,
-                    alpha: float = 1.0, scale: float = 1.0) -> tuple[Mapping[nn.Parameter, Tensor], Tensor]:
+                    alpha: float = 1.0, scale: float = 1.0,
+                    batch_size: int | None = None) -> tuple[Mapping[nn.Parameter, Tensor], Tensor]:
         """``({p: sum_i c_i dl_i/dp}, per-example norms)`` for ``loss * scale = sum_i l_i`` recorded under
         ``recording()`` (a mean over B examples: ``scale=B``; the backward starts from ``scale``, so no graph
         node multiplies the loss).
@@ -165,10 +172,12 @@ class GhostClipping(nn.Module):
         that makes its tensors on first read (``privacy.NoiseInOrder``) never holds them all beside every
         layer's kept tensors.
         ``check`` (default: on the first call only) first runs :meth:`verify` on the same loss.
+        ``batch_size``: the number of examples; a layer whose output does not have that many along dimension 0
+        raises (one norm per example, or the clipping bounds nothing).
         """
         if (not self._checked) if check is None else check:
             self.verify(loss * scale if scale != 1 else loss, retain_graph=True)
-        rules = self._rules(loss, retain_graph=False, scale=scale)
+        rules = self._rules(loss, retain_graph=False, scale=scale, batch_size=batch_size)
         if callable(into):
             into = into()
         if not rules:  # nothing reached the loss: every gradient is zero
@@ -193,7 +202,8 @@ class GhostClipping(nn.Module):
                 rule.release()
         return sums, norms
 
-    def _rules(self, loss: Tensor, retain_graph: bool, scale: float = 1.0) -> list[tuple[nn.Module, _Rule]]:
+    def _rules(self, loss: Tensor, retain_graph: bool, scale: float = 1.0,
+               batch_size: int | None = None) -> list[tuple[nn.Module, _Rule]]:
         # the rules keep only what their clipped sums need (emptied in place: nn.Module's __setattr__ costs
         # microseconds a step)
         calls = self._calls.copy()
@@ -218,12 +228,18 @@ class GhostClipping(nn.Module):
                 by_module.setdefault(m, []).append((c, g))
         del calls, grads
         sizes = {g.shape[0] for pairs in by_module.values() for _, g in pairs}
-        if len(sizes) > 1:
-            raise ValueError(f"layers saw different batch sizes {sorted(sizes)}: every recorded call must take "
-                             "the batch's examples along dimension 0")
+        if len(sizes) > 1 or (batch_size is not None and sizes and sizes != {batch_size}):
+            raise ValueError(f"layers saw {sorted(sizes)} examples along dimension 0 in a batch of {batch_size}: every "
+                             "layer must take the batch's examples along dimension 0 (a sequence-first layer, "
+                             "e.g. nn.LSTM or nn.Transformer without batch_first=True, or a transpose of the batch "
+                             "breaks this); keep the batch first")
         with torch.no_grad():  # in parameter order: the DP-SGD step draws each layer's noise as it reaches it
-            return [(m, _rule(m, by_module.pop(m), self._kinds.get(m), shared))
+            return [(m, _rule(m, by_module.pop(m), self._kinds.get(m), shared, self._batched_args(m)))
                     for m in sorted(by_module, key=self._rank.__getitem__)]
+
+    def _batched_args(self, m: nn.Module) -> tuple[int, ...]:
+        given = self._per_example_args.get(m, self._per_example_args.get(type(m)))
+        return (0,) if given is None else tuple(given)
 
     def _own(self, m: nn.Module) -> list[nn.Parameter]:
         """The module's parameters that take gradients now, in the order its rule returns them."""
@@ -283,7 +299,7 @@ def _kind(m: nn.Module) -> type | None:
 
 
 def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = None,
-          shared: Counter | None = None) -> _Rule:
+          shared: Counter | None = None, batched_args: tuple[int, ...] = (0,)) -> _Rule:
     inputs, grads = [c.args[0] for c, _ in pairs], [g for _, g in pairs]
     kind = _kind(m) if kind is None else kind
     # the output gradient may be overwritten once read if no other kept tensor shares its memory
@@ -300,7 +316,7 @@ def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = N
                          own_dims=len(m.normalized_shape))
     if kind is nn.GroupNorm:
         return _NormRule(m, pairs, lambda a: F.group_norm(a, m.num_groups, eps=m.eps), own_dims=None, owned=owned)
-    return _FuncRule(m, pairs)
+    return _FuncRule(m, pairs, batched_args)
 
 
 def _materialise_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
@@ -717,9 +733,13 @@ class _NormRule(_Rule):
 
 
 class _FuncRule(_Rule):
-    """Any other layer: per-example gradients of its own parameters by torch.func (vmap of the layer's VJP)."""
+    """Any other layer: per-example gradients of its own parameters by torch.func (vmap of the layer's VJP).
 
-    def __init__(self, m: nn.Module, pairs: list[tuple[_Call, Tensor]]):
+    The positional arguments in ``batched_args`` carry the batch along dimension 0; every other argument is
+    passed whole to each example's call (declared, never guessed from a shape: a shared (T, d) argument
+    would be misread whenever the batch size happens to equal T)."""
+
+    def __init__(self, m: nn.Module, pairs: list[tuple[_Call, Tensor]], batched_args: tuple[int, ...] = (0,)):
         from torch.func import grad, vmap
 
         names = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
@@ -727,7 +747,12 @@ class _FuncRule(_Rule):
         B = pairs[0][1].shape[0]
         self.per = None
         for c, g in pairs:
-            batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == B for a in c.args]
+            batched = [i in batched_args for i in range(len(c.args))]
+            for i, (a, b) in enumerate(zip(c.args, batched)):
+                if b and not (isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == B):
+                    raise ValueError(f"{type(m).__name__}: argument {i} is declared per-example but is "
+                                     f"{type(a).__name__ if not isinstance(a, Tensor) else tuple(a.shape)}, not a "
+                                     f"tensor with the batch's {B} examples along dimension 0")
             args = [a.detach() if isinstance(a, Tensor) else a for a in c.args]
             vjp = _example_vjp(m, args, batched, c.kwargs)
             ins = [a for a, b in zip(args, batched) if b]

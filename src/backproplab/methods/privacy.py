@@ -17,22 +17,40 @@ q = batch_size / n (each example independently), which is what the accountants a
 fixed-size batches are not used. ``target_epsilon`` picks the noise multiplier with Opacus's
 ``get_noise_multiplier`` for the planned number of steps.
 
-Models are checked with Opacus's ``ModuleValidator`` and ``GradSampleModule.validate`` before training:
-BatchNorm is replaced by GroupNorm (with a message saying so); any other unsupported layer (a trainable
-layer holding buffers) raises Opacus's own explanation.
+What voids the guarantee is refused with a :class:`PrivacyError` naming the layer and the fix, never run
+quietly (the list, with each message, is in the README's "DP-SGD refuses" table):
+
+- at construction (:func:`check_private`, a registry of per-layer rules): any layer that mixes the examples
+  of a batch, with or without trainable parameters (BatchNorm of every kind, InstanceNorm with running
+  statistics, ``Embedding(max_norm=...)``), and weight normalisation or parametrizations;
+- at the first step, on a few training examples (a number unlike any other dimension of the input): one
+  per-example norm per example, each equal to that example's gradient norm computed alone (a model that
+  moves the batch off dimension 0, a sequence-first LSTM say, or mixes examples in any other way fails it);
+- at every step: a buffer changed by the private forward (un-noised statistics of the data saved with the
+  model); a trainable parameter the engine does not know (unfrozen or replaced after ``DPSGD(...)``); an
+  optimizer step taken outside :meth:`DPSGD.step` (the user's own ``loss.backward(); optimizer.step()``, or
+  ``fit`` without ``step=dp.step()``), which would be plain SGD reported as private.
+
+The un-noised training loss of the private batches is not written into the run's records
+(``train_loss_withheld``), and every evaluation row says where the noise came from: the run's seed
+(reproducible, not for release) or, in ``secure_mode``, the operating system's CSPRNG.
+:func:`prepare_model` replaces every BatchNorm by GroupNorm (with a message); any other layer Opacus cannot
+handle raises Opacus's own explanation.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..data import Data
 from ..train import TrainConfig, TrainState, loss_step
 from .ghost_clipping import GhostClipping
 
@@ -48,43 +66,175 @@ class DPConfig:
     engine: str = "ghost"  # "ghost": our clipping engine; "opacus": Opacus's per-example gradients (for comparison)
 
 
+class PrivacyError(ValueError):
+    """A model, loop or setting that would void DP-SGD's guarantee; the message names it and the fix."""
+
+
 def prepare_model(model: nn.Module, quiet: bool = False) -> nn.Module:
-    """Opacus-compatible model: BatchNorm -> GroupNorm (reported), other problems raise Opacus's error."""
+    """Opacus-compatible model: every BatchNorm -> GroupNorm (reported; affine or not, frozen or not), other
+    problems raise Opacus's error.
+
+    Opacus's ``ModuleValidator.fix`` replaces only the BatchNorm layers its validator flags, which are those
+    with trainable parameters: ``BatchNorm(affine=False)`` or a frozen one would stay and mix examples. Each
+    BatchNorm becomes ``GroupNorm(min(32, C), C)`` as Opacus's fix makes it, keeping ``affine`` and frozen
+    parameters frozen."""
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        bn = [e for e in errors if "BatchNorm" in str(e)]
-        if bn and not quiet:
-            print(f"backproplab: DP-SGD cannot use BatchNorm (it mixes examples); replacing {len(bn)} BatchNorm "
-                  "layer(s) by GroupNorm", file=sys.stderr)
+    replaced = _replace_batchnorm(model)
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        model, replaced = _group_norm_for(model), 1
+    if replaced and not quiet:
+        print(f"backproplab: DP-SGD cannot use BatchNorm (it mixes examples); replacing {replaced} BatchNorm "
+              "layer(s) by GroupNorm", file=sys.stderr)
+    if ModuleValidator.validate(model, strict=False):
         model = ModuleValidator.fix(model)
     ModuleValidator.validate(model, strict=True)  # raises UnsupportedModuleError with Opacus's explanation
     GradSampleModule.validate(model, strict=True)  # trainable layers with buffers: NotImplementedError
     return model
 
 
+def _group_norm_for(bn: nn.modules.batchnorm._BatchNorm) -> nn.GroupNorm:
+    gn = nn.GroupNorm(min(32, bn.num_features), bn.num_features, eps=bn.eps, affine=bn.affine)
+    if bn.affine:
+        gn.weight.requires_grad_(bn.weight.requires_grad)
+        gn.bias.requires_grad_(bn.bias.requires_grad)
+    like = next((t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()), None)
+    return gn if like is None else gn.to(like.device, like.dtype)
+
+
+def _replace_batchnorm(model: nn.Module) -> int:
+    count = 0
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _group_norm_for(child))
+            count += 1
+        else:
+            count += _replace_batchnorm(child)
+    return count
+
+
+# ---------------------------------------------------------------- what DP-SGD refuses, layer by layer
+
+# One rule per kind of layer that voids the guarantee: rule(module) -> the reason and the fix, or None.
+# Registered as Opacus registers its validators, so a new kind is one decorated function.
+REFUSAL_RULES: list[Callable[[nn.Module], str | None]] = []
+
+
+def register_refusal(rule: Callable[[nn.Module], str | None]) -> Callable[[nn.Module], str | None]:
+    """Add a per-layer rule to :func:`check_private`: ``rule(module)`` returns why DP-SGD cannot train a model
+    holding that module, with the fix, or None."""
+    REFUSAL_RULES.append(rule)
+    return rule
+
+
+@register_refusal
+def _batchnorm(m: nn.Module) -> str | None:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return ("BatchNorm mixes the examples of a batch (each output depends on the whole batch, so clipping "
+                "one example's gradient does not bound its influence) and saves un-noised batch means as running "
+                "statistics, with or without trainable parameters, in train or eval mode. Fix: "
+                "privacy.prepare_model(model) replaces it by GroupNorm, or remove it")
+    return None
+
+
+@register_refusal
+def _instance_norm_with_running_stats(m: nn.Module) -> str | None:
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+        return ("InstanceNorm with track_running_stats=True keeps running means of the private batches (un-noised) "
+                "and uses them in eval mode. Fix: track_running_stats=False")
+    return None
+
+
+@register_refusal
+def _embedding_max_norm(m: nn.Module) -> str | None:
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
+        return (f"{type(m).__name__}(max_norm={m.max_norm}) renormalises, in place, exactly the rows that the private "
+                "batch looks up (which rows changed reveals the batch's tokens). Fix: max_norm=None")
+    return None
+
+
+@register_refusal
+def _weight_normalisation(m: nn.Module) -> str | None:
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if parametrize.is_parametrized(m) or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
+        return ("weight normalisation / parametrizations compute the weight outside the layer's forward, where "
+                "neither engine's per-example gradients follow it. Fix: remove it "
+                "(torch.nn.utils.parametrize.remove_parametrizations, or remove_weight_norm)")
+    return None
+
+
+def check_private(model: nn.Module) -> None:
+    """Raise :class:`PrivacyError` listing every layer of ``model`` that a rule of :data:`REFUSAL_RULES` refuses
+    (one line each: the layer's name and type, why, and the fix). The checks that need data (examples mixed
+    by the forward, buffers it changes) run in :meth:`DPSGD.step`."""
+    problems = [f"layer {name or '(the model itself)'!r} ({type(m).__name__}): {why}"
+                for name, m in model.named_modules() for rule in REFUSAL_RULES if (why := rule(m)) is not None]
+    if problems:
+        raise PrivacyError("DP-SGD cannot train this model privately:\n  " + "\n  ".join(problems))
+
+
 ENGINES = ("ghost", "opacus")
 
 
+# the operating system's CSPRNG (getrandom on Linux); a module attribute so a test can substitute known bytes
+_random_bytes: Callable[[int], bytes] = os.urandom
+
+
+def csprng_normal(shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> Tensor:
+    """Standard normal draws from the operating system's CSPRNG, made robust to floating-point attacks.
+
+    Uniforms u = (k + 1/2) / 2^53 from 53 random bits each (never 0 or 1), Box-Muller
+    z = sqrt(-2 ln u1) cos(2 pi u2), sqrt(-2 ln u1) sin(2 pi u2) in float64, then Opacus's secure-mode defence
+    (Holohan & Braghin, 2021, Section 5.1; Opacus's ``_generate_noise``): each value is the sum of 4 such draws
+    halved, a standard normal whose low-order bits no longer reveal the draw. No state exists to save or leak.
+
+    Example:
+        >>> z = csprng_normal((3, 2))
+        >>> z.shape, z.dtype
+        (torch.Size([3, 2]), torch.float32)
+
+    References:
+        Holohan & Braghin, "Secure random sampling in differential privacy", ESORICS 2021.
+    """
+    count = math.prod(shape)
+    pairs = (4 * count + 1) // 2  # 4 normals per value, 2 per Box-Muller pair
+    bits = torch.frombuffer(bytearray(_random_bytes(16 * pairs)), dtype=torch.int64).view(2, pairs)
+    u = ((bits >> 11) & (2**53 - 1)).double().add_(0.5).div_(2.0**53)  # (2, pairs) in (0, 1)
+    radius, angle = torch.sqrt(-2.0 * torch.log(u[0])), (2.0 * math.pi) * u[1]
+    normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:4 * count]
+    return normals.view(4, count).sum(0).mul_(0.5).view(*shape).to(device=device, dtype=dtype)
+
+
 class GaussianNoise:
-    """The noise N(0, std^2 I) of each DP-SGD step, one draw per parameter in parameter order, from a stream
-    of its own: seeded from the run's seed (so a run is reproducible and its noise does not depend on the data
-    order or on dropout), or, in secure mode, from the operating system's CSPRNG, with Opacus's defence against
-    floating-point attacks (the scaled sum of 4 draws: Holohan et al. 2021). Both engines draw from it, in
-    Opacus's order, so the same seed gives the same noise on either.
+    """The noise N(0, std^2 I) of each DP-SGD step, one draw per parameter in parameter order.
+
+    Default: a stream of its own seeded from the run's seed, so a run is reproducible and its noise does not
+    depend on the data order or on dropout. Whoever knows the seed can subtract the noise: such a run is for
+    research, not for release (every evaluation row says so in ``noise_source``). ``secure=True``: every draw
+    comes from the operating system's CSPRNG through :func:`csprng_normal`; nothing about it is seeded, saved
+    in a checkpoint or reproducible. Both engines draw from it, in Opacus's order, so the same seed gives the
+    same noise on either.
     """
 
     def __init__(self, std: float, seed: int, secure: bool = False):
-        import secrets
-
         self.std, self.secure = std, secure
-        self.seed = secrets.randbits(63) if secure else seed
+        self.seed = None if secure else seed
         self.generator: torch.Generator | None = None
         self._state: Tensor | None = None  # from load_state_dict, before the generator exists
 
+    @property
+    def source(self) -> str:
+        return ("operating-system CSPRNG (secure_mode)" if self.secure
+                else "the run's seed: reproducible, not for release")
+
     def generator_on(self, device: torch.device) -> torch.Generator:
+        if self.secure:
+            raise PrivacyError("secure-mode noise comes from the operating system's CSPRNG, not from a seeded "
+                               "torch.Generator")
         if self.generator is None or self.generator.device != device:
             state = self._state if self.generator is None else self.generator.get_state()
             self.generator = torch.Generator(device).manual_seed(self.seed)
@@ -107,12 +257,10 @@ class GaussianNoise:
         """The next tensor of the stream, shaped as ``like``, times ``scale``."""
         if self.std == 0:
             return torch.zeros_like(like)
-        g = self.generator_on(like.device)
-        if self.secure:  # Opacus's draw, its defence against floating-point attacks included
-            from opacus.optimizers.optimizer import _generate_noise
-
-            return _generate_noise(self.std, like, generator=g, secure_mode=True).mul_(scale)
+        if self.secure:
+            return csprng_normal(like.shape, like.dtype, like.device).mul_(self.std * scale)
         # Opacus's non-secure draw (without the zeros it does not use), its scale folded into the deviation
+        g = self.generator_on(like.device)
         return torch.normal(0, self.std * scale, size=like.shape, generator=g, dtype=like.dtype, device=like.device)
 
     def in_order(self, params: list[Tensor], scale: float = 1.0) -> NoiseInOrder:
@@ -120,10 +268,14 @@ class GaussianNoise:
         return NoiseInOrder(params, lambda t: self.draw_one(t, scale))
 
     def state_dict(self) -> dict:
+        if self.secure:  # nothing to resume, and nothing secret written to disk
+            return {"secure": True}
         state = self.generator.get_state() if self.generator is not None else self._state
         return {"seed": self.seed, "state": state}
 
     def load_state_dict(self, sd: dict) -> None:
+        if self.secure or sd.get("secure"):
+            return
         self.seed, self._state = sd["seed"], sd["state"]
         if self.generator is not None and self._state is not None:
             self.generator.set_state(self._state)
@@ -153,6 +305,14 @@ class NoiseInOrder(Mapping):
         return len(self._params)
 
 
+OUTSIDE_STEP = (
+    "an optimizer step was taken outside DPSGD's private step: the gradients it would apply are the plain batch "
+    "gradient (unclipped, un-noised, not from a Poisson sample) and no privacy would be accounted, so the model "
+    "would be reported private while it is not. Train with fit(dp.model, data, cfg, optimizer=dp.optimizer, "
+    "step=dp.step(), callbacks=[dp]) (your own loop: call step = dp.step() once, then step(batch, state) as fit "
+    "does); dp.detach() ends private training and frees the optimizer for other use")
+
+
 class DPSGD:
     """Wraps a model and optimizer for DP-SGD and supplies the loop's step and accounting callback.
 
@@ -160,10 +320,36 @@ class DPSGD:
     train ``dp.model`` with ``fit(dp.model, data, cfg, optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])``.
     ``dp.model._module`` is the trained model; ``dp.model.remove_hooks()`` returns it to plain gradients.
     An Opacus ``GradSampleModule`` (from ``make_private``) is trained as it is, on the Opacus engine.
+
+    The step contract: each call of ``dp.step()``'s step draws a Poisson sample of the training set (rate
+    q = batch_size / n), clips each example's gradient to ``max_grad_norm``, adds N(0, (sigma C)^2) to the sum,
+    divides by the expected batch size, calls ``optimizer.step()`` and accounts one step. ``optimizer.step()``
+    anywhere else raises :class:`PrivacyError`, as does every model or change of it listed in the module's
+    docstring. ``per_example_args``: for layers the ghost engine differentiates by ``torch.func`` (no rule of
+    their own), which positional arguments carry the batch along dimension 0, by module or module type
+    (default: the first argument only; every other argument is shared by the examples).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from backproplab.data import Data
+        >>> from backproplab.train import TrainConfig, fit
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=32, batch_size=8, steps=4,
+        ...            config=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+        >>> rows = fit(dp.model, Data("toy", x, y, x, y, 2), TrainConfig(batch_size=8, max_steps=4),
+        ...            optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
+        >>> rows[-1]["epsilon_rdp"] > 0, "train_loss" in rows[-1]
+        (True, False)
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (Algorithm 1).
+        Yousefpour et al., "Opacus: User-Friendly Differential Privacy Library in PyTorch", 2021.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int, steps: int,
-                 config: DPConfig):
+                 config: DPConfig, per_example_args: Mapping[nn.Module | type, Sequence[int]] | None = None):
         import torch.distributed as dist
         from opacus import GradSampleModule
         from opacus.accountants import PRVAccountant, RDPAccountant
@@ -180,6 +366,9 @@ class DPSGD:
                 "loop and read epsilon from the PrivacyEngine.")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"DPSGD needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_settings(n, batch_size, steps, config)
+        self._bare = model._module if isinstance(model, GradSampleModule) else model
+        check_private(self._bare)
         # under torchrun: rank r holds the examples r, r + W, ...; each rank Poisson-samples its own share at
         # the global rate q (so every example still joins a step with probability q, independently), clips
         # per example, and Opacus's DistributedDPOptimizer adds the noise once (rank 0) before averaging
@@ -199,10 +388,17 @@ class DPSGD:
         self.engine = "opacus" if isinstance(model, GradSampleModule) else config.engine
         if self.engine not in ENGINES:
             raise ValueError(f"DPConfig.engine must be one of {ENGINES}, got {config.engine!r}")
+        if config.secure_mode and self.engine == "opacus":
+            raise PrivacyError("secure_mode with engine='opacus': Opacus would draw the noise from torch's Mersenne "
+                               "Twister (a seeded generator, not a CSPRNG). Fix: engine='ghost', whose secure mode "
+                               "draws it from the operating system's CSPRNG")
         if self.engine == "ghost":
-            self.model = GhostClipping(model)
+            self.model = GhostClipping(model, per_example_args=per_example_args)
             self.optimizer = optimizer  # the noise and the scaling happen in our step, before optimizer.step()
         else:
+            if per_example_args:
+                raise ValueError("per_example_args applies to the ghost engine's torch.func layers; Opacus's engine "
+                                 "takes the batch along dimension 0 of every layer's input")
             self.model = model if isinstance(model, GradSampleModule) else GradSampleModule(model)
         self.model.no_ddp = True  # the loop must not wrap it in DDP: gradients are clipped before they are averaged
         if self.world > 1:
@@ -226,8 +422,35 @@ class DPSGD:
         self.noise = GaussianNoise(self.noise_multiplier * config.max_grad_norm,
                                    (torch.initial_seed() * 1_000_003 + 999_983) % 2**63, secure=config.secure_mode)
         self.accountants = {"rdp": RDPAccountant(), "prv": PRVAccountant()}
-        if self.engine == "opacus":  # DPOptimizer keeps a single step hook: feed both accountants
-            self.optimizer.attach_step_hook(lambda optim: self._account())
+        # what the engine knows: a parameter made trainable, or a layer replaced, after this point is refused
+        self._known = {id(p) for p in self._bare.parameters() if p.requires_grad}
+        # a model without buffers is checked for new ones in its first step; one with buffers in every step
+        self._has_buffers = next(self._bare.buffers(), None) is not None
+        self._inside_step = False  # an optimizer step is allowed only inside ours
+        self._examples_checked = False
+        self._steps_checked = False
+        if self.engine == "opacus":  # DPOptimizer keeps a single step hook: the guard, then both accountants
+            self.optimizer.attach_step_hook(self._opacus_step_hook)
+            self._guard = None
+        else:
+            self._guard = self.optimizer.register_step_pre_hook(self._refuse_outside_step)
+
+    def _refuse_outside_step(self, *_) -> None:
+        if not self._inside_step:
+            raise PrivacyError(OUTSIDE_STEP)
+
+    def _opacus_step_hook(self, optim) -> None:
+        self._refuse_outside_step()  # raised before the parameters move and before anything is accounted
+        self._account()
+
+    def detach(self) -> nn.Module:
+        """End private training: the optimizer steps freely again (the ghost engine's) and the model's hooks are
+        removed; returns the trained model."""
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+        self.model.remove_hooks()
+        return self._bare
 
     def _account(self) -> None:
         for acc in self.accountants.values():
@@ -245,10 +468,21 @@ class DPSGD:
 
     # -- the loop's callback: report epsilon, checkpoint the accountants
     def on_eval(self, state: TrainState) -> None:
-        state.history[-1]["epsilon_rdp"] = self.epsilon("rdp")
-        state.history[-1]["epsilon_prv"] = self.epsilon("prv")
-        state.history[-1]["noise_multiplier"] = self.noise_multiplier
-        state.history[-1]["secure_mode"] = self.config.secure_mode
+        row = state.history[-1]
+        accounted = sum(h[2] for h in self.accountants["rdp"].history)
+        if state.step > 0 and accounted < state.step:
+            raise PrivacyError(f"the model took {state.step} steps but only {accounted} were private and accounted: "
+                               f"fit needs step=dp.step() as well as callbacks=[dp]")
+        # the loss and accuracy on the private batches are computed without noise: not released
+        for key in [k for k in row if k.startswith("train_")]:
+            del row[key]
+        row["train_metrics"] = "withheld (computed on private data without noise)"
+        row["epsilon_rdp"] = self.epsilon("rdp")
+        row["epsilon_prv"] = self.epsilon("prv")
+        row["noise_multiplier"] = self.noise_multiplier
+        row["secure_mode"] = self.config.secure_mode
+        row["noise_source"] = self.noise.source
+        row["accountant_for_target"] = self.config.accountant if self.config.target_epsilon is not None else None
 
     def state_dict(self) -> dict:
         return {**{k: [list(h) for h in a.history] for k, a in self.accountants.items()},
@@ -274,6 +508,90 @@ class DPSGD:
             u = torch.rand(len(share), generator=self.sampler, dtype=torch.float64)
         return share[u < self.sample_rate].to(device)
 
+    # -- the checks that need the model running
+    def _check_trainable(self) -> None:
+        """Every trainable parameter is one the engine set up for (none unfrozen or added since)."""
+        unknown = [name for name, p in self._bare.named_parameters() if p.requires_grad and id(p) not in self._known]
+        if unknown:
+            raise PrivacyError(f"parameter(s) {', '.join(unknown[:5])} became trainable or were added after DPSGD(...) "
+                               "was built: the engine never computes their per-example gradients. Fix: unfreeze or "
+                               "replace layers before building DPSGD (or build a new DPSGD)")
+
+    def _buffer_state(self) -> list[tuple[str, int, int]]:
+        return [(name, id(b), b._version) for name, b in self._bare.named_buffers()]
+
+    def _check_buffers(self, before: list[tuple[str, int, int]]) -> None:
+        after = self._buffer_state()
+        if after != before:
+            changed = sorted({name for name, *_ in set(after) ^ set(before)})
+            raise PrivacyError(f"the private forward changed buffer(s) {', '.join(changed)}: a buffer written from the "
+                               "private batch (running statistics, counts) is saved with the model without noise. "
+                               "Fix: a layer that does not update buffers in training (e.g. "
+                               "track_running_stats=False), or register the value as a constant")
+
+    def _check_examples(self, state: TrainState) -> None:
+        """Before the first step: on k training examples, k unlike any other dimension of the input, the engine
+        gives k per-example gradient norms, each equal to that example's gradient norm computed alone. A model
+        that moves the batch off dimension 0 or mixes examples fails it. Dropout is off during the check (its
+        masks differ between the two computations); the random state is restored after."""
+        x_all, y_all = state.data.x_train, state.data.y_train
+        dims = {*x_all.shape[1:], *y_all.shape[1:]}
+        k = min(next(k for k in range(3, 10**6) if k not in dims), len(x_all))
+        if k < 2:
+            return
+        idx = torch.linspace(0, len(x_all) - 1, k).round().long().to(x_all.device)
+        x, y = x_all[idx], y_all[idx]
+        params = [p for p in self._bare.parameters() if p.requires_grad]
+        dropouts = [m for m in self._bare.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for m in dropouts:
+                m.eval()
+            try:
+                before = self._buffer_state()
+                together = self._engine_norms(x, y, state.loss_fn, params)
+                self._check_buffers(before)
+                self.model.disable_hooks()
+                alone = []
+                for i in range(k):
+                    grads = torch.autograd.grad(state.loss_fn(self._bare(x[i:i + 1]), y[i:i + 1]), params,
+                                                allow_unused=True)
+                    alone.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
+            finally:
+                self.model.enable_hooks()
+                for m in dropouts:
+                    m.train()
+        if together.shape != (k,):
+            raise PrivacyError(f"the engine found {together.numel()} per-example gradients in a batch of {k} examples: "
+                               "the model does not keep the examples along dimension 0 (a sequence-first layer such "
+                               "as nn.LSTM or nn.Transformer without batch_first=True, a transpose of the batch). "
+                               "Fix: keep the batch first")
+        alone = torch.stack(alone).to(together.dtype)
+        if not torch.allclose(together, alone, rtol=1e-3, atol=1e-6 * (1 + float(alone.max()))):
+            raise PrivacyError(f"per-example gradient norms computed in a batch of {k} examples "
+                               f"({[round(float(v), 5) for v in together]}) differ from those computed one example at "
+                               f"a time ({[round(float(v), 5) for v in alone]}): the forward mixes the examples of a "
+                               "batch (the batch off dimension 0, a statistic over the batch, randomness other than "
+                               "dropout). Fix: keep the batch first and make each example's output its own")
+        self._examples_checked = True
+
+    def _engine_norms(self, x: Tensor, y: Tensor, loss_fn: Callable, params: list[Tensor]) -> Tensor:
+        """The per-example gradient norms of ``loss_fn(model(x), y)`` as the engine computes them in a batch."""
+        if self.engine == "ghost":
+            with self.model.recording():
+                loss = loss_fn(self.model(x), y)
+            try:
+                return self.model.clipped_sum(loss, math.inf, check=False, scale=len(x), batch_size=len(x))[1].detach()
+            except ValueError as e:  # a layer saw another number of examples
+                raise PrivacyError(str(e)) from None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_fn(self.model(x), y).backward()
+        samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+        norms = torch.stack([s.reshape(len(s), -1).norm(dim=1) for s in samples]).norm(dim=0) \
+            if samples and len({len(s) for s in samples}) == 1 else torch.zeros(sum(len(s) for s in samples))
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms.detach()
+
     def step(self, loss_terms: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None) -> Callable:
         """The loop's step: Poisson batch, per-example clipped gradients of the mean loss, noise, update.
 
@@ -282,6 +600,12 @@ class DPSGD:
         """
 
         def poisson(batch, state: TrainState):
+            if not isinstance(state.data, Data):
+                raise PrivacyError(f"DPSGD's step draws Poisson samples from an in-memory Data (data.x_train); fit was "
+                                   f"given a {type(state.data).__name__}. Fix: pass a backproplab Data, e.g. "
+                                   "Data(name, x_train, y_train, x_test, y_test, num_classes)")
+            if not self._examples_checked:
+                self._check_examples(state)
             idx = self.poisson_batch(state.data.x_train.device)
             yield (state.data.x_train.index_select(0, idx), state.data.y_train.index_select(0, idx)), 1.0
 
@@ -292,19 +616,44 @@ class DPSGD:
                     if p.requires_grad:
                         p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
                 return torch.zeros((), device=x.device)
-            return loss_terms(self.model, x, y) if loss_terms else state.loss_fn(self.model(x), y)
+            watch = self._has_buffers or not self._steps_checked
+            before = self._buffer_state() if watch else None
+            loss = loss_terms(self.model, x, y) if loss_terms else state.loss_fn(self.model(x), y)
+            if watch:
+                self._check_buffers(before)
+                self._steps_checked = True
+            return loss
 
         if self.engine == "ghost":
             return self._ghost_step(poisson, private_loss)
-        inner = loss_step(private_loss, parts=poisson)
+        sizes: list[int] = []
+
+        def sampled(batch, state: TrainState):
+            for (x, y), weight in poisson(batch, state):
+                sizes[:] = [len(x)]
+                yield (x, y), weight
+
+        def check_samples(state: TrainState) -> None:
+            wrong = {len(p.grad_sample) for p in self.model.parameters()
+                     if getattr(p, "grad_sample", None) is not None and len(p.grad_sample) != sizes[0]}
+            if wrong:
+                raise PrivacyError(f"Opacus found {sorted(wrong)} per-example gradients for a batch of {sizes[0]}: the "
+                                   "model does not keep the examples along dimension 0. Fix: keep the batch first")
+
+        inner = loss_step(private_loss, parts=sampled, before_step=check_samples)
 
         def step(batch, state: TrainState) -> Tensor:
+            self._check_trainable()
             device = next(self.model.parameters()).device
             if self.rank == 0:  # Opacus draws from our noise stream (it adds noise on rank 0 only)
                 self.optimizer.generator = self.noise.generator_on(device)
             with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                return inner(batch, state)
+                self._inside_step = True
+                try:
+                    return inner(batch, state)
+                finally:
+                    self._inside_step = False
 
         return step
 
@@ -327,6 +676,7 @@ class DPSGD:
 
         def step(batch, state: TrainState) -> Tensor:
             opt = self.optimizer
+            self._check_trainable()
             # zero_grad(set_to_none=True) without its per-step overhead: the last step's gradients are freed
             # before this step's activations exist, and a frozen parameter does not step on a stale one
             params = []
@@ -352,7 +702,7 @@ class DPSGD:
 
             if len(x):  # + the clipped sum / expected batch size, in place
                 grads = list(self.model.clipped_sum(loss, clip, check=False, into=noise, alpha=scale,
-                                                    scale=len(x))[0].values())
+                                                    scale=len(x), batch_size=len(x))[0].values())
             else:
                 grads = list(noise().values())
             if self.world > 1:
@@ -361,11 +711,40 @@ class DPSGD:
                         dist.all_reduce(g)
             for p, g in zip(params, grads):
                 p.grad = g
-            opt.step()
+            self._inside_step = True
+            try:
+                opt.step()
+            finally:
+                self._inside_step = False
             self._account()
             return loss.detach()
 
         return step
+
+
+def _check_settings(n: int, batch_size: int, steps: int, config: DPConfig) -> None:
+    """Refuse settings the accountant or the sampler cannot honour, naming the value (before anything runs)."""
+    def bad(what: str, value, need: str) -> ValueError:
+        return ValueError(f"DPSGD: {what}={value!r}: {need}")
+
+    if not (isinstance(n, int) and n >= 1):
+        raise bad("n", n, "the number of training examples must be an integer >= 1")
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= n):
+        raise bad("batch_size", batch_size, f"the expected Poisson batch must be an integer from 1 to n={n}; "
+                  "lower batch_size or use more training examples")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise bad("steps", steps, "the planned number of steps must be an integer >= 1")
+    c = config
+    if not (math.isfinite(c.max_grad_norm) and c.max_grad_norm > 0):
+        raise bad("max_grad_norm", c.max_grad_norm, "must be a finite number > 0")
+    if not (0 < c.delta < 1):
+        raise bad("delta", c.delta, "must lie in (0, 1), typically below 1/n")
+    if c.noise_multiplier is not None and not (math.isfinite(c.noise_multiplier) and c.noise_multiplier >= 0):
+        raise bad("noise_multiplier", c.noise_multiplier, "must be a finite number >= 0")
+    if c.target_epsilon is not None and not (math.isfinite(c.target_epsilon) and c.target_epsilon > 0):
+        raise bad("target_epsilon", c.target_epsilon, "must be a finite number > 0")
+    if c.accountant not in ("rdp", "prv"):
+        raise bad("accountant", c.accountant, "must be 'rdp' or 'prv'")
 
 
 def planned_steps(cfg: TrainConfig, n: int) -> int:
