@@ -50,7 +50,6 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data import Data
 from ..train import TrainConfig, TrainState, loss_step
 from .ghost_clipping import GhostClipping
 
@@ -600,7 +599,7 @@ class DPSGD:
         """
 
         def poisson(batch, state: TrainState):
-            if not isinstance(state.data, Data):
+            if not isinstance(getattr(state.data, "x_train", None), Tensor):
                 raise PrivacyError(f"DPSGD's step draws Poisson samples from an in-memory Data (data.x_train); fit was "
                                    f"given a {type(state.data).__name__}. Fix: pass a backproplab Data, e.g. "
                                    "Data(name, x_train, y_train, x_test, y_test, num_classes)")
