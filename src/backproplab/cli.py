@@ -272,11 +272,19 @@ def _sweep(args) -> int:
     if args.quick and args.scale not in (None, "quick"):
         raise experiments.ConfigError(f"--quick and --scale {args.scale} contradict each other")
     scale = args.scale or ("quick" if args.quick else "full")
+    if not 0 < args.validation < 1:  # 0 would report, and so select on, the test set
+        raise experiments.ConfigError(f"--validation {args.validation:g}: a sweep selects on a split held out of the "
+                                      "training set, a fraction in (0, 1); 0 would select on the test set")
     grid: dict[str, list[str]] = {}
     for item in args.grid:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise experiments.ConfigError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        if key in grid:
+            raise experiments.ConfigError(f"--grid names {key!r} twice; give all its values once: {key}=V1,V2,...")
+        if key == "validation":
+            raise experiments.ConfigError("--grid validation=...: the validation split is the sweep's own "
+                                          "(--validation), the same for every point")
         grid[key] = values.split(",")
     root = Path(args.out) / "sweeps" / exp.name
     points = []
@@ -288,6 +296,10 @@ def _sweep(args) -> int:
                                       scale=scale, seeds=args.seeds, device=args.device, log=args.log)
         experiments.preflight(exp, cfg, root / label, args.resume, args.overwrite)
         points.append((label, cfg))
+    known = {"test_acc", "test_loss", *exp.table_metrics, *(c.metric for _, cfg in points for c in exp.claims(cfg))}
+    if args.metric not in known:
+        raise experiments.ConfigError(f"--metric {args.metric!r} is not a metric of {exp.name}; choose from "
+                                      f"{', '.join(sorted(known))}")
     executor = _executor(args)
     threads = int(args.cpus_per_run) if args.cpus_per_run else None
     jobs = [job for label, cfg in points

@@ -333,8 +333,18 @@ def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> D
                                   f"{sorted(k for k in m if not k.startswith('__'))}")
         if m["X"].ndim != 4 or m["X"].shape[:3] != (32, 32, 3):
             raise DataFormatError(f"{f}: X must be 32 x 32 x 3 x N, got {m['X'].shape}")
-        x = np.transpose(m["X"], (3, 2, 0, 1)).astype(np.float32) / 255  # (32,32,3,N) -> (N,3,32,32)
-        y = _labels(f, m["y"].reshape(-1).astype(np.int64) % 10, len(x), 10)  # digit 0 is stored as label 10
+        pixels = m["X"]
+        if pixels.dtype != np.uint8 and (not np.issubdtype(pixels.dtype, np.number) or pixels.size and (
+                not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255)):
+            raise DataFormatError(f"{f}: X must hold pixel values 0..255 (uint8 in the official files), found "
+                                  f"{pixels.dtype} from {pixels.min()} to {pixels.max()}")
+        x = np.transpose(pixels, (3, 2, 0, 1)).astype(np.float32) / 255  # (32,32,3,N) -> (N,3,32,32)
+        raw = np.asarray(m["y"]).reshape(-1)
+        if raw.size and (not np.issubdtype(raw.dtype, np.number) or not np.isfinite(raw).all()
+                         or (raw != np.round(raw)).any() or raw.min() < 1 or raw.max() > 10):
+            raise DataFormatError(f"{f}: y must hold the official labels, integers 1..10 (10 is digit 0), found "
+                                  f"{raw.min()}..{raw.max()} ({raw.dtype})")
+        y = _labels(f, raw.astype(np.int64) % 10, len(x), 10)  # digit 0 is stored as label 10
         arrays += [x, y]
     return _standardise("svhn", *arrays, 10, unit_range=unit_range)
 

@@ -133,7 +133,12 @@ def cross_entropy(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> 
 
 
 def mse(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """Squared error averaged over output dimensions, then reduced over examples."""
+    """Squared error averaged over output dimensions, then reduced over examples. Outputs and targets must have
+    the same shape: (B, 1) against (B,) would broadcast to (B, B), every output against every target."""
+    if outputs.shape != targets.shape:
+        raise ValueError(f"mse: outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} "
+                         "differ (broadcasting would compare every output with every target). Fix: give the targets "
+                         "the outputs' shape, e.g. y.unsqueeze(1) for one output")
     per_example = (outputs - targets).pow(2).flatten(1).mean(1)
     return per_example if reduction == "none" else per_example.sum() if reduction == "sum" else per_example.mean()
 
@@ -518,8 +523,9 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
         if world > 1:
             dist.all_reduce(train_loss)
             train_loss /= world
-        row = {"step": state.step, "epoch": state.epoch + state_fraction(),
-               "train_loss": float(train_loss) / max(loss_count, 1)}
+        row = {"step": state.step, "epoch": state.epoch + state_fraction()}
+        if loss_count:  # no step since the last row (fit with epochs=0): no training loss to report
+            row["train_loss"] = float(train_loss) / loss_count
         if eval_data is not None:
             test = evaluate_batches(model, eval_data, state.loss_fn, classification, device)
         elif in_memory:

@@ -152,7 +152,10 @@ def load_trained(cfg: PrivacyConfig, arm: PrivacyArm, run_dir: Path):
 
 
 def _seed_of(run_dir: Path) -> int:
-    return int(run_dir.name.removeprefix("seed")) if run_dir.name.startswith("seed") else 0
+    """The run's seed as its ``config.json`` records it (a copied or renamed folder keeps it; its name may not)."""
+    import json
+
+    return int(json.loads((run_dir / "config.json").read_text())["seed"])
 
 
 def certify_run(model, data: Data, sigma: float, n0: int, n: int, alpha: float, examples: int, seed: int = 0,

@@ -204,6 +204,20 @@ def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
 ABSTAIN = -1
 
 
+def check_smoothing(sigma: float, alpha: float, num_classes: int, **sample_sizes: int) -> None:
+    """Refuse settings under which randomized smoothing's answer means nothing (a negative or NaN radius, a
+    class chosen from no sample): ValueError naming the argument and its range."""
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma={sigma!r}: the smoothing noise must be a finite number > 0")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"alpha={alpha!r}: the failure probability must lie in (0, 1)")
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 2")
+    for name, value in sample_sizes.items():
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}={value!r}: the number of noise samples must be an integer >= 1")
+
+
 def smoothed_predict(model: nn.Module, x: Tensor, sigma: float, n: int, alpha: float, num_classes: int,
                      batch: int = 1000, generator: torch.Generator | None = None, *,
                      batched: bool = False) -> int | list[int]:
@@ -212,6 +226,7 @@ def smoothed_predict(model: nn.Module, x: Tensor, sigma: float, n: int, alpha: f
 
     ``batched=True``: ``x`` is a batch (first dimension) and a list with one answer per input comes back,
     the inputs taken in order from one noise stream. The model's train/eval mode is left as it was."""
+    check_smoothing(sigma, alpha, num_classes, n=n)
     if batched:
         return [smoothed_predict(model, xi, sigma, n, alpha, num_classes, batch, generator) for xi in x]
     counts = sample_counts(model, x, sigma, n, num_classes, batch, generator)
@@ -231,6 +246,7 @@ def certify(model: nn.Module, x: Tensor, sigma: float, n0: int, n: int, alpha: f
 
     ``batched=True``: ``x`` is a batch and a list of (class, radius), one per input, comes back (the
     inputs in order, from one noise stream). The model's train/eval mode is left as it was."""
+    check_smoothing(sigma, alpha, num_classes, n0=n0, n=n)
     if batched:
         return [certify(model, xi, sigma, n0, n, alpha, num_classes, batch, generator) for xi in x]
     c = int(sample_counts(model, x, sigma, n0, num_classes, batch, generator).argmax())

@@ -1,0 +1,111 @@
+"""The second hostile-user pass (silent wrong results): each test failed on the code before its fix."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backproplab.cli import main
+from backproplab.data import Data, DataFormatError, load_dataset
+from backproplab.methods import robustness
+from backproplab.train import TrainConfig, fit
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--validation", "0"], "would select on the test set"),
+    (["--grid", "sgd_lr=0.3"], "names 'sgd_lr' twice"),
+    (["--grid", "validation=0.1,0.5"], "the validation split is the sweep's own"),
+    (["--metric", "test_accuracy"], "--metric 'test_accuracy' is not a metric of baselines"),
+], ids=["validation 0", "repeated key", "grid validation", "metric typo"])
+def test_a_sweep_that_would_select_wrongly_is_refused_before_any_run(tmp_path, capsys, args, message):
+    code = main(["sweep", "baselines", "--grid", "sgd_lr=0.1,0.2", "--scale", "smoke", "--out", str(tmp_path),
+                 "--no-progress", *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*.json"))  # nothing ran
+
+
+def test_mse_refuses_targets_of_another_shape():
+    """(B,) targets against (B, 1) outputs broadcast to (B, B): the model learned nothing, silently."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match=r"outputs of shape \(8, 1\) and targets of shape \(8,\)"):
+        fit(model, Data("reg", x, y, x, y, 0), TrainConfig(loss="mse", batch_size=8, epochs=1))
+    rows = fit(model, Data("reg", x, y[:, None], x, y[:, None], 0),
+               TrainConfig(loss="mse", batch_size=8, epochs=60, lr=0.1))
+    assert rows[-1]["test_loss"] < 0.01 * float(y.var())  # with matching shapes it fits the linear target
+
+
+def test_fit_with_no_step_reports_no_training_loss():
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    rows = fit(nn.Linear(3, 2), Data("toy", x, y, x, y, 2), TrainConfig(epochs=0))
+    assert "train_loss" not in rows[-1] and rows[-1]["step"] == 0 and "test_acc" in rows[-1]
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"sigma": -0.5}, "sigma"), ({"sigma": math.nan}, "sigma"), ({"sigma": 0.0}, "sigma"), ({"alpha": 2.0}, "alpha"),
+    ({"alpha": 0.0}, "alpha"), ({"n0": 0}, "n0"), ({"n": 0}, "n="),
+])
+@pytest.mark.parametrize("batched", [False, True])
+def test_certify_validates_what_the_cli_validates(kwargs, name, batched):
+    model = nn.Linear(2, 2)
+    args = {"sigma": 0.5, "n0": 10, "n": 50, "alpha": 0.01, **kwargs}
+    x = torch.zeros(3, 2) if batched else torch.zeros(2)
+    with pytest.raises(ValueError, match=name):
+        robustness.certify(model, x, args["sigma"], args["n0"], args["n"], args["alpha"], 2, batched=batched)
+    if "n0" not in kwargs:
+        with pytest.raises(ValueError, match=name):
+            robustness.smoothed_predict(model, x, args["sigma"], args["n"], args["alpha"], 2, batched=batched)
+
+
+def _svhn(tmp_path, y_train, x_train=None):
+    from scipy.io import savemat
+
+    folder = tmp_path / "svhn"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    n = len(y_train)
+    x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8) if x_train is None else x_train
+    savemat(folder / "train_32x32.mat", {"X": x, "y": np.asarray(y_train).reshape(-1, 1)})
+    savemat(folder / "test_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, 2), dtype=np.uint8),
+                                        "y": np.array([[1], [10]], dtype=np.uint8)})
+
+
+@pytest.mark.parametrize("labels", [[1, 15, 3], [1, -1, 3], [1, 1000, 3], [1, 2.04, 3], [1, 0, 3]],
+                         ids=["15", "-1", "1000", "2.04", "0"])
+def test_svhn_labels_outside_the_official_range_are_refused(tmp_path, labels):
+    _svhn(tmp_path, np.array(labels, dtype=np.float64))
+    with pytest.raises(DataFormatError, match=r"train_32x32\.mat: y must hold the official labels"):
+        load_dataset("svhn", root=tmp_path)
+
+
+def test_svhn_pixels_outside_0_255_are_refused(tmp_path):
+    x = np.random.default_rng(0).uniform(0, 255, (32, 32, 3, 3))
+    x[0, 0, 0, 0] = 2.55e8
+    _svhn(tmp_path, [1, 2, 3], x_train=x)
+    with pytest.raises(DataFormatError, match="pixel values 0..255"):
+        load_dataset("svhn", root=tmp_path, unit_range=True)
+    x[0, 0, 0, 0] = 12.0  # float pixels in range are read as they are
+    _svhn(tmp_path, [1, 2, 10], x_train=x)
+    d = load_dataset("svhn", root=tmp_path, unit_range=True)
+    assert float(d.x_train.max()) <= 1.0 and d.y_train.tolist() == [1, 2, 0]
+
+
+def test_certify_takes_the_seed_from_config_json_not_from_the_folder_name(tmp_path, capsys):
+    """A copied run folder: seed 1's model must be certified on seed 1's test split (its own held-out data)."""
+    from backproplab.experiments import privacy as privacy_experiment
+
+    args = ["run", "privacy", "--set", "epsilons=8", "nonprivate=false", "adversarial=clean", "augment_sigmas=0",
+            "epochs=1", "cert_examples=3", "cert_n=20", "cert_n0=5", "linf_eps=0.1", "l2_eps=0.5", "pgd_steps=1",
+            "widths=8", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    run = tmp_path / "privacy" / "eps8-clean-aug0" / "seed1"
+    copy = tmp_path / "copied" / "seed0"
+    shutil.copytree(run, copy)
+    record = json.loads((copy / "config.json").read_text())
+    assert privacy_experiment._seed_of(copy) == record["seed"] == 1
