@@ -200,7 +200,9 @@ def csprng_normal(shape: Sequence[int], dtype: torch.dtype = torch.float32,
         Holohan & Braghin, "Secure random sampling in differential privacy", ESORICS 2021.
     """
     count = math.prod(shape)
-    pairs = (4 * count + 1) // 2  # 4 normals per value, 2 per Box-Muller pair
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pairs = 2 * count  # 4 normals per value, 2 per Box-Muller pair
     bits = torch.frombuffer(bytearray(_random_bytes(16 * pairs)), dtype=torch.int64).view(2, pairs)
     u = ((bits >> 11) & (2**53 - 1)).double().add_(0.5).div_(2.0**53)  # (2, pairs) in (0, 1)
     radius, angle = torch.sqrt(-2.0 * torch.log(u[0])), (2.0 * math.pi) * u[1]
