@@ -109,3 +109,57 @@ def test_certify_takes_the_seed_from_config_json_not_from_the_folder_name(tmp_pa
     shutil.copytree(run, copy)
     record = json.loads((copy / "config.json").read_text())
     assert privacy_experiment._seed_of(copy) == record["seed"] == 1
+
+
+TINY = ["datasets=digits", "models=mlp", "optimizers=sgd", "epochs=1", "n_train=128"]
+
+
+def test_no_resume_never_deletes_another_configs_runs(tmp_path, capsys):
+    tail = ["--seeds", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(["run", "baselines", "--set", *TINY, "sgd_lr=0.05", *tail]) == 0
+    config = tmp_path / "baselines" / "digits-mlp-sgd" / "seed0" / "config.json"
+    assert main(["run", "baselines", "--set", *TINY, "sgd_lr=0.1", "--no-resume", *tail]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert json.loads(config.read_text())["config"]["sgd_lr"] == 0.05  # kept
+    assert main(["run", "baselines", "--set", *TINY, "sgd_lr=0.05", "--no-resume", *tail]) == 0  # its own: redone
+
+
+def test_a_grid_value_never_writes_outside_out(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    code = main(["sweep", "baselines", "--grid", "data_root=../../../../../escaped,x", "--set", *TINY,
+                 "--seeds", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    outside = [p for p in tmp_path.rglob("*") if not p.resolve().is_relative_to(out.resolve())
+               and p.resolve() not in {out.parent.resolve(), out.parent.parent.resolve()}]
+    assert outside == []
+    folders = sorted(p.name for p in (out / "sweeps" / "baselines").iterdir() if p.is_dir())
+    assert folders == ["data_root=..%2F..%2F..%2F..%2F..%2Fescaped", "data_root=x"]
+
+
+def test_a_run_another_process_holds_is_waited_for_and_its_result_reused(tmp_path, capsys):
+    """Two identical runs into one --out wrote every metrics row twice. Now a run takes a lock on its folder
+    (filelock): while another process holds it, run_job waits, then finds that process's final.json and reuses
+    it instead of running again."""
+    import threading
+
+    from filelock import FileLock
+
+    from backproplab import experiments
+
+    exp = experiments.get("baselines")
+    cfg = experiments.make_config(exp, TINY, seeds=1)
+    (job,) = experiments.plan(exp, cfg, tmp_path)
+    other = FileLock(str(job.run_dir.parent / f".{job.run_dir.name}.lock"))
+    other.acquire()  # the other process, mid-run
+    result: dict = {}
+    waiting = threading.Thread(target=lambda: result.update(experiments.run_job(job)))
+    waiting.start()
+    waiting.join(2.0)
+    assert waiting.is_alive() and not result  # it waits instead of running the same run again
+    job.run_dir.mkdir(parents=True, exist_ok=True)  # what the other process leaves when it finishes
+    (job.run_dir / "config.json").write_text(json.dumps({"config": experiments.identity(cfg)}))
+    (job.run_dir / "final.json").write_text(json.dumps({"status": "ok", "test_acc": 0.125}))
+    other.release()
+    waiting.join(120)
+    assert result == {"status": "ok", "test_acc": 0.125}
+    assert "being run by another process; waiting" in capsys.readouterr().err

@@ -256,6 +256,18 @@ def _executor(args):
     return LocalExecutor()
 
 
+def _point_folder(root, label: str):
+    """A grid point's folder: one path component under ``root`` whatever the values hold ('/' and other
+    separators percent-encoded), checked to resolve inside ``root``: a value such as ``../../x`` never
+    writes, or deletes, outside the output folder."""
+    from urllib.parse import quote
+
+    folder = root / quote(label, safe="=,.-_+:@")
+    if folder.name in (".", "..") or not folder.resolve().is_relative_to(root.resolve()):
+        raise experiments.ConfigError(f"--grid point {label!r} would write outside {root}; use plain values")
+    return folder
+
+
 def _sweep(args) -> int:
     """Every grid point's runs as one pool of jobs (under either executor), each point in its own folder
     ``OUT/sweeps/EXP/<key=value,...>/``, then ``sweep.json`` / ``sweep.md``: the validation metric per point
@@ -294,16 +306,18 @@ def _sweep(args) -> int:
         cfg = experiments.make_config(exp, [*args.set, *(f"{k}={v}" for k, v in point.items()),
                                             f"validation={args.validation}"],
                                       scale=scale, seeds=args.seeds, device=args.device, log=args.log)
-        experiments.preflight(exp, cfg, root / label, args.resume, args.overwrite)
-        points.append((label, cfg))
-    known = {"test_acc", "test_loss", *exp.table_metrics, *(c.metric for _, cfg in points for c in exp.claims(cfg))}
+        folder = _point_folder(root, label)
+        experiments.preflight(exp, cfg, folder, args.resume, args.overwrite)
+        points.append((label, folder, cfg))
+    known = {"test_acc", "test_loss", *exp.table_metrics,
+             *(c.metric for _, _, cfg in points for c in exp.claims(cfg))}
     if args.metric not in known:
         raise experiments.ConfigError(f"--metric {args.metric!r} is not a metric of {exp.name}; choose from "
                                       f"{', '.join(sorted(known))}")
     executor = _executor(args)
     threads = int(args.cpus_per_run) if args.cpus_per_run else None
-    jobs = [job for label, cfg in points
-            for job in experiments.plan(exp, cfg, root / label, args.resume, threads=threads,
+    jobs = [job for _, folder, cfg in points
+            for job in experiments.plan(exp, cfg, folder, args.resume, threads=threads,
                                         device=getattr(executor, "device", None))]
     code = 0
     try:
@@ -312,8 +326,8 @@ def _sweep(args) -> int:
         print(f"backproplab: {e}", file=sys.stderr)
         code = 1
     rows, best = [], {}
-    for label, cfg in points:
-        exp_dir = experiments.finish(exp, cfg, root / label, scale)
+    for label, folder, cfg in points:
+        exp_dir = experiments.finish(exp, cfg, folder, scale)
         for arm in exp.arms(cfg):
             finals = sorted((exp_dir / arm.name).glob("seed*/final.json"))
             values = [json.loads(f.read_text()).get(args.metric) for f in finals]

@@ -19,7 +19,8 @@ Layout::
 
 A run's identity is its config without the fields that do not change results (:data:`NOT_IDENTITY`).
 A finished run of the same identity is skipped, an interrupted one resumes; a folder written by another
-identity stops the run with the differences named, unless ``overwrite`` (or ``resume=False``) is given.
+identity stops the run with the differences named, unless ``overwrite`` is given (``resume=False`` starts
+this config's own runs over, never another's).
 """
 
 from __future__ import annotations
@@ -514,7 +515,10 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
     device = device or str(resolve_device(cfg.device))
     record, seeds_of = identity(cfg), exp.seeds_of(cfg)
     jobs = []
+    inside = Path(out).resolve()
     for arm in exp.arms(cfg):
+        if not (exp_dir / arm.name).resolve().is_relative_to(inside) or "/" in arm.name:
+            raise ConfigError(f"arm {arm.name!r} of {exp.name} would write outside {out}; use plain config values")
         for seed in range(seeds_of(arm)):
             job = Job(exp, cfg, arm, seed, exp_dir, resume, device, threads)
             if resume and (job.run_dir / "final.json").exists() and _same_identity(job.run_dir, record):
@@ -526,12 +530,46 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
 def run_job(job: Job) -> dict:
     """One run: its folder (started over if another config's, or with resume off), its seed, ``run_arm``,
     then ``final.json`` (written last: its presence marks the run done). Returns the final record."""
+    import torch.distributed as dist
+
+    run_dir, record = job.run_dir, identity(job.cfg)
+    alone = not (dist.is_available() and dist.is_initialized())
+    with _run_lock(run_dir) if alone else contextlib.nullcontext():
+        if alone and job.resume and (run_dir / "final.json").exists() and _same_identity(run_dir, record):
+            return json.loads((run_dir / "final.json").read_text())  # another process finished it meanwhile
+        return _run_job_locked(job, record)
+
+
+def _run_lock(run_dir: Path):
+    """A lock per run folder (``filelock``): a second process running the same run into the same folder waits
+    for the first, then finds its result, instead of writing every row twice."""
+    from filelock import FileLock, Timeout
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir.parent / f".{run_dir.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"backproplab: {run_dir} is being run by another process; waiting for it (lock {lock.lock_file})",
+              file=sys.stderr)
+        lock.acquire()
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        finally:
+            lock.release()
+
+    return held()
+
+
+def _run_job_locked(job: Job, record: dict) -> dict:
     import torch
 
     from ..train import NonFiniteLossError, seed_everything
 
     exp, cfg, arm, seed, run_dir = job.exp, job.cfg, job.arm, job.seed, job.run_dir
-    record = identity(cfg)
     if _rank() == 0:
         if run_dir.exists() and (not job.resume or not _same_identity(run_dir, record)):
             shutil.rmtree(run_dir)
@@ -609,7 +647,8 @@ def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, o
     record, seeds_of = identity(cfg), exp.seeds_of(cfg)
     for arm in exp.arms(cfg):
         for seed in range(seeds_of(arm)):
-            _check_identity(Path(out) / exp.name / arm.name / f"seed{seed}", record, overwrite or not resume)
+            # --no-resume starts this config's runs over; only --overwrite replaces another config's
+            _check_identity(Path(out) / exp.name / arm.name / f"seed{seed}", record, overwrite)
 
 
 def judge_claims(exp: Experiment, cfg: Any, results: Results, scale: str) -> list[Verdict]:
