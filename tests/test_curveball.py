@@ -771,3 +771,91 @@ def test_rahimi_recht_problem_is_ill_conditioned():
     assert toy.loss() < 1e-20 and toy.solved(CurveBallConfig())
     # plain gradient descent cannot fit the small singular directions within a short budget
     assert not solve_toy("rahimi_recht", "sgd", 0, CurveBallConfig(), lr=0.03, max_iters=500)["solved"]
+
+
+# ---------------------------------------------------------------- every model of the zoo, BatchNorm in both modes
+
+ZOO = [("mlp", (1, 8, 8), {}), ("cnn", (1, 8, 8), {}), ("cnn", (1, 8, 8), {"batchnorm": True}),
+       ("resnet18", (3, 8, 8), {"width": 0.125}), ("vgg11", (3, 32, 32), {"width": 0.125}),
+       ("vgg11_bn", (3, 32, 32), {"width": 0.125}), ("wu_cnn", (1, 28, 28), {}),
+       ("binary_vgg", (3, 8, 8), {"channels": (4, 8)})]
+
+
+class _ResidualBN(nn.Module):
+    """A residual block with BatchNorm and an in-place ReLU, as ResNets write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu_(x + self.bn(self.conv(x))).flatten(1))
+
+
+def _default_against_forward_ad(net, x, y, steps=2, autocast=False):
+    """jvp="auto" (the default) and forward-mode AD take the same steps: parameters and buffers (BatchNorm's
+    running statistics) agree, float64."""
+    results = []
+    for jvp in ("auto", "forward_ad"):
+        model = copy.deepcopy(net)
+        opt = CurveBall(model.parameters(), model=model, jvp=jvp)
+
+        def forward():
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x)
+            return model(x)
+
+        for _ in range(steps):
+            torch.manual_seed(23)  # the same dropout masks for both
+            opt.step(forward, CrossEntropy(y))
+        results.append(_flat([*model.parameters(), *(b.double() for b in model.buffers())]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    return results[0]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name,shape,kwargs", ZOO, ids=[f"{n}{'-bn' if k.get('batchnorm') else ''}" for n, _, k in ZOO])
+def test_every_zoo_model_steps_as_forward_mode_ad(name, shape, kwargs, mode):
+    """ResNet-18 and a conv-BN-ReLU-Dropout net crashed ("modified by an inplace operation"): the extra pass over
+    the same batch wrote BatchNorm's statistics back in place, into tensors the step's reverse graph had saved."""
+    from backproplab.models import build_model
+
+    torch.manual_seed(0)  # float64 (this module's default)
+    net = build_model(name, shape, 10, **kwargs).train(mode == "train")
+    x, y = torch.randn(4, *shape), torch.randint(0, 10, (4,))
+    start = _flat(net.parameters())
+    after = _default_against_forward_ad(net, x, y)
+    assert not torch.equal(after[:len(start)], start)  # it did step
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                          nn.Linear(64, 3)),
+    _ResidualBN,
+], ids=["conv-bn-relu-dropout", "residual bn in-place relu"])
+def test_batchnorm_residual_and_dropout_step_as_forward_mode_ad(make, mode):
+    torch.manual_seed(0)
+    net = make().train(mode == "train")
+    _default_against_forward_ad(net, torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,)))
+
+
+def test_batchnorm_cnn_under_bf16_autocast_and_resnet_through_fit():
+    from backproplab.data import load_dataset
+    from backproplab.models import build_model
+    from backproplab.train import TrainConfig, fit
+
+    torch.manual_seed(0)  # float32, as autocast's users train
+    net = build_model("cnn", (1, 8, 8), 10, batchnorm=True).float()
+    _default_against_forward_ad(net, torch.randn(6, 1, 8, 8, dtype=torch.float32), torch.randint(0, 10, (6,)),
+                                autocast=True)
+    torch.manual_seed(0)
+    data = load_dataset("digits", n_train=64)
+    x = data.x_train.reshape(-1, 1, 8, 8).expand(-1, 3, -1, -1).contiguous()
+    from backproplab.data import Data
+
+    rgb = Data("digits-rgb", x, data.y_train, x[:16], data.y_train[:16], 10)
+    model = build_model("resnet18", (3, 8, 8), 10, width=0.125).float()
+    rows = fit(model, rgb, TrainConfig(optimizer="curveball", lr=0, momentum=0, batch_size=32, max_steps=4))
+    assert math.isfinite(rows[-1]["train_loss"])

@@ -233,17 +233,29 @@ class ResNet(nn.Module):
 
 
 class _BinaryWeight(torch.autograd.Function):
-    """sign(w) forward; the clipped straight-through estimator backward (BinaryConnect, Courbariaux et al. 2015)."""
+    """sign(w) forward; the clipped straight-through estimator backward (BinaryConnect, Courbariaux et al. 2015),
+    and the same derivative forward (``jvp``), so forward-mode AD (CurveBall's J z) follows it too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w)
+    def forward(w: torch.Tensor) -> torch.Tensor:
         return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (w,) = ctx.saved_tensors
         return grad * (w.abs() <= 1).to(grad.dtype)
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        return tangent * (w.abs() <= 1).to(tangent.dtype)
 
 
 class BinaryConv(nn.Conv2d):

@@ -509,8 +509,18 @@ class CurveBall(torch.optim.Optimizer):
     # -- Jacobian-vector products
     @contextmanager
     def _same_batch_pass(self) -> Iterator[None]:
-        """An extra pass over the same batch: same dropout masks, BatchNorm statistics left untouched."""
-        buffers = [b.detach().clone() for b in self.model.buffers()] if self.model is not None else []
+        """An extra pass over the same batch: same dropout masks, BatchNorm statistics left untouched.
+
+        The pass runs on copies of the buffers and the originals are put back afterwards as they were: writing
+        the saved values back in place would bump the version of tensors that the step's reverse graph saved
+        (a BatchNorm in eval mode saves its running statistics), and backward would refuse them."""
+        swapped = []
+        if self.model is not None:
+            for module in self.model.modules():
+                for name, b in module._buffers.items():
+                    if b is not None:
+                        swapped.append((module, name, b))
+                        module._buffers[name] = b.detach().clone()
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         torch.set_rng_state(self._rng_at_step_start)
@@ -522,10 +532,8 @@ class CurveBall(torch.optim.Optimizer):
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-            if self.model is not None:
-                with torch.no_grad():
-                    for b, saved in zip(self.model.buffers(), buffers):
-                        b.copy_(saved)
+            for module, name, original in swapped:
+                module._buffers[name] = original
 
     def _forward_jvp(self, model_fn: ModelFn, params: list[Tensor], tangents: list[Tensor]) -> tuple[Tensor, Tensor]:
         with fwAD.dual_level():
