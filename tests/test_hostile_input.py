@@ -67,7 +67,7 @@ def _svhn(tmp_path, y_train, x_train=None):
     from scipy.io import savemat
 
     folder = tmp_path / "svhn"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     n = len(y_train)
     x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8) if x_train is None else x_train
@@ -163,3 +163,69 @@ def test_a_run_another_process_holds_is_waited_for_and_its_result_reused(tmp_pat
     waiting.join(120)
     assert result == {"status": "ok", "test_acc": 0.125}
     assert "being run by another process; waiting" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- malformed data files through the CLI
+
+
+def _malformed(root, case):
+    """Each malformed data file the test suite makes (tests/test_reliability.py, test_data.py and this file):
+    (dataset, the file its message must name)."""
+    from scipy.io import savemat
+    from test_reliability import Payload, _cifar, _mnist
+
+    if case == "idx label count":
+        _mnist(root / "mnist", n_labels=11)
+        return "mnist", "train-labels-idx1-ubyte"
+    if case == "idx missing file":
+        _mnist(root / "mnist", skip=("t10k-labels-idx1-ubyte",))
+        return "mnist", "t10k-labels-idx1-ubyte"
+    if case == "idx truncated header":
+        _mnist(root / "mnist")
+        (root / "mnist" / "train-images-idx3-ubyte").write_bytes(b"\0\0")
+        return "mnist", "train-images-idx3-ubyte"
+    if case == "idx wrong magic":
+        _mnist(root / "mnist")
+        (root / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"garbage, not an IDX file")
+        return "mnist", "t10k-images-idx3-ubyte"
+    if case == "idx gzip corrupt":
+        _mnist(root / "mnist")
+        (root / "mnist" / "train-images-idx3-ubyte").unlink()
+        (root / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+        return "mnist", "train-images-idx3-ubyte.gz"
+    if case == "cifar hostile pickle":
+        _cifar(root / "cifar-10-batches-py", payload=Payload(root / "pwned"))
+        return "cifar10", "data_batch_1"
+    if case == "cifar label count":
+        _cifar(root / "cifar-10-batches-py", n=200, labels=list(range(10)) * 17 + [0] * 5)
+        return "cifar10", "data_batch_1"
+    if case == "cifar label range":
+        _cifar(root / "cifar-10-batches-py", n=3, labels=[0, 1, 12])
+        return "cifar10", "data_batch_1"
+    if case == "svhn without X":
+        (root / "svhn").mkdir(parents=True)
+        for split in ("train", "test"):
+            savemat(root / "svhn" / f"{split}_32x32.mat", {"y": np.ones((4, 1), dtype=np.uint8)})
+        return "svhn", "train_32x32.mat"
+    if case == "svhn label range":
+        _svhn(root, np.array([1, 15, 3], dtype=np.float64))
+        return "svhn", "train_32x32.mat"
+    raise AssertionError(case)
+
+
+MALFORMED = ["idx label count", "idx missing file", "idx truncated header", "idx wrong magic", "idx gzip corrupt",
+             "cifar hostile pickle", "cifar label count", "cifar label range", "svhn without X", "svhn label range"]
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_the_cli_names_a_malformed_data_file_in_one_line(tmp_path, capsys, case):
+    dataset, name = _malformed(tmp_path / "data", case)
+    out = tmp_path / "out"
+    code = main(["run", "baselines", "--set", f"datasets={dataset}", f"data_root={tmp_path / 'data'}", "models=mlp",
+                 "optimizers=sgd", "epochs=1", "n_train=3", "--seeds", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("backproplab: error: ") and name in lines[0] and str(tmp_path / "data") in lines[0]
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no run folder holding only config.json
+    assert not (tmp_path / "data" / "pwned").exists()

@@ -12,6 +12,7 @@ import time
 
 from . import experiments
 from .report import build_report
+from .data import DataFormatError, DataNotFoundError
 from .train import init_distributed, shutdown_distributed
 
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                                log=args.log)) for e in todo]
         for exp, cfg in configs:  # results of another config in the way stop us before anything trains
             experiments.preflight(exp, cfg, args.out, args.resume, args.overwrite)
-    except (experiments.ConfigError, FileNotFoundError) as e:
+    except (experiments.ConfigError, FileNotFoundError, DataFormatError) as e:
         print(f"backproplab: error: {e}", file=sys.stderr)
         return 2
     if args.executor == "ray":
@@ -222,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
                                           overwrite=args.overwrite, scale=scale, threads=threads)
-            except experiments.ConfigError as e:  # found once a run starts (e.g. validation where it cannot apply)
-                print(f"backproplab: error: {e}", file=sys.stderr)
+            except (experiments.ConfigError, DataFormatError, DataNotFoundError) as e:  # found once a run starts
+                print(f"backproplab: error: {e}", file=sys.stderr)  # one line naming the file or value and the fix
                 return 2
             except Exception as e:  # noqa: BLE001 - one broken experiment must not sink the others
                 if len(configs) == 1 or dist_initialized():

@@ -534,10 +534,21 @@ def run_job(job: Job) -> dict:
 
     run_dir, record = job.run_dir, identity(job.cfg)
     alone = not (dist.is_available() and dist.is_initialized())
-    with _run_lock(run_dir) if alone else contextlib.nullcontext():
-        if alone and job.resume and (run_dir / "final.json").exists() and _same_identity(run_dir, record):
-            return json.loads((run_dir / "final.json").read_text())  # another process finished it meanwhile
-        return _run_job_locked(job, record)
+    try:
+        with _run_lock(run_dir) if alone else contextlib.nullcontext():
+            if alone and job.resume and (run_dir / "final.json").exists() and _same_identity(run_dir, record):
+                return json.loads((run_dir / "final.json").read_text())  # another process finished it meanwhile
+            return _run_job_locked(job, record)
+    finally:
+        if alone and not run_dir.exists():  # nothing was kept (the data never loaded): no lock file either
+            _lock_path(run_dir).unlink(missing_ok=True)
+            for folder in (run_dir.parent, run_dir.parent.parent):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+
+
+def _lock_path(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 def _run_lock(run_dir: Path):
@@ -546,7 +557,7 @@ def _run_lock(run_dir: Path):
     from filelock import FileLock, Timeout
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir.parent / f".{run_dir.name}.lock"))
+    lock = FileLock(str(_lock_path(run_dir)))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -567,6 +578,7 @@ def _run_lock(run_dir: Path):
 def _run_job_locked(job: Job, record: dict) -> dict:
     import torch
 
+    from ..data import DataFormatError, DataNotFoundError
     from ..train import NonFiniteLossError, seed_everything
 
     exp, cfg, arm, seed, run_dir = job.exp, job.cfg, job.arm, job.seed, job.run_dir
@@ -591,6 +603,10 @@ def _run_job_locked(job: Job, record: dict) -> dict:
             final = {"status": "ok", **exp.run_arm(run)}
         if getattr(cfg, "validation", 0) and not getattr(run, "validation_used", False):
             raise ConfigError(_NO_VALIDATION.format(name=exp.name))
+    except (DataFormatError, DataNotFoundError):  # the data never loaded: leave no half-made run folder behind
+        if _rank() == 0 and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+            shutil.rmtree(run_dir)
+        raise
     except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
         final = {"status": "diverged", "diverged_at_step": e.step, "diverged_at_epoch": e.epoch,
                  "error": str(e), "last_finite": e.last}
