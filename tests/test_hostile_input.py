@@ -229,3 +229,44 @@ def test_the_cli_names_a_malformed_data_file_in_one_line(tmp_path, capsys, case)
     assert lines[0].startswith("backproplab: error: ") and name in lines[0] and str(tmp_path / "data") in lines[0]
     assert not [p for p in out.rglob("*") if p.is_file()]  # no run folder holding only config.json
     assert not (tmp_path / "data" / "pwned").exists()
+
+
+# ---------------------------------------------------------------- loggers
+
+
+def test_a_logger_named_twice_is_refused(tmp_path, capsys):
+    from backproplab.loggers import make_loggers
+
+    with pytest.raises(ValueError, match="'tensorboard' named twice"):
+        make_loggers("tensorboard,tensorboard", tmp_path)
+    code = main(["run", "baselines", "--set", *TINY, "--seeds", "1", "--out", str(tmp_path), "--no-progress",
+                 "--log", "csv,csv"])
+    assert code == 2 and "named twice" in capsys.readouterr().err
+
+
+def test_tensorboard_holds_each_step_once_after_a_crash_without_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from backproplab.loggers import TensorBoardLogger
+    from backproplab.models import build_model
+    from backproplab.train import seed_everything
+
+    data = load_dataset("digits", n_train=128)
+    cfg = TrainConfig(lr=0.1, batch_size=32, epochs=3, eval_every=2)  # no checkpoints
+
+    def model():
+        seed_everything(0)
+        return build_model("mlp", data.input_shape, data.num_classes)
+
+    class Crash:
+        def on_step_end(self, state):
+            if state.step == 7:
+                raise KeyboardInterrupt
+
+    log = tmp_path / "tensorboard"
+    with pytest.raises(KeyboardInterrupt):
+        fit(model(), data, cfg, out_dir=tmp_path, callbacks=[TensorBoardLogger(log), Crash()])
+    history = fit(model(), data, cfg, out_dir=tmp_path, callbacks=[TensorBoardLogger(log)])
+    events = EventAccumulator(str(log))
+    events.Reload()
+    assert [s.step for s in events.Scalars("test_acc")] == [r["step"] for r in history] == [2, 4, 6, 8, 10, 12]

@@ -71,8 +71,13 @@ class TensorBoardLogger:
     def on_train_start(self, state: Any) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        if state.rank == 0:  # on resume, events logged after the checkpoint's step are dropped
-            self.writer = SummaryWriter(self.log_dir, purge_step=state.step + 1 if state.history else None)
+        if state.rank != 0:
+            return
+        if not state.history:  # starting over (no checkpoint): a crashed attempt's events would repeat its steps
+            for old in Path(self.log_dir).glob("events.out.tfevents.*"):
+                old.unlink()
+        # on resume, events logged after the checkpoint's step are dropped
+        self.writer = SummaryWriter(self.log_dir, purge_step=state.step + 1 if state.history else None)
 
     def on_eval(self, state: Any) -> None:
         if self.writer is None:
@@ -94,6 +99,9 @@ def make_loggers(names: str | list[str] | tuple[str, ...], out_dir: str | os.Pat
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOGGERS]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"logger(s) {', '.join(map(repr, twice))} named twice: every event would be written twice")
     if unknown:
         raise ValueError(f"unknown logger(s) {', '.join(map(repr, unknown))}; available: {', '.join(LOGGERS)}")
     out = Path(out_dir)
