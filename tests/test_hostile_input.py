@@ -270,3 +270,51 @@ def test_tensorboard_holds_each_step_once_after_a_crash_without_checkpoint(tmp_p
     events = EventAccumulator(str(log))
     events.Reload()
     assert [s.step for s in events.Scalars("test_acc")] == [r["step"] for r in history] == [2, 4, 6, 8, 10, 12]
+
+
+# ---------------------------------------------------------------- options and files the CLI names in one line
+
+
+@pytest.mark.parametrize("option,value", [("--cpus-per-run", "0"), ("--cpus-per-run", "-1"), ("--seeds", "0"),
+                                          ("--seeds", "1000000000000"), ("--gpus-per-run", "-0.5"),
+                                          ("--max-retries", "-1"), ("--cpus-per-run", "nan")])
+def test_an_option_out_of_range_is_one_line_before_anything_runs(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "baselines", "--set", *TINY, "--out", str(tmp_path), option, value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and option in err.splitlines()[-1] and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_very_large_number_of_runs_is_announced(capsys, monkeypatch):
+    from backproplab import cli, experiments
+
+    monkeypatch.setattr(cli.experiments, "preflight", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "init_distributed", lambda *a: (_ for _ in ()).throw(SystemExit(0)))  # stop there
+    with pytest.raises(SystemExit):
+        main(["run", "baselines", "--set", *TINY, "--seeds", "2000", "--no-progress"])
+    assert "2000 runs planned" in capsys.readouterr().err
+    assert cli._count_runs(experiments.get("baselines"),
+                           experiments.make_config(experiments.get("baselines"), TINY, seeds=3)) == 3
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", b"PK\x03\x04truncated", "tensor"])
+def test_bn_bias_on_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "model.pt"
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(content)
+    assert main(["bn-bias", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_help_of_an_unknown_experiment_says_so_and_of_a_known_one_lists_its_keys(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "nosuchexp", "--help"])
+    assert "unknown experiment 'nosuchexp'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([command, "privacy", "--help"])
+    assert "validation_public" in capsys.readouterr().out

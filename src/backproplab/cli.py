@@ -16,6 +16,22 @@ from .data import DataFormatError, DataNotFoundError
 from .train import init_distributed, shutdown_distributed
 
 
+MAX_SEEDS = 100_000  # more is a typo, not a plan: planning alone would take hours
+MANY_RUNS = 1_000  # above this many runs the command says how many before it starts
+
+
+def _count_runs(exp, cfg) -> int:
+    seeds_of = exp.seeds_of(cfg)
+    return sum(seeds_of(arm) for arm in exp.arms(cfg))
+
+
+def _announce(runs: int) -> None:
+    """Say how many runs a command holds before starting an unusually large number of them."""
+    if runs > MANY_RUNS:
+        print(f"backproplab: {runs} runs planned (arms x seeds); this is more than {MANY_RUNS}: Ctrl-C now if "
+              "that is not what you meant (--seeds sets the seeds per arm)", file=sys.stderr)
+
+
 def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backproplab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -24,11 +40,25 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     cl = sub.add_parser("claims", help="every paper claim the lab judges: id, paper, where, statement")
     cl.add_argument("--experiment", help="only this experiment's claims")
 
+    def number(kind: type, low: float, name: str, high: float | None = None):
+        """An argparse type: ``kind`` in [low, high], else one line naming the option and its range."""
+        def parse(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
+                bound = f"from {low:g} to {high:g}" if high is not None else f">= {low:g}"
+                raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text}")
+            return value
+        return parse
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--scale", choices=experiments.SCALES, help="smoke (seconds, for tests), quick (all "
                         "experiments in 15 minutes on 2 CPU cores) or full (settles the claims; the default)")
         sp.add_argument("--quick", action="store_true", help="the same as --scale quick")
-        sp.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+        sp.add_argument("--seeds", type=number(int, 1, "--seeds", MAX_SEEDS), help="number of seeds (0..N-1)")
         sp.add_argument("--out", default="results", help="results folder (default: results)")
         sp.add_argument("--device", help="cpu, cuda, cuda:N or auto")
         sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -43,19 +73,22 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
                         help="local: the runs one after another in this process (default); ray: every run a Ray "
                              "task, on this machine or on a cluster (--address)")
         sp.add_argument("--address", help="ray: join this cluster ('auto' or HOST:PORT; default: start Ray here)")
-        sp.add_argument("--cpus-per-run", type=float, help="CPUs (and torch threads) per run; ray's default 1. "
+        sp.add_argument("--cpus-per-run", type=number(float, 1, "--cpus-per-run"),
+                        help="CPUs (and torch threads) per run; ray's default 1. "
                         "Results are identical across executors for the same value")
-        sp.add_argument("--gpus-per-run", type=float, default=0.0, help="ray: GPUs per run (fractions share one)")
-        sp.add_argument("--max-retries", type=int, default=3, help="ray: retries of a run whose worker died")
+        sp.add_argument("--gpus-per-run", type=number(float, 0, "--gpus-per-run"), default=0.0,
+                        help="ray: GPUs per run (fractions share one)")
+        sp.add_argument("--max-retries", type=number(int, 0, "--max-retries"), default=3,
+                        help="ray: retries of a run whose worker died")
         sp.add_argument("--storage", help="ray on a cluster: a folder every machine shares, for checkpoints "
                         "(default: the results folder, which is enough on one machine)")
 
     epilog = None
-    if run_name is not None:  # `backproplab run NAME --help` lists NAME's config keys
+    if run_name is not None:  # `backproplab run NAME --help` (and sweep) lists NAME's config keys
         try:
             exp = experiments.get(run_name)
-        except experiments.ConfigError:
-            pass
+        except experiments.ConfigError as e:
+            epilog = str(e)
         else:
             epilog = (f"config keys of {exp.name!r} for --set KEY=VALUE (name, type, full-scale default: "
                       f"meaning):\n{experiments.describe_fields(exp.config)}")
@@ -66,7 +99,8 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
                    help="override config fields (repeatable)")
     common(r)
     sw = sub.add_parser("sweep", help="a grid of config values, every point a run of the experiment on a "
-                        "validation split held out of the training set; the table and each arm's best point")
+                        "validation split held out of the training set; the table and each arm's best point",
+                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     sw.add_argument("name")
     sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                     help="a config key and its values (repeat for a product grid)")
@@ -151,8 +185,20 @@ def _bn_bias(path: str) -> int:
 
     from .methods.teacher_student import bn_bias_fractions
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        print(f"backproplab: {path}: no such file", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a text, truncated or hostile file: weights_only never runs its code
+        print(f"backproplab: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:160] if str(e) else ''}); give a model.pt or checkpoint.pt", file=sys.stderr)
+        return 2
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        print(f"backproplab: {path} holds a {type(state).__name__}, not a state dict; give a model.pt or "
+              "checkpoint.pt", file=sys.stderr)
+        return 2
     fractions = bn_bias_fractions(state)
     if not fractions:
         print(f"backproplab: {path} holds no BatchNorm layer (no '*.running_mean' entries)", file=sys.stderr)
@@ -179,7 +225,7 @@ def _listing(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    run_name = argv[1] if len(argv) > 1 and argv[0] == "run" and not argv[1].startswith("-") else None
+    run_name = argv[1] if len(argv) > 1 and argv[0] in ("run", "sweep") and not argv[1].startswith("-") else None
     args = _parser(run_name).parse_args(argv)
     try:
         if args.command in ("list", "claims"):
@@ -209,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                                log=args.log)) for e in todo]
         for exp, cfg in configs:  # results of another config in the way stop us before anything trains
             experiments.preflight(exp, cfg, args.out, args.resume, args.overwrite)
+        _announce(sum(_count_runs(exp, cfg) for exp, cfg in configs))
     except (experiments.ConfigError, FileNotFoundError, DataFormatError) as e:
         print(f"backproplab: error: {e}", file=sys.stderr)
         return 2
@@ -310,6 +357,7 @@ def _sweep(args) -> int:
         folder = _point_folder(root, label)
         experiments.preflight(exp, cfg, folder, args.resume, args.overwrite)
         points.append((label, folder, cfg))
+    _announce(sum(_count_runs(exp, cfg) for _, _, cfg in points))
     known = {"test_acc", "test_loss", *exp.table_metrics,
              *(c.metric for _, _, cfg in points for c in exp.claims(cfg))}
     if args.metric not in known:
