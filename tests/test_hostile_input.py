@@ -318,3 +318,24 @@ def test_help_of_an_unknown_experiment_says_so_and_of_a_known_one_lists_its_keys
     with pytest.raises(SystemExit):
         main([command, "privacy", "--help"])
     assert "validation_public" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
+    (["--gpus-per-run", "0.5"], "--gpus-per-run 0.5: this machine has no CUDA GPU"),
+    (["--storage", "FILE"], "is a file, not a folder"),
+], ids=["unreachable address", "gpus without a gpu", "storage is a file"])
+def test_ray_settings_that_could_never_run_fail_fast_in_one_line(tmp_path, capsys, args, message):
+    """These waited for minutes (the address) or forever (GPUs nobody has); now they fail before Ray starts."""
+    import time
+
+    pytest.importorskip("ray")
+    if torch.cuda.is_available() and "--gpus-per-run" in args:
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    start = time.monotonic()
+    code = main(["run", "baselines", "--set", *TINY, "--seeds", "1", "--out", str(tmp_path / "out"), "--no-progress",
+                 "--executor", "ray", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and time.monotonic() - start < 30

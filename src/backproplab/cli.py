@@ -13,6 +13,7 @@ import time
 from . import experiments
 from .report import build_report
 from .data import DataFormatError, DataNotFoundError
+from .executors import ExecutorSetupError
 from .train import init_distributed, shutdown_distributed
 
 
@@ -256,11 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         for exp, cfg in configs:  # results of another config in the way stop us before anything trains
             experiments.preflight(exp, cfg, args.out, args.resume, args.overwrite)
         _announce(sum(_count_runs(exp, cfg) for exp, cfg in configs))
-    except (experiments.ConfigError, FileNotFoundError, DataFormatError) as e:
+    except (experiments.ConfigError, FileNotFoundError, DataFormatError, ExecutorSetupError) as e:
         print(f"backproplab: error: {e}", file=sys.stderr)
         return 2
     if args.executor == "ray":
-        return _run_on_ray(args, configs, scale)
+        try:
+            return _run_on_ray(args, configs, scale)
+        except ExecutorSetupError as e:
+            print(f"backproplab: error: {e}", file=sys.stderr)
+            return 2
     rank, _ = init_distributed(configs[0][1].device)
     t0 = time.perf_counter()
     failed = []

@@ -34,6 +34,11 @@ class RunFailed(RuntimeError):
     """Some runs failed for their own reasons; each one's error is in ``error.json`` in its folder."""
 
 
+class ExecutorSetupError(ValueError):
+    """The executor cannot run these jobs as asked (an unreachable cluster, resources it does not have, a
+    storage path that is not a folder); raised before any run is submitted, naming the option."""
+
+
 class LocalExecutor:
     """Runs the jobs one after another in this process (under torchrun: every rank runs every job)."""
 
@@ -96,6 +101,7 @@ class RayExecutor:
             raise ImportError("--executor ray needs Ray: pip install 'backproplab[ray]'") from e
         if ray.is_initialized():
             return
+        self.check()
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
         if self.address is None:
             kwargs.update(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False)
@@ -107,6 +113,35 @@ class RayExecutor:
               f"dashboard: {'http://' + where if where else 'none (pip install ray[default] for one)'}",
               file=sys.stderr)
 
+    def check(self) -> None:
+        """Fail fast, before Ray starts or any run is submitted: a storage path that is not a folder, GPUs asked
+        of a machine without CUDA, a cluster address nothing answers at (Ray would retry for minutes)."""
+        import socket
+
+        if self.storage is not None and Path(self.storage).exists() and not Path(self.storage).is_dir():
+            raise ExecutorSetupError(f"--storage {self.storage}: is a file, not a folder every machine shares")
+        if self.address is None and self.gpus_per_run > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ExecutorSetupError(f"--gpus-per-run {self.gpus_per_run:g}: this machine has no CUDA GPU, so "
+                                         "no run could ever be scheduled; use --gpus-per-run 0 or join a cluster "
+                                         "with GPUs (--address)")
+        if self.address not in (None, "auto"):
+            host, _, port = self.address.rpartition(":")
+            try:
+                socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+            except (OSError, ValueError) as e:
+                raise ExecutorSetupError(f"--address {self.address}: no Ray cluster answers there ({e}); start one "
+                                         "with `ray start --head` or give its HOST:PORT") from None
+
+    def _check_resources(self, ray) -> None:
+        have = ray.cluster_resources()
+        for name, want in (("CPU", self.cpus_per_run), ("GPU", self.gpus_per_run)):
+            if want > have.get(name, 0):
+                raise ExecutorSetupError(f"--{name.lower()}s-per-run {want:g}: the cluster has {have.get(name, 0):g} "
+                                         f"{name}s in all, so no run could ever be scheduled")
+
     def run(self, jobs: list, progress: bool = True, desc: str = "") -> None:
         import ray
         from ray.exceptions import RayError, RayTaskError
@@ -114,6 +149,7 @@ class RayExecutor:
         if not jobs:
             return
         self.start()
+        self._check_resources(ray)
         threads = max(1, int(self.cpus_per_run))
         task = ray.remote(_remote_run).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                                max_retries=self.max_retries, retry_exceptions=False)
