@@ -339,3 +339,17 @@ def test_ray_settings_that_could_never_run_fail_fast_in_one_line(tmp_path, capsy
                  "--executor", "ray", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_something_not_a_file_where_a_figure_goes_is_one_line_and_the_runs_are_kept(tmp_path, capsys, kind):
+    import os
+
+    exp_dir = tmp_path / "baselines"
+    exp_dir.mkdir()
+    figure = exp_dir / "test_accuracy.png"
+    os.mkfifo(figure) if kind == "fifo" else figure.mkdir()
+    code = main(["run", "baselines", "--set", *TINY, "--seeds", "1", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{figure} is" in err and "move it away" in err and "Traceback" not in err
+    assert (exp_dir / "digits-mlp-sgd" / "seed0" / "final.json").exists()  # the finished run is kept

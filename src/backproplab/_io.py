@@ -13,8 +13,15 @@ from collections.abc import Callable, Iterable
 import torch
 
 
+class NotARegularFile(OSError):
+    """A path the program would write holds something else (a directory, a FIFO, a device)."""
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
+    if path.exists() and not path.is_file() or path.is_symlink() and not path.exists():
+        kind = "a directory" if path.is_dir() else "a dangling link" if path.is_symlink() else "not a regular file"
+        raise NotARegularFile(f"{path} is {kind}, where a file would be written; move it away")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -14,6 +14,7 @@ from . import experiments
 from .report import build_report
 from .data import DataFormatError, DataNotFoundError
 from .executors import ExecutorSetupError
+from ._io import NotARegularFile
 from .train import init_distributed, shutdown_distributed
 
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
                                           overwrite=args.overwrite, scale=scale, threads=threads)
-            except (experiments.ConfigError, DataFormatError, DataNotFoundError) as e:  # found once a run starts
+            except (experiments.ConfigError, DataFormatError, DataNotFoundError, NotARegularFile) as e:  # in a run
                 print(f"backproplab: error: {e}", file=sys.stderr)  # one line naming the file or value and the fix
                 return 2
             except Exception as e:  # noqa: BLE001 - one broken experiment must not sink the others

@@ -162,7 +162,9 @@ def _section(exp_dir: Path, summary: dict) -> str:
             parts.append(f"<p class='contradicted'>figure entry {html.escape(str(fig))!s} refused: not a PNG file "
                          "name inside the experiment folder</p>")
             continue
-        if png.exists():
+        if png.exists() and not png.is_file():  # a FIFO would block the read forever, a directory fail it
+            parts.append(f"<p class='contradicted'>figure {html.escape(str(fig))} refused: not a regular file</p>")
+        elif png.exists():
             data = base64.b64encode(png.read_bytes()).decode()
             parts.append(f"<figure><img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{html.escape(fig)}</figcaption></figure>")

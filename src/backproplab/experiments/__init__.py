@@ -633,7 +633,7 @@ def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = 
             "verdicts": [v.to_dict() for v in verdicts], "notes": notes,
             "diverged": {a.name: d for a in arms if (d := results.diverged(a.name))},
             "arms": [a.name for a in arms], "table_metrics": list(exp.table_metrics),
-            "figures": sorted(p.name for p in exp_dir.glob("*.png")), "config": dataclasses.asdict(cfg)})
+            "figures": sorted(p.name for p in exp_dir.glob("*.png") if p.is_file()), "config": dataclasses.asdict(cfg)})
     _barrier()
     return exp_dir
 
