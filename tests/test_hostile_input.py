@@ -353,3 +353,43 @@ def test_something_not_a_file_where_a_figure_goes_is_one_line_and_the_runs_are_k
     err = capsys.readouterr().err
     assert code == 2 and f"{figure} is" in err and "move it away" in err and "Traceback" not in err
     assert (exp_dir / "digits-mlp-sgd" / "seed0" / "final.json").exists()  # the finished run is kept
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EACCES", "EROFS"])
+def test_a_full_disk_or_a_refused_write_is_one_line_even_deep_in_a_chain(tmp_path, capsys, monkeypatch, errno_name):
+    """The file system's refusal, raised while the summary is written and wrapped in another error (as torch
+    and Ray wrap them), ends the command with one line naming it; the finished runs stay."""
+    import errno
+
+    from backproplab import _io
+
+    real = _io.write_json
+
+    def refusing(path, obj):
+        if str(path).endswith("summary.json"):
+            try:
+                raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), str(path))
+            except OSError as e:
+                raise RuntimeError("while writing the summary") from e
+        return real(path, obj)
+
+    import os
+
+    monkeypatch.setattr(_io, "write_json", refusing)
+    code = main(["run", "baselines", "--set", *TINY, "--seeds", "1", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("backproplab: error: " + os.strerror(getattr(errno, errno_name)))
+    assert "summary.json" in err and (tmp_path / "baselines" / "digits-mlp-sgd" / "seed0" / "final.json").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from backproplab import experiments
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "run", interrupted)
+    code = main(["run", "baselines", "--set", *TINY, "--seeds", "1", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -226,6 +226,40 @@ def _listing(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status. Ctrl-C and the file system's refusals (no space left, no
+    permission, a read-only folder, a symlink loop) end it with one line, never a traceback: every file is
+    written whole or not at all, finished runs are kept, and the same command resumes."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("backproplab: interrupted; the finished runs are kept and the same command resumes the rest",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - only the file system's refusals, however deep in the chain
+        cause = _os_refusal(e)
+        if cause is None:
+            raise
+        where = f": {cause.filename}" if getattr(cause, "filename", None) else ""
+        print(f"backproplab: error: {cause.strerror or cause}{where}; nothing was left half-written", file=sys.stderr)
+        return 1
+
+
+def _os_refusal(error: BaseException) -> OSError | None:
+    """The OSError of the file system refusing a write (ENOSPC, EACCES, EROFS, ELOOP, EDQUOT) in ``error``'s
+    chain of causes, or None."""
+    import errno
+
+    refusals = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP, errno.EDQUOT}
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in refusals:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     run_name = argv[1] if len(argv) > 1 and argv[0] in ("run", "sweep") and not argv[1].startswith("-") else None
     args = _parser(run_name).parse_args(argv)
