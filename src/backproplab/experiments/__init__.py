@@ -342,6 +342,7 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
     return cfg
 
 
+MAX_SEEDS = 100_000
 AT_LEAST_ONE = ("seeds", "epochs", "steps", "iters", "evals", "inits", "examples", "batch", "batch_size", "per_class",
                 "size", "cert_n", "cert_n0", "every", "times", "workers", "canaries", "factor", "widths", "channels",
                 "multipliers", "ks", "width", "per_epoch")
@@ -376,6 +377,8 @@ def check_values(exp: Experiment, cfg: Any) -> None:
                 continue
             if key.endswith(AT_LEAST_ONE) and isinstance(v, int) and v < 1:
                 fail(key, v, "expected at least 1")
+            if key == "seeds" and v > MAX_SEEDS:  # planning alone would take hours: a typo, not a plan
+                fail(key, v, f"expected at most {MAX_SEEDS} seeds")
             if (key == "lr" or key.endswith("_lr") or key == "epsilons") and v <= 0:
                 fail(key, v, "expected a number > 0")
             if key in PROBABILITIES and not v < 1:
