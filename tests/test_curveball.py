@@ -536,7 +536,7 @@ _DDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from backproplab.data import load_dataset
 from backproplab.models import build_model
-from backproplab.train import TrainConfig, fit, shutdown_distributed
+from backproplab.train import TrainConfig, fit, leave_distributed
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
 data = load_dataset("digits", n_train=256)
@@ -545,7 +545,8 @@ model = build_model("mlp", data.input_shape, 10, widths=(32,))
 fit(model, data, TrainConfig(optimizer="curveball", lr=0, momentum=0, epochs=1, batch_size=64))
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save(model.state_dict(), sys.argv[1])
-shutdown_distributed()
+if dist.is_initialized():
+    leave_distributed()  # the clean ending every multi-process test script shares (why: its docstring)
 """
 
 

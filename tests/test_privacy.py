@@ -375,7 +375,7 @@ import json, sys, torch
 from torch import nn
 from backproplab.data import load_dataset
 from backproplab.methods import privacy
-from backproplab.train import TrainConfig, fit, init_distributed
+from backproplab.train import TrainConfig, fit, init_distributed, leave_distributed
 rank, world = init_distributed("cpu")
 data = load_dataset("digits", n_train=64)
 fixed = torch.arange(0, 64, 4)  # 16 examples; under torchrun rank r takes its own share of them
@@ -389,7 +389,9 @@ history = fit(dp.model, data, TrainConfig(optimizer="sgd", lr=0.5, batch_size=16
               optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
 if rank == 0:
     torch.save(dp.model._module.state_dict(), sys.argv[1])
-    json.dump({"epsilon": history[-1]["epsilon_rdp"]}, open(sys.argv[1] + ".json", "w"))
+    with open(sys.argv[1] + ".json", "w") as f:
+        json.dump({"epsilon": history[-1]["epsilon_rdp"]}, f)
+leave_distributed()  # the clean ending every multi-process test script shares (why: its docstring)
 """
 
 

@@ -261,7 +261,7 @@ import sys, torch
 import torch.distributed as dist
 from backproplab.data import load_dataset
 from backproplab.methods import stobatch as sb
-from backproplab.train import TrainConfig, fit, init_distributed
+from backproplab.train import TrainConfig, fit, init_distributed, leave_distributed
 rank, world = init_distributed("cpu")
 data = load_dataset("digits", unit_range=True, n_train=256)
 torch.manual_seed(0)
@@ -270,6 +270,8 @@ sto = sb.StoBatch(model, 256, sb.StoBatchConfig(batch=32, workers=2, attack_step
 fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, batch_size=64, max_steps=3), step=sto.step())
 if rank == 0:
     torch.save(model.state_dict(), sys.argv[1])
+if world > 1:
+    leave_distributed()  # the clean ending every multi-process test script shares (why: its docstring)
 """
 
 

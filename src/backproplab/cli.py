@@ -15,7 +15,7 @@ from .report import build_report
 from .data import DataFormatError, DataNotFoundError
 from .executors import ExecutorSetupError
 from ._io import NotARegularFile
-from .train import init_distributed, shutdown_distributed
+from .train import init_distributed, leave_distributed, shutdown_distributed
 
 
 MANY_RUNS = 1_000  # above this many runs the command says how many before it starts
@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     permission, a read-only folder, a symlink loop) end it with one line, never a traceback: every file is
     written whole or not at all, finished runs are kept, and the same command resumes."""
     try:
-        return _main(argv)
+        code = _main(argv)
+        if _in_torchrun():  # every file is written and closed: leave without the finalization where a rank can
+            leave_distributed(code)  # abort in gloo's teardown (see train.leave_distributed)
+        return code
     except KeyboardInterrupt:
         print("backproplab: interrupted; the finished runs are kept and the same command resumes the rest",
               file=sys.stderr)
@@ -242,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {cause.filename}" if getattr(cause, "filename", None) else ""
         print(f"backproplab: error: {cause.strerror or cause}{where}; nothing was left half-written", file=sys.stderr)
         return 1
+
+
+def _in_torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _os_refusal(error: BaseException) -> OSError | None:

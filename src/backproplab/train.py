@@ -23,6 +23,7 @@ epoch, so a resumed run ends with exactly the metrics of an uninterrupted one (t
 from __future__ import annotations
 
 import atexit
+import gc
 import math
 import os
 import random
@@ -32,7 +33,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -273,11 +274,32 @@ def _leave_group_at_exit() -> None:
 def shutdown_distributed(wait: bool = True) -> None:
     """Leave the process group cleanly: a rank that exits with gloo's threads still running can abort
     ("terminate called without an active exception") and fail the whole torchrun job. ``wait``: meet
-    the other ranks first (not after an error, when they may never come)."""
+    the other ranks first (not after an error, when they may never come). Garbage is collected after: objects
+    in reference cycles (a training state holding a DistributedDataParallel wrapper, say) can keep the group
+    alive past ``destroy_process_group`` until the interpreter's finalization."""
     if dist.is_initialized():
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def leave_distributed(code: int = 0) -> NoReturn:
+    """End this rank's process with ``code``: meet the other ranks, leave the group, flush stdout, stderr and
+    logging, then exit without the interpreter's finalization (``os._exit``).
+
+    Why: gloo's C++ process group can outlive ``destroy_process_group`` (C++ objects such as DDP's reducer,
+    hooked on the model's parameters, hold it) and is then destroyed during finalization, where a rank has
+    been seen to abort ("terminate called without an active exception", SIGABRT) now and then, failing the
+    torchrun job after all its work was written. Make it the last line of a script whose ranks have closed
+    every file they wrote; ``backproplab`` under torchrun ends this way itself."""
+    import logging
+
+    shutdown_distributed()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resolve_device(device: str) -> torch.device:
