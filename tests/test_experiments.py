@@ -109,8 +109,10 @@ PROBE = """<script>window.addEventListener('load', () => {
   const order = table && fig ? ((table.compareDocumentPosition(fig) & Node.DOCUMENT_POSITION_FOLLOWING)
                                 ? 'table-first' : 'figure-first') : 'missing';
   const top = table ? table.getBoundingClientRect().top : -1;
+  const ext = document.getElementById('extensions-table');
   const p = document.createElement('pre'); p.id = 'probe';
-  p.textContent = JSON.stringify({imgs, order, top, rows: table ? table.rows.length : 0});
+  p.textContent = JSON.stringify({imgs, order, top, rows: table ? table.rows.length : 0,
+                                  extension_rows: ext ? ext.rows.length - 1 : 0});
   document.body.appendChild(p);
 });</script>"""
 
@@ -129,8 +131,12 @@ def test_report_renders_in_a_browser_with_the_claims_table_first(smoke, tmp_path
     probe = json.loads(match.group(1).replace("&quot;", '"'))
     assert probe["order"] == "table-first"
     assert 0 <= probe["top"] < 900, "the claims table starts on the first screen"
-    n_verdicts = sum(len(json.loads(p.read_text())["verdicts"]) for p in smoke.glob("*/summary.json"))
-    assert probe["rows"] == n_verdicts + 1  # a header and one row per judged claim
+    summaries = [json.loads(p.read_text()) for p in smoke.glob("*/summary.json")]
+    n_verdicts = sum(len(s["verdicts"]) for s in summaries)
+    extensions = {c["id"] for s in summaries for c in s["claims"] if c.get("extension")}
+    n_extensions = sum(v["claim"] in extensions for s in summaries for v in s["verdicts"])
+    # a header and one row per judged claim: the papers' in the claims table, the lab's own in the extensions table
+    assert probe["rows"] == n_verdicts - n_extensions + 1 and probe["extension_rows"] == n_extensions
     assert probe["imgs"] and all(w > 0 and h > 0 for w, h in probe["imgs"]), probe["imgs"]
     shot = tmp_path / "first_screen.png"
     subprocess.run(flags + [f"--screenshot={shot}", (smoke / "report.html").as_uri()], capture_output=True,

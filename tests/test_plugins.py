@@ -103,9 +103,10 @@ def dp_sgd_opacus(cfg):
 def stobatch_step(cfg):
     data = _data(unit_range=True)
     model = stobatch.StoBatchNet(data.input_shape, data.num_classes, norm="group")
-    sto = stobatch.StoBatch(model, N, stobatch.StoBatchConfig(eps2=1.0, eps3=1.0, batch=16, workers=2, seed=0))
     cfg.optimizer, cfg.lr, cfg.batch_size = "adam", 1e-3, 32
-    return model, data, cfg, {"step": sto.step(data.num_classes)}
+    sto = stobatch.StoBatch(model, N, stobatch.StoBatchConfig(eps2=1.0, eps3=1.0, batch=16, workers=2, seed=0,
+                                                              steps=privacy.planned_steps(cfg, N)))
+    return model, data, cfg, {"step": sto.step(data.num_classes), "callbacks": [sto]}
 
 
 CASES = [standard, curveball, momentum_step_decay, msgd_weighted, gld, rifle_l2sp_disturb, cyclic_lr, adversarial,

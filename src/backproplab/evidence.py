@@ -56,7 +56,10 @@ class Claim:
     ``arm`` and ``baseline`` are folder names of the experiment's arms (``baseline=None``: compare
     ``arm`` with ``threshold``). ``metric`` is a key of each run's ``final.json``; ``metric_label``
     says what it measures and in which unit. ``margin`` is in the metric's units (see :func:`judge`).
-    ``paper_value`` is what the paper reported, with its scale (dataset, model, budget).
+    ``paper_value`` is what the paper reported, with its scale (dataset, model, budget). ``extension``, when
+    not empty, says why the claim is this lab's and not the paper's (a corrected method, a reading the paper
+    does not report): the report judges it in a table of its own, so its verdict never reads as the paper
+    being contradicted.
     """
 
     id: str
@@ -72,6 +75,7 @@ class Claim:
     threshold: float | None = None
     metric_label: str = ""
     requires: tuple[str, ...] = ()
+    extension: str = ""
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:

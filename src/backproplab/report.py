@@ -83,19 +83,28 @@ def _num(x: float) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
-def _claim_rows(s: dict) -> list[str]:
+def _is_extension(s: dict, v: dict) -> bool:
+    claim = next((c for c in s.get("claims") or [] if isinstance(c, dict) and c.get("id") == v.get("claim")), {})
+    return bool(claim.get("extension"))
+
+
+def _claim_rows(s: dict, extensions: bool = False) -> list[str]:
     rows = []
     claims = {c["id"]: c for c in s.get("claims", [])}
     for v in s.get("verdicts", []):
         c = claims.get(v["claim"], {})
+        if bool(c.get("extension")) != extensions:
+            continue
         ci = (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None
               and math.isfinite(v["ci_low"]) else "[no interval]")
         hyp = c.get("metric_label") or c.get("metric", "")
         rows.append(
             f"<tr class='{html.escape(str(v['outcome']))}'><td><b>{html.escape(v['claim'])}</b><br>"
             f"<small>{html.escape(c.get('statement', ''))}</small></td>"
-            f"<td>{html.escape(c.get('paper', ''))}, {html.escape(c.get('where', ''))}: "
-            f"{html.escape(c.get('paper_value', ''))}</td>"
+            + (f"<td><i>this lab's claim, not the paper's:</i> {html.escape(str(c.get('extension')))}</td>"
+               if extensions else
+               f"<td>{html.escape(c.get('paper', ''))}, {html.escape(c.get('where', ''))}: "
+               f"{html.escape(c.get('paper_value', ''))}</td>") +
             f"<td class='num'><span class='nowrap'>{_num(v['estimate'])}</span> <span class='nowrap'>{ci}</span>"
             f"<br><small>{html.escape(hyp)}; "
             f"{html.escape(c.get('direction', ''))}, margin {c.get('margin', 0):g}</small></td>"
@@ -107,16 +116,21 @@ def _claim_rows(s: dict) -> list[str]:
 
 
 def _claims_table(summaries: list[dict]) -> str:
-    rows = []
+    rows, extension_rows = [], []
     for s in summaries:
         try:
             rows += _claim_rows(s)
+            extension_rows += _claim_rows(s, extensions=True)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             name = html.escape(str(s.get("experiment")))
             rows.append(f"<tr class='contradicted'><td colspan='7'>{name}: claims unreadable in summary.json "
                         f"({html.escape(type(e).__name__)}); re-run the experiment</td></tr>")
-    counts = {k: sum(isinstance(v, dict) and v.get("outcome") == k for s in summaries
-                     for v in (s.get("verdicts") or [])) for k in COLOURS}
+
+    def count(extensions: bool) -> dict[str, int]:
+        return {k: sum(isinstance(v, dict) and v.get("outcome") == k and _is_extension(s, v) == extensions
+                       for s in summaries for v in (s.get("verdicts") or [])) for k in COLOURS}
+
+    counts, extension_counts = count(False), count(True)
     head = ("<colgroup><col style='width:27%'><col style='width:22%'><col style='width:16%'><col style='width:5%'>"
             "<col style='width:6%'><col style='width:17%'><col style='width:7%'></colgroup>"
             "<tr><th>claim</th><th>paper says</th><th>measured: estimate [95% CI]</th><th>seeds</th><th>scale</th>"
@@ -127,7 +141,13 @@ def _claims_table(summaries: list[dict]) -> str:
             "metric's units. Reproduced: the whole interval on the claimed side of the margin; contradicted: the "
             "whole interval on the other side; inconclusive otherwise, with the effect the run could have detected "
             "(80% power).</p>"
-            f"<table class='claims' id='claims-table'>{head}{''.join(rows)}</table>")
+            f"<table class='claims' id='claims-table'>{head}{''.join(rows)}</table>"
+            + (f"<h2 id='extensions'>Extensions</h2><p>{len(extension_rows)} claims of this lab's own, not the papers' "
+               "(a corrected method, or a reading the paper does not report), judged the same way: " +
+               ", ".join(f"{n} {k}" for k, n in extension_counts.items()) + ". A verdict here says nothing about "
+               "whether the paper's own claim holds.</p>"
+               f"<table class='claims' id='extensions-table'>{head.replace('paper says', 'why it is ours')}"
+               f"{''.join(extension_rows)}</table>" if extension_rows else ""))
 
 
 def _section(exp_dir: Path, summary: dict) -> str:
@@ -138,8 +158,9 @@ def _section(exp_dir: Path, summary: dict) -> str:
              f"<small>Scale: {html.escape(summary.get('scale', '?'))}, "
              f"{summary.get('seeds', '?')} seeds.</small></p>"]
     verdicts = summary.get("verdicts", [])
-    items = "".join(f"<li class='{html.escape(str(v['outcome']))}'>{html.escape(_verdict_line(v))}</li>"
-                    for v in verdicts)
+    items = "".join(f"<li class='{html.escape(str(v['outcome']))}'>"
+                    f"{'[extension, not the paper' + chr(39) + 's claim] ' if _is_extension(summary, v) else ''}"
+                    f"{html.escape(_verdict_line(v))}</li>" for v in verdicts)
     parts.append(f"<div class='verdict'><b>Verdicts</b><ul>{items or '<li>(no claim judged)</li>'}</ul>"
                  + (f"<b>Notes</b><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in summary.get('notes', []))}</ul>"
                     if summary.get("notes") else "") + "</div>")

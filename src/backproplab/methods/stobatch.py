@@ -1,50 +1,42 @@
 """StoBatch: scalable differential privacy with certified robustness in adversarial learning.
 
-Phan, Thai, Hu, Jin, Sun, Dou, ICML 2020 (arXiv 1903.09822). Structure follows the authors' TensorFlow
-code; behaviour is corrected by default, and ``paper_compat=True`` restores the paper's.
+Phan, Thai, Hu, Jin, Sun, Dou, ICML 2020 (arXiv 1903.09822). Two modes, one network and one training step.
 
-1. First layer: a tied-weight convolutional auto-encoder (encoder conv W1, decoder its transpose). Its
-   reconstruction loss is the first-order Taylor expansion of the logistic cross-entropy (functional
-   mechanism), R~ = sum_i [ln 2 + (1/2 - x_i) z_i] with z the decoder's pre-activation, computed on inputs
-   with Laplace noise; the latent h1 also gets Laplace noise. Sensitivity Delta2 = C (H W + 2) k^2
-   (C input channels, H x W latent map, k x k kernels); gamma = 2 Delta2 / (L ||W1||) with ||W1|| the largest
-   singular value of W1 reshaped to (k k C_in, C_out); gamma_x = Delta2 / L; eps2' = eps2 / (1 + 1/gamma +
-   1/gamma_x); input noise Lap(Delta2 / (L eps2')), latent noise Lap(2 Delta2 / (L eps2')).
-2. Adversarial examples (I-FGSM / MIM / PGD, l-inf, a random size in (0, mu_max] each step) are crafted
-   against the noisy model and mixed with benign examples.
-3. The rest of the network is trained on the second-order Taylor polynomial of the per-logit sigmoid
-   cross-entropy, T(z) = ln 2 + (1/2 - y) z + z^2 / 8, with (T_benign + alpha T_adv) / (1 + alpha), alpha = 1.5;
-   the label-dependent (linear) coefficients of the output layer, weights and bias, get Laplace noise
-   Lap(Delta3 / (eps3 L)) on the batch-mean coefficients, Delta3 = 2 (hk + 1), with the last hidden layer
-   (width hk) clipped to [-1, 1] and the bias treated as the weight of a constant input 1.
-4. Stochastic batches: the training set is cut once into fixed disjoint batches; each step, ``workers``
-   workers (torch.distributed ranks, or a loop in one process) each take one batch and the gradients are
-   averaged (parallel composition over disjoint batches).
-5. The functional mechanism releases each batch's noisy objective once: the noise of a batch is drawn once,
-   shared by its L examples (the 1/L calibration assumes one draw per batch), and reused for the whole run,
-   so optimising it again is post-processing. The budget is then eps2 + eps3 (pure epsilon-DP) over the
-   disjoint batches. ``redraw_noise=True`` draws fresh noise at every visit of a batch instead; each visit
-   is a new release and :meth:`StoBatch.epsilon_spent` composes them (visits x (eps2 + eps3)).
-6. Certification: PixelDP-style, from Monte-Carlo class frequencies under fresh latent noise.
+The network (:class:`StoBatchNet`): a tied-weight convolutional auto-encoder first layer (encoder conv W1,
+stride 2; decoder its transpose), a conv block, a hidden layer normalised then clipped to [-1, 1], an output
+layer. PixelDP-style certification draws Laplace noise on the latent h1.
 
-Paper mode (``paper_compat=True``) follows the authors' code: one noise draw for the whole run, shared by
-every example and batch; the auto-encoder minimises |R~|; W1 is trained by the auto-encoder only; the benign
-classifier path also carries the input noise; adversarial examples from their ensemble (the batch in thirds
-attacked by I-FGSM, MIM and PGD at one random size per step, :func:`ensemble_attack`); BatchNorm; the
-measured ||W1|| at initialisation; their certification procedure. (One difference remains: their
-adversarial thirds come from other batches than the benign one; here they are the same batch's examples.)
+The objective of one example: the auto-encoder's first-order Taylor reconstruction loss
+R~ = sum_j [ln 2 + (1/2 - x_j) z_j] (z the tied decoder's pre-activation; functional mechanism) plus the
+second-order Taylor polynomial of the per-logit sigmoid cross-entropy, T(z) = ln 2 + (1/2 - y) z + z^2 / 8,
+on benign and adversarial inputs, (T_benign + alpha T_adv) / (1 + alpha), alpha = 1.5. Adversarial examples
+(I-FGSM / MIM / PGD, l-inf, a random size in (0, mu_max] each step) are crafted against the noisy model.
+Stochastic batches: the training set is cut once into fixed disjoint batches of L examples; each step
+``workers`` workers (torch.distributed ranks, or a loop in one process) each take one batch and their
+updates are averaged.
 
-Corrected by default (``paper_compat=False``):
-  * one noise draw per disjoint batch (the paper's code draws a single tensor for all batches, so two
-    batches share their noise and subtracting their gradients cancels it: no guarantee is left);
-  * the sensitivity bound holds throughout training: after every step W1 is projected back to spectral norm
-    <= ``w1_norm`` (the paper measures ||W1|| once at initialisation);
-  * GroupNorm instead of BatchNorm on private batches (BatchNorm mixes examples and leaks through its
-    running statistics);
-  * certification with fresh noise at exactly the training scale, separate selection and estimation
-    samples, on clean inputs, reported as a curve over attack size (paper mode:
-    :func:`certify_pixeldp_paper`, which certifies attacked inputs with the reused training noise plus
-    fresh noise at a tenth of the scale, and selects and bounds the class from the same draws).
+**Corrected mode** (default, ``paper_compat=False``) releases, at every visit of a batch, the sum of the
+examples' gradients of that objective, each clipped to l2 norm C, plus Gaussian noise of standard deviation
+2 C sigma on every parameter, divided by the nominal L. Its guarantee, (epsilon, delta)-DP for datasets
+that differ in one example (one image or one label replaced), is proved step by step in
+``docs/stobatch_privacy.md``; the code below cites the proof's steps as "[P1]" ... "[P7]". sigma is chosen
+with Opacus's RDP accountant for the planned number of visits of a batch, and :meth:`StoBatch.epsilon_spent`
+composes the visits actually made. The paper's own analysis (functional mechanism on the input, the latent
+and the output layer's linear coefficients, one draw shared by a batch and reused) cannot give a finite
+epsilon for this network; the proof document says why.
+
+**Paper mode** (``paper_compat=True``) follows the authors' TensorFlow code and carries no guarantee
+(:meth:`StoBatch.epsilon_spent` is infinite): one Laplace draw for the whole run, shared by every example
+and batch, on the input (scale Delta2 / (L eps2')), the latent (2 Delta2 / (L eps2')) and the output
+weights' linear coefficients (K times a draw of Lap(Delta3 / (eps3 L)), Delta3 = 2 (hk + 1), as the authors'
+broadcast over the K classes makes it; the output bias is not noised), with
+Delta2 = C_in (H W + 2) k^2, gamma = 2 Delta2 / (L ||W1||) (||W1|| measured at initialisation),
+gamma_x = Delta2 / L, eps2' = eps2 / (1 + 1/gamma + 1/gamma_x); the auto-encoder minimises |R~|; W1 is
+trained by the auto-encoder only; the benign path carries the input noise; BatchNorm after relu(h1 +
+noise) and before the hidden clip; adversarial examples from their ensemble (the batch in thirds attacked
+by I-FGSM, MIM and PGD at one random size per step, crafted in inference mode from the next batch); their
+certification procedure (:func:`certify_pixeldp_paper`) and their evaluation (BatchNorm on the test batch's
+statistics, under the training draw).
 """
 
 from __future__ import annotations
@@ -133,20 +125,31 @@ def laplace(shape, scale: float, generator: torch.Generator | None = None, devic
 
 
 class StoBatchNet(nn.Module):
-    """Tied-weight conv auto-encoder first layer (k x k, stride 2) + conv block + hidden layer (clipped to
-    [-1, 1]) + output layer. ``norm`` is "group" (corrected) or "batch" (paper)."""
+    """Tied-weight conv auto-encoder first layer (k x k, stride 2) + conv block + hidden layer (normalised, then
+    clipped to [-1, 1]) + output layer.
+
+    ``norm="group"`` (corrected mode): GroupNorm after the conv, LayerNorm before the hidden clip, both per
+    example. ``norm="batch"`` (paper mode, the authors' code): BatchNorm after relu(h1), after the conv and
+    immediately before the hidden clip. Without a normalisation there, a shared latent-noise offset pushes
+    every hidden unit past +-1 within a few dozen steps and the clipped layer stops passing gradients.
+    """
 
     def __init__(self, input_shape=(1, 8, 8), num_classes: int = 10, latent: int = 16, width: int = 32,
                  hidden: int = 64, kernel: int = 3, norm: str = "group"):
         super().__init__()
+        if norm not in ("group", "batch"):
+            raise ValueError(f"norm={norm!r}: use 'group' (corrected mode, per-example) or 'batch' (paper mode)")
         c, h, w = input_shape
         self.kernel, self.in_channels = kernel, c
         self.encoder = nn.Conv2d(c, latent, kernel, stride=2, padding=kernel // 2, bias=False)
         with torch.no_grad():
             self.latent_shape = self.encoder(torch.zeros(1, c, h, w)).shape[1:]
+        batch = norm == "batch"
+        self.latent_norm = nn.BatchNorm2d(latent) if batch else nn.Identity()
         self.conv = nn.Conv2d(latent, width, 3, padding=1)
-        self.norm = nn.GroupNorm(4, width) if norm == "group" else nn.BatchNorm2d(width)
+        self.norm = nn.BatchNorm2d(width) if batch else nn.GroupNorm(4, width)
         self.hidden = nn.Linear(width * self.latent_shape[1] * self.latent_shape[2], hidden)
+        self.hidden_norm = nn.BatchNorm1d(hidden) if batch else nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, num_classes)
         self.input_shape = tuple(input_shape)
 
@@ -164,9 +167,13 @@ class StoBatchNet(nn.Module):
                                                                        + self.kernel))
         return out
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The auto-encoder's pre-activation reconstruction of ``x`` (no noise)."""
+        return self.decode_preactivation(self.encode(x))
+
     def head_hidden(self, h1: Tensor) -> Tensor:
-        h = F.relu(self.norm(self.conv(F.relu(h1))))
-        return torch.clamp(self.hidden(h.flatten(1)), -1.0, 1.0)  # clipped last hidden layer (Delta3 = 2 hk)
+        h = F.relu(self.norm(self.conv(self.latent_norm(F.relu(h1)))))
+        return torch.clamp(self.hidden_norm(self.hidden(h.flatten(1))), -1.0, 1.0)  # clipped: Delta3 = 2 (hk + 1)
 
     def forward(self, x: Tensor, latent_noise: Tensor | None = None) -> Tensor:
         h1 = self.encode(x)
@@ -230,110 +237,252 @@ def ensemble_attack(model: StoBatchNet, x: Tensor, y: Tensor, max_size: float, s
 
 @dataclass
 class StoBatchConfig:
-    eps2: float = 0.5
+    eps2: float = 0.5  # corrected mode: the target is epsilon = eps2 + eps3 (with delta); paper mode: its split
     eps3: float = 0.5
     batch: int = 128  # L
     workers: int = 2  # disjoint batches averaged per step (torch.distributed ranks, or a loop)
     alpha: float = 1.5  # weight of the adversarial Taylor term
     attack_size: float = 0.2  # mu_max of the training attacks (l-inf, inputs in [0, 1])
     attack_steps: int = 3
-    w1_norm: float = 1.0  # the bound on ||W1|| used in the noise scales (enforced unless paper_compat)
+    w1_norm: float = 1.0  # corrected mode: W1 projected to spectral norm <= this (bounds the certificate's scale)
     ae_weight: float = 1.0  # weight of the auto-encoder's Taylor loss in the total (the paper adds them)
     paper_compat: bool = False
-    redraw_noise: bool = False  # fresh noise at every visit of a batch: each visit composes (epsilon_spent)
     seed: int = 0
+    # corrected mode only
+    steps: int | None = None  # planned training steps: sigma is calibrated for the visits they make
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # C, the l2 clip of each example's gradient
+    latent_scale: float = 0.3  # Laplace scale of the latent noise (certification only; data-independent)
+    secure_mode: bool = False  # privacy noise from the OS CSPRNG instead of the run's (public) seed
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A generator for the data-independent draws identified by ``key`` (ints hash the same in every process)."""
+    return torch.Generator().manual_seed(hash(key) % 2**63)
 
 
 class StoBatch:
     """The StoBatch training step for the loop (with ``optimizer="sgd"``/``"adam"`` on the model).
 
-    Under torch.distributed, rank r takes disjoint batch (step * world + r) mod B and DDP averages the
-    gradients; in one process the ``workers`` batches are looped over and their gradients averaged.
+    Corrected mode: each visit of a disjoint batch releases :meth:`release` (clipped per-example gradients of
+    the StoBatch objective plus Gaussian noise, ``docs/stobatch_privacy.md``); pass ``callbacks=[sto]`` to
+    ``fit`` so every evaluation row records ``epsilon_spent`` and withholds the un-noised training loss.
+    Paper mode: the authors' functional mechanism (:meth:`batch_loss`), no guarantee.
+
+    Under torch.distributed, rank r takes disjoint batch (step * world + r) mod B and the released gradients
+    are averaged over ranks; in one process the ``workers`` batches are looped over and averaged.
+
+    Example:
+        >>> net = StoBatchNet()
+        >>> sto = StoBatch(net, n=256, config=StoBatchConfig(batch=32, steps=40, eps2=1.0, eps3=1.0))
+        >>> round(sto.epsilon_spent(40), 1), sto.visits(40)[:3]
+        (2.0, [10, 10, 10])
+
+    References:
+        Phan et al., "Scalable differential privacy with certified robustness in adversarial learning",
+        ICML 2020; Abadi et al., "Deep learning with differential privacy", CCS 2016; Mironov, "Renyi
+        differential privacy", CSF 2017.
     """
 
     def __init__(self, model: StoBatchNet, n: int, config: StoBatchConfig):
         self.model, self.config = model, config
         self.batches = disjoint_batches(n, config.batch, config.seed)
-        w1 = config.w1_norm if not config.paper_compat else float(spectral_norm_w1(model.encoder.weight))
-        self.scales = noise_scales(config.eps2, config.eps3, config.batch, w1, model.in_channels, model.latent_hw,
-                                   model.kernel, model.hidden.out_features)
-        self._fixed_noise: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        if not config.paper_compat:
-            project_w1(model, config.w1_norm)
+        if config.paper_compat:
+            if len(self.batches) > 1 and len(self.batches[-1]) < config.batch:
+                self.batches.pop()  # the authors' batches all hold L examples (BatchNorm needs more than one)
+            self.scales = noise_scales(config.eps2, config.eps3, config.batch,
+                                       float(spectral_norm_w1(model.encoder.weight)), model.in_channels,
+                                       model.latent_hw, model.kernel, model.hidden.out_features)
+            self.noise_multiplier = 0.0
+            self._paper_noise: tuple[Tensor, Tensor, Tensor] | None = None
+            return
+        from .privacy import PrivacyError, check_private
+
+        check_private(model)  # [P2] no layer mixes the examples of a batch, none keeps statistics of the data
+        if config.steps is None or config.steps < 1:
+            raise PrivacyError(f"StoBatchConfig(steps={config.steps}): the corrected mode calibrates its noise for "
+                               "the planned number of training steps; pass steps=privacy.planned_steps(train_config, "
+                               "n) (the loop's steps)")
+        if not config.max_grad_norm > 0 or not config.delta > 0 or not config.eps2 + config.eps3 > 0:
+            raise PrivacyError(f"StoBatchConfig(max_grad_norm={config.max_grad_norm}, delta={config.delta}, "
+                               f"eps2 + eps3={config.eps2 + config.eps3}): each must be > 0")
+        self.scales = replace_latent_scale(noise_scales(1.0, 1.0, config.batch, config.w1_norm, model.in_channels,
+                                                        model.latent_hw, model.kernel, model.hidden.out_features),
+                                           config.latent_scale)
+        from opacus.accountants.utils import get_noise_multiplier
+
+        # [P6] sigma for max-visits Gaussian releases of sensitivity 2C, noise 2C sigma: RDP at q = 1; under
+        # torch.distributed each of the world's ranks visits one batch per step (``workers`` is not used)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.noise_multiplier = float(get_noise_multiplier(
+            target_epsilon=self.epsilon_claimed(), target_delta=config.delta, sample_rate=1.0,
+            steps=max(self.visits(config.steps, world)), accountant="rdp", epsilon_tolerance=0.005))
+        project_w1(model, config.w1_norm)
 
     def epsilon_claimed(self) -> float:
-        """The StoBatch analysis' budget for one release per disjoint batch: eps2 + eps3."""
+        """The stated budget: eps2 + eps3 (corrected mode: with ``delta``)."""
         return self.config.eps2 + self.config.eps3
 
     def visits(self, steps: int, world: int = 1) -> list[int]:
         """How often each disjoint batch was used in ``steps`` steps (``world`` ranks, or ``workers`` batches)."""
         per_step = world if world > 1 else self.config.workers
-        counts = [0] * len(self.batches)
-        for i in range(steps * per_step):
-            counts[i % len(self.batches)] += 1
-        return counts
+        full, rest = divmod(steps * per_step, len(self.batches))
+        return [full + (i < rest) for i in range(len(self.batches))]
 
     def epsilon_spent(self, steps: int, world: int = 1) -> float:
-        """The epsilon of what the code released in ``steps`` steps: eps2 + eps3 when each batch's noise is drawn
-        once; times the most visits of one batch when it is re-drawn every visit (sequential composition);
-        infinite in paper mode with several batches, whose shared draw cancels between batches."""
-        if self.config.paper_compat and len(self.batches) > 1:
-            return math.inf
-        draws = max(self.visits(steps, world)) if self.config.redraw_noise else 1
-        return draws * self.epsilon_claimed()
+        """The epsilon (at ``delta``) of what the code released in ``steps`` steps.
 
-    def noise(self, batch_index: int, step: int, shape_x, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(input noise, latent noise, output-weight noise, output-bias noise) of a batch: one draw shared by its
-        examples, drawn once per disjoint batch (``redraw_noise``: at every step; paper mode: one draw for all
-        batches)."""
-        key = (0 if self.config.paper_compat else batch_index, step if self.config.redraw_noise else -1)
-        if key in self._fixed_noise:
-            return self._fixed_noise[key]
-        g = torch.Generator().manual_seed(hash((self.config.seed, *key)) % 2**63)
-        s, m = self.scales, self.model
-        noise = (laplace((1, *shape_x[1:]), s.input_scale, g, device),
-                 laplace((1, *m.latent_shape), s.latent_scale, g, device),
-                 laplace(m.out.weight.shape, s.output_scale, g, device),
-                 laplace(m.out.bias.shape, s.output_scale, g, device))
-        if not self.config.redraw_noise:
-            self._fixed_noise[key] = noise
-        return noise
+        Corrected mode [P7]: an example is in one disjoint batch, so only that batch's releases depend on it
+        (parallel composition); each release is a Gaussian mechanism of l2 sensitivity 2C and noise 2C sigma,
+        and the V visits of the most visited batch compose (RDP, Opacus's accountant, sample rate 1). Paper mode:
+        infinite, since one draw shared by all batches and visits cancels in the difference of two releases.
+        """
+        if self.config.paper_compat:
+            return math.inf
+        v = max(self.visits(steps, world))
+        if v == 0:
+            return 0.0
+        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+        from opacus.accountants.rdp import RDPAccountant
+
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        rdp = compute_rdp(q=1.0, noise_multiplier=self.noise_multiplier, steps=v, orders=orders)
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=self.config.delta)[0])
+
+    # ---------------------------------------------------------------- corrected mode
+
+    def example_loss(self, params: dict[str, Tensor], x: Tensor, onehot: Tensor, x_adv: Tensor, latent: Tensor,
+                     latent_adv: Tensor) -> Tensor:
+        """[P3] The StoBatch objective of ONE example (unbatched tensors), a function of the parameters: the
+        auto-encoder's Taylor reconstruction loss plus the benign and adversarial Taylor classification losses
+        under the example's own latent noise."""
+        from torch.func import functional_call
+
+        m, cfg = self.model, self.config
+
+        def call(method: str, *args: Tensor) -> Tensor:
+            return functional_call(_Method(m, method), {f"m.{k}": v for k, v in params.items()}, args)
+
+        x1, xa1 = x.unsqueeze(0), x_adv.unsqueeze(0)
+        z = call("reconstruct", x1)
+        loss_ae = taylor_reconstruction(z, x1)
+        onehot = onehot.unsqueeze(0)
+        benign = taylor_sigmoid_ce(call("forward", x1, latent.unsqueeze(0)), onehot)
+        adversarial = taylor_sigmoid_ce(call("forward", xa1, latent_adv.unsqueeze(0)), onehot)
+        return cfg.ae_weight * loss_ae + (benign + cfg.alpha * adversarial) / (1 + cfg.alpha)
+
+    def release(self, batch_index: int, step: int, x: Tensor, y: Tensor, num_classes: int,
+                noise: bool = True) -> list[Tensor]:
+        """What one visit of disjoint batch ``batch_index`` at ``step`` releases, one tensor per parameter
+        (the proof's mechanism M, steps [P1]-[P5]): (sum_i clip_C(g_i) + N(0, (2 C sigma)^2 I)) / L.
+        ``noise=False`` leaves out the Gaussian term (for tests that hold the noise fixed)."""
+        m, cfg = self.model, self.config
+        if cfg.paper_compat:
+            raise ValueError("release() is the corrected mode's mechanism; paper mode trains on batch_loss()")
+        if len(x) > cfg.batch:
+            raise ValueError(f"a batch of {len(x)} examples for L = {cfg.batch}: the released sum would have more "
+                             "than one batch's examples under one noise draw")
+        # [P1] data-independent draws: the attack's size and start, and each example's latent noise
+        g = _generator(cfg.seed, step, batch_index, 1)
+        latent = laplace((len(x), *m.latent_shape), self.scales.latent_scale, g, x.device)
+        latent_adv = laplace((len(x), *m.latent_shape), self.scales.latent_scale, g, x.device)
+        # [P2] each adversarial example is a function of its own example and the public parameters
+        x_adv = ifgsm_random_size(m, x, y, cfg.attack_size, cfg.attack_steps, latent, g)
+        names = [k for k, p in m.named_parameters() if p.requires_grad]
+        params = {k: p.detach() for k, p in m.named_parameters() if p.requires_grad}
+        # [P3] per-example gradients of the per-example objective (vmap over examples: none sees another)
+        onehot = F.one_hot(y, num_classes).to(x.dtype)
+        per_example = torch.func.vmap(torch.func.grad(self.example_loss), in_dims=(None, 0, 0, 0, 0, 0))(
+            params, x, onehot, x_adv, latent, latent_adv)
+        grads = [per_example[k].flatten(1) for k in names]
+        # [P4] clip each example's whole gradient to l2 norm <= C
+        norms = torch.cat(grads, 1).norm(dim=1)
+        factor = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        summed = [(gk * factor[:, None]).sum(0).view_as(params[k]) for gk, k in zip(grads, names)]
+        # [P5] Gaussian noise of std 2 C sigma on every coordinate of every parameter, then / L (public)
+        if noise:
+            std = 2 * cfg.max_grad_norm * self.noise_multiplier
+            gen = None if cfg.secure_mode else _generator(cfg.seed, step, batch_index, 2)
+            for t in summed:
+                if cfg.secure_mode:
+                    from .privacy import csprng_normal
+
+                    t.add_(csprng_normal(t.shape, t.dtype, t.device).mul_(std))
+                else:
+                    t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t).mul_(std))
+        return [t / cfg.batch for t in summed]
+
+    @property
+    def noise_source(self) -> str:
+        return ("operating-system CSPRNG (secure_mode)" if self.config.secure_mode
+                else "the run's seed: reproducible, not for release")
+
+    def on_eval(self, state) -> None:
+        """The loop's callback: the training loss is not released (it is computed without noise); the epsilon
+        spent so far is recorded."""
+        row = state.history[-1]
+        for key in [k for k in row if k.startswith("train_")]:
+            del row[key]
+        row["train_metrics"] = "withheld (computed on private data without noise)"
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        row["epsilon_spent"] = self.epsilon_spent(state.step, world)
+        row["epsilon_claimed"] = self.epsilon_claimed()
+        if not self.config.paper_compat:
+            row["noise_multiplier"] = self.noise_multiplier
+            row["noise_source"] = self.noise_source
+
+    # ---------------------------------------------------------------- paper mode
+
+    def noise(self, shape_x, device) -> tuple[Tensor, Tensor, Tensor]:
+        """Paper mode: (input noise, latent noise, output-weight noise), one draw for the whole run, shared by
+        every example, batch and visit (the authors' code draws them once)."""
+        if self._paper_noise is None:
+            g = _generator(self.config.seed, 0, -1)
+            s, m = self.scales, self.model
+            self._paper_noise = (laplace((1, *shape_x[1:]), s.input_scale, g, device),
+                                 laplace((1, *m.latent_shape), s.latent_scale, g, device),
+                                 laplace(m.out.weight.shape, s.output_scale, g, device))
+        return self._paper_noise
 
     def batch_loss(self, net: nn.Module, x: Tensor, y: Tensor, batch_index: int, step: int,
-                   num_classes: int) -> Tensor:
+                   num_classes: int, x_other: Tensor | None = None, y_other: Tensor | None = None) -> Tensor:
+        """Paper mode's loss of a batch; the adversarial examples are crafted (in inference mode) from
+        ``x_other``/``y_other``, the next batch, as the authors' code takes them from other batches."""
         m, cfg = self.model, self.config
-        nx, nh, nw, nb = self.noise(batch_index, step, x.shape, x.device)
-        # 1. auto-encoder on noisy inputs: first-order Taylor reconstruction loss (trains W1)
+        nx, nh, nw = self.noise(x.shape, x.device)
+        # 1. auto-encoder on noisy inputs: |first-order Taylor reconstruction loss| (trains W1)
         z = m.decode_preactivation(m.encode(x + nx))
-        loss_ae = taylor_reconstruction(z, x + nx)
-        if cfg.paper_compat:  # the authors' code minimises |R~| (R~ alone is unbounded below)
-            loss_ae = loss_ae.abs()
-        # 2. adversarial examples against the noisy model
-        g = torch.Generator().manual_seed(hash((cfg.seed, step, batch_index, 1)) % 2**63)
-        if cfg.paper_compat:
-            x_adv = ensemble_attack(m, x, y, cfg.attack_size, cfg.attack_steps, nh, g)
-        else:
-            x_adv = ifgsm_random_size(m, x, y, cfg.attack_size, cfg.attack_steps, nh, g)
-        # 3. second-order Taylor loss on the noisy latent, noisy linear coefficients (trains all layers; in
-        # paper mode W1 is trained by the auto-encoder only and the benign path also sees the input noise)
-        onehot = F.one_hot(y, num_classes).to(x.dtype)
+        loss_ae = taylor_reconstruction(z, x + nx).abs()
+        # 2. adversarial examples against the noisy model, in inference mode, from another batch
+        x_src, y_src = (x, y) if x_other is None else (x_other, y_other)
+        g = _generator(cfg.seed, step, batch_index, 1)
+        was_training = m.training
+        m.eval()
+        x_adv = ensemble_attack(m, x_src, y_src, cfg.attack_size, cfg.attack_steps, nh, g)
+        m.train(was_training)
+        # 3. second-order Taylor loss on the noisy latent; W1 trained by the auto-encoder only; the benign path
+        # carries the input noise
         terms = []
-        for inputs in ((x + nx) if cfg.paper_compat else x, x_adv):
-            h1 = (F.conv2d(inputs, m.encoder.weight.detach(), stride=2, padding=m.kernel // 2) if cfg.paper_compat
-                  else m.encode(inputs)) + nh
-            terms.append(taylor_sigmoid_ce(m.out(m.head_hidden(h1)), onehot))
+        for inputs, labels in ((x + nx, y), (x_adv, y_src)):
+            h1 = F.conv2d(inputs, m.encoder.weight.detach(), stride=2, padding=m.kernel // 2) + nh
+            terms.append(taylor_sigmoid_ce(m.out(m.head_hidden(h1)), F.one_hot(labels, num_classes).to(x.dtype)))
         loss_cls = (terms[0] + cfg.alpha * terms[1]) / (1 + cfg.alpha)
-        return cfg.ae_weight * loss_ae + loss_cls + self.coefficient_noise(nw, nb)
+        return cfg.ae_weight * loss_ae + loss_cls + self.coefficient_noise(nw)
 
-    def coefficient_noise(self, nw: Tensor, nb: Tensor) -> Tensor:
-        """The functional mechanism on the output layer: noise added to the batch-mean linear coefficients of
-        the weights and the bias, sum_kj nw_kj W_kj + sum_k nb_k b_k (its gradient is the released noise)."""
-        return (nw * self.model.out.weight).sum() + (nb * self.model.out.bias).sum()
+    def coefficient_noise(self, nw: Tensor) -> Tensor:
+        """Paper mode's functional mechanism on the output layer: noise added to the batch-mean linear
+        coefficients of the weights, K sum_kj nw_kj W_kj with K classes (its gradient is the released noise; the
+        bias is not noised, as in the authors' code)."""
+        # the authors' MNIST code subtracts sum(noise * W) from each of the L x K Taylor terms before the 1 / L
+        # mean, so the released noise is K (the number of classes) times one draw: K Lap(Delta3 / (eps3 L))
+        return self.model.out.out_features * (nw * self.model.out.weight).sum()
+
+    # ---------------------------------------------------------------- the loop's step
 
     def step(self, num_classes: int = 10):
         """The loop's step: the disjoint batches this rank takes (``workers`` of them, or one per rank under
-        torchrun), each batch's noisy Taylor loss averaged, the gradients averaged over ranks, Adam's
-        update, then W1 projected (corrected mode)."""
+        torchrun), each visit's release (corrected) or loss gradient (paper) averaged, averaged over ranks,
+        the optimizer's update, then W1 projected (corrected mode, post-processing)."""
 
         def world_rank() -> tuple[int, int]:
             return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -343,12 +492,21 @@ class StoBatch:
             workers = 1 if world > 1 else self.config.workers
             for w in range(workers):
                 index = ((state.step * world + rank) * workers + w) % len(self.batches)
-                yield (index, self.batches[index].to(state.data.x_train.device)), 1.0 / workers
+                yield index, 1.0 / workers
 
-        def batch_loss(part, state) -> Tensor:
-            index, idx = part
-            return self.batch_loss(state.net, state.data.x_train[idx], state.data.y_train[idx], index, state.step,
-                                   num_classes)
+        def batch_loss(index: int, state) -> Tensor | tuple[Tensor, Tensor]:
+            device = state.data.x_train.device
+            idx = self.batches[index].to(device)
+            x, y = state.data.x_train[idx], state.data.y_train[idx]
+            if self.config.paper_compat:
+                other = self.batches[(index + 1) % len(self.batches)].to(device)
+                return self.batch_loss(state.net, x, y, index, state.step, num_classes,
+                                       state.data.x_train[other], state.data.y_train[other])
+            released = self.release(index, state.step, x, y, num_classes)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            # a surrogate whose gradient is the released tensor; nothing un-noised is reported
+            surrogate = sum((p * r.detach()).sum() for p, r in zip(params, released))
+            return surrogate, torch.zeros((), device=device)
 
         def average_over_ranks(state) -> None:
             world, _ = world_rank()
@@ -365,6 +523,24 @@ class StoBatch:
         return loss_step(batch_loss, parts=disjoint_batches, before_step=average_over_ranks, after_step=project)
 
 
+class _Method(nn.Module):
+    """Calls ``method`` of the wrapped model as ``forward`` (for torch.func.functional_call)."""
+
+    def __init__(self, m: nn.Module, method: str):
+        super().__init__()
+        self.m, self.method = m, method
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return getattr(self.m, self.method)(*args)
+
+
+def replace_latent_scale(scales: NoiseScales, latent_scale: float) -> NoiseScales:
+    """The corrected mode's scales: only the latent noise (certification) is used, at ``latent_scale``."""
+    from dataclasses import replace
+
+    return replace(scales, latent_scale=latent_scale, input_scale=0.0, output_scale=0.0)
+
+
 @torch.no_grad()
 def project_w1(model: StoBatchNet, bound: float) -> None:
     """Scale W1 down so its spectral norm (as reshaped for the bound) is <= ``bound``."""
@@ -374,14 +550,20 @@ def project_w1(model: StoBatchNet, bound: float) -> None:
 
 
 def averaged_gradient(sto: StoBatch, data, step: int, batch_indices: list[int], num_classes: int = 10) -> list[Tensor]:
-    """The mean over ``batch_indices`` of each disjoint batch's gradient (the reference for the
-    distributed run)."""
+    """The mean over ``batch_indices`` of each disjoint batch's released gradient (corrected) or loss gradient
+    (paper mode): the reference for the distributed run."""
     grads = None
+    params = list(sto.model.parameters())
     for index in batch_indices:
         idx = sto.batches[index]
-        loss = sto.batch_loss(sto.model, data.x_train[idx], data.y_train[idx], index, step, num_classes)
-        g = torch.autograd.grad(loss, list(sto.model.parameters()), allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, sto.model.parameters())]
+        x, y = data.x_train[idx], data.y_train[idx]
+        if sto.config.paper_compat:
+            other = sto.batches[(index + 1) % len(sto.batches)]
+            loss = sto.batch_loss(sto.model, x, y, index, step, num_classes, data.x_train[other], data.y_train[other])
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        else:
+            g = sto.release(index, step, x, y, num_classes)
         grads = g if grads is None else [a + b for a, b in zip(grads, g)]
     return [g / len(batch_indices) for g in grads]
 
