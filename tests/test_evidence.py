@@ -151,3 +151,45 @@ def test_describe_states_the_hypothesis():
     assert claim("less", margin=0.5).describe() == "metric(a) - metric(b) < -0.5"
     assert claim("equivalent", margin=0.01, threshold=None).describe() == "|metric(a) - metric(b)| < 0.01"
     assert claim("greater", threshold=0.5).describe() == "metric(a) - 0.5 > 0"
+
+
+METHOD_MODULE = {"curveball": "curveball", "msgd": "msgd", "linear_backprop": "linear_backprop",
+                 "layerwise": "layerwise", "rifle": "rifle", "luck_matters": "teacher_student",
+                 "stobatch": "stobatch", "privacy": "privacy", "baselines": None}
+
+
+def test_every_claims_arxiv_id_is_the_one_its_method_module_cites():
+    """Provenance: a claim that cites an arXiv id cites the paper its method implements (the id in the method
+    module's docstring, e.g. Luck Matters is 1905.13405, not 1909.13458); every paper claim of a method with an
+    arXiv paper cites it."""
+    import importlib
+    import re
+
+    from backproplab import experiments
+
+    seen = set()
+    for exp, c in experiments.all_claims():
+        module = METHOD_MODULE[exp.name]
+        cited = re.findall(r"\d{4}\.\d{4,5}", c.paper)
+        if module is None:
+            assert not cited, (exp.name, c.id, c.paper)
+            continue
+        doc = importlib.import_module(f"backproplab.methods.{module}").__doc__
+        own = re.findall(r"arXiv[\s:]*(\d{4}\.\d{4,5})", doc)
+        for arxiv_id in cited:
+            assert arxiv_id in own, (c.id, arxiv_id, own)
+        if own:
+            assert cited, (c.id, c.paper, "cites no arXiv id though its method's paper has one")
+        seen.add(exp.name)
+    assert {"curveball", "luck_matters", "stobatch", "rifle", "msgd", "layerwise"} <= seen
+
+
+def test_extensions_are_marked_where_the_paper_makes_no_such_claim():
+    """The claims the papers do not make are reported as the lab's extensions (never as the paper contradicted)."""
+    from backproplab import experiments
+
+    marked = {c.id for _, c in experiments.all_claims() if c.extension}
+    assert "luck_matters.bn_student_bias_negative" in marked
+    assert any(i.startswith("linear_backprop.fig2.") for i in marked)
+    assert any(i.startswith("linear_backprop.sec3.") for i in marked)
+    assert "linear_backprop.sec4.binary" not in marked and "luck_matters.bn_bias_negative" not in marked

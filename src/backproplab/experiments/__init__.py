@@ -582,7 +582,7 @@ def _run_job_locked(job: Job, record: dict) -> dict:
     import torch
 
     from ..data import DataFormatError, DataNotFoundError
-    from ..train import NonFiniteLossError, seed_everything
+    from ..train import seed_everything
 
     exp, cfg, arm, seed, run_dir = job.exp, job.cfg, job.arm, job.seed, job.run_dir
     if _rank() == 0:
@@ -610,9 +610,11 @@ def _run_job_locked(job: Job, record: dict) -> dict:
         if _rank() == 0 and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
             shutil.rmtree(run_dir)
         raise
-    except NonFiniteLossError as e:  # one diverging run is a result, not the end of the reproduction
-        final = {"status": "diverged", "diverged_at_step": e.step, "diverged_at_epoch": e.epoch,
-                 "error": str(e), "last_finite": e.last}
+    except FloatingPointError as e:  # one diverging run is a result, not the end of the reproduction (the loop's
+        # NonFiniteLossError, or a method's own, e.g. CurveBall's non-finite step)
+        final = {"status": "diverged", "diverged_at_step": getattr(e, "step", None),
+                 "diverged_at_epoch": getattr(e, "epoch", None), "error": str(e),
+                 "last_finite": getattr(e, "last", None)}
         if _rank() == 0:
             print(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on", file=sys.stderr)
     finally:

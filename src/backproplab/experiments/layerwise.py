@@ -28,7 +28,7 @@ from ..methods.layerwise import GreedyLayerwiseTrainer, LayerwiseCNN, parameter_
 from ..train import StepDecay, cross_entropy, evaluate
 from . import Arm, Experiment, ExperimentConfig, Results, Run
 
-PAPER = "Belilovsky et al., ICML 2019"
+PAPER = "Belilovsky et al., ICML 2019 (arXiv:1812.11446)"
 EQUIVALENCE_MARGIN = 0.02  # 2 points of test accuracy: "competitive with end-to-end"
 
 

@@ -45,7 +45,7 @@ from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, c
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
 LARGE = ("large_sgd", "large_weighted")
 MODELS = ("cnn", "wu_cnn")
-PAPER = "Wu et al., ICML 2020"
+PAPER = "Wu et al., ICML 2020 (arXiv:1906.07405)"
 
 
 @dataclass

@@ -8,13 +8,14 @@ with the run's seed: the same for every arm of a seed) and trains everything wit
 lr 0.01, cosine-annealed per epoch over the whole run, as the authors' train.py does; the head and the
 backbone are two param groups as there.
 
-Arms: l2 (L2 1e-4 on every weight: the authors' weight decay), l2_rifle (K = ``times`` resets),
-l2_rifle_k1 / l2_rifle_k2 (the K sweep), l2_rifle_headlr (resets, and the head's learning rate restarts
-its cosine every period: the authors' ``fc_lr_util='cyclic'``), l2sp and l2sp_rifle (L2-SP with the RIFLE
-code's alpha 0.01, beta 1e-4, no weight decay), dropout (head input), dropconnect (head weights),
-stochastic_depth, disturblabel, cyclic_lr (every group's cosine restarts at RIFLE's period starts; both it
-and RIFLE end annealed, so the paper's ablation "re-initialisation, not the learning-rate restarts" is not
-confounded with annealing). No arm is tuned: all share the authors' settings (an equal, zero budget).
+Arms: l2 (L2 1e-4 on every weight: the authors' weight decay), l2_rifle (K = ``times`` resets; 1 by default,
+the authors' ``run.sh`` setting, the headline arm), l2_rifle_k2 / l2_rifle_k3 (the K sweep), l2_rifle_headlr
+(resets, and the head's learning rate restarts its cosine every period: the authors' ``fc_lr_util='cyclic'``),
+l2sp and l2sp_rifle (L2-SP with the RIFLE code's alpha 0.01, beta 1e-4, no weight decay), dropout (head
+input), dropconnect (head weights), stochastic_depth, disturblabel, cyclic_lr (every group's cosine restarts
+at RIFLE's period starts; both it and RIFLE end annealed, so the paper's ablation "re-initialisation, not the
+learning-rate restarts" is not confounded with annealing). No arm is tuned: all share the authors' settings
+(an equal, zero budget).
 
 "Backpropagation in depth" is measured per layer (stem, stages 0-3): the direction change of the weights
 against the pretrained ones, 1 - cos(w, w0) (:func:`rifle.direction_change`), and the gradient norm per step,
@@ -46,9 +47,9 @@ from ..models import build_model
 from ..train import TrainConfig, fit, isolated_rng
 from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices
 
-PAPER = "Li et al., ICML 2020"
+PAPER = "Li et al., ICML 2020 (arXiv:2007.03349)"
 
-ARMS = ("l2", "l2_rifle", "l2_rifle_k1", "l2_rifle_k2", "l2_rifle_headlr", "l2sp", "l2sp_rifle", "dropout",
+ARMS = ("l2", "l2_rifle", "l2_rifle_k2", "l2_rifle_k3", "l2_rifle_headlr", "l2sp", "l2sp_rifle", "dropout",
         "dropconnect", "stochastic_depth", "disturblabel", "cyclic_lr")
 LAYERS = ("stem", "layers.0", "layers.1", "layers.2", "layers.3")  # deepest (nearest the input) first
 
@@ -63,12 +64,12 @@ class RifleConfig(ExperimentConfig):
     pretrain_weight_decay: float = 5e-4  # source model's weight decay
     pretrain_batch_size: int = 64  # source model's batch size
     pretrain_seed: int = 0  # one source model for every arm and seed
-    per_class: int = 20  # target training examples per class
+    per_class: int = 60  # target training examples per class (60: hundreds of SGD steps per RIFLE period)
     epochs: int = 40  # fine-tuning epochs
     batch_size: int = 20  # fine-tuning batch size
     lr: float = 0.01  # fine-tuning learning rate
     momentum: float = 0.9  # fine-tuning momentum
-    times: int = 3  # RIFLE resets (and cyclic-LR restarts); the l2_rifle_k* arms sweep K = 1, 2
+    times: int = 1  # RIFLE resets (and cyclic-LR restarts), the authors' run.sh K; l2_rifle_k* sweep K = 2, 3
     l2_alpha: float = 1e-4  # L2 strength of every arm but L2-SP (the authors' weight decay)
     l2sp_alpha: float = 0.01  # L2-SP pull towards the pretrained weights (the RIFLE code's alpha)
     l2sp_beta: float = 1e-4  # L2-SP's L2 on the new head (the RIFLE code's beta)
@@ -296,7 +297,7 @@ def analyze(res: Results) -> list[str]:
     lines = ["target test accuracy, mean over seeds: " + ", ".join(f"{a} {100 * v.mean():.1f}%" for a, v in acc.items())
              + f" ({len(next(iter(acc.values())))} seeds, about {_pool_size(res)} test images)."]
     if "l2" in runs:
-        sweep = [a for a in ("l2_rifle_k1", "l2_rifle_k2", "l2_rifle", "l2_rifle_headlr", "cyclic_lr") if a in runs]
+        sweep = [a for a in ("l2_rifle", "l2_rifle_k2", "l2_rifle_k3", "l2_rifle_headlr", "cyclic_lr") if a in runs]
         if sweep:
             lines.append("accuracy minus l2, paired [95% CI]: " + "; ".join(
                 f"{a} (K={method_times(a, cfg) or cfg.times}) {_paired(res, a, 'l2', 'test_acc')}" for a in sweep))

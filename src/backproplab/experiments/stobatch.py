@@ -35,7 +35,7 @@ from ..methods import privacy, robustness
 from ..methods import stobatch as sb
 from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation
 
-PAPER = "Phan et al., ICML 2020"
+PAPER = "Phan et al., ICML 2020 (arXiv:1903.09822)"
 
 SIZES_L1 = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 CERT_SIZE = 0.1  # the l1 size at which the certification claim is judged (one of SIZES_L1)

@@ -1,9 +1,9 @@
 """Greedy layerwise learning: a CNN built block by block from shallow auxiliary problems.
 
-Belilovsky, Eickenberg, Oyallon, "Greedy Layerwise Learning Can Scale to ImageNet", ICML 2019 (the ICLR
-2019 submission "Shallow Learning For Deep Networks"). Block j is trained on a shallow supervised problem,
-block j followed by an auxiliary classifier with k hidden layers, while blocks 1..j-1 are frozen (eval
-mode, BatchNorm statistics fixed); then block j+1 is added.
+Belilovsky, Eickenberg, Oyallon, "Greedy Layerwise Learning Can Scale to ImageNet", ICML 2019 (arXiv
+1812.11446; the ICLR 2019 submission "Shallow Learning For Deep Networks"). Block j is trained on a shallow
+supervised problem, block j followed by an auxiliary classifier with k hidden layers, while blocks 1..j-1 are
+frozen (eval mode, BatchNorm statistics fixed); then block j+1 is added.
 
 * Block: optional invertible downsampling (Dinh et al. 2017's space-to-depth "squeeze"), a 3x3 convolution
   (stride 1, pad 1), optional BatchNorm, ReLU. A downsampling block maps the 4C (2-D) or 2C (1-D) squeezed

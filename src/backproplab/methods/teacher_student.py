@@ -113,6 +113,41 @@ def make_teacher(input_dim: int = 20, widths: Sequence[int] = (10, 15, 20, 25), 
     return teacher.eval()
 
 
+@torch.no_grad()
+def set_firing_rate(teacher: ReLUNet, rate: float, input_std: float = 10.0, calibration: int = 20000,
+                    seed: int = 0) -> ReLUNet:
+    """Shift each hidden node's bias so it fires (pre-activation > 0) on a fraction ``rate`` of the teacher's
+    inputs N(0, input_std^2 I), layer by layer: the bias minus the node's (1 - rate) quantile of its
+    pre-activation. A sparsely firing teacher is the premise of the paper's BatchNorm-bias argument (nodes
+    that fire together rarely); the structured teachers fire half the time."""
+    if not 0 < rate < 1:
+        raise ValueError(f"firing rate {rate!r}: use a fraction in (0, 1)")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(calibration, teacher.linears[0].in_features, generator=g) * input_std
+    for lin in teacher.linears[:-1]:
+        pre = lin(x)
+        lin.bias.sub_(pre.quantile(1 - rate, dim=0))
+        x = torch.relu(lin(x))
+    return teacher
+
+
+@torch.no_grad()
+def coactivation(model: nn.Module, x: Tensor) -> list[dict[str, float]]:
+    """Per hidden layer: the mean firing rate P(i) and the co-activation ratio, the mean over node pairs i != j of
+    P(j fires | i fires). Under independence the ratio equals the firing rate; the paper's premise is nodes that
+    rarely fire together, a ratio well below 1 and a firing rate well below 1/2."""
+    out = []
+    for h in hidden_activations(model, x):
+        fires = (h > 0).double()
+        rate = fires.mean(0)
+        joint = fires.T @ fires / len(fires)
+        k = len(rate)
+        conditional = joint / rate.clamp_min(1e-12)[:, None]
+        off = ~torch.eye(k, dtype=torch.bool)
+        out.append({"firing_rate": float(rate.mean()), "coactivation_ratio": float(conditional[off].mean())})
+    return out
+
+
 def teacher_data(teacher: nn.Module, n_train: int = 100_000, n_test: int = 10_000, input_std: float = 10.0,
                  seed: int = 0) -> Data:
     """Gaussian inputs N(0, input_std^2 I) labelled by ``teacher`` (regression targets)."""
