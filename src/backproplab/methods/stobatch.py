@@ -400,16 +400,11 @@ class StoBatch:
         factor = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         summed = [(gk * factor[:, None]).sum(0).view_as(params[k]) for gk, k in zip(grads, names)]
         # [P5] Gaussian noise of std 2 C sigma on every coordinate of every parameter, then / L (public)
-        if noise:
-            std = 2 * cfg.max_grad_norm * self.noise_multiplier
-            gen = None if cfg.secure_mode else _generator(cfg.seed, step, batch_index, 2)
-            for t in summed:
-                if cfg.secure_mode:
-                    from .privacy import csprng_normal
+        if noise:  # DP-SGD's noise source: a stream keyed by (seed, step, batch), or the OS CSPRNG (secure_mode)
+            from .privacy import GaussianNoise
 
-                    t.add_(csprng_normal(t.shape, t.dtype, t.device).mul_(std))
-                else:
-                    t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t).mul_(std))
+            GaussianNoise(2 * cfg.max_grad_norm * self.noise_multiplier, hash((cfg.seed, step, batch_index, 2)) % 2**63,
+                          secure=cfg.secure_mode).add_to(summed)
         return [t / cfg.batch for t in summed]
 
     @property
