@@ -172,7 +172,9 @@ def _malformed(root, case):
     """Each malformed data file the test suite makes (tests/test_reliability.py, test_data.py and this file):
     (dataset, the file its message must name)."""
     from scipy.io import savemat
-    from test_reliability import Payload, _cifar, _mnist
+    import struct
+
+    from test_reliability import Payload, _cifar, _idx, _mnist
 
     if case == "idx label count":
         _mnist(root / "mnist", n_labels=11)
@@ -193,6 +195,25 @@ def _malformed(root, case):
         (root / "mnist" / "train-images-idx3-ubyte").unlink()
         (root / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
         return "mnist", "train-images-idx3-ubyte.gz"
+    if case == "idx size overflow":  # dimensions whose product overflows 64 bits
+        _mnist(root / "mnist")
+        head = struct.pack(">HBB", 0, 8, 3) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1)
+        (root / "mnist" / "train-images-idx3-ubyte").write_bytes(head + bytes(100))
+        return "mnist", "train-images-idx3-ubyte"
+    if case == "idx image sizes differ":
+        _mnist(root / "mnist")
+        _idx(root / "mnist" / "t10k-images-idx3-ubyte", np.zeros((5, 20, 20), dtype=np.uint8))
+        return "mnist", "t10k-images-idx3-ubyte"
+    if case == "idx no examples":
+        _mnist(root / "mnist")
+        _idx(root / "mnist" / "train-images-idx3-ubyte", np.zeros((0, 28, 28), dtype=np.uint8))
+        _idx(root / "mnist" / "train-labels-idx1-ubyte", np.zeros((0,), dtype=np.uint8))
+        return "mnist", "train-images-idx3-ubyte"
+    if case == "svhn nan pixel":
+        x = np.random.default_rng(0).random((32, 32, 3, 3)) * 255
+        x[0, 0, 0, 1] = np.nan
+        _svhn(root, np.array([1, 2, 10], dtype=np.uint8), x_train=x)
+        return "svhn", "train_32x32.mat"
     if case == "cifar hostile pickle":
         _cifar(root / "cifar-10-batches-py", payload=Payload(root / "pwned"))
         return "cifar10", "data_batch_1"
@@ -214,6 +235,7 @@ def _malformed(root, case):
 
 
 MALFORMED = ["idx label count", "idx missing file", "idx truncated header", "idx wrong magic", "idx gzip corrupt",
+             "idx size overflow", "idx image sizes differ", "idx no examples", "svhn nan pixel",
              "cifar hostile pickle", "cifar label count", "cifar label range", "svhn without X", "svhn label range"]
 
 
@@ -396,3 +418,77 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     code = main(["run", "baselines", "--set", *TINY, "--seeds", "1", "--out", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 130 and "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- paths the file system refuses
+
+
+def test_an_out_folder_that_is_a_symlink_loop_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    code = main(["run", "baselines", "--set", *TINY, "--seeds", "1", "--out", str(tmp_path / "a"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "Too many levels of symbolic links" in err and str(tmp_path / "a") in err
+
+
+def _refuse_writes_under(monkeypatch, folder):
+    """Writes (files, temporary files, folders) under ``folder`` fail with EACCES, as in a folder another user
+    owns or made read-only; a real chmod cannot show this when the tests run as root."""
+    import builtins
+    import errno
+    import io
+    import os
+    import tempfile
+
+    def refused(path):
+        return str(os.path.abspath(path)).startswith(str(folder))
+
+    def deny(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    real_open, real_mkstemp, real_makedirs, real_mkdir = builtins.open, tempfile.mkstemp, os.makedirs, os.mkdir
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and refused(file):
+            deny(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and refused(dir):
+            deny(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def makedirs(name, *args, **kwargs):
+        if refused(name) and not os.path.isdir(name):
+            deny(name)
+        return real_makedirs(name, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if refused(path):
+            deny(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("where,log", [("", ""), ("", "csv"), ("tensorboard", "tensorboard")],
+                         ids=["read-only run folder", "read-only run folder, csv log", "unwritable tensorboard log"])
+def test_a_run_folder_or_log_path_that_refuses_writes_is_one_line_and_keeps_the_finished_runs(
+        tmp_path, capsys, monkeypatch, where, log):
+    if log == "tensorboard":
+        pytest.importorskip("tensorboard")
+    run = tmp_path / "baselines" / "digits-mlp-sgd" / "seed1"
+    _refuse_writes_under(monkeypatch, run / where if where else run)
+    code = main(["run", "baselines", "--set", *TINY, "--seeds", "2", "--out", str(tmp_path), "--no-progress",
+                 *(["--log", log] if log else [])])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("backproplab: error: Permission denied: " + str(run)), err
+    assert (tmp_path / "baselines" / "digits-mlp-sgd" / "seed0" / "final.json").exists()  # the finished run is kept
+    assert not (run / "final.json").exists() and not list(tmp_path.rglob("*.tmp"))  # nothing half-written

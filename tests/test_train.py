@@ -211,9 +211,18 @@ def test_fit_over_an_iterable_without_length_and_a_resumed_dataloader(tmp_path, 
             for s in range(0, 96, 32):
                 yield digits.x_train[s:s + 32], digits.y_train[s:s + 32]
 
-    history = fit(_model(digits), Stream(), TrainConfig(lr=0.1, epochs=2))
-    assert [r["step"] for r in history] == [3, 6] and "test_loss" not in history[0]
+    history = fit(_model(digits), Stream(), TrainConfig(lr=0.1, max_steps=6))
+    assert [r["step"] for r in history] == [3, 6] and "test_loss" not in history[0]  # epochs end with the stream
     assert fit(_model(digits), Stream(), TrainConfig(lr=0.1, max_steps=4, eval_every=2))[-1]["step"] == 4
+
+    class Endless(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while True:
+                yield digits.x_train[:8], digits.y_train[:8]
+
+    with pytest.raises(ValueError, match="has no length.*set max_steps"):  # fails fast instead of never ending
+        fit(_model(digits), Endless(), TrainConfig(lr=0.1, epochs=1))
+    assert fit(_model(digits), Endless(), TrainConfig(lr=0.1, max_steps=5))[-1]["step"] == 5
 
     cfg = TrainConfig(lr=0.1, batch_size=32, epochs=2, seed=1, checkpoint_every=3, eval_every=2)
     train, test = _loaders(digits, 32, 1)

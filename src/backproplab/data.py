@@ -229,8 +229,9 @@ def cifar10(seed: int = 0, root: Path | None = None, unit_range: bool = False) -
             raise DataFormatError(f"{f}: expected a dict with keys b'data' and b'labels', got "
                                   f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
         data, labels = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
-        if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-            raise DataFormatError(f"{f}: b'data' must be an N x 3072 uint8 array, got {data.shape} {data.dtype}")
+        if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8 or not len(data):
+            raise DataFormatError(f"{f}: b'data' must be an N x 3072 uint8 array with N > 0, got {data.shape} "
+                                  f"{data.dtype}")
         return data.reshape(-1, 3, 32, 32), _labels(f, labels, len(data), 10)
 
     train = [read(f) for f in files[:5]]
@@ -291,6 +292,13 @@ def _idx_dataset(name: str, root: Path | None, unit_range: bool = False) -> Data
             for images, path in ((x, paths[0]), (xt, paths[2])):
                 if images.ndim != 3:
                     raise DataFormatError(f"{path}: expected N x rows x cols images, got shape {images.shape}")
+                if not len(images):
+                    raise DataFormatError(f"{path}: holds no images (its header says shape {images.shape}); "
+                                          "expected the official file with N > 0 images")
+            if x.shape[1:] != xt.shape[1:]:
+                raise DataFormatError(f"{paths[2]}: images of {xt.shape[1]} x {xt.shape[2]} pixels, but {paths[0]} "
+                                      f"holds {x.shape[1]} x {x.shape[2]}; both splits must come from the same "
+                                      "dataset")
             y, yt = _labels(paths[1], y, len(x), 10), _labels(paths[3], yt, len(xt), 10)
             return _standardise(name, x[:, None].astype(np.float32) / 255, y, xt[:, None].astype(np.float32) / 255,
                                 yt, 10, unit_range=unit_range)
@@ -331,8 +339,8 @@ def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> D
         if "X" not in m or "y" not in m:
             raise DataFormatError(f"{f}: expected variables X (32 x 32 x 3 x N) and y (N labels), found "
                                   f"{sorted(k for k in m if not k.startswith('__'))}")
-        if m["X"].ndim != 4 or m["X"].shape[:3] != (32, 32, 3):
-            raise DataFormatError(f"{f}: X must be 32 x 32 x 3 x N, got {m['X'].shape}")
+        if m["X"].ndim != 4 or m["X"].shape[:3] != (32, 32, 3) or not m["X"].shape[3]:
+            raise DataFormatError(f"{f}: X must be 32 x 32 x 3 x N with N > 0, got {m['X'].shape}")
         pixels = m["X"]
         if pixels.dtype != np.uint8 and (not np.issubdtype(pixels.dtype, np.number) or pixels.size and (
                 not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255)):

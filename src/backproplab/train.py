@@ -453,7 +453,8 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
     ``data``: an in-memory :class:`~backproplab.data.Data` (shuffled here, per epoch, from the seed), or
     any iterable of ``(x, y)`` batches such as a ``torch.utils.data.DataLoader`` (iterated once per epoch,
     in its own order; its sampler's ``set_epoch`` is called when it has one; ``config.batch_size`` is
-    then the loader's business). ``eval_data``: batches to evaluate on (default: ``data``'s test split;
+    then the loader's business; an iterable without ``len()``, which may never end, needs
+    ``config.max_steps``). ``eval_data``: batches to evaluate on (default: ``data``'s test split;
     an iterable ``data`` without ``eval_data`` reports the training loss only).
 
     The model must already be initialised (seed before building it); it stays on its device unless
@@ -503,7 +504,12 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
     else:
         try:
             state.steps_per_epoch = len(data)  # type: ignore[arg-type]
-        except TypeError:  # an iterable-style dataset: the length shows when an epoch ends
+        except TypeError:  # an iterable-style dataset: the length shows only when an epoch ends
+            if cfg.max_steps <= 0:  # an endless stream would train (and hold the run) forever
+                raise ValueError(f"fit: data ({type(data).__name__}) has no length, so fit cannot know where an "
+                                 "epoch ends and an endless stream would never stop; set max_steps (a step budget, "
+                                 "e.g. epochs x batches per epoch; a finite stream is then repeated until it is "
+                                 "spent), or give the dataset a __len__") from None
             state.steps_per_epoch = 0
     # 0 when neither a step budget nor the epoch length is known: then epochs end training
     state.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * state.steps_per_epoch
