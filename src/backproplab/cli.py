@@ -10,7 +10,7 @@ import math
 import sys
 import time
 
-from . import experiments
+from . import download, experiments
 from .report import build_report
 from .data import DataFormatError, DataNotFoundError
 from .executors import ExecutorSetupError
@@ -125,6 +125,17 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     ce.add_argument("--n0", type=int, default=100, help="selection samples per input")
     ce.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     ce.add_argument("--examples", type=int, default=200, help="test inputs certified")
+    da = sub.add_parser("data", help="datasets: `data get NAME` fetches a real dataset's official files")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    get = da_sub.add_parser("get", help="download and check (published SHA-256; MD5 for SVHN) a dataset's "
+                            "official files into the folder its loader reads; resumes a cut download")
+    get.add_argument("dataset", choices=sorted(download.SOURCES))
+    get.add_argument("--root", help="data folder (default: $BACKPROPLAB_DATA or ./data; runs read it with "
+                     "--set data_root=DIR)")
+    get.add_argument("--mirror", action="append", metavar="URL",
+                     help="a base URL serving the official file names, used instead of the built-in mirrors "
+                          "(repeatable; tried in order)")
+    get.add_argument("--no-progress", action="store_true", help="no progress bars")
     bn = sub.add_parser("bn-bias", help="fraction of negative BatchNorm biases per layer of a checkpoint")
     bn.add_argument("checkpoint", help="a saved state_dict (model.pt) or training checkpoint (checkpoint.pt)")
     return p
@@ -284,6 +295,11 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(build_report(args.dir, args.output))
             return 0
+        if args.command == "data":
+            folder = download.get(args.dataset, args.root, mirrors=args.mirror,
+                                  progress=False if args.no_progress else None)
+            print(f"{args.dataset}: {folder}")
+            return 0
         if args.command == "bn-bias":
             return _bn_bias(args.checkpoint)
         if args.command == "certify":
@@ -304,6 +320,9 @@ def _main(argv: list[str] | None = None) -> int:
     except (experiments.ConfigError, FileNotFoundError, DataFormatError, ExecutorSetupError) as e:
         print(f"backproplab: error: {e}", file=sys.stderr)
         return 2
+    except download.DownloadError as e:  # no mirror delivered a good file: one line naming each failure
+        print(f"backproplab: error: {e}", file=sys.stderr)
+        return 1
     if args.executor == "ray":
         try:
             return _run_on_ray(args, configs, scale)

@@ -203,20 +203,22 @@ def mnist1d(seed: int = 0, root: Path | None = None, num_samples: int = 5000, ge
 # ---------------------------------------------------------------- local files, official formats
 
 
-def _missing(name: str, expected: Path, layout: str) -> DataNotFoundError:
+def _missing(name: str, expected: Path, layout: str, root: Path) -> DataNotFoundError:
     return DataNotFoundError(
-        f"{name}: expected {expected} (layout: {layout}). Put the official files there, or point "
-        f"--set data_root=DIR / $BACKPROPLAB_DATA at the folder that holds them; nothing is downloaded.")
+        f"{name}: expected {expected} (layout: {layout}). Fetch the official files with `backproplab data get "
+        f"{name} --root {root}` (online), put them there yourself, or point --set data_root=DIR / "
+        f"$BACKPROPLAB_DATA at the folder that holds them; a run downloads nothing itself.")
 
 
 @register_dataset("cifar10")
 def cifar10(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
-    folder = (root or default_root()) / "cifar-10-batches-py"
+    root = root or default_root()
+    folder = root / "cifar-10-batches-py"
     layout = "cifar-10-batches-py/data_batch_1 .. data_batch_5 and test_batch, the python pickle version"
     files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
     for f in files:
         if not f.exists():
-            raise _missing("cifar10", f, layout)
+            raise _missing("cifar10", f, layout, root)
 
     def read(f: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -308,8 +310,8 @@ def _idx_dataset(name: str, root: Path | None, unit_range: bool = False) -> Data
     if best is not None:  # some files are there: name the first one that is missing
         _, folder, paths = best
         missing = next(stem for stem, p in zip(stems, paths) if p is None)
-        raise _missing(name, folder / missing, layout)
-    raise _missing(name, candidates[0] / stems[0], layout)
+        raise _missing(name, folder / missing, layout, root)
+    raise _missing(name, candidates[0] / stems[0], layout, root)
 
 
 @register_dataset("mnist")
@@ -326,12 +328,14 @@ def fashion_mnist(seed: int = 0, root: Path | None = None, unit_range: bool = Fa
 def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
     from scipy.io import loadmat
 
-    folder = (root or default_root()) / "svhn"
+    root = root or default_root()
+    folder = root / "svhn"
     arrays = []
     for split in ("train", "test"):
         f = folder / f"{split}_32x32.mat"
         if not f.exists():
-            raise _missing("svhn", f, "svhn/train_32x32.mat and svhn/test_32x32.mat (cropped digits, format 2)")
+            raise _missing("svhn", f, "svhn/train_32x32.mat and svhn/test_32x32.mat (cropped digits, format 2)",
+                           root)
         try:
             m = loadmat(f)
         except Exception as e:  # scipy raises several types for a corrupt file; none runs code
