@@ -66,6 +66,9 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
         sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="skip finished runs and continue interrupted ones from their checkpoints (default); "
                              "--no-resume deletes this config's runs and starts over")
+        sp.add_argument("--rerun-stale", action="store_true",
+                        help="start over finished runs made by other code than this (their recorded provenance "
+                             "'code' differs); without it they are kept and counted in a warning")
         sp.add_argument("--overwrite", action="store_true",
                         help="replace results of another config found in the way (otherwise: an error naming them)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -337,7 +340,8 @@ def _main(argv: list[str] | None = None) -> int:
         for exp, cfg in configs:
             try:
                 exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
-                                          overwrite=args.overwrite, scale=scale, threads=threads)
+                                          overwrite=args.overwrite, scale=scale, threads=threads,
+                                          rerun_stale=args.rerun_stale)
             except (experiments.ConfigError, DataFormatError, DataNotFoundError, NotARegularFile) as e:  # in a run
                 print(f"backproplab: error: {e}", file=sys.stderr)  # one line naming the file or value and the fix
                 return 2
@@ -435,7 +439,7 @@ def _sweep(args) -> int:
     threads = int(args.cpus_per_run) if args.cpus_per_run else None
     jobs = [job for _, folder, cfg in points
             for job in experiments.plan(exp, cfg, folder, args.resume, threads=threads,
-                                        device=getattr(executor, "device", None))]
+                                        device=getattr(executor, "device", None), rerun_stale=args.rerun_stale)]
     code = 0
     try:
         executor.run(jobs, progress=not args.no_progress, desc=f"sweep {exp.name}")
@@ -479,7 +483,8 @@ def _run_on_ray(args, configs, scale: str) -> int:
     t0 = time.perf_counter()
     executor = _executor(args)
     jobs = [job for exp, cfg in configs
-            for job in experiments.plan(exp, cfg, args.out, args.resume, device=executor.device)]
+            for job in experiments.plan(exp, cfg, args.out, args.resume, device=executor.device,
+                                        rerun_stale=args.rerun_stale)]
     code = 0
     try:
         executor.run(jobs, progress=not args.no_progress, desc=args.command)

@@ -22,6 +22,7 @@ import torch
 
 from . import _io
 
+from .provenance import code_hash
 from .experiments import identity_of  # fields that change results: runs differing only in others match
 COLOURS = {"reproduced": "#d7f0d4", "contradicted": "#f7d4d4", "inconclusive": "#fbefc7"}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1250px;margin:1.5em auto;color:#222;padding:0 1em}
@@ -31,6 +32,7 @@ table.claims{table-layout:fixed;width:100%}table.claims th{text-align:left}
 table.claims td{text-align:left;overflow-wrap:anywhere}
 table.claims td.num{text-align:right}.nowrap{white-space:nowrap}
 .reproduced{background:#d7f0d4}.contradicted{background:#f7d4d4}.inconclusive{background:#fbefc7}
+.stale{background:#fbe3c7;border-left:4px solid #c77a1e;padding:.3em 1em}
 .verdict{background:#f4f7fb;border-left:4px solid #4a78b5;padding:.4em 1em}img{max-width:100%;height:auto;
 border:1px solid #eee;margin:.5em 0}code{background:#f3f3f3}small{color:#555}"""
 
@@ -153,10 +155,23 @@ def _claims_table(summaries: list[dict]) -> str:
 def _section(exp_dir: Path, summary: dict) -> str:
     name = summary["experiment"]
     metrics = summary.get("table_metrics", ["test_acc", "test_loss", "train_loss"])
+    made = summary.get("provenance") if isinstance(summary.get("provenance"), dict) else {}
     parts = [f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>",
              f"<p>{html.escape(summary.get('description', ''))} "
              f"<small>Scale: {html.escape(summary.get('scale', '?'))}, "
-             f"{summary.get('seeds', '?')} seeds.</small></p>"]
+             f"{summary.get('seeds', '?')} seeds. Judged by code {html.escape(str(made.get('code', 'unrecorded')))}"
+             f" (backproplab {html.escape(str(made.get('backproplab', '?')))}, commit "
+             f"{html.escape(str(made.get('commit') or 'none'))}, torch {html.escape(str(made.get('torch', '?')))}"
+             f").</small></p>"]
+    stale = summary.get("stale_runs") or []
+    if stale or made.get("code") != code_hash():
+        what = (f"{len(stale)} run(s) were made by other code than the code that judged them "
+                f"({html.escape(', '.join(map(str, stale[:6])))}{', ...' if len(stale) > 6 else ''})" if stale else "")
+        now = ("this summary was written by other code than the report's "
+               f"({html.escape(str(made.get('code', 'unrecorded')))} vs {code_hash()})"
+               if made.get("code") != code_hash() else "")
+        parts.append(f"<p class='stale'><b>Made by other code:</b> {'; '.join(x for x in (what, now) if x)}. "
+                     "Re-run with <code>--rerun-stale</code> to make every run with the current code.</p>")
     verdicts = summary.get("verdicts", [])
     items = "".join(f"<li class='{html.escape(str(v['outcome']))}'>"
                     f"{'[extension, not the paper' + chr(39) + 's claim] ' if _is_extension(summary, v) else ''}"
@@ -228,7 +243,7 @@ def build_report(results_dir: str | Path, out_file: str | Path | None = None) ->
                  for d, why in broken]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>backproplab report</title>"
             f"<meta name='viewport' content='width=device-width'><style>{STYLE}</style></head><body>"
-            f"<h1>backproplab report</h1><p>{stamp} · torch {torch.__version__} · Python "
+            f"<h1>backproplab report</h1><p>{stamp} · code {code_hash()} · torch {torch.__version__} · Python "
             f"{platform.python_version()} · {toc}</p>" + _claims_table([s for _, s in summaries]) + "\n<hr>\n"
             + "\n<hr>\n".join(sections) + "</body></html>")
     out = Path(out_file) if out_file else results_dir / "report.html"

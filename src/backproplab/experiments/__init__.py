@@ -510,14 +510,17 @@ class Job:
 
 
 def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True,
-         threads: int | None = None, device: str | None = None) -> list[Job]:
-    """The runs of ``exp`` still to do under ``out`` (all of them with ``resume=False``)."""
+         threads: int | None = None, device: str | None = None, rerun_stale: bool = False) -> list[Job]:
+    """The runs of ``exp`` still to do under ``out`` (all of them with ``resume=False``). A finished run made by
+    other code (see :mod:`backproplab.provenance`) is kept and counted in a warning, or with ``rerun_stale``
+    started over."""
+    from ..provenance import is_stale
     from ..train import resolve_device
 
     exp_dir = Path(out) / exp.name
     device = device or str(resolve_device(cfg.device))
     record, seeds_of = identity(cfg), exp.seeds_of(cfg)
-    jobs = []
+    jobs, stale = [], []
     inside = Path(out).resolve()
     for arm in exp.arms(cfg):
         if not (exp_dir / arm.name).resolve().is_relative_to(inside) or "/" in arm.name:
@@ -525,9 +528,25 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
         for seed in range(seeds_of(arm)):
             job = Job(exp, cfg, arm, seed, exp_dir, resume, device, threads)
             if resume and (job.run_dir / "final.json").exists() and _same_identity(job.run_dir, record):
-                continue
+                if not is_stale(_read_provenance(job.run_dir)):
+                    continue
+                stale.append(job)
+                if not rerun_stale:
+                    continue
+                job = dataclasses.replace(job, resume=False)  # made by other code: start it over
             jobs.append(job)
+    if stale and _rank() == 0:
+        what = "starting them over" if rerun_stale else "kept; --rerun-stale starts them over"
+        print(f"backproplab: {len(stale)} finished run(s) of {exp.name} were made by other code than this "
+              f"(provenance 'code' differs, e.g. {stale[0].run_dir}): {what}", file=sys.stderr)
     return jobs
+
+
+def _read_provenance(run_dir: Path) -> Any:
+    try:
+        return json.loads((run_dir / "final.json").read_text()).get("provenance")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_job(job: Job) -> dict:
@@ -582,15 +601,17 @@ def _run_job_locked(job: Job, record: dict) -> dict:
     import torch
 
     from ..data import DataFormatError, DataNotFoundError
+    from ..provenance import provenance
     from ..train import seed_everything
 
     exp, cfg, arm, seed, run_dir = job.exp, job.cfg, job.arm, job.seed, job.run_dir
+    made_by = provenance(job.device)
     if _rank() == 0:
         if run_dir.exists() and (not job.resume or not _same_identity(run_dir, record)):
             shutil.rmtree(run_dir)
         _io.write_json(run_dir / "config.json", {"experiment": exp.name, "arm": arm.name,
                                                  "arm_fields": dataclasses.asdict(arm), "seed": seed,
-                                                 "config": record})
+                                                 "config": record, "provenance": made_by})
     _barrier()
     threads = torch.get_num_threads()
     limits: Any = contextlib.nullcontext()
@@ -619,6 +640,7 @@ def _run_job_locked(job: Job, record: dict) -> dict:
             print(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on", file=sys.stderr)
     finally:
         torch.set_num_threads(threads)
+    final["provenance"] = made_by
     if _rank() == 0:
         _io.write_json(run_dir / "final.json", final)
     return final
@@ -626,10 +648,15 @@ def _run_job_locked(job: Job, record: dict) -> dict:
 
 def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = "full") -> Path:
     """Judge the claims on the finished runs, analyze, and write ``summary.json``; returns the folder."""
+    from ..provenance import is_stale, provenance
+
     exp_dir = Path(out) / exp.name
     arms, seeds_of = exp.arms(cfg), exp.seeds_of(cfg)
     if _rank() == 0:
         results = Results(exp_dir, cfg, arms, seeds_of)
+        stale = [f"{a.name}/seed{k}" for a in arms for k in range(seeds_of(a))
+                 if (exp_dir / a.name / f"seed{k}" / "final.json").exists()
+                 and is_stale(_read_provenance(exp_dir / a.name / f"seed{k}"))]
         verdicts = judge_claims(exp, cfg, results, scale)
         notes = exp.analyze(results)
         _io.write_json(exp_dir / "summary.json", {
@@ -638,20 +665,23 @@ def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = 
             "verdicts": [v.to_dict() for v in verdicts], "notes": notes,
             "diverged": {a.name: d for a in arms if (d := results.diverged(a.name))},
             "arms": [a.name for a in arms], "table_metrics": list(exp.table_metrics),
-            "figures": sorted(p.name for p in exp_dir.glob("*.png") if p.is_file()), "config": dataclasses.asdict(cfg)})
+            "figures": sorted(p.name for p in exp_dir.glob("*.png") if p.is_file()), "config": dataclasses.asdict(cfg),
+            "provenance": provenance(), "stale_runs": stale})
     _barrier()
     return exp_dir
 
 
 def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True, progress: bool = True,
-        overwrite: bool = False, scale: str = "full", executor: Any = None, threads: int | None = None) -> Path:
+        overwrite: bool = False, scale: str = "full", executor: Any = None, threads: int | None = None,
+        rerun_stale: bool = False) -> Path:
     """Run every arm and seed of ``exp`` under ``out/<name>/`` on ``executor`` (default: one after another in
     this process, :class:`backproplab.executors.LocalExecutor`), judge the claims, analyze; returns the folder."""
     from ..executors import LocalExecutor
 
     preflight(exp, cfg, out, resume, overwrite)
     executor = executor or LocalExecutor()
-    executor.run(plan(exp, cfg, out, resume, threads=threads, device=getattr(executor, "device", None)),
+    executor.run(plan(exp, cfg, out, resume, threads=threads, device=getattr(executor, "device", None),
+                      rerun_stale=rerun_stale),
                  progress=progress, desc=exp.name)
     return finish(exp, cfg, out, scale)
 
