@@ -671,8 +671,9 @@ def test_closure_form_equals_the_model_and_loss_form():
         for _ in range(4):
             if form == "pair":
                 opt.step(lambda: model(x), CrossEntropy(y))
-            elif form == "closure":
-                opt.step(lambda: F.cross_entropy(model(x), y))
+            elif form == "closure":  # returns the loss, as torch.optim's step(closure) does
+                loss = opt.step(lambda: F.cross_entropy(model(x), y))
+                assert torch.is_tensor(loss) and loss.shape == () and not loss.requires_grad
             else:  # a loss *module* in the closure must not be taken for a layer of the model
                 opt.step(lambda: criterion(model(x), y))
         assert opt.replay_refused is None

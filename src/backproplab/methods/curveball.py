@@ -369,17 +369,25 @@ def _batchnorm_tangent(m: nn.Module, kept: tuple, t: Tensor | None, tw: Tensor |
 class CurveBall(torch.optim.Optimizer):
     """CurveBall (Henriques et al. 2019) as a ``torch.optim.Optimizer``.
 
-    Two ways to call ``step`` (both return ``(loss, outputs)``, detached):
+    Two ways to call ``step``:
 
-    * ``opt.step(model_fn, loss_fn)``: ``model_fn()`` returns the outputs for the current batch and must
+    * ``opt.step(model_fn, loss_fn) -> (loss, outputs)`` (detached): ``model_fn()`` returns the outputs for
+      the current batch and must
       be re-callable (same batch); ``loss_fn(outputs)`` returns the scalar loss. Pass
       :class:`CrossEntropy` / :class:`MeanSquaredError` objects for closed-form H_L; any other callable is
       differentiated twice by autograd in output space.
-    * ``opt.step(closure)``, the torch.optim form (needs ``model=``): ``closure()`` runs ``model`` on the
+    * ``opt.step(closure) -> loss`` (detached), the torch.optim form (needs ``model=``): ``closure()`` runs
+      ``model`` on the
       batch and returns the loss of its output, e.g. ``lambda: F.cross_entropy(model(x), y)``. The
       model's output is taken from its forward call, and H_L by autograd from the loss the closure built.
       The closure must not call ``backward()``: the step computes the products itself. It is re-called
       on the same batch (same dropout masks) for the extra passes.
+
+    torch.optim habits that do not carry over: the update is the solved direction ``z``, not ``p.grad``, so
+    ``torch.nn.utils.clip_grad_norm_`` (on the gradients ``fill_grad`` writes) does not change the step; the
+    step's size is governed by the Levenberg-Marquardt lambda and, when fixed, ``lr``. Every parameter group
+    must share ``lr`` and ``momentum`` (beta and rho are solved jointly over all parameters). A closure must
+    not call ``backward()``.
 
     ``lr`` (beta) and ``momentum`` (rho) are numbers in the parameter group, so ``torch.optim.lr_scheduler``
     works; ``auto_lr`` / ``auto_momentum`` (default: on when the value is not given) solve for them each
@@ -642,10 +650,11 @@ class CurveBall(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, model_fn: ModelFn | Callable[[], Tensor] | None = None,  # type: ignore[override]
-             loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
+             loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor] | Tensor:
         """One CurveBall step on the batch that ``model_fn`` evaluates; returns ``(loss, outputs)``.
 
-        ``step(closure)`` with one argument is the torch.optim closure form (see the class docstring)."""
+        ``step(closure)`` with one argument is the torch.optim closure form (see the class docstring); it
+        returns the loss, as torch.optim's ``step(closure)`` does."""
         if model_fn is None:
             raise TypeError("CurveBall.step needs model_fn and loss_fn: opt.step(lambda: model(x), "
                             "CrossEntropy(y)), or a closure returning the loss: opt.step(lambda: "
@@ -782,6 +791,8 @@ class CurveBall(torch.optim.Optimizer):
             glob["gamma"] = gamma.detach()
             glob["lambd"] = self.lambda_update(lambd, gamma, group).detach()
         glob["step"] += 1
+        if closure_form:  # torch.optim's contract: step(closure) returns the closure's loss
+            return loss.detach()
         return loss.detach(), outputs.detach()
 
     @staticmethod
