@@ -43,6 +43,32 @@ def test_every_experiment_runs_at_smoke_scale_and_judges_its_claims(smoke):
                 assert isinstance(json.loads((run / "final.json").read_text()), dict)
 
 
+def test_every_verdict_is_shown_beside_the_papers_setting_and_this_runs(smoke):
+    """#34: the claims table has the paper's setting and this run's (data, model, budget, scale) on every row,
+    and each experiment's section lists its deviations from the paper."""
+    import html as html_lib
+
+    page = (smoke / "report.html").read_text()
+    table = page[page.index("id='claims-table'"):page.index("</table>", page.index("id='claims-table'"))]
+    assert "<th>paper's setting</th><th>this run's setting</th>" in table
+    for exp in experiments.all_experiments():
+        summary = json.loads((smoke / exp.name / "summary.json").read_text())
+        cfg = experiments.make_config(exp, scale="smoke")
+        assert exp.paper_setting and exp.deviations, f"{exp.name}: paper setting and deviations must be stated"
+        assert summary["paper_setting"] == exp.paper_setting and summary["deviations"] == list(exp.deviations)
+        assert summary["run_setting"] == experiments.run_setting(cfg, "smoke")
+        assert summary["run_setting"].startswith(f"smoke scale, {cfg.seeds} seeds")
+        papers = [v for v in summary["verdicts"]
+                  if not next(c for c in summary["claims"] if c["id"] == v["claim"]).get("extension")]
+        rows = [r for r in table.split("<tr")[2:] if f"<a href='#{exp.name}'>" in r]
+        assert len(rows) == len(papers), exp.name  # one row per paper claim, each with both settings
+        for row in rows:
+            assert html_lib.escape(exp.paper_setting) in row and html_lib.escape(summary["run_setting"]) in row
+            assert f"href='#{exp.name}-deviations'" in row
+        section = page[page.index(f"id='{exp.name}-deviations'"):]
+        assert all(html_lib.escape(d) in section[:4000] for d in exp.deviations), exp.name
+
+
 def test_claims_cover_the_seven_methods_and_are_well_formed(capsys):
     pairs = experiments.all_claims()
     ids = [c.id for _, c in pairs]

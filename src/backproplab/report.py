@@ -110,7 +110,11 @@ def _claim_rows(s: dict, extensions: bool = False) -> list[str]:
             f"<td class='num'><span class='nowrap'>{_num(v['estimate'])}</span> <span class='nowrap'>{ci}</span>"
             f"<br><small>{html.escape(hyp)}; "
             f"{html.escape(c.get('direction', ''))}, margin {c.get('margin', 0):g}</small></td>"
-            f"<td class='num'>{v['n']}</td><td>{html.escape(v.get('scale', ''))}</td>"
+            f"<td class='num'>{v['n']}</td>"
+            f"<td><small>{html.escape(str(s.get('paper_setting') or 'not recorded'))}</small></td>"
+            f"<td><small>{html.escape(str(s.get('run_setting') or (v.get('scale', '') + ' scale')))}"
+            + (f" <a href='#{html.escape(s['experiment'])}-deviations'>deviations</a>" if s.get("deviations") else "")
+            + "</small></td>"
             f"<td><b>{html.escape(str(v['outcome']))}</b>"
             f"{'<br><small>' + html.escape(v['note']) + '</small>' if v.get('note') else ''}"
             f"</td><td><a href='#{html.escape(s['experiment'])}'>{html.escape(s['experiment'])}</a></td></tr>")
@@ -125,7 +129,7 @@ def _claims_table(summaries: list[dict]) -> str:
             extension_rows += _claim_rows(s, extensions=True)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             name = html.escape(str(s.get("experiment")))
-            rows.append(f"<tr class='contradicted'><td colspan='7'>{name}: claims unreadable in summary.json "
+            rows.append(f"<tr class='contradicted'><td colspan='8'>{name}: claims unreadable in summary.json "
                         f"({html.escape(type(e).__name__)}); re-run the experiment</td></tr>")
 
     def count(extensions: bool) -> dict[str, int]:
@@ -133,10 +137,10 @@ def _claims_table(summaries: list[dict]) -> str:
                        for s in summaries for v in (s.get("verdicts") or [])) for k in COLOURS}
 
     counts, extension_counts = count(False), count(True)
-    head = ("<colgroup><col style='width:27%'><col style='width:22%'><col style='width:16%'><col style='width:5%'>"
-            "<col style='width:6%'><col style='width:17%'><col style='width:7%'></colgroup>"
-            "<tr><th>claim</th><th>paper says</th><th>measured: estimate [95% CI]</th><th>seeds</th><th>scale</th>"
-            "<th>verdict</th><th>section</th></tr>")
+    head = ("<colgroup><col style='width:21%'><col style='width:16%'><col style='width:14%'><col style='width:4%'>"
+            "<col style='width:13%'><col style='width:14%'><col style='width:12%'><col style='width:6%'></colgroup>"
+            "<tr><th>claim</th><th>paper says</th><th>measured: estimate [95% CI]</th><th>seeds</th>"
+            "<th>paper's setting</th><th>this run's setting</th><th>verdict</th><th>section</th></tr>")
     return (f"<h2 id='claims'>Claims</h2><p>{len(rows)} claims judged: " +
             ", ".join(f"{n} {k}" for k, n in counts.items()) +
             ". Estimate: mean paired difference over seeds (arm minus comparison, or minus the threshold), in the "
@@ -163,6 +167,14 @@ def _section(exp_dir: Path, summary: dict) -> str:
              f" (backproplab {html.escape(str(made.get('backproplab', '?')))}, commit "
              f"{html.escape(str(made.get('commit') or 'none'))}, torch {html.escape(str(made.get('torch', '?')))}"
              f").</small></p>"]
+    deviations = summary.get("deviations") or []
+    if deviations or summary.get("paper_setting"):
+        parts.append(f"<p id='{html.escape(name)}-deviations'><small><b>Paper's setting:</b> "
+                     f"{html.escape(str(summary.get('paper_setting') or 'not recorded'))}<br><b>This run:</b> "
+                     f"{html.escape(str(summary.get('run_setting') or summary.get('scale', '?')))}</small></p>"
+                     + ("<small><b>Deviations from the paper</b></small><ul>"
+                        + "".join(f"<li><small>{html.escape(str(d))}</small></li>" for d in deviations) + "</ul>"
+                        if deviations else ""))
     stale = summary.get("stale_runs") or []
     if stale or made.get("code") != code_hash():
         what = (f"{len(stale)} run(s) were made by other code than the code that judged them "

@@ -195,6 +195,8 @@ class Experiment:
     table_metrics: tuple[str, ...] = ("test_acc", "test_loss", "train_loss")
     seeds_for: Callable[[Any, Any], int] | None = None  # per-arm seed count (default: cfg.seeds)
     load_trained: Callable[[Any, Any, Path], tuple] | None = None  # (model, data, sigma) for `certify`
+    paper_setting: str = ""  # the papers' data, model and budget, as they ran the claims judged here
+    deviations: tuple[str, ...] = ()  # how this lab's setting differs from the paper's, and why
 
     def seeds_of(self, cfg: Any) -> Callable[[Any], int]:
         return (lambda arm: self.seeds_for(cfg, arm)) if self.seeds_for else (lambda arm: cfg.seeds)
@@ -205,6 +207,27 @@ class Experiment:
             raise ConfigError(f"experiment {self.name!r} has no arm {name!r} under this config; arms: "
                               f"{', '.join(by_name)}")
         return by_name[name]
+
+
+_SETTING_FIELDS = (("data", ("datasets", "dataset")),
+                   ("model", ("models", "model", "widths", "width", "teacher_widths", "batchnorm")),
+                   ("budget", ("epochs", "epochs_per_block", "pretrain_epochs", "steps", "max_iters", "n_train",
+                               "per_class", "batch_size", "batch")))
+
+
+def run_setting(cfg: Any, scale: str) -> str:
+    """This run's setting in one line, from its config: scale, seeds, data, model and budget fields."""
+    parts = [f"{scale} scale, {getattr(cfg, 'seeds', '?')} seeds"]
+    for label, names in _SETTING_FIELDS:
+        values = []
+        for name in names:
+            if hasattr(cfg, name) and getattr(cfg, name) not in (0, "", ()):  # 0: the field's "all" / unset
+                value = getattr(cfg, name)
+                text = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+                values.append(text if label == "data" or name in ("models", "model") else f"{name} {text}")
+        if values:
+            parts.append(f"{label}: {'; '.join(values)}")
+    return "; ".join(parts)
 
 
 # Built-in experiments by name -> module; each module defines EXPERIMENT. Nothing is registered by importing.
@@ -666,7 +689,8 @@ def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = 
             "diverged": {a.name: d for a in arms if (d := results.diverged(a.name))},
             "arms": [a.name for a in arms], "table_metrics": list(exp.table_metrics),
             "figures": sorted(p.name for p in exp_dir.glob("*.png") if p.is_file()), "config": dataclasses.asdict(cfg),
-            "provenance": provenance(), "stale_runs": stale})
+            "provenance": provenance(), "stale_runs": stale, "paper_setting": exp.paper_setting,
+            "run_setting": run_setting(cfg, scale), "deviations": list(exp.deviations)})
     _barrier()
     return exp_dir
 

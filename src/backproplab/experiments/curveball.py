@@ -569,6 +569,15 @@ EXPERIMENT = Experiment(
     name="curveball",
     description="CurveBall (Henriques et al. 2019): Rosenbrock and linear-network toy problems; small CNN "
                 "with/without BN.",
+    paper_setting="Table 1: Rosenbrock (deterministic and stochastic) and a degenerate 2-layer "
+                  "linear network; Figures: training-loss curves of a basic CNN and ResNets on "
+                  "CIFAR-10 and of VGG-f / ResNet on ImageNet",
+    deviations=(
+        "the CNN claims run on digits (8x8) with a small CNN, with and without BatchNorm, for a "
+        "few epochs, instead of CIFAR-10 / ImageNet networks (offline data, 2 CPU cores)",
+        "every compared method, CurveBall included (its initial lambda), tunes the same number of"
+        " values on a tuning seed; the paper ran CurveBall untuned",
+    ),
     config=CurveBallConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims, seeds_for=seeds_for,
     smoke={"problems": ("rosenbrock",), "toy_methods": ("sgd", "curveball"), "toy_seeds": 2, "max_iters": 200,
            "datasets": ("digits",), "batchnorm": ("bn",), "cnn_methods": ("momentum", "curveball"), "epochs": 1,

@@ -190,6 +190,12 @@ def analyze(res: Results) -> list[str]:
 EXPERIMENT = Experiment(
     name="layerwise",
     description="Greedy layerwise learning (Belilovsky et al. 2019), k=1,2,3, vs end-to-end; separability by depth.",
+    paper_setting="CIFAR-10 and ImageNet, VGG-style blocks trained one at a time with auxiliary "
+                  "classifiers of k = 1-3 hidden layers, tens of epochs per block",
+    deviations=(
+        "digits (8x8) and MNIST-1D (CIFAR-10 only when its files are present), narrow blocks and "
+        "a few epochs per block",
+    ),
     config=LayerwiseConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"datasets": ("digits",), "ks": (1, 3), "e2e_ks": (3,), "widths": (8, 8, 16), "downsample": (1,),
            "epochs_per_block": 1, "decay_every": 1, "seeds": 2},

@@ -315,6 +315,13 @@ EXPERIMENT = Experiment(
     name="linear_backprop",
     description="Linear backprop (Yazdani 2018) vs backprop: 5-point sigmoid MLP, VGG-style CNN ReLU/sigmoid, "
                 "binarized VGG-style CNN.",
+    paper_setting="Figure 1: 5 points fitted by a sigmoid MLP; Figure 2: VGG-19 on CIFAR-10, in "
+                  "the section on binary networks",
+    deviations=(
+        "a VGG-style CNN on digits and MNIST-1D (ReLU and sigmoid, no BatchNorm) for a few epochs"
+        " instead of VGG-19 on CIFAR-10",
+        "a binarized VGG-style CNN on digits instead of a binary VGG on CIFAR-10",
+    ),
     config=LinearBackpropConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"n_inits": 3, "points_iters": 40, "datasets": ("digits",), "activations": ("relu",),
            "cnn_channels": (4, 8, 8), "epochs": 1, "binary_epochs": 1, "binary_channels": (4, 8), "binary_hidden": 16,

@@ -373,6 +373,13 @@ EXPERIMENT = Experiment(
     name="luck_matters",
     description="Luck Matters (Tian et al. 2019): teacher-student node specialization, luck, fan-out, pruning, "
                 "BN biases.",
+    paper_setting="teacher-student deep ReLU networks on Gaussian inputs (the authors' teachers "
+                  "and notebooks); BatchNorm biases of trained CIFAR-10 / ImageNet CNNs",
+    deviations=(
+        "shorter training and fewer students than the authors' notebooks",
+        "the BatchNorm-bias reading uses a small CNN trained on digits, not pretrained ImageNet "
+        "networks",
+    ),
     config=LuckConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"multipliers": (1, 2), "train_size": 1000, "test_size": 500, "epochs": 1, "bn_epochs": 1, "seeds": 2,
            "bn_channels": (8, 8, 8), "prune_epochs": 1, "two_layer_steps": 100},

@@ -250,6 +250,12 @@ def analyze(res: Results) -> list[str]:
 EXPERIMENT = Experiment(
     name="msgd",
     description="MSGD (Wu et al. 2020): GD, GLD, SGD and multiplicative-noise GD on n=1000 examples; large batch.",
+    paper_setting="Fashion-MNIST, 1000 training examples, a small CNN, GD / SGD / GLD / MSGD "
+                  "trained to fit; CIFAR-10 as well",
+    deviations=(
+        "digits (MNIST-1D where configured) when Fashion-MNIST's files are absent, the offline "
+        "default; a fixed budget of `steps` updates for every method",
+    ),
     config=MSGDConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"datasets": ("digits",), "methods": ("gd", "sgd", "msgd_cov"), "n_train": 200, "steps": 20, "evals": 2,
            "seeds": 2, "cnn_channels": (4, 8)},

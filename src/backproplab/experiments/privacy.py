@@ -302,6 +302,12 @@ def analyze(res: Results) -> list[str]:
 EXPERIMENT = Experiment(
     name="privacy",
     description="DP-SGD (Opacus) at epsilon 1/3/8, adversarial training, randomized-smoothing certification on digits.",
+    paper_setting="DP-SGD on MNIST and CIFAR-10 (Abadi et al. 2016); PGD adversarial training on "
+                  "MNIST (Madry et al. 2018); randomized smoothing on CIFAR-10 / ImageNet (Cohen "
+                  "et al. 2019)",
+    deviations=(
+        "an MLP on digits (CIFAR-10 when its files are present) for a few epochs",
+    ),
     config=PrivacyConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"epsilons": (1.0, 8.0), "adversarial": ("clean",), "augment_sigmas": (0.0,), "epochs": 1, "seeds": 2,
            "widths": (32,), "cert_examples": 5, "cert_n0": 10, "cert_n": 20, "pgd_steps": 2, "linf_eps": (0.1,),

@@ -340,6 +340,12 @@ def _pool_size(res: Results) -> int:
 EXPERIMENT = Experiment(
     name="rifle",
     description="RIFLE (Li et al. 2020) vs L2, L2-SP, dropout, DropConnect, stochastic depth, DisturbLabel, cyclic LR.",
+    paper_setting="ImageNet-pretrained ResNet-50 fine-tuned on CUB-200-2011, Stanford Cars, "
+                  "Flowers and other target sets",
+    deviations=(
+        "source task digits 0-4, target task digits 5-9 with `per_class` labelled images each, a "
+        "narrow ResNet-18 pretrained here instead of on ImageNet (offline data, 2 CPU cores)",
+    ),
     config=RifleConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"arms": ("l2", "l2_rifle"), "width": 0.0625, "pretrain_epochs": 1, "per_class": 5, "epochs": 3, "times": 1,
            "seeds": 2},

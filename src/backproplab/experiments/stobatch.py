@@ -414,6 +414,13 @@ def analyze(res: Results) -> list[str]:
 EXPERIMENT = Experiment(
     name="stobatch",
     description="StoBatch (Phan et al. 2020) corrected vs paper mode vs DP-SGD+adversarial / +smoothing, audited.",
+    paper_setting="MNIST and CIFAR-10 with the authors' networks and training budgets, at several"
+                  " privacy budgets",
+    deviations=(
+        "digits in [0, 1] and the smaller StoBatchNet for a few epochs",
+        "two modes: paper mode follows the authors' code, the corrected mode the written proof "
+        "(docs/stobatch_privacy.md)",
+    ),
     config=StoBatchExpConfig, arms=arms, run_arm=run_arm, analyze=analyze, claims=claims,
     smoke={"epsilons": (4.0,), "epochs": 1, "dp_epochs": 1, "seeds": 2, "cert_examples": 4, "cert_n": 20,
            "cert_n0": 5, "attack_steps": 1, "attack_sizes": (0.1,), "canaries": 10,
