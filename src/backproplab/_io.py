@@ -97,3 +97,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
     _atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def require(module: str, extra: str, what: str) -> None:
+    """Raise ImportError naming the pip extra when ``module`` (a dependency outside the core install) is
+    missing, before anything uses it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{what} needs the {module} package, which the core install leaves out: "
+                          f"pip install 'backproplab[{extra}]'")

@@ -10,7 +10,7 @@ import math
 import sys
 import time
 
-from . import download, experiments
+from . import __version__, download, experiments
 from .report import build_report
 from .data import DataFormatError, DataNotFoundError
 from .executors import ExecutorSetupError
@@ -35,6 +35,7 @@ def _announce(runs: int) -> None:
 
 def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backproplab", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"backproplab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="experiments with one-line descriptions")
     ls.add_argument("--verbose", "-v", action="store_true", help="also each experiment's claims")
@@ -282,8 +283,18 @@ def _os_refusal(error: BaseException) -> OSError | None:
     return None
 
 
+LAB_PACKAGES = ("sklearn", "matplotlib", "mnist1d", "opacus", "threadpoolctl", "filelock")
+
+
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    import importlib.util
+
+    missing = [m for m in LAB_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing and argv[:1] != ["--version"] and argv[:2] != ["data", "get"]:
+        print(f"backproplab: error: the lab needs {', '.join(missing)}, which the core install leaves out: "
+              "pip install 'backproplab[lab]'", file=sys.stderr)
+        return 2
     run_name = argv[1] if len(argv) > 1 and argv[0] in ("run", "sweep") and not argv[1].startswith("-") else None
     args = _parser(run_name).parse_args(argv)
     try:

@@ -164,6 +164,7 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
 @register_dataset("digits")
 def digits(seed: int = 0, root: Path | None = None, test_fraction: float = 0.2, unit_range: bool = False) -> Data:
     """``unit_range=True`` keeps pixels in [0, 1] (for methods whose sensitivity bounds assume it)."""
+    _io.require("sklearn", "lab", "the digits dataset (scikit-learn's)")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -181,6 +182,7 @@ def mnist1d(seed: int = 0, root: Path | None = None, num_samples: int = 5000, ge
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
     else:
+        _io.require("mnist1d", "lab", "the MNIST-1D dataset")
         from mnist1d.data import get_dataset_args, make_dataset
 
         args = get_dataset_args()

@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _io
 from ..train import TrainConfig, TrainState, loss_step
 from .ghost_clipping import GhostClipping
 
@@ -351,6 +352,7 @@ class DPSGD:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int, steps: int,
                  config: DPConfig, per_example_args: Mapping[nn.Module | type, Sequence[int]] | None = None):
+        _io.require("opacus", "dp", "DP-SGD (its accountant and per-example gradients)")
         import torch.distributed as dist
         from opacus import GradSampleModule
         from opacus.accountants import PRVAccountant, RDPAccountant

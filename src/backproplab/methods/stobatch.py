@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _io
 from ..train import loss_step
 
 LN2 = math.log(2.0)
@@ -285,6 +286,7 @@ class StoBatch:
     """
 
     def __init__(self, model: StoBatchNet, n: int, config: StoBatchConfig):
+        _io.require("opacus", "dp", "StoBatch (its privacy accountant)")
         self.model, self.config = model, config
         self.batches = disjoint_batches(n, config.batch, config.seed)
         if config.paper_compat:
