@@ -76,3 +76,26 @@ def test_the_code_hash_follows_the_source_files(tmp_path, monkeypatch):
     finally:
         provenance.code_hash.cache_clear()
     assert same == original and changed != same  # the copy hashes as the package itself; one edit changes it
+
+
+def test_the_commit_is_the_checkouts_and_a_copy_inside_another_repository_gets_none(tmp_path, monkeypatch):
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(provenance.PACKAGE), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    provenance.git_commit.cache_clear()
+    try:
+        assert provenance.git_commit().split("+")[0] == head
+        repo = tmp_path / "project"  # a user's repository with an installed copy of the package in it
+        copy = repo / ".venv" / "site-packages" / "backproplab"
+        shutil.copytree(provenance.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        (repo / "README").write_text("x")
+        subprocess.run(["git", "-C", str(repo), "add", "README"], check=True)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "x"],
+                       check=True)
+        monkeypatch.setattr(provenance, "PACKAGE", copy)
+        provenance.git_commit.cache_clear()
+        assert provenance.git_commit() is None
+    finally:
+        provenance.git_commit.cache_clear()

@@ -39,9 +39,13 @@ def code_hash() -> str:
 def git_commit() -> str | None:
     """The commit of the git checkout holding the package (``+dirty`` if its sources changed), or None."""
     try:
+        # the package's own files must be tracked there: an installed copy inside some other repository (a
+        # virtualenv in a user's project, say) would otherwise be credited to that project's commit
+        tracked = subprocess.run(["git", "-C", str(PACKAGE), "ls-files", "--error-unmatch", "__init__.py"],
+                                 capture_output=True, text=True, timeout=10)
         head = subprocess.run(["git", "-C", str(PACKAGE), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
-        if head.returncode != 0:
+        if tracked.returncode != 0 or head.returncode != 0:
             return None
         dirty = subprocess.run(["git", "-C", str(PACKAGE), "status", "--porcelain", "--", "."], capture_output=True,
                                text=True, timeout=10)
