@@ -114,3 +114,20 @@ def test_an_msgd_weighting_for_another_n_fails_with_a_clear_message():
     with pytest.raises(ValueError, match="built for n=500 examples but the training set has 100"):
         fit(model, data, TrainConfig(optimizer="gd", max_steps=1),
             step=msgd.weighted_gradient_step(msgd.MSGDCov(500, 50)))
+
+
+def test_every_docstring_example_runs(tmp_path, monkeypatch):
+    """The Example blocks of the public docstrings run as written (doctest), in a scratch folder."""
+    import doctest
+    import pkgutil
+
+    monkeypatch.chdir(tmp_path)
+    attempted, failed = 0, []
+    for info in pkgutil.walk_packages(backproplab.__path__, "backproplab."):
+        if info.name.endswith("__main__"):
+            continue
+        result = doctest.testmod(importlib.import_module(info.name), optionflags=doctest.ELLIPSIS, report=False)
+        attempted += result.attempted
+        failed += [info.name] * result.failed
+    assert not failed, f"docstring examples fail in {sorted(set(failed))}"
+    assert attempted >= 20  # the examples exist (PrivacyEngine's, DPSGD's, StoBatch's, ...)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backproplab.data import load_dataset
@@ -174,3 +175,40 @@ def test_trainer_takes_a_list_of_blocks_and_leaves_every_parameter_trainable(dig
         GreedyLayerwiseTrainer(blocks, cfg)
     with pytest.raises(ValueError, match="one auxiliary classifier per block"):
         GreedyLayerwiseTrainer(blocks, cfg, aux=heads[:1])
+
+
+def test_trainer_takes_a_dataloader_and_trains_as_a_hand_written_greedy_loop(digits):
+    """GreedyLayerwiseTrainer.train(loader, eval_data=...) (it failed on a DataLoader: no x_test) equals the
+    greedy loop written by hand over the same batches: block j and its head by SGD on CE(aux_j(block_j(prefix
+    (x)))), the prefix frozen in eval mode; each record's accuracy is that of the truncated net on eval_data."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from backproplab.train import cross_entropy, evaluate
+
+    cfg = TrainConfig(optimizer="sgd", lr=0.2, momentum=0.0, epochs=2, batch_size=50)
+    torch.manual_seed(0)
+    model = LayerwiseCNN(digits.input_shape, 10, widths=(8, 16), downsample=(1,), k=1)
+    reference = copy.deepcopy(model)
+    loader = DataLoader(TensorDataset(digits.x_train, digits.y_train), batch_size=50)
+    test = DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=100)
+    records = GreedyLayerwiseTrainer(model, cfg).train(loader, eval_data=test)
+
+    for j in range(2):
+        for b in reference.blocks[:j]:
+            b.requires_grad_(False).eval()
+        params = [*reference.blocks[j].parameters(), *reference.aux[j].parameters()]
+        opt = torch.optim.SGD(params, lr=0.2)
+        for x, y in [batch for _ in range(2) for batch in loader]:
+            h = x
+            for b in reference.blocks[:j]:
+                h = b(h)
+            opt.zero_grad()
+            F.cross_entropy(reference.aux[j](reference.blocks[j](h)), y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for j, record in enumerate(records):
+        expected = evaluate(model.truncated(j + 1), digits.x_test, digits.y_test, cross_entropy)
+        assert record["depth"] == j + 1 and record["test_acc"] == pytest.approx(expected["acc"], abs=1e-12)
+    assert records[-1]["test_acc"] > 0.5
+    assert "test_acc" not in GreedyLayerwiseTrainer(copy.deepcopy(reference), cfg).train(loader)[0]

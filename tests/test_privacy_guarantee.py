@@ -425,11 +425,26 @@ def test_secure_mode_run_writes_no_secret_state_into_its_checkpoint(tmp_path):
     assert rows[-1]["noise_source"].startswith("operating-system CSPRNG")
 
 
-def test_secure_mode_with_the_opacus_engine_is_refused():
-    model = nn.Linear(5, 3)
-    with pytest.raises(PrivacyError, match="Mersenne"):
-        privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=24, batch_size=8, steps=4,
-                      config=privacy.DPConfig(noise_multiplier=1.0, secure_mode=True, engine="opacus"))
+def test_secure_mode_with_the_opacus_engine_draws_its_noise_from_the_csprng(monkeypatch):
+    """Opacus's own secure mode draws from torch's Mersenne Twister; ours replaces its noise by the stream's, so
+    with engine="opacus" every noise value of a step comes from os.urandom (16 bytes per Box-Muller pair, two
+    pairs per value) and two runs after the same torch seed end apart."""
+    asked = []
+    real = privacy._random_bytes
+    monkeypatch.setattr(privacy, "_random_bytes", lambda k: asked.append(k) or real(k))
+
+    def run():
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)
+        dp = privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=24, batch_size=8, steps=4,
+                           config=privacy.DPConfig(noise_multiplier=1.0, secure_mode=True, engine="opacus"))
+        _fit(dp, _data(), steps=1)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), dp
+
+    a, dp = run()
+    assert sum(asked) == 16 * 2 * a.numel() and dp.noise.generator is None
+    b, _ = run()
+    assert not torch.equal(a, b)
 
 
 # ---------------------------------------------------------------- clear errors

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..data import Data
-from ..train import TrainConfig, cross_entropy, evaluate, fit, seed_everything
+from ..train import TrainConfig, cross_entropy, evaluate, evaluate_batches, fit, seed_everything
 
 
 def pixel_unshuffle_order(channels: int, dims: int = 2) -> Tensor:
@@ -215,7 +215,9 @@ class GreedyLayerwiseTrainer:
             raise TypeError("aux= is for a list of blocks; a BlockStack has its own auxiliary classifiers")
         self.model, self.config, self.cache_prefix, self.callbacks = model, config, cache_prefix, callbacks
 
-    def train_stage(self, j: int, data: Data, out_dir=None, resume: bool = True) -> list[dict]:
+    def train_stage(self, j: int, data: Data | Iterable, out_dir=None, resume: bool = True,
+                    eval_data: Iterable | None = None) -> list[dict]:
+        """Train block j (and its auxiliary classifier) with blocks 1..j-1 frozen, by ``fit``."""
         m = self.model
         for b in m.blocks[:j]:
             b.requires_grad_(False)
@@ -223,26 +225,35 @@ class GreedyLayerwiseTrainer:
             for p in b.parameters():
                 p.grad = None
         prefix = nn.Sequential(*m.blocks[:j]) if j else None
-        if self.cache_prefix and prefix is not None:
+        if self.cache_prefix and prefix is not None and isinstance(data, Data):
             stage = _Stage(None, m.blocks[j], m.aux[j])
             data = replace(data, x_train=_features(prefix, data.x_train), x_test=_features(prefix, data.x_test))
         else:
             stage = _Stage(prefix, m.blocks[j], m.aux[j])
         return fit(stage, data, replace(self.config, seed=self.config.seed + j), callbacks=self.callbacks,
-                   out_dir=out_dir, resume=resume)
+                   out_dir=out_dir, resume=resume, eval_data=eval_data)
 
-    def train(self, data: Data, out_dir=None, resume: bool = True) -> list[dict]:
-        """All stages; returns one record per depth: test accuracy of the truncated network after stage j."""
+    def train(self, data: Data | Iterable, out_dir=None, resume: bool = True,
+              eval_data: Iterable | None = None) -> list[dict]:
+        """All stages; returns one record per depth: test accuracy of the truncated network after stage j.
+
+        ``data``: a :class:`Data` (evaluated on its test split), or any iterable of ``(x, y)`` batches such as a
+        ``DataLoader`` with ``eval_data=`` the batches to evaluate on (without it, a record has the training loss
+        only). With batches the frozen prefix is recomputed for every batch (``cache_prefix`` needs a ``Data``)."""
+        in_memory = isinstance(data, Data)
         records = []
         try:
             for j in range(len(self.model.blocks)):
                 stage_dir = Path(out_dir) / f"block{j + 1}" if out_dir is not None else None
-                history = self.train_stage(j, data, stage_dir, resume)
+                history = self.train_stage(j, data, stage_dir, resume, eval_data=None if in_memory else eval_data)
                 net = self.model.truncated(j + 1)
                 device = next(net.parameters()).device
-                test = evaluate(net, data.x_test.to(device), data.y_test.to(device), cross_entropy)
-                records.append({"depth": j + 1, "stage_train_loss": history[-1]["train_loss"],
-                                "test_acc": test["acc"], "test_loss": test["loss"]})
+                record = {"depth": j + 1, "stage_train_loss": history[-1]["train_loss"]}
+                if in_memory or eval_data is not None:
+                    test = (evaluate(net, data.x_test.to(device), data.y_test.to(device), cross_entropy) if in_memory
+                            else evaluate_batches(net, eval_data, cross_entropy, device=device))
+                    record.update(test_acc=test["acc"], test_loss=test["loss"])
+                records.append(record)
         finally:
             self.model.requires_grad_(True)  # frozen only while a later block trains
             self.model.train()

@@ -357,7 +357,7 @@ class DPSGD:
         from opacus import GradSampleModule
         from opacus.accountants import PRVAccountant, RDPAccountant
         from opacus.accountants.utils import get_noise_multiplier
-        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+        from opacus.optimizers import DPOptimizer
 
         if isinstance(optimizer, DPOptimizer):
             raise TypeError(
@@ -391,10 +391,6 @@ class DPSGD:
         self.engine = "opacus" if isinstance(model, GradSampleModule) else config.engine
         if self.engine not in ENGINES:
             raise ValueError(f"DPConfig.engine must be one of {ENGINES}, got {config.engine!r}")
-        if config.secure_mode and self.engine == "opacus":
-            raise PrivacyError("secure_mode with engine='opacus': Opacus would draw the noise from torch's Mersenne "
-                               "Twister (a seeded generator, not a CSPRNG). Fix: engine='ghost', whose secure mode "
-                               "draws it from the operating system's CSPRNG")
         if self.engine == "ghost":
             self.model = GhostClipping(model, per_example_args=per_example_args)
             self.optimizer = optimizer  # the noise and the scaling happen in our step, before optimizer.step()
@@ -408,22 +404,18 @@ class DPSGD:
             with torch.no_grad():  # every rank starts from rank 0's weights
                 for p in self.model.parameters():
                     dist.broadcast(p, 0)
-        if self.engine == "ghost":
-            pass
-        elif self.world > 1:
-            self.optimizer = DistributedDPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
-                                                    max_grad_norm=config.max_grad_norm,
-                                                    expected_batch_size=batch_size / self.world,
-                                                    secure_mode=config.secure_mode)
-        else:
-            self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
-                                         max_grad_norm=config.max_grad_norm, expected_batch_size=batch_size,
-                                         secure_mode=config.secure_mode)
-        # this rank's sampling stream: its own, so that two ranks' inclusions are independent
-        self.sampler = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.rank) % 2**63)
         # the noise stream (drawn on rank 0 only), shared by both engines: the same seed gives the same noise
         self.noise = GaussianNoise(self.noise_multiplier * config.max_grad_norm,
                                    (torch.initial_seed() * 1_000_003 + 999_983) % 2**63, secure=config.secure_mode)
+        if self.engine == "opacus":  # Opacus's clipping and scaling; its noise drawn from our stream (a CSPRNG in
+            # secure mode: Opacus's own secure mode draws from torch's Mersenne Twister)
+            single, distributed = _stream_optimizers()
+            self.optimizer = (distributed if self.world > 1 else single)(
+                optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                expected_batch_size=batch_size / self.world if self.world > 1 else batch_size)
+            self.optimizer.noise_stream = self.noise
+        # this rank's sampling stream: its own, so that two ranks' inclusions are independent
+        self.sampler = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.rank) % 2**63)
         self.accountants = {"rdp": RDPAccountant(), "prv": PRVAccountant()}
         # what the engine knows: a parameter made trainable, or a layer replaced, after this point is refused
         self._known = {id(p) for p in self._bare.parameters() if p.requires_grad}
@@ -538,12 +530,20 @@ class DPSGD:
         that moves the batch off dimension 0 or mixes examples fails it. Dropout is off during the check (its
         masks differ between the two computations); the random state is restored after."""
         x_all, y_all = state.data.x_train, state.data.y_train
-        dims = {*x_all.shape[1:], *y_all.shape[1:]}
-        k = min(next(k for k in range(3, 10**6) if k not in dims), len(x_all))
+        k = self._examples_to_check(x_all.shape, y_all.shape)
         if k < 2:
             return
         idx = torch.linspace(0, len(x_all) - 1, k).round().long().to(x_all.device)
-        x, y = x_all[idx], y_all[idx]
+        self._check_examples_on(x_all[idx], y_all[idx], state.loss_fn)
+
+    @staticmethod
+    def _examples_to_check(x_shape: Sequence[int], y_shape: Sequence[int]) -> int:
+        """The number k of examples :meth:`_check_examples_on` takes: unlike any other dimension of the data."""
+        dims = {*x_shape[1:], *y_shape[1:]}
+        return min(next(k for k in range(3, 10**6) if k not in dims), x_shape[0])
+
+    def _check_examples_on(self, x: Tensor, y: Tensor, loss_fn: Callable) -> None:
+        k = len(x)
         params = [p for p in self._bare.parameters() if p.requires_grad]
         dropouts = [m for m in self._bare.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
         devices = [x.device] if x.device.type == "cuda" else []
@@ -552,12 +552,12 @@ class DPSGD:
                 m.eval()
             try:
                 before = self._buffer_state()
-                together = self._engine_norms(x, y, state.loss_fn, params)
+                together = self._engine_norms(x, y, loss_fn, params)
                 self._check_buffers(before)
                 self.model.disable_hooks()
                 alone = []
                 for i in range(k):
-                    grads = torch.autograd.grad(state.loss_fn(self._bare(x[i:i + 1]), y[i:i + 1]), params,
+                    grads = torch.autograd.grad(loss_fn(self._bare(x[i:i + 1]), y[i:i + 1]), params,
                                                 allow_unused=True)
                     alone.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None)))
             finally:
@@ -647,9 +647,6 @@ class DPSGD:
 
         def step(batch, state: TrainState) -> Tensor:
             self._check_trainable()
-            device = next(self.model.parameters()).device
-            if self.rank == 0:  # Opacus draws from our noise stream (it adds noise on rank 0 only)
-                self.optimizer.generator = self.noise.generator_on(device)
             with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 self._inside_step = True
@@ -725,6 +722,271 @@ class DPSGD:
         return step
 
 
+NOT_FROM_THE_LOADER = (
+    "optimizer.step() must follow exactly one batch drawn from the DataLoader that make_private returned, one "
+    "backward of it, and optimizer.zero_grad() before the next backward: only then is each step one Poisson "
+    "sample, clipped once per example and accounted. Fix: iterate over the returned loader (not the original), "
+    "and per batch call optimizer.zero_grad(); loss.backward(); optimizer.step()")
+
+
+class _ProbeLoss:
+    """A per-example scalar of the model's output that does not need the user's criterion (the examples check
+    at make_private): each example's term is sum_j (w_j out_ij + out_ij^2 / 2), w a fixed ramp."""
+
+    def __call__(self, out: Tensor, _target: Tensor) -> Tensor:
+        w = torch.linspace(-1, 1, out[0].numel(), dtype=out.dtype, device=out.device).view(out.shape[1:])
+        return (out * w + 0.5 * out * out).flatten(1).sum(1).mean()
+
+
+class _EmptyAwareCollate:
+    """The loader's collate function, and for a Poisson sample with no example (probability (1 - q)^n) the
+    collation of one example cut to zero rows, so the loop sees tensors of the right shape and dtype."""
+
+    def __init__(self, collate: Callable, dataset):
+        self.collate, self.dataset = collate, dataset
+
+    def __call__(self, items: list):
+        if items:
+            return self.collate(items)
+        return _cut_to_zero_rows(self.collate([self.dataset[0]]))
+
+
+def _cut_to_zero_rows(batch):
+    if isinstance(batch, Tensor):
+        return batch[:0]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_cut_to_zero_rows(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _cut_to_zero_rows(v) for k, v in batch.items()}
+    return batch
+
+
+def _first_tensor(batch) -> Tensor | None:
+    if isinstance(batch, Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
+class PrivacyEngine:
+    """DP-SGD in the user's own loop over a DataLoader, in Opacus's three calls; the loop stays as it was.
+
+    ``make_private_with_epsilon`` (or ``make_private`` with a noise multiplier) returns the model, the optimizer
+    and a DataLoader to use in place of the originals; ``for x, y in loader: optimizer.zero_grad();
+    criterion(model(x), y).backward(); optimizer.step()`` is then a DP-SGD step (Abadi et al. 2016, Algorithm 1):
+
+    - the loader draws each batch by Poisson sampling of its dataset: every example independently with rate
+      q = B / n (B the original loader's ``batch_size``, n = ``len(dataset)``), ceil(n / B) batches per epoch;
+      its sampler, shuffle and drop_last are replaced, its collate function and workers kept;
+    - the backward keeps each example's gradient g_i (Opacus's ``GradSampleModule``);
+    - ``optimizer.step()`` sets the gradient to (sum_i g_i min(1, C / (||g_i|| + 1e-6)) + N(0, sigma^2 C^2 I)) / B,
+      the noise drawn from the run's stream (the operating system's CSPRNG with ``secure_mode=True``), steps the
+      wrapped optimizer, and accounts one step of the subsampled Gaussian mechanism (q, sigma).
+
+    It is :class:`DPSGD` (the mechanism ``fit`` runs with ``step=dp.step()``) with the loop's three calls in
+    place of ``fit``: for the same n, B, epochs and target epsilon, sigma and every epsilon are fit's, and with
+    the same seed fit (``engine="opacus"``) and this loop train the same weights. The accountant is RDP unless
+    ``accountant="prv"`` (Opacus's default is PRV, which gives a slightly smaller sigma for the same target; both
+    epsilons are reported by :meth:`get_epsilon`). Refused with :class:`PrivacyError`, never run quietly:
+    every layer :func:`check_private` refuses, and a forward that mixes examples (checked at ``make_private`` on
+    a few examples of the dataset); in the loop, a step after no batch or several batches of the returned loader,
+    after a backward of anything else or two backwards, the wrapped optimizer stepped directly, a parameter made
+    trainable later, a buffer written by the forward. Single process: under torchrun train with ``fit``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))), batch_size=16)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> engine = PrivacyEngine()
+        >>> model, optimizer, loader = engine.make_private_with_epsilon(
+        ...     module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        ...     target_epsilon=3.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0)
+        >>> for epoch in range(2):
+        ...     for x, y in loader:
+        ...         optimizer.zero_grad()
+        ...         nn.functional.cross_entropy(model(x), y).backward()
+        ...         optimizer.step()
+        >>> round(engine.get_epsilon(1e-5), 1)
+        3.0
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (Algorithm 1).
+        Yousefpour et al., "Opacus: User-Friendly Differential Privacy Library in PyTorch", 2021.
+    """
+
+    def __init__(self, accountant: str = "rdp", secure_mode: bool = False):
+        self.accountant, self.secure_mode = accountant, secure_mode
+        self.dp: DPSGD | None = None
+        self._drawn: list[int] = []  # sizes of the batches the returned loader gave since the last step
+        self._permit = False  # the wrapped optimizer may step once, inside a checked private step
+
+    def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     data_loader: torch.utils.data.DataLoader, noise_multiplier: float, max_grad_norm: float,
+                     epochs: int = 1, delta: float = 1e-5) -> tuple[nn.Module, torch.optim.Optimizer,
+                                                                     torch.utils.data.DataLoader]:
+        """The three objects for the user's loop, with noise multiplier sigma given (``epochs`` only checks the
+        plan; the accountant counts the steps taken)."""
+        return self._make(module, optimizer, data_loader, epochs,
+                          DPConfig(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta,
+                                   accountant=self.accountant, secure_mode=self.secure_mode, engine="opacus"))
+
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                                  data_loader: torch.utils.data.DataLoader, target_epsilon: float,
+                                  target_delta: float, epochs: int, max_grad_norm: float
+                                  ) -> tuple[nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader]:
+        """The three objects, with sigma the smallest that keeps epsilon <= ``target_epsilon`` at
+        ``target_delta`` after ``epochs * ceil(n / B)`` steps (Opacus's ``get_noise_multiplier``)."""
+        return self._make(module, optimizer, data_loader, epochs,
+                          DPConfig(noise_multiplier=None, target_epsilon=target_epsilon, delta=target_delta,
+                                   max_grad_norm=max_grad_norm, accountant=self.accountant,
+                                   secure_mode=self.secure_mode, engine="opacus"))
+
+    def _make(self, module, optimizer, data_loader, epochs, config):
+        import torch.distributed as dist
+        from torch.utils.data import DataLoader, IterableDataset
+
+        if self.dp is not None:
+            raise RuntimeError("this PrivacyEngine already made a model private (its accountant counts that "
+                               "model's steps): make a new PrivacyEngine() for another")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise PrivacyError("PrivacyEngine's loop is single-process; under torchrun train with "
+                               "fit(dp.model, data, cfg, optimizer=dp.optimizer, step=dp.step(), callbacks=[dp]), "
+                               "which samples each rank's share and adds the noise once")
+        if not isinstance(data_loader, DataLoader):
+            raise TypeError(f"data_loader must be a torch.utils.data.DataLoader, got {type(data_loader).__name__}")
+        dataset = data_loader.dataset
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise PrivacyError("Poisson sampling draws the examples of a map-style dataset by index; "
+                               f"{type(dataset).__name__} is iterable-only. Fix: a Dataset with __len__ and "
+                               "__getitem__ (e.g. TensorDataset)")
+        batch_size = data_loader.batch_size
+        if batch_size is None:
+            raise ValueError("the DataLoader has no batch_size (a custom batch_sampler): the expected size B of "
+                             "the Poisson batches is its batch_size. Fix: DataLoader(dataset, batch_size=B)")
+        if not (isinstance(epochs, int) and epochs >= 1):
+            raise ValueError(f"epochs={epochs!r}: the planned number of epochs must be an integer >= 1")
+        n = len(dataset)
+        steps_per_epoch = math.ceil(n / batch_size) if n else 1
+        dp = DPSGD(module, optimizer, n=n, batch_size=batch_size, steps=epochs * steps_per_epoch, config=config)
+        # Opacus's hooks on the first layer, whose input needs no gradient, make torch warn at every backward of
+        # the user's loop; harmless (the per-example gradients are complete), so silenced, by its exact words
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs since no inputs require gradients")
+        self._check_examples(dp, dataset, data_loader.collate_fn)
+        dp.optimizer.attach_step_hook(self._step_hook)  # replaces DPSGD's fit-loop guard
+        optimizer.register_step_pre_hook(self._refuse_direct_step)
+        self._buffers = dp._buffer_state()
+        self.dp = dp
+        loader = _PoissonDataLoader(dataset, _PoissonBatches(dp, steps_per_epoch), self._drawn.append, data_loader)
+        return dp.model, dp.optimizer, loader
+
+    @staticmethod
+    def _check_examples(dp: DPSGD, dataset, collate: Callable) -> None:
+        """DPSGD's examples check on k examples of the dataset, with a probe loss in place of the criterion."""
+        first = collate([dataset[0]])
+        if not (isinstance(first, (tuple, list)) and first and isinstance(first[0], Tensor)):
+            raise TypeError("make_private needs batches (inputs, targets, ...) whose first element is the model's "
+                            f"input tensor; this loader gives {type(first).__name__}")
+        target = first[1] if len(first) > 1 and isinstance(first[1], Tensor) else first[0]
+        n = len(dataset)
+        k = DPSGD._examples_to_check((n, *first[0].shape[1:]), (n, *target.shape[1:]))
+        if k < 2:
+            return
+        batch = collate([dataset[int(i)] for i in torch.linspace(0, n - 1, k).round().long()])
+        device = next(iter(dp.model.parameters()), torch.empty(0)).device
+        dp._check_examples_on(batch[0].to(device), batch[0][:0], _ProbeLoss())
+
+    def _refuse_direct_step(self, *_) -> None:
+        if not self._permit:
+            raise PrivacyError("the optimizer given to make_private was stepped directly: its gradients are the "
+                               "plain batch gradient (unclipped, un-noised) and nothing is accounted. Fix: call "
+                               "step() on the optimizer make_private returned")
+        self._permit = False
+
+    def _step_hook(self, optim) -> None:
+        """Runs inside the returned optimizer's step after clipping, noise and scaling, before the parameters
+        move: the checks of the loop, then one accounted step."""
+        dp = self.dp
+        drawn = list(self._drawn)
+        self._drawn.clear()
+        if len(drawn) != 1:
+            raise PrivacyError(f"{len(drawn)} batches were drawn from the private loader since the last step. "
+                               + NOT_FROM_THE_LOADER)
+        if optim.accumulated_iterations != 1:
+            raise PrivacyError(f"{optim.accumulated_iterations} backward passes were kept since the last step. "
+                               + NOT_FROM_THE_LOADER)
+        found = len(optim.grad_samples[0]) if optim.grad_samples else drawn[0]
+        if found != drawn[0]:
+            raise PrivacyError(f"the backward saw {found} examples but the private loader's batch had {drawn[0]}: "
+                               "the loss was of data the loader did not draw. " + NOT_FROM_THE_LOADER)
+        dp._check_trainable()
+        dp._check_buffers(self._buffers)
+        dp._account()
+        self._permit = True
+
+    def get_epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
+        """epsilon spent so far at ``delta`` (default: the one given to make_private), by the engine's
+        accountant (``"rdp"`` unless set) or the one named."""
+        if self.dp is None:
+            return 0.0
+        acc = self.dp.accountants[accountant or self.accountant]
+        if not acc.history:
+            return 0.0
+        if self.dp.noise_multiplier == 0:
+            return math.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(acc.get_epsilon(self.dp.config.delta if delta is None else delta))
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.dp.noise_multiplier if self.dp is not None else math.nan
+
+    def state_dict(self) -> dict:
+        """The accountants, the Poisson sampler's and the noise's state (none in secure mode): save it with the
+        model's and optimizer's to resume with the right epsilon."""
+        return self.dp.state_dict() if self.dp is not None else {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.dp.load_state_dict(sd)
+
+
+class _PoissonBatches(torch.utils.data.Sampler):
+    """ceil(n / B) Poisson samples per epoch, drawn by :meth:`DPSGD.poisson_batch` (the stream fit draws from)."""
+
+    def __init__(self, dp: DPSGD, steps_per_epoch: int):
+        self.dp, self.steps_per_epoch = dp, steps_per_epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self):
+        for _ in range(self.steps_per_epoch):
+            yield self.dp.poisson_batch("cpu").tolist()
+
+
+class _PoissonDataLoader(torch.utils.data.DataLoader):
+    """The user's DataLoader with Poisson batches; it tells the engine the size of each batch it hands out."""
+
+    def __init__(self, dataset, batches: _PoissonBatches, on_batch: Callable[[int], None],
+                 like: torch.utils.data.DataLoader):
+        super().__init__(dataset, batch_sampler=batches, collate_fn=_EmptyAwareCollate(like.collate_fn, dataset),
+                         num_workers=like.num_workers, pin_memory=like.pin_memory, timeout=like.timeout,
+                         worker_init_fn=like.worker_init_fn, multiprocessing_context=like.multiprocessing_context,
+                         generator=like.generator, persistent_workers=like.persistent_workers,
+                         prefetch_factor=like.prefetch_factor if like.num_workers > 0 else None)
+        self._on_batch = on_batch
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            first = _first_tensor(batch)
+            self._on_batch(len(first) if first is not None else 0)
+            yield batch
+
+
 def _check_settings(n: int, batch_size: int, steps: int, config: DPConfig) -> None:
     """Refuse settings the accountant or the sampler cannot honour, naming the value (before anything runs)."""
     def bad(what: str, value, need: str) -> ValueError:
@@ -752,3 +1014,31 @@ def _check_settings(n: int, batch_size: int, steps: int, config: DPConfig) -> No
 
 def planned_steps(cfg: TrainConfig, n: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(n / cfg.batch_size)
+
+
+_STREAM_OPTIMIZERS: tuple[type, type] | None = None
+
+
+def _stream_optimizers() -> tuple[type, type]:
+    """Opacus's ``DPOptimizer`` and ``DistributedDPOptimizer`` with the noise drawn from a :class:`GaussianNoise`
+    (``optimizer.noise_stream``): the same draws as Opacus's non-secure noise from a seeded generator, and the
+    operating system's CSPRNG in secure mode. Made on first use: Opacus is the ``dp`` extra, imported late."""
+    global _STREAM_OPTIMIZERS
+    if _STREAM_OPTIMIZERS is None:
+        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        class StreamDPOptimizer(DPOptimizer):
+            noise_stream: GaussianNoise
+
+            def add_noise(self) -> None:  # Opacus's add_noise, one draw per parameter in order, from our stream
+                for p in self.params:
+                    _check_processed_flag(p.summed_grad)
+                    p.grad = (p.summed_grad + self.noise_stream.draw_one(p.summed_grad)).view_as(p)
+                    _mark_as_processed(p.summed_grad)
+
+        class StreamDistributedDPOptimizer(DistributedDPOptimizer, StreamDPOptimizer):
+            """Rank 0 adds the stream's noise (DistributedDPOptimizer.add_noise calls StreamDPOptimizer's)."""
+
+        _STREAM_OPTIMIZERS = (StreamDPOptimizer, StreamDistributedDPOptimizer)
+    return _STREAM_OPTIMIZERS
