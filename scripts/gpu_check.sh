@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the CUDA-marked tests, every benchmark on the GPU, and one full-scale
-# experiment under the Ray executor (one run per GPU share); writes docs/results/gpu.md with what ran and
-# how long it took. Usage: scripts/gpu_check.sh [EXPERIMENT] (default: curveball)
+# On a machine with a CUDA GPU: the CUDA-marked tests, every benchmark on the GPU, one full-scale
+# experiment under the Ray executor (one run per GPU share), and each experiment's --scale paper config (the
+# paper's dataset, model and budget; fetch the data first with `backproplab data get NAME`); writes
+# docs/results/gpu.md with what ran and how long it took.
+# Usage: scripts/gpu_check.sh [EXPERIMENT] (default: curveball); PAPER=0 skips the paper-scale runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -32,5 +34,11 @@ for bench in benchmarks/bench_*.py; do
 done
 step "full-scale $EXP on Ray, half a GPU per run" .venv/bin/backproplab run "$EXP" --executor ray \
     --gpus-per-run 0.5 --cpus-per-run 2 --out results_gpu --no-progress
+if [ "${PAPER:-1}" = 1 ]; then
+    for exp in $("$PY" -c "from backproplab import experiments; print(' '.join(experiments.paper_scale_names()))"); do
+        step "paper-scale $exp on the GPU" .venv/bin/backproplab run "$exp" --scale paper --device cuda \
+            --out results_paper --no-progress
+    done
+fi
 mv "$log" "$OUT"
 echo "gpu_check: wrote $OUT"

@@ -170,3 +170,28 @@ def test_report_renders_in_a_browser_with_the_claims_table_first(smoke, tmp_path
     assert shot.exists() and shot.stat().st_size > 10_000
     (Path(os.environ.get("BACKPROPLAB_SCREENSHOT_DIR", tmp_path)) / "report_first_screen.png").write_bytes(
         shot.read_bytes())
+
+
+PAPER_DATA = {"curveball": "cifar10", "msgd": "fashion_mnist", "linear_backprop": "cifar10", "stobatch": "mnist"}
+
+
+def test_paper_scale_configs_are_listed_validated_here_and_stop_before_training_without_the_files(tmp_path, capsys):
+    """--scale paper (for a GPU): each config builds and validates here, names the paper's dataset, is listed
+    by `run NAME --help` with what still differs; without the files the run stops before anything trains,
+    naming `backproplab data get`, and leaves no run folder; an experiment without one says which have one."""
+    assert sorted(experiments.paper_scale_names()) == sorted(PAPER_DATA)
+    for name, dataset in PAPER_DATA.items():
+        exp = experiments.get(name)
+        cfg = experiments.make_config(exp, scale="paper")
+        assert (getattr(cfg, "datasets", None) or (cfg.dataset,)) == (dataset,)
+        assert exp.paper_gaps and experiments.make_config(exp).__dict__ != cfg.__dict__
+        with pytest.raises(SystemExit):
+            main(["run", name, "--help"])
+        assert f"sets {'datasets' if hasattr(cfg, 'datasets') else 'dataset'}={dataset}" in capsys.readouterr().out
+        out = tmp_path / name
+        assert main(["run", name, "--scale", "paper", "--seeds", "1", "--out", str(out), "--no-progress",
+                     "--set", f"data_root={tmp_path / 'nothing'}"]) == 2
+        assert f"backproplab data get {dataset}" in capsys.readouterr().err
+        assert not out.exists() or not any(out.rglob("config.json"))
+    with pytest.raises(experiments.ConfigError, match="has no paper scale.*curveball"):
+        experiments.make_config(experiments.get("rifle"), scale="paper")

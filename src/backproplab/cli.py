@@ -58,7 +58,9 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--scale", choices=experiments.SCALES, help="smoke (seconds, for tests), quick (all "
-                        "experiments in 15 minutes on 2 CPU cores) or full (settles the claims; the default)")
+                        "experiments in 15 minutes on 2 CPU cores), full (settles the claims; the default) or paper "
+                        "(the paper's dataset, model and budget where the config can express them, for a GPU; "
+                        "`run NAME --help` lists them)")
         sp.add_argument("--quick", action="store_true", help="the same as --scale quick")
         sp.add_argument("--seeds", type=int, help="number of seeds (0..N-1; checked with the config: 1 to "
                         f"{experiments.MAX_SEEDS})")
@@ -97,7 +99,8 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
             epilog = str(e)
         else:
             epilog = (f"config keys of {exp.name!r} for --set KEY=VALUE (name, type, full-scale default: "
-                      f"meaning):\n{experiments.describe_fields(exp.config)}")
+                      f"meaning):\n{experiments.describe_fields(exp.config)}\n\n"
+                      f"{experiments.describe_paper_scale(exp)}")
     r = sub.add_parser("run", help="run one experiment", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("name")
@@ -325,6 +328,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.quick and args.scale not in (None, "quick"):
             raise experiments.ConfigError(f"--quick and --scale {args.scale} contradict each other")
         scale = args.scale or ("quick" if args.quick else "full")
+        if args.command == "reproduce" and scale == "paper":  # the experiments that have a paper scale
+            todo = [e for e in todo if e.paper]
         # validate every config before any training starts
         configs = [(e, experiments.make_config(e, overrides, scale=scale, seeds=args.seeds, device=args.device,
                                                log=args.log)) for e in todo]

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .. import _io
 from ..evidence import Claim, Verdict, judge_all
 
-SCALES = ("smoke", "quick", "full")
+SCALES = ("smoke", "quick", "full", "paper")
 FLOAT32_MAX = 3.0e38
 NOT_IDENTITY = ("seeds", "device", "checkpoint_every", "log")
 
@@ -197,6 +197,10 @@ class Experiment:
     load_trained: Callable[[Any, Any, Path], tuple] | None = None  # (model, data, sigma) for `certify`
     paper_setting: str = ""  # the papers' data, model and budget, as they ran the claims judged here
     deviations: tuple[str, ...] = ()  # how this lab's setting differs from the paper's, and why
+    # ``--scale paper`` (for a GPU): the config overrides that put the paper's dataset, model and budget where
+    # the config can express them, and what of the paper's setting it still cannot (said by --help and the run)
+    paper: dict[str, Any] = dataclasses.field(default_factory=dict)
+    paper_gaps: tuple[str, ...] = ()
 
     def seeds_of(self, cfg: Any) -> Callable[[Any], int]:
         return (lambda arm: self.seeds_for(cfg, arm)) if self.seeds_for else (lambda arm: cfg.seeds)
@@ -325,6 +329,21 @@ def describe_fields(config_cls: type) -> str:
                      for f in dataclasses.fields(config_cls))
 
 
+def paper_scale_names() -> list[str]:
+    """The experiments with a ``--scale paper`` config."""
+    return [exp.name for exp in all_experiments() if exp.paper]
+
+
+def describe_paper_scale(exp: Experiment) -> str:
+    """``--scale paper`` for ``--help``: the overrides, the datasets to fetch first, and the gaps left."""
+    if not exp.paper:
+        return f"--scale paper: none for {exp.name!r} (with one: {', '.join(paper_scale_names())})"
+    sets = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in exp.paper.items())
+    lines = [f"--scale paper (the paper's setting, for a GPU: {exp.paper_setting}):", f"  sets {sets}"]
+    lines += [f"  still differs: {gap}" for gap in exp.paper_gaps]
+    return "\n".join(lines)
+
+
 def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (), quick: bool = False,
                 scale: str | None = None, **typed: Any) -> Any:
     """The experiment's config: defaults, then the scale's overrides (``quick=True`` means scale quick),
@@ -345,7 +364,11 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
         overrides = pairs
     hints = typing.get_type_hints(exp.config)
     valid = {f.name for f in dataclasses.fields(exp.config)}
-    values: dict[str, Any] = {"smoke": dict(exp.smoke), "quick": dict(exp.quick), "full": {}}[scale]
+    if scale == "paper" and not exp.paper:
+        raise ConfigError(f"experiment {exp.name!r} has no paper scale (its paper's setting is its full scale or "
+                          f"not expressible here); experiments with one: {', '.join(paper_scale_names())}")
+    values: dict[str, Any] = {"smoke": dict(exp.smoke), "quick": dict(exp.quick), "full": {},
+                              "paper": dict(exp.paper)}[scale]
     values.update({k: v for k, v in typed.items() if v is not None})
     for key, raw in overrides.items():
         if key not in valid:
@@ -710,6 +733,19 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
     return finish(exp, cfg, out, scale)
 
 
+def check_data_present(cfg: Any) -> None:
+    """Every dataset the config names that lives in files (``backproplab data get`` fetches it) is there: a
+    missing one raises :class:`~backproplab.data.DataNotFoundError` naming the file and the command before
+    anything trains (a paper-scale CurveBall run would otherwise find out after its toy problems)."""
+    from ..data import load_dataset
+    from ..download import SOURCES
+
+    names = [*getattr(cfg, "datasets", ()), *([cfg.dataset] if isinstance(getattr(cfg, "dataset", None), str) else [])]
+    for name in dict.fromkeys(names):
+        if name in SOURCES:
+            load_dataset(name, root=getattr(cfg, "data_root", "") or None)
+
+
 def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, overwrite: bool = False) -> None:
     """Raise :class:`ConfigError` if ``out`` cannot hold results, or results of another config stand where this
     one would write."""
@@ -719,6 +755,7 @@ def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, o
         raise ConfigError(f"--out {out}: is a file, not a folder; name a folder for the results")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: {existing} is not writable; name a folder you can write to")
+    check_data_present(cfg)
     record, seeds_of = identity(cfg), exp.seeds_of(cfg)
     for arm in exp.arms(cfg):
         for seed in range(seeds_of(arm)):

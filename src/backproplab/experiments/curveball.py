@@ -583,6 +583,10 @@ EXPERIMENT = Experiment(
            "datasets": ("digits",), "batchnorm": ("bn",), "cnn_methods": ("momentum", "curveball"), "epochs": 1,
            "seeds": 2},
     quick={"toy_seeds": 6, "max_iters": 1500, "epochs": 3, "seeds": 3, "datasets": ("digits",)},
+    paper={"datasets": ("cifar10",), "batchnorm": ("nobn", "bn")},
+    paper_gaps=("the CNN is this library's basic CNN (build_model('cnn')), not the paper's exact network; its "
+                "ResNets and ImageNet (VGG-f, ResNet) are not in this config",
+                "epochs and batch size are this experiment's full-scale ones, tuned for every method alike"),
     table_metrics=("iterations", "forward_passes", "final_loss", "test_acc", "train_loss_curve_mean", "wall_time",
                    "time_to_target", "lr"),
 )

@@ -260,5 +260,8 @@ EXPERIMENT = Experiment(
     smoke={"datasets": ("digits",), "methods": ("gd", "sgd", "msgd_cov"), "n_train": 200, "steps": 20, "evals": 2,
            "seeds": 2, "cnn_channels": (4, 8)},
     quick={"datasets": ("digits",), "steps": 200, "seeds": 3, "evals": 10},
+    paper={"datasets": ("fashion_mnist",), "n_train": 1000, "model": "wu_cnn"},
+    paper_gaps=("the paper's CIFAR-10 runs: add --set datasets=fashion_mnist,cifar10",
+                "a fixed budget of `steps` updates for every method, not training to a fitting criterion"),
     table_metrics=("test_acc", "test_loss", "train_full_acc", "train_full_loss"),
 )

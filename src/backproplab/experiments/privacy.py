@@ -276,7 +276,8 @@ def analyze(res: Results) -> list[str]:
                                                    f"{mean(arm, 'noise_multiplier'):.2f} (noise from "
                                                    f"{finals[arm][0].get('noise_source', '?')}; sigma chosen by "
                                                    f"the {finals[arm][0].get('accountant_for_target') or 'given'} "
-                                                   "accountant)")
+                                                   "accountant; Opacus's default is PRV, which picks a "
+                                                   "smaller sigma for the same target)")
             verdict.append(f"privacy-utility: {p} clean accuracy {100 * accs.mean():.1f}% (sd "
                            f"{100 * accs.std():.1f}){spent}.")
     mid = cfg.linf_eps[len(cfg.linf_eps) // 2]
