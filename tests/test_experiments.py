@@ -195,3 +195,33 @@ def test_paper_scale_configs_are_listed_validated_here_and_stop_before_training_
         assert not out.exists() or not any(out.rglob("config.json"))
     with pytest.raises(experiments.ConfigError, match="has no paper scale.*curveball"):
         experiments.make_config(experiments.get("rifle"), scale="paper")
+
+
+def test_the_smoke_report_says_its_verdicts_are_not_evidence_and_lists_contradicted_claims_last(smoke):
+    page = (smoke / "report.html").read_text()
+    assert "id='banner-smoke'" in page and "not evidence" in page and "id='banner-quick'" not in page
+    assert page.index("id='banner-smoke'") < page.index("id='claims-table'")
+    table = page[page.index("id='claims-table'"):page.index("</table>", page.index("id='claims-table'"))]
+    outcomes = re.findall(r"<tr class='(reproduced|inconclusive|contradicted)'>", table)
+    order = {"reproduced": 0, "inconclusive": 1, "contradicted": 2}
+    assert outcomes and [order[o] for o in outcomes] == sorted(order[o] for o in outcomes)
+
+
+def test_saved_figures_are_wide_and_no_text_is_below_eight_points(tmp_path):
+    """Every figure is written at 150 dpi (a default panel is 750 px wide) and any smaller text (a legend at
+    5 pt, tick labels) is raised to 8 pt before saving."""
+    import struct
+
+    from backproplab import plots
+
+    fig, axes = plots.subplots(1, 1)
+    axes[0][0].plot([0, 1], [0, 1], label="an arm")
+    axes[0][0].legend(fontsize=5)
+    axes[0][0].tick_params(labelsize=4)
+    png = plots.save(fig, tmp_path / "f.png")
+    width, height = struct.unpack(">II", png.read_bytes()[16:24])
+    assert (width, height) == (750, 555)
+    import matplotlib.text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+    assert sizes and min(sizes) >= 8

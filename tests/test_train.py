@@ -267,6 +267,17 @@ def test_progress_prints_one_line_per_evaluation(digits, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_lines_name_the_run_and_go_above_a_progress_bar(digits, capsys, tmp_path, monkeypatch):
+    """An experiment's evaluation line names its arm and seed (the run folder) and is written by tqdm.write,
+    which clears and redraws any open bar instead of printing over it."""
+    import tqdm
+
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, **kw: written.append(s)))
+    fit(_model(digits), digits, TrainConfig(lr=0.1, epochs=1), progress=True, out_dir=tmp_path / "sgd-lr0.1" / "seed3")
+    assert len(written) == 1 and written[0].startswith("sgd-lr0.1 seed3: epoch 1.00")
+
+
 def test_metrics_file_is_appended_per_evaluation(tmp_path, digits):
     """Each evaluation adds a line to the same file (not a rewrite of the whole history)."""
     import os

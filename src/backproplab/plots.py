@@ -71,18 +71,26 @@ def curves(ax, runs_by_label: dict[str, Sequence[list[dict]]], metric: str, x: s
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if legend and values:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
+
+
+DPI = 150  # a 5-inch panel is 750 px wide: legible in the report at its full width
+MIN_FONT = 8.0  # points: 17 px at DPI; no legend, tick or label in a saved figure is smaller
 
 
 def save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at :data:`DPI`, every text at least :data:`MIN_FONT` points."""
+    for text in fig.findobj(matplotlib.text.Text):
+        if text.get_fontsize() < MIN_FONT:
+            text.set_fontsize(MIN_FONT)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
     _io.write_bytes(path, buf.getvalue())
     return Path(path)
 
 
-def subplots(rows: int, cols: int, size: tuple[float, float] = (4.2, 3.2)):
+def subplots(rows: int, cols: int, size: tuple[float, float] = (5.0, 3.7)):
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
     return fig, axes

@@ -25,6 +25,13 @@ from . import _io
 from .provenance import code_hash
 from .experiments import identity_of  # fields that change results: runs differing only in others match
 COLOURS = {"reproduced": "#d7f0d4", "contradicted": "#f7d4d4", "inconclusive": "#fbefc7"}
+OUTCOME_ORDER = {"reproduced": 0, "inconclusive": 1, "contradicted": 2}
+SCALE_BANNERS = {
+    "smoke": "Smoke scale: these runs last seconds and only check that every experiment runs end to end. Their "
+             "verdicts are not evidence for or against any paper.",
+    "quick": "Quick scale: few seeds and short budgets. A verdict here is preliminary, and many are inconclusive "
+             "by design; the full scale (--scale full) is the one that settles the claims.",
+}
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1250px;margin:1.5em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 7px;
 text-align:right;vertical-align:top}th:first-child,td:first-child{text-align:left}
@@ -33,6 +40,7 @@ table.claims td{text-align:left;overflow-wrap:anywhere}
 table.claims td.num{text-align:right}.nowrap{white-space:nowrap}
 .reproduced{background:#d7f0d4}.contradicted{background:#f7d4d4}.inconclusive{background:#fbefc7}
 .stale{background:#fbe3c7;border-left:4px solid #c77a1e;padding:.3em 1em}
+.banner{background:#fde2dc;border-left:4px solid #b5534a;padding:.4em 1em}
 .verdict{background:#f4f7fb;border-left:4px solid #4a78b5;padding:.4em 1em}img{max-width:100%;height:auto;
 border:1px solid #eee;margin:.5em 0}code{background:#f3f3f3}small{color:#555}"""
 
@@ -136,6 +144,12 @@ def _claims_table(summaries: list[dict]) -> str:
         return {k: sum(isinstance(v, dict) and v.get("outcome") == k and _is_extension(s, v) == extensions
                        for s in summaries for v in (s.get("verdicts") or [])) for k in COLOURS}
 
+    # reproduced first, contradicted last (stable: each experiment's claims keep their order within a verdict)
+    def by_outcome(row: str) -> int:
+        outcome = row.split("'", 2)[1] if row.startswith("<tr class='") else ""
+        return OUTCOME_ORDER.get(outcome, len(OUTCOME_ORDER))
+
+    rows, extension_rows = sorted(rows, key=by_outcome), sorted(extension_rows, key=by_outcome)
     counts, extension_counts = count(False), count(True)
     head = ("<colgroup><col style='width:21%'><col style='width:16%'><col style='width:14%'><col style='width:4%'>"
             "<col style='width:13%'><col style='width:14%'><col style='width:12%'><col style='width:6%'></colgroup>"
@@ -228,6 +242,17 @@ def _verdict_line(v: dict) -> str:
     return text + (f"; {v['note']}" if v.get("note") else "")
 
 
+def _scale_banner(summaries: list[dict]) -> str:
+    """A banner at the top for every scale below full that any experiment here ran at, naming those experiments."""
+    out = []
+    for scale, text in SCALE_BANNERS.items():
+        names = [str(s.get("experiment")) for s in summaries if s.get("scale") == scale]
+        if names:
+            out.append(f"<p class='banner' id='banner-{scale}'><b>{html.escape(text)}</b> "
+                       f"<small>({html.escape(', '.join(names))})</small></p>")
+    return "".join(out)
+
+
 def build_report(results_dir: str | Path, out_file: str | Path | None = None) -> Path:
     """Write ``report.html`` (or ``out_file``) for every experiment under ``results_dir``."""
     results_dir = Path(results_dir)
@@ -256,7 +281,8 @@ def build_report(results_dir: str | Path, out_file: str | Path | None = None) ->
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>backproplab report</title>"
             f"<meta name='viewport' content='width=device-width'><style>{STYLE}</style></head><body>"
             f"<h1>backproplab report</h1><p>{stamp} · code {code_hash()} · torch {torch.__version__} · Python "
-            f"{platform.python_version()} · {toc}</p>" + _claims_table([s for _, s in summaries]) + "\n<hr>\n"
+            f"{platform.python_version()} · {toc}</p>" + _scale_banner([s for _, s in summaries])
+            + _claims_table([s for _, s in summaries]) + "\n<hr>\n"
             + "\n<hr>\n".join(sections) + "</body></html>")
     out = Path(out_file) if out_file else results_dir / "report.html"
     _io.write_text(out, page)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from . import _io
 from .data import Data
@@ -576,8 +577,9 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
         _call(callbacks, "on_eval", state)
         if rank == 0 and out is not None:
             _io.append_jsonl(out / "metrics.jsonl", row)
-        if progress:
-            print(_progress_line(state, row), file=sys.stderr, flush=True)
+        if progress:  # above any progress bar (tqdm.write), naming the run: its arm and seed folders
+            where = f"{out.parent.name} {out.name}: " if out is not None else ""
+            tqdm.write(where + _progress_line(state, row), file=sys.stderr)
         loss_sum, loss_count, examples, steps_interval = torch.zeros((), device=device), 0, 0, 0
         t_interval = time.perf_counter()
 

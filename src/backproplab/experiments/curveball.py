@@ -528,7 +528,7 @@ def analyze(res: Results) -> list[str]:
             ax.plot([1], [1], "k*", ms=10, label="minimum (1, 1)")
             ax.set(title=f"{p}: iterates of seed 0", xlim=(-2, 2), ylim=(-1, 3), xlabel="x (first coordinate)",
                    ylabel="y (second coordinate)")
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=8)
         plots.save(fig, exp_dir / "rosenbrock_trajectories.png")
     groups = [(d, b) for d in cfg.datasets for b in cfg.batchnorm]
     if groups:  # CNN curves against iterations and wall time

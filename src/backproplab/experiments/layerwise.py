@@ -167,7 +167,7 @@ def analyze(res: Results) -> list[str]:
             if rs:
                 acc = np.array([r[-1]["test_acc"] for r in rs])
                 axes[0][col].axhline(100 * acc.mean(), ls="--", color="k", lw=1, label=f"{label} (final)")
-        axes[0][col].legend(fontsize=6)
+        axes[0][col].legend(fontsize=8)
         probed = {label: rs for label, rs in {**greedy, **e2e}.items()
                   if rs and all("linear_separability" in row for r in rs for row in r)}
         plots.curves(axes[1][col], probed, "linear_separability", x="depth")

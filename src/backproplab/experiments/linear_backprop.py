@@ -286,7 +286,7 @@ def analyze(res: Results) -> list[str]:
                    title="saturation")
     axes[0][2].set(xlabel="input x", ylabel="fitted f(x)", title="fitted functions (seed 0, 10 inits)")
     for ax in axes[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     plots.save(fig, exp_dir / "five_points.png")
     if len(finals) == 2:
         bp, lbp = (np.array(finals[m]) for m in ("bp", "lbp"))

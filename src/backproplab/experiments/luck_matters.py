@@ -265,7 +265,7 @@ def analyze(res: Results) -> list[str]:
                           for li in range(1, depth + 1)}
         plots.curves(axes[0][0], plots_by_layer, "m")
         axes[0][0].set(title=f"mean best correlation, multiplier {_max_mult(cfg)}", ylabel="correlation")
-        axes[0][0].legend(fontsize=6)
+        axes[0][0].legend(fontsize=8)
         curves = np.array([[[row[f"corr_layer{li}"] for row in run] for li in range(1, depth + 1)]
                            for run in runs[top]])
         mean = curves.mean(0)  # layers x evals
@@ -287,7 +287,7 @@ def analyze(res: Results) -> list[str]:
         ax2 = axes[0][1].twinx()
         ax2.plot(ms, [np.mean([f["test_loss"] for f in sweep[m]]) for m in ms], "k--", label="eval loss")
         ax2.set_ylabel("eval loss")
-        axes[0][1].legend(fontsize=6)
+        axes[0][1].legend(fontsize=8)
         cov = {m: np.mean([np.mean([layer["covered"] for layer in f["layers"]]) for f in sweep[m]]) for m in ms}
         loss = {m: np.mean([f["test_loss"] for f in sweep[m]]) for m in ms}
         verdict.append("over-parameterization: mean fraction of teacher nodes covered " +
@@ -309,7 +309,7 @@ def analyze(res: Results) -> list[str]:
             axes[1][0].scatter(sb, rel, s=4, alpha=0.4, label=f"layer {li + 1}")
         axes[1][0].set(xlabel="student's best correlation with a teacher node",
                        ylabel="fan-out norm / its initial value", title="L-shape", yscale="log")
-        axes[1][0].legend(fontsize=6)
+        axes[1][0].legend(fontsize=8)
         verdict.append(f"winner takes all / luck: the final best student of a teacher node ranked, at init, in the "
                        f"top {100 * np.mean(ranks):.0f}% on average (median {100 * np.median(ranks):.0f}%; 50% "
                        "would mean luck does not matter).")
@@ -330,7 +330,7 @@ def analyze(res: Results) -> list[str]:
             vals = {k: np.array([p[k] for p in pr]) for k in keys}
             axes[1][1].bar(range(len(keys)), [vals[k].mean() for k in keys], yerr=[vals[k].std() for k in keys],
                            capsize=3)
-            axes[1][1].set_xticks(range(len(keys)), [k.replace("_", "\n") for k in keys], fontsize=6)
+            axes[1][1].set_xticks(range(len(keys)), [k.replace("_", "\n") for k in keys], fontsize=8)
             axes[1][1].set(ylabel="eval loss", yscale="log", title=f"pruning to {pr[0]['nodes_kept']} nodes")
             verdict.append("pruning to the lucky nodes: eval loss " + ", ".join(
                 f"{k} {vals[k].mean():.3g}" for k in keys)
@@ -347,7 +347,7 @@ def analyze(res: Results) -> list[str]:
         axes[1][2].bar(np.arange(depth) + 0.25 * i, vals, width=0.25, label=label)
     axes[1][2].set(xlabel="layer", ylabel="mean best correlation", title="teacher kind")
     axes[1][2].set_xticks(np.arange(depth) + 0.25, [str(li + 1) for li in range(depth)])
-    axes[1][2].legend(fontsize=6)
+    axes[1][2].legend(fontsize=8)
     if rows:
         verdict.append("teacher kind: mean best correlation per layer " + "; ".join(
             f"{label}: {', '.join(f'{v:.2f}' for v in vals)}" for label, vals in rows) + ".")

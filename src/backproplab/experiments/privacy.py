@@ -264,7 +264,7 @@ def analyze(res: Results) -> list[str]:
     axes[0][3].set(xlabel="l2 radius", ylabel="certified accuracy", title="randomized smoothing")
     for ax in axes[0]:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=5)
+            ax.legend(fontsize=8)
     plots.save(fig, exp_dir / "privacy_robustness.png")
     verdict = []
     for p in levels:

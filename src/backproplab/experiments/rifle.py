@@ -288,9 +288,9 @@ def analyze(res: Results) -> list[str]:
     half = [100 * (np.std(acc[a], ddof=1) / np.sqrt(len(acc[a])) * 1.96 if len(acc[a]) > 1 else 0) for a in names]
     axes[0][0].bar(range(len(names)), [100 * acc[a].mean() for a in names], yerr=half, capsize=3,
                    label="mean over seeds, ±1.96 standard errors")
-    axes[0][0].set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+    axes[0][0].set_xticks(range(len(names)), names, rotation=30, fontsize=8)
     axes[0][0].set(ylabel="target test accuracy (%)", xlabel="arm", title="final target accuracy")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=8)
     plots.save(fig, res.exp_dir / "accuracy_table.png")
     if not acc:
         return []
@@ -318,17 +318,18 @@ def analyze(res: Results) -> list[str]:
 
 
 def _layer_plot(res: Results) -> str:
-    fig, axes = plots.subplots(1, 2, size=(10, 3.4))
+    fig, axes = plots.subplots(2, 1, size=(7, 3.2))  # one above the other: each panel as wide as the page
+    (directions,), (gradients,) = axes
     x = np.arange(len(LAYERS))
     for i, arm in enumerate(a for a in ("l2", "l2_rifle", "cyclic_lr") if a in res.all_runs()):
         vals = np.array([[f[f"dir_change_{_key(n)}"] for n in LAYERS] for f in res.final_list(arm)])
-        axes[0][0].bar(x + 0.25 * i, vals.mean(0), 0.25, label=arm)
+        directions.bar(x + 0.25 * i, vals.mean(0), 0.25, label=arm)
         grads = np.array([[np.mean(f["grad_windows"][_key(n)][1:]) for n in LAYERS] for f in res.final_list(arm)])
-        axes[0][1].bar(x + 0.25 * i, grads.mean(0), 0.25, label=arm)
-    axes[0][0].set(title="direction change of the weights (1 - cos)", xticks=x, xticklabels=LAYERS, yscale="log")
-    axes[0][1].set(title="gradient norm after the first reset", xticks=x, xticklabels=LAYERS, yscale="log")
-    for ax in axes[0]:
-        ax.legend(fontsize=7)
+        gradients.bar(x + 0.25 * i, grads.mean(0), 0.25, label=arm)
+    directions.set(title="direction change of the weights (1 - cos)", xticks=x, xticklabels=LAYERS, yscale="log")
+    gradients.set(title="gradient norm after the first reset", xticks=x, xticklabels=LAYERS, yscale="log")
+    for ax in (directions, gradients):
+        ax.legend(fontsize=9)
     plots.save(fig, res.exp_dir / "rifle_layers.png")
     return "per-layer plot: rifle_layers.png"
 

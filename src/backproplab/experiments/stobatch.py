@@ -344,7 +344,7 @@ def analyze(res: Results) -> list[str]:
     axes[0][2].set(xlabel="attack size (l1 for PixelDP, l2 for smoothing)", ylabel="certified accuracy",
                    title="certified accuracy")
     for ax in axes[0]:
-        ax.legend(fontsize=5)
+        ax.legend(fontsize=8)
     plots.save(fig, exp_dir / "stobatch.png")
     verdict = []
     mid = cfg.attack_sizes[len(cfg.attack_sizes) // 2]
