@@ -134,3 +134,18 @@ def test_same_seed_same_metrics_and_crash_then_resume_equals_uninterrupted(case,
     assert resumed == first
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows] == first
+
+
+def cosine_lr(cfg):
+    data = _data()
+    return _mlp(data), data, cfg, {"callbacks": [rifle.CosineLR(times=0)]}
+
+
+@pytest.mark.parametrize("case", [momentum_step_decay, cosine_lr], ids=["step_decay", "cosine_lr"])
+def test_a_schedule_resumed_mid_epoch_keeps_that_epochs_learning_rate(case, tmp_path):
+    """Checkpoint at step 8, inside epoch 1 (6 steps per epoch), where the schedule has already moved: the
+    resumed run ends as the uninterrupted one (torch's schedulers, rebuilt on resume, start at epoch 0's rate)."""
+    first = _run(case)
+    with pytest.raises(Crash):
+        _run(case, tmp_path, crash_at=9)
+    assert _run(case, tmp_path) == first

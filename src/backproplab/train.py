@@ -190,26 +190,51 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.optimizer](model, cfg)
 
 
-class StepDecay:
-    """Callback: lr = base_lr * factor^(epoch // every) at every epoch start (torch's StepLR schedule)."""
+class EpochLR:
+    """Callback: a ``torch.optim.lr_scheduler`` scheduler, built by ``make(optimizer)`` when training starts and
+    stepped once per epoch at each epoch start, checkpointed with the run (resumed mid-epoch, the learning rate
+    is the one the epoch ran with).
+
+    Example:
+        >>> from torch.optim.lr_scheduler import StepLR
+        >>> decay = EpochLR(lambda opt: StepLR(opt, step_size=2, gamma=0.5))   # fit(..., callbacks=[decay])
+    """
+
+    def __init__(self, make: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]):
+        self.make = make
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._saved: dict | None = None  # a checkpoint's state, loaded before the scheduler exists
+
+    def on_train_start(self, state: TrainState) -> None:
+        if self.scheduler is None or self.scheduler.optimizer is not state.optimizer:
+            resumed = [g["lr"] for g in state.optimizer.param_groups]
+            self.scheduler = self.make(state.optimizer)  # sets the groups' lr to the schedule's first value
+            if self._saved is not None:
+                self.scheduler.load_state_dict(self._saved)
+                for g, lr in zip(state.optimizer.param_groups, resumed):
+                    g["lr"] = lr
+                self._saved = None
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        while self.scheduler.last_epoch < state.epoch:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler is not None else dict(self._saved or {})
+
+    def load_state_dict(self, sd: dict) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(sd)
+        else:
+            self._saved = dict(sd)
+
+
+class StepDecay(EpochLR):
+    """Callback: lr = base_lr * factor^(epoch // every), by torch's ``StepLR``."""
 
     def __init__(self, every: int, factor: float = 0.2):
         self.every, self.factor = every, factor
-        self.base: list[float] = []
-
-    def on_train_start(self, state: TrainState) -> None:
-        if not self.base:
-            self.base = [g["lr"] for g in state.optimizer.param_groups]
-
-    def on_epoch_start(self, state: TrainState) -> None:
-        for g, base in zip(state.optimizer.param_groups, self.base):
-            g["lr"] = base * self.factor ** (state.epoch // self.every)
-
-    def state_dict(self) -> dict:
-        return {"base": list(self.base)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.base = list(sd["base"])
+        super().__init__(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=factor))
 
 
 def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import BasicBlock
-from ..train import loss_step
+from ..train import EpochLR, loss_step
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -151,8 +151,8 @@ class RIFLE:
         self.resets = [tuple(r) for r in sd["resets"]]
 
 
-class CosineLR:
-    """Callback: the RIFLE authors' cosine learning rate, set at every epoch start.
+class CosineLR(EpochLR):
+    """Callback: the RIFLE authors' cosine learning rate, set at every epoch start (torch's ``LambdaLR``).
 
     lr_g(e) = min_lr + (base_g - min_lr) (1 + cos(pi t)) / 2, with t = e / E over the run's E epochs for
     every param group, except those listed in ``restart`` (``True``: all of them), whose t runs from 0 to 1
@@ -166,8 +166,20 @@ class CosineLR:
                  min_lr: float = 0.0):
         self.times, self.every, self.min_lr = times, every, min_lr
         self.restart = restart
-        self.base: list[float] = []
         self.bounds: list[int] = []
+        super().__init__(self._lambda_lr)
+
+    @property
+    def base(self) -> list[float]:
+        return list(self.scheduler.base_lrs) if self.scheduler is not None else []
+
+    def _lambda_lr(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        bases = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        if self.min_lr and not all(bases):
+            raise ValueError("CosineLR with min_lr > 0 needs every param group's learning rate > 0 (the schedule "
+                             "is a factor of it)")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            (lambda e, i=i, base=base: self._lr(i, base, e) / base if base else 0.0) for i, base in enumerate(bases)])
 
     def on_train_start(self, state) -> None:
         if not state.steps_per_epoch:
@@ -175,30 +187,19 @@ class CosineLR:
                              "data with a length")
         epochs = math.ceil(state.total_steps / state.steps_per_epoch)
         self.bounds = [0, *reset_epochs(epochs, self.times, self.every), epochs]
-        if not self.base:
-            self.base = [g["lr"] for g in state.optimizer.param_groups]
+        super().on_train_start(state)
+
+    def _lr(self, i: int, base: float, epoch: int) -> float:
+        epochs = self.bounds[-1]
+        k = max(j for j, b in enumerate(self.bounds[:-1]) if b <= epoch)
+        start, end = self.bounds[k], self.bounds[k + 1]
+        cyclic = self.restart is True or (self.restart is not False and i in self.restart)
+        t = (epoch - start) / max(end - start, 1) if cyclic else epoch / max(epochs, 1)
+        return self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * t))
 
     def lr_at(self, epoch: int) -> list[float]:
         """Every param group's learning rate in ``epoch`` (after ``on_train_start``)."""
-        epochs = self.bounds[-1]
-        k = max(i for i, b in enumerate(self.bounds[:-1]) if b <= epoch)
-        start, end = self.bounds[k], self.bounds[k + 1]
-        out = []
-        for i, base in enumerate(self.base):
-            cyclic = self.restart is True or (self.restart is not False and i in self.restart)
-            t = (epoch - start) / max(end - start, 1) if cyclic else epoch / max(epochs, 1)
-            out.append(self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * t)))
-        return out
-
-    def on_epoch_start(self, state) -> None:
-        for g, lr in zip(state.optimizer.param_groups, self.lr_at(state.epoch)):
-            g["lr"] = lr
-
-    def state_dict(self) -> dict:
-        return {"base": list(self.base)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.base = list(sd["base"])
+        return [self._lr(i, base, epoch) for i, base in enumerate(self.base)]
 
 
 class CyclicLR(CosineLR):
