@@ -131,3 +131,23 @@ def test_every_docstring_example_runs(tmp_path, monkeypatch):
         failed += [info.name] * result.failed
     assert not failed, f"docstring examples fail in {sorted(set(failed))}"
     assert attempted >= 20  # the examples exist (PrivacyEngine's, DPSGD's, StoBatch's, ...)
+
+
+def test_library_messages_go_through_the_backproplab_logger(capsys, caplog):
+    """A library message (here prepare_model's BatchNorm replacement) is a record of the ``backproplab`` logger,
+    shown on standard error by default, and silenced by the logger's level as users of logging expect."""
+    import logging
+
+    from backproplab.methods import privacy
+
+    pytest.importorskip("opacus")
+    privacy.prepare_model(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    assert "replacing 1 BatchNorm layer(s) by GroupNorm" in capsys.readouterr().err
+    log = logging.getLogger("backproplab")
+    before = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        privacy.prepare_model(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    finally:
+        log.setLevel(before)
+    assert capsys.readouterr().err == ""

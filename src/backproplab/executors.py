@@ -26,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import _io
+from ._log import logger
 
 ATTEMPTS = ".attempts"  # under the experiment folder: one line per attempt at a run, while it is running
 
@@ -108,10 +109,9 @@ class RayExecutor:
         context = ray.init(address=self.address, **kwargs)
         resources = ray.cluster_resources()
         where = getattr(context, "dashboard_url", None)
-        print(f"ray: {'started on this machine' if self.address is None else 'joined ' + self.address}, "
-              f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
-              f"dashboard: {'http://' + where if where else 'none (pip install ray[default] for one)'}",
-              file=sys.stderr)
+        logger.info(f"ray: {'started on this machine' if self.address is None else 'joined ' + self.address}, "
+                    f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
+                    f"dashboard: {'http://' + where if where else 'none (pip install ray[default] for one)'}")
 
     def check(self) -> None:
         """Fail fast, before Ray starts or any run is submitted: a storage path that is not a folder, GPUs asked
@@ -171,8 +171,8 @@ class RayExecutor:
                         failed.append(job)
                         _io.write_json(job.run_dir / "error.json", {"status": "failed", "attempts": attempts,
                                                                      "error": f"{type(e).__name__}: {e}"[-4000:]})
-                        print(f"{job.label} failed ({type(e).__name__}); recorded in {job.run_dir / 'error.json'}, "
-                              "going on", file=sys.stderr)
+                        logger.warning(f"{job.label} failed ({type(e).__name__}); recorded in "
+                                       f"{job.run_dir / 'error.json'}, going on")
                     else:
                         _deliver(out, job.run_dir)
                     _forget_attempts(job, self.storage)

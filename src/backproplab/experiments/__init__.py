@@ -33,7 +33,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from collections.abc import Callable, Sequence
 import torch.distributed as dist
 
 from .. import _io
+from .._log import logger
 from ..evidence import Claim, Verdict, judge_all
 
 SCALES = ("smoke", "quick", "full", "paper")
@@ -583,8 +583,8 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
             jobs.append(job)
     if stale and _rank() == 0:
         what = "starting them over" if rerun_stale else "kept; --rerun-stale starts them over"
-        print(f"backproplab: {len(stale)} finished run(s) of {exp.name} were made by other code than this "
-              f"(provenance 'code' differs, e.g. {stale[0].run_dir}): {what}", file=sys.stderr)
+        logger.warning(f"backproplab: {len(stale)} finished run(s) of {exp.name} were made by other code than this "
+                       f"(provenance 'code' differs, e.g. {stale[0].run_dir}): {what}")
     return jobs
 
 
@@ -629,8 +629,7 @@ def _run_lock(run_dir: Path):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"backproplab: {run_dir} is being run by another process; waiting for it (lock {lock.lock_file})",
-              file=sys.stderr)
+        logger.info(f"backproplab: {run_dir} is being run by another process; waiting for it (lock {lock.lock_file})")
         lock.acquire()
 
     @contextlib.contextmanager
@@ -683,7 +682,7 @@ def _run_job_locked(job: Job, record: dict) -> dict:
                  "diverged_at_epoch": getattr(e, "epoch", None), "error": str(e),
                  "last_finite": getattr(e, "last", None)}
         if _rank() == 0:
-            print(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on", file=sys.stderr)
+            logger.warning(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on")
     finally:
         torch.set_num_threads(threads)
     final["provenance"] = made_by

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _io
+from .._log import logger
 from ..train import TrainConfig, TrainState, loss_step
 from .ghost_clipping import GhostClipping
 
@@ -85,8 +85,8 @@ def prepare_model(model: nn.Module, quiet: bool = False) -> nn.Module:
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
         model, replaced = _group_norm_for(model), 1
     if replaced and not quiet:
-        print(f"backproplab: DP-SGD cannot use BatchNorm (it mixes examples); replacing {replaced} BatchNorm "
-              "layer(s) by GroupNorm", file=sys.stderr)
+        logger.info(f"backproplab: DP-SGD cannot use BatchNorm (it mixes examples); replacing {replaced} BatchNorm "
+                    "layer(s) by GroupNorm")
     if ModuleValidator.validate(model, strict=False):
         model = ModuleValidator.fix(model)
     ModuleValidator.validate(model, strict=True)  # raises UnsupportedModuleError with Opacus's explanation
