@@ -26,6 +26,7 @@ from backproplab.methods.curveball import CrossEntropy, CurveBall  # noqa: E402
 from backproplab.models import build_model  # noqa: E402
 
 CASES = {
+    "small CNN (32-64) on 1x8x8 (digits), batch 128": ("cnn", (1, 8, 8), {}, 128),
     "small CNN (32-64, BN) on 1x28x28, batch 128": ("cnn", (1, 28, 28), {"batchnorm": True}, 128),
     "MLP 784-512-512-10, batch 128": ("mlp", (1, 28, 28), {"widths": (512, 512)}, 128),
 }

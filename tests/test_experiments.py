@@ -225,3 +225,34 @@ def test_saved_figures_are_wide_and_no_text_is_below_eight_points(tmp_path):
 
     sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
     assert sizes and min(sizes) >= 8
+
+
+def test_the_report_shows_the_recorded_full_scale_verdict_beside_each_and_flags_a_disagreement(smoke, tmp_path):
+    """`backproplab record` keeps full-scale verdicts (other scales refused); the report shows each beside the
+    run's own verdict and flags a run whose verdict is the opposite of the record (here one recorded verdict
+    is flipped to make such a case); without records each row says none is recorded."""
+    from backproplab.report import build_report
+
+    flipped = None
+    for path in smoke.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        summary["scale"] = "full"
+        for v in summary["verdicts"]:
+            if flipped is None and v["outcome"] == "reproduced":
+                v["outcome"], flipped = "contradicted", v["claim"]
+        (tmp_path / "full" / path.parent.name).mkdir(parents=True)
+        (tmp_path / "full" / path.parent.name / "summary.json").write_text(json.dumps(summary))
+    assert flipped is not None
+    assert main(["record", str(tmp_path / "full"), "--dest", str(tmp_path / "recorded")]) == 0
+    assert len(list((tmp_path / "recorded").glob("*.json"))) == len(list(smoke.glob("*/summary.json")))
+    with pytest.raises(ValueError, match="only full-scale verdicts are recorded"):
+        main(["record", str(smoke), "--dest", str(tmp_path / "refused")])
+
+    page = build_report(smoke, tmp_path / "r.html", recorded=tmp_path / "recorded").read_text()
+    table = page[page.index("id='claims-table'"):page.index("</table>", page.index("id='claims-table'"))]
+    rows = table.split("<tr class=")[1:]
+    assert len(rows) > 1 and all("recorded 20" in r for r in rows) and "none recorded" not in table
+    disagreeing = [r for r in rows if "this run disagrees with the record" in r]
+    assert len(disagreeing) == 1 and f"<b>{flipped}</b>" in disagreeing[0]
+    empty = build_report(smoke, tmp_path / "e.html", recorded=tmp_path / "nothing").read_text()
+    assert "none recorded" in empty and "disagrees" not in empty.replace(".disagrees", "")

@@ -120,6 +120,11 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     sw.add_argument("--metric", default="test_acc", help="final metric compared, measured on the validation split")
     sw.add_argument("--mode", choices=("max", "min"), default="max", help="whether larger or smaller is better")
     common(sw)
+    rec = sub.add_parser("record", help="record the full-scale verdicts under DIR (each experiment's summary.json) "
+                         "as the ones later reports show beside theirs")
+    rec.add_argument("dir")
+    rec.add_argument("--dest", help="folder of the records (default: the package's recorded/, committed with "
+                     "the code)")
     rep = sub.add_parser("report", help="one HTML page from a results folder")
     rep.add_argument("dir")
     rep.add_argument("--output", help="output file (default DIR/report.html)")
@@ -311,6 +316,12 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             print(build_report(args.dir, args.output))
+            return 0
+        if args.command == "record":
+            from .report import RECORDED, record
+
+            for path in record(args.dir, args.dest or RECORDED):
+                print(f"recorded {path}")
             return 0
         if args.command == "data":
             folder = download.get(args.dataset, args.root, mirrors=args.mirror,

@@ -40,7 +40,7 @@ table.claims td{text-align:left;overflow-wrap:anywhere}
 table.claims td.num{text-align:right}.nowrap{white-space:nowrap}
 .reproduced{background:#d7f0d4}.contradicted{background:#f7d4d4}.inconclusive{background:#fbefc7}
 .stale{background:#fbe3c7;border-left:4px solid #c77a1e;padding:.3em 1em}
-.banner{background:#fde2dc;border-left:4px solid #b5534a;padding:.4em 1em}
+.banner{background:#fde2dc;border-left:4px solid #b5534a;padding:.4em 1em}.disagrees{color:#a12a1e}
 .verdict{background:#f4f7fb;border-left:4px solid #4a78b5;padding:.4em 1em}img{max-width:100%;height:auto;
 border:1px solid #eee;margin:.5em 0}code{background:#f3f3f3}small{color:#555}"""
 
@@ -93,13 +93,65 @@ def _num(x: float) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
+RECORDED = Path(__file__).resolve().parent / "recorded"  # full-scale verdicts, written by `backproplab record`
+
+
+def record(results_dir: str | Path, dest: str | Path = RECORDED) -> list[Path]:
+    """Copy every full-scale experiment's claims and verdicts under ``results_dir`` into ``dest/<experiment>.json``
+    (with its provenance and the date), for the report to show beside later runs. Other scales are refused:
+    only a full-scale verdict is a record."""
+    written = []
+    for path in sorted(Path(results_dir).glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        if summary.get("scale") != "full":
+            raise ValueError(f"{path}: scale {summary.get('scale')!r}; only full-scale verdicts are recorded")
+        out = Path(dest) / f"{summary['experiment']}.json"
+        _io.write_json(out, {k: summary.get(k) for k in ("experiment", "scale", "seeds", "claims", "verdicts",
+                                                          "provenance", "run_setting")}
+                       | {"recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d")})
+        written.append(out)
+    if not written:
+        raise FileNotFoundError(f"no experiment results under {results_dir} (expected <experiment>/summary.json)")
+    return written
+
+
+def recorded_verdicts(source: str | Path = RECORDED) -> dict[str, dict]:
+    """{claim id: the recorded full-scale verdict, with the record's provenance} from ``source``."""
+    out: dict[str, dict] = {}
+    for path in sorted(Path(source).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+            for v in rec.get("verdicts") or []:
+                out[v["claim"]] = {**v, "recorded": rec.get("recorded"),
+                                   "commit": (rec.get("provenance") or {}).get("commit"),
+                                   "code": (rec.get("provenance") or {}).get("code")}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # an unreadable record is no record
+    return out
+
+
+def _recorded_cell(v: dict, recorded: dict[str, dict]) -> str:
+    """The recorded full-scale verdict of ``v``'s claim, flagged when this run's verdict contradicts it."""
+    rec = recorded.get(v.get("claim"))
+    if rec is None or v.get("scale") == "full":
+        return "<td><small>none recorded</small></td>" if rec is None else "<td><small>this is a full run</small></td>"
+    ci = (f" [{_num(rec.get('ci_low'))}, {_num(rec.get('ci_high'))}]" if rec.get("ci_low") is not None else "")
+    opposite = {v.get("outcome"), rec.get("outcome")} == {"reproduced", "contradicted"}
+    flag = "<br><b class='disagrees'>this run disagrees with the record</b>" if opposite else ""
+    return (f"<td class='{html.escape(str(rec.get('outcome')))}'><b>{html.escape(str(rec.get('outcome')))}</b> "
+            f"<small>{_num(rec.get('estimate'))}{ci}, n={rec.get('n')}, "
+            f"recorded {html.escape(str(rec.get('recorded')))}"
+            f", commit {html.escape(str(rec.get('commit') or 'none'))}</small>{flag}</td>")
+
+
 def _is_extension(s: dict, v: dict) -> bool:
     claim = next((c for c in s.get("claims") or [] if isinstance(c, dict) and c.get("id") == v.get("claim")), {})
     return bool(claim.get("extension"))
 
 
-def _claim_rows(s: dict, extensions: bool = False) -> list[str]:
+def _claim_rows(s: dict, extensions: bool = False, recorded: dict[str, dict] | None = None) -> list[str]:
     rows = []
+    recorded = {} if recorded is None else recorded
     claims = {c["id"]: c for c in s.get("claims", [])}
     for v in s.get("verdicts", []):
         c = claims.get(v["claim"], {})
@@ -125,19 +177,21 @@ def _claim_rows(s: dict, extensions: bool = False) -> list[str]:
             + "</small></td>"
             f"<td><b>{html.escape(str(v['outcome']))}</b>"
             f"{'<br><small>' + html.escape(v['note']) + '</small>' if v.get('note') else ''}"
-            f"</td><td><a href='#{html.escape(s['experiment'])}'>{html.escape(s['experiment'])}</a></td></tr>")
+            f"</td>{_recorded_cell(v, recorded)}"
+            f"<td><a href='#{html.escape(s['experiment'])}'>{html.escape(s['experiment'])}</a></td></tr>")
     return rows
 
 
-def _claims_table(summaries: list[dict]) -> str:
+def _claims_table(summaries: list[dict], recorded: dict[str, dict] | None = None) -> str:
     rows, extension_rows = [], []
+    recorded = recorded_verdicts() if recorded is None else recorded
     for s in summaries:
         try:
-            rows += _claim_rows(s)
-            extension_rows += _claim_rows(s, extensions=True)
+            rows += _claim_rows(s, recorded=recorded)
+            extension_rows += _claim_rows(s, extensions=True, recorded=recorded)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             name = html.escape(str(s.get("experiment")))
-            rows.append(f"<tr class='contradicted'><td colspan='8'>{name}: claims unreadable in summary.json "
+            rows.append(f"<tr class='contradicted'><td colspan='9'>{name}: claims unreadable in summary.json "
                         f"({html.escape(type(e).__name__)}); re-run the experiment</td></tr>")
 
     def count(extensions: bool) -> dict[str, int]:
@@ -151,10 +205,12 @@ def _claims_table(summaries: list[dict]) -> str:
 
     rows, extension_rows = sorted(rows, key=by_outcome), sorted(extension_rows, key=by_outcome)
     counts, extension_counts = count(False), count(True)
-    head = ("<colgroup><col style='width:21%'><col style='width:16%'><col style='width:14%'><col style='width:4%'>"
-            "<col style='width:13%'><col style='width:14%'><col style='width:12%'><col style='width:6%'></colgroup>"
+    head = ("<colgroup><col style='width:19%'><col style='width:14%'><col style='width:13%'><col style='width:4%'>"
+            "<col style='width:12%'><col style='width:12%'><col style='width:10%'><col style='width:11%'>"
+            "<col style='width:5%'></colgroup>"
             "<tr><th>claim</th><th>paper says</th><th>measured: estimate [95% CI]</th><th>seeds</th>"
-            "<th>paper's setting</th><th>this run's setting</th><th>verdict</th><th>section</th></tr>")
+            "<th>paper's setting</th><th>this run's setting</th><th>verdict</th><th>recorded full-scale verdict</th>"
+            "<th>section</th></tr>")
     return (f"<h2 id='claims'>Claims</h2><p>{len(rows)} claims judged: " +
             ", ".join(f"{n} {k}" for k, n in counts.items()) +
             ". Estimate: mean paired difference over seeds (arm minus comparison, or minus the threshold), in the "
@@ -253,8 +309,9 @@ def _scale_banner(summaries: list[dict]) -> str:
     return "".join(out)
 
 
-def build_report(results_dir: str | Path, out_file: str | Path | None = None) -> Path:
-    """Write ``report.html`` (or ``out_file``) for every experiment under ``results_dir``."""
+def build_report(results_dir: str | Path, out_file: str | Path | None = None, recorded: str | Path = RECORDED) -> Path:
+    """Write ``report.html`` (or ``out_file``) for every experiment under ``results_dir``, each verdict beside the
+    full-scale verdict recorded in ``recorded`` (see :func:`record`)."""
     results_dir = Path(results_dir)
     exp_dirs = sorted(p.parent for p in results_dir.glob("*/summary.json"))
     if not exp_dirs:
@@ -282,7 +339,7 @@ def build_report(results_dir: str | Path, out_file: str | Path | None = None) ->
             f"<meta name='viewport' content='width=device-width'><style>{STYLE}</style></head><body>"
             f"<h1>backproplab report</h1><p>{stamp} · code {code_hash()} · torch {torch.__version__} · Python "
             f"{platform.python_version()} · {toc}</p>" + _scale_banner([s for _, s in summaries])
-            + _claims_table([s for _, s in summaries]) + "\n<hr>\n"
+            + _claims_table([s for _, s in summaries], recorded_verdicts(recorded)) + "\n<hr>\n"
             + "\n<hr>\n".join(sections) + "</body></html>")
     out = Path(out_file) if out_file else results_dir / "report.html"
     _io.write_text(out, page)
