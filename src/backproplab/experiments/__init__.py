@@ -431,10 +431,12 @@ def check_values(exp: Experiment, cfg: Any) -> None:
                 fail(key, v, "expected a probability in [0, 1)")
     for key in ("datasets", "dataset"):
         names = getattr(cfg, key, None)
+        default = next((f.default for f in dataclasses.fields(cfg) if f.name == key), None)
+        auto = isinstance(default, tuple) and "auto" in default  # the experiments that resolve "auto" default to it
         for name in (names if isinstance(names, tuple) else (names,) if names is not None else ()):
-            if name != "auto" and name not in DATASETS:
+            if not (name == "auto" and auto) and name not in DATASETS:
                 fail(key, name, f"unknown dataset; choose from {', '.join(sorted(DATASETS))}" +
-                     (" or auto" if isinstance(names, tuple) else ""))
+                     (" or auto" if auto else ""))
     if getattr(cfg, "log", ""):
         from ..loggers import make_loggers
 
