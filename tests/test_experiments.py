@@ -168,8 +168,9 @@ def test_report_renders_in_a_browser_with_the_claims_table_first(smoke, tmp_path
     subprocess.run(flags + [f"--screenshot={shot}", (smoke / "report.html").as_uri()], capture_output=True,
                    timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
-    (Path(os.environ.get("BACKPROPLAB_SCREENSHOT_DIR", tmp_path)) / "report_first_screen.png").write_bytes(
-        shot.read_bytes())
+    keep = Path(os.environ.get("BACKPROPLAB_SCREENSHOT_DIR", tmp_path))
+    keep.mkdir(parents=True, exist_ok=True)
+    (keep / "report_first_screen.png").write_bytes(shot.read_bytes())
 
 
 PAPER_DATA = {"curveball": "cifar10", "msgd": "fashion_mnist", "linear_backprop": "cifar10", "stobatch": "mnist"}
