@@ -451,7 +451,8 @@ class DPSGD:
         for acc in self.accountants.values():
             acc.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
-    def epsilon(self, kind: str = "rdp") -> float:
+    def epsilon(self, kind: str = "rdp", delta: float | None = None) -> float:
+        """epsilon spent so far by accountant ``kind`` at ``delta`` (default: the config's)."""
         acc = self.accountants[kind]
         if not acc.history:
             return 0.0
@@ -459,7 +460,7 @@ class DPSGD:
             return math.inf  # no noise: no privacy (the accountants cannot represent it)
         with warnings.catch_warnings():  # Opacus warns when the optimal RDP order is at the grid's edge
             warnings.simplefilter("ignore")
-            return float(acc.get_epsilon(self.config.delta))
+            return float(acc.get_epsilon(self.config.delta if delta is None else delta))
 
     # -- the loop's callback: report epsilon, checkpoint the accountants
     def on_eval(self, state: TrainState) -> None:
@@ -930,16 +931,7 @@ class PrivacyEngine:
     def get_epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
         """epsilon spent so far at ``delta`` (default: the one given to make_private), by the engine's
         accountant (``"rdp"`` unless set) or the one named."""
-        if self.dp is None:
-            return 0.0
-        acc = self.dp.accountants[accountant or self.accountant]
-        if not acc.history:
-            return 0.0
-        if self.dp.noise_multiplier == 0:
-            return math.inf
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(acc.get_epsilon(self.dp.config.delta if delta is None else delta))
+        return 0.0 if self.dp is None else self.dp.epsilon(accountant or self.accountant, delta)
 
     @property
     def noise_multiplier(self) -> float:
