@@ -260,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("backproplab: interrupted; the finished runs are kept and the same command resumes the rest",
               file=sys.stderr)
+        ray = sys.modules.get("ray")
+        if argv is None and ray is not None and ray.is_initialized():
+            # from the command line under Ray: every file is written and closed, and Ray's core worker can abort
+            # in its teardown while cancelled tasks still answer (a failed internal check, exit 1, seen in CI);
+            # leave with the interrupt's status without that teardown (Ray's processes share the driver's fate)
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except Exception as e:  # noqa: BLE001 - only the file system's refusals, however deep in the chain
         cause = _os_refusal(e)
