@@ -329,12 +329,12 @@ open(f"{sys.argv[2]}/rank{rank}", "w").write(str(float(t)))
 
 @pytest.mark.slow
 def test_torchrun_ranks_leave_the_group_cleanly_and_a_crash_does_not_hang(tmp_path):
-    """A script that never calls shutdown_distributed: a normal run exits 0 with both ranks' results on
-    every try, and a rank that raises ends the job at once instead of leaving the others waiting in the
-    exit barrier (mutation-checked: a barrier after the crash too hangs past the timeout). The abort this
-    exit path prevents ("terminate called without an active exception") is a race seen under CPU
-    contention (about 4 runs in 10 of the DP torchrun test in a loaded CI run, 0 in 8 with the fix);
-    without contention the old code passes here too, so this test guards the exit path, not the race."""
+    """A script that never calls shutdown_distributed: a normal run exits 0 with both ranks' results, and a
+    rank that raises ends the job at once instead of leaving the others waiting in the exit barrier
+    (mutation-checked: a barrier after the crash too hangs past the timeout). The abort this exit path
+    prevents ("terminate called without an active exception") is a race seen under CPU contention (about
+    4 runs in 10 of the DP torchrun test in a loaded CI run, 0 in 8 with the fix); without contention the
+    old code passes here too, so this test guards the exit path, not the race."""
     import os
     import subprocess
     import sys
@@ -343,11 +343,11 @@ def test_torchrun_ranks_leave_the_group_cleanly_and_a_crash_does_not_hang(tmp_pa
     script.write_text(_RANK_EXITS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    for attempt in range(3):
-        out = tmp_path / f"try{attempt}"
-        out.mkdir()
-        ok = subprocess.run([*cmd, "ok", str(out)], capture_output=True, text=True, env=env, timeout=120)
-        assert ok.returncode == 0, ok.stderr[-2000:]
-        assert [(out / f"rank{r}").read_text() for r in (0, 1)] == ["2.0", "2.0"]
+    # one normal try: repeating it here catches nothing the 50-run loaded loop of #39 does not (see the docstring)
+    ok = subprocess.run([*cmd, "ok", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["2.0", "2.0"]
+    for r in (0, 1):
+        (tmp_path / f"rank{r}").unlink()  # the crash run writes into the same folder
     crash = subprocess.run([*cmd, "crash", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
     assert crash.returncode != 0 and "rank 1 fails" in crash.stderr
