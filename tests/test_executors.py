@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -159,3 +160,57 @@ def test_with_a_storage_folder_the_runs_come_back_to_the_driver(tmp_path, local_
     delivered = experiments.run(exp, cfg, out=tmp_path / "driver", progress=False, executor=executor)
     assert (tmp_path / "shared" / exp.name / "digits-mlp-sgd" / "seed0" / "final.json").exists()
     assert assert_same_files(sequential, delivered) >= 10
+
+
+def test_reproduce_on_ray_judges_each_experiment_as_its_runs_finish(tmp_path, local_ray, monkeypatch, capsys):
+    """#38: `reproduce` on Ray prints an experiment's verdicts once its last run is in, while the other
+    experiments' runs go on (today's code judged every experiment after the last run of all); an analysis that
+    fails is reported and the others are still judged."""
+    import dataclasses
+
+    from backproplab.cli import main
+
+    def broken_analysis(results):
+        raise RuntimeError("a bug in this analysis")
+
+    first = experiments.get("baselines")
+    broken = dataclasses.replace(first, name="broken", analyze=broken_analysis)
+    monkeypatch.setattr(experiments, "all_experiments", lambda: [first, broken, experiments.get("layerwise")])
+    # no --executor: reproduce on CPU takes Ray when it is installed
+    assert main(["reproduce", "--scale", "smoke", "--out", str(tmp_path), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "broken: its verdicts failed (RuntimeError: a bug in this analysis); its runs are kept" in out
+    for name in ("baselines", "layerwise"):
+        assert re.search(rf"^{name}: \d+ reproduced, \d+ inconclusive, \d+ contradicted \(\d+ s\); results in ",
+                         out, re.M), out
+    assert (tmp_path / "report.html").exists() and not (tmp_path / "broken" / "summary.json").exists()
+    judged = min((tmp_path / name / "summary.json").stat().st_mtime_ns for name in ("baselines", "layerwise"))
+    last_run = max(p.stat().st_mtime_ns for p in tmp_path.glob("*/*/seed*/final.json"))
+    assert judged < last_run, "the first verdicts came only after every run had finished"
+
+
+@pytest.mark.parametrize("argv,env,installed,expect", [
+    (["reproduce", "--quick"], {}, True, "ray"),
+    (["reproduce", "--quick"], {}, False, "local"),
+    (["reproduce", "--quick"], {"WORLD_SIZE": "2"}, True, "local"),  # under torchrun every rank runs every job
+    (["reproduce", "--quick", "--executor", "local"], {}, True, "local"),
+    (["run", "baselines", "--quick"], {}, True, "local"),
+    (["run", "baselines", "--quick", "--address", "auto"], {}, True, "ray"),
+])
+def test_the_default_executor(argv, env, installed, expect, monkeypatch, capsys):
+    import importlib.util
+
+    from backproplab import cli
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec(name, *a) if installed or
+                        name != "ray" else None)
+    args = cli._parser(argv[1] if argv[0] == "run" else None).parse_args(argv)
+    exp = experiments.get("baselines")
+    configs = [(exp, experiments.make_config(exp, scale="quick"))]
+    chosen = args.executor or cli._default_executor(args, configs)
+    assert chosen == expect
+    assert ("Ray is not installed" in capsys.readouterr().err) == (not installed and expect == "local" and not env
+                                                                  and "--executor" not in argv)

@@ -17,7 +17,7 @@ from backproplab.evidence import Claim
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    assert main(["reproduce", "--scale", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert main(["reproduce", "--scale", "smoke", "--executor", "local", "--out", str(out), "--no-progress"]) == 0
     return out
 
 

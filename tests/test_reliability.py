@@ -173,7 +173,7 @@ def test_reproduce_goes_on_after_an_experiment_fails(tmp_path, monkeypatch, caps
     bad = experiments.Experiment("broken", "always fails", good.config, good.arms, broken, good.analyze,
                                  smoke=good.smoke)
     monkeypatch.setattr(experiments, "all_experiments", lambda: [bad, good])
-    assert main(["reproduce", "--scale", "smoke", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert main(["reproduce", "--scale", "smoke", "--executor", "local", "--out", str(tmp_path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "broken failed (RuntimeError: a bug in this experiment)" in err
     assert (tmp_path / "baselines" / "summary.json").exists() and (tmp_path / "report.html").exists()

@@ -77,9 +77,10 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         sp.add_argument("--log", help="also log each evaluation as csv and/or tensorboard (comma-separated), "
                         "beside metrics.jsonl: metrics.csv, tensorboard/ in each run folder")
-        sp.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="local: the runs one after another in this process (default); ray: every run a Ray "
-                             "task, on this machine or on a cluster (--address)")
+        sp.add_argument("--executor", choices=("local", "ray"),
+                        help="local: the runs one after another in this process; ray: every run a Ray task, on "
+                             "this machine or on a cluster (--address). Default: ray for `reproduce` on CPU when "
+                             "Ray is installed, else local")
         sp.add_argument("--address", help="ray: join this cluster ('auto' or HOST:PORT; default: start Ray here)")
         sp.add_argument("--cpus-per-run", type=number(float, 1, "--cpus-per-run"),
                         help="CPUs (and torch threads) per run; ray's default 1. "
@@ -363,6 +364,8 @@ def _main(argv: list[str] | None = None) -> int:
     except download.DownloadError as e:  # no mirror delivered a good file: one line naming each failure
         print(f"backproplab: error: {e}", file=sys.stderr)
         return 1
+    if args.executor is None:
+        args.executor = _default_executor(args, configs)
     if args.executor == "ray":
         try:
             return _run_on_ray(args, configs, scale)
@@ -390,7 +393,7 @@ def _main(argv: list[str] | None = None) -> int:
                       "going on with the other experiments", file=sys.stderr)
                 continue
             if rank == 0:
-                print(f"{exp.name}: results in {exp_dir}")
+                print(_verdict_line(exp.name, exp_dir, time.perf_counter() - t0))
         if rank == 0:
             report = build_report(args.out)
             print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
@@ -402,6 +405,41 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"backproplab: failed experiments: {', '.join(failed)} (see the messages above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _default_executor(args, configs) -> str:
+    """Where the runs go when --executor is not given: ``reproduce`` on CPU takes Ray when it is installed (one
+    run per CPU at once, one thread each: about half the time of one after another on 2 cores, #38); ``run``,
+    torchrun, a GPU and a one-CPU machine keep the local loop. ``--address`` means Ray."""
+    import importlib.util
+    import os
+
+    from .train import resolve_device
+
+    if args.address is not None:
+        return "ray"
+    if args.command != "reproduce" or int(os.environ.get("WORLD_SIZE", "1")) > 1 or (os.cpu_count() or 1) < 2:
+        return "local"
+    if any(resolve_device(cfg.device).type != "cpu" for _, cfg in configs):
+        return "local"
+    if importlib.util.find_spec("ray") is None:
+        print("backproplab: Ray is not installed, so the runs go one after another in this process "
+              "(pip install 'backproplab[ray]' runs one per CPU at once)", file=sys.stderr)
+        return "local"
+    return "ray"
+
+
+def _verdict_line(name: str, exp_dir, seconds: float) -> str:
+    """One line per finished experiment: its verdicts counted, the time since the command started, the folder."""
+    import json
+    from collections import Counter
+
+    try:
+        outcomes = Counter(v["outcome"] for v in json.loads((exp_dir / "summary.json").read_text())["verdicts"])
+    except (OSError, ValueError, KeyError, TypeError):  # under torchrun rank 0 alone writes it
+        return f"{name}: results in {exp_dir}"
+    counts = ", ".join(f"{outcomes[o]} {o}" for o in ("reproduced", "inconclusive", "contradicted"))
+    return f"{name}: {counts} ({seconds:.0f} s); results in {exp_dir}"
 
 
 def _executor(args):
@@ -517,19 +555,38 @@ def _run_on_ray(args, configs, scale: str) -> int:
     """Every run of every experiment as one pool of Ray tasks; then each experiment's verdicts and analysis."""
     from .executors import RunFailed
 
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
     executor = _executor(args)
-    jobs = [job for exp, cfg in configs
-            for job in experiments.plan(exp, cfg, args.out, args.resume, device=executor.device,
-                                        rerun_stale=args.rerun_stale)]
+    planned = [(exp, cfg, experiments.plan(exp, cfg, args.out, args.resume, device=executor.device,
+                                           rerun_stale=args.rerun_stale)) for exp, cfg in configs]
+    left = {exp.name: len(jobs) for exp, _, jobs in planned}
     code = 0
+
+    def finish(exp, cfg) -> None:
+        """An experiment's verdicts as soon as its last run is in, while the other experiments' runs go on."""
+        nonlocal code
+        try:
+            line = _verdict_line(exp.name, experiments.finish(exp, cfg, args.out, scale), time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - one broken analysis must not sink the others' runs
+            line, code = f"backproplab: {exp.name}: its verdicts failed ({type(e).__name__}: {e}); its runs are kept", 1
+        tqdm.write(line, file=sys.stdout)
+
+    def on_done(job) -> None:
+        left[job.exp.name] -= 1
+        if not left[job.exp.name]:
+            finish(job.exp, job.cfg)
+
+    for exp, cfg, jobs in planned:
+        if not jobs:  # every run already there
+            finish(exp, cfg)
     try:
-        executor.run(jobs, progress=not args.no_progress, desc=args.command)
+        executor.run([job for _, _, jobs in planned for job in jobs], progress=not args.no_progress,
+                     desc=args.command, on_done=on_done)
     except RunFailed as e:
         print(f"backproplab: {e}; the verdicts use the runs that finished", file=sys.stderr)
         code = 1
-    for exp, cfg in configs:
-        print(f"{exp.name}: results in {experiments.finish(exp, cfg, args.out, scale)}")
     print(f"report: {build_report(args.out)} ({time.perf_counter() - t0:.0f} s)")
     return code
 

@@ -21,6 +21,7 @@ import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -45,7 +46,8 @@ class LocalExecutor:
 
     device = None
 
-    def run(self, jobs: list, progress: bool = True, desc: str = "") -> None:
+    def run(self, jobs: list, progress: bool = True, desc: str = "",
+            on_done: Callable[[Any], None] | None = None) -> None:
         from .experiments import _rank, run_job
 
         bar = tqdm(jobs, desc=desc, unit="run", disable=not progress or _rank() != 0, file=sys.stderr,
@@ -53,6 +55,8 @@ class LocalExecutor:
         for job in bar:
             bar.set_postfix_str(f"{job.arm.name} seed {job.seed}", refresh=False)
             run_job(job)
+            if on_done is not None:
+                on_done(job)
 
 
 def _collect(run_dir: Path) -> dict[str, bytes]:
@@ -142,7 +146,10 @@ class RayExecutor:
                 raise ExecutorSetupError(f"--{name.lower()}s-per-run {want:g}: the cluster has {have.get(name, 0):g} "
                                          f"{name}s in all, so no run could ever be scheduled")
 
-    def run(self, jobs: list, progress: bool = True, desc: str = "") -> None:
+    def run(self, jobs: list, progress: bool = True, desc: str = "",
+            on_done: Callable[[Any], None] | None = None) -> None:
+        """Run ``jobs`` as Ray tasks, each run's files written at the driver's path as it finishes; ``on_done(job)``
+        is called after each (finished or failed), in the driver, while the others go on."""
         import ray
         from ray.exceptions import RayError, RayTaskError
 
@@ -177,6 +184,8 @@ class RayExecutor:
                         _deliver(out, job.run_dir)
                     _forget_attempts(job, self.storage)
                     bar.update(1)
+                    if on_done is not None:
+                        on_done(job)
                 running = sum(1 for job in pending.values() if _attempt_lines(job, self.storage))
                 bar.set_postfix_str(f"running {running}, retried {retried}, failed {len(failed)}", refresh=False)
         except BaseException:  # Ctrl-C (or anything else): cancel the rest, keep every finished run
