@@ -281,3 +281,16 @@ def test_validation_is_refused_by_an_experiment_that_does_not_load_through_run_d
     code = main(["run", "luck_matters", "--scale", "smoke", "--set", "validation=0.2", "--out", str(tmp_path),
                  "--no-progress"])
     assert code != 0
+
+
+def test_reproduce_locally_shows_one_bar_over_every_experiments_runs(tmp_path, monkeypatch, capsys):
+    """#38: the local loop's progress equals Ray's: one count of the runs done of all still to do, the time
+    left, the run in progress; each experiment's verdicts printed as it ends."""
+    chosen = [experiments.get("baselines"), experiments.get("msgd")]
+    monkeypatch.setattr(experiments, "all_experiments", lambda: chosen)
+    total = sum(len(experiments.plan(e, experiments.make_config(e, scale="smoke"), tmp_path)) for e in chosen)
+    assert main(["reproduce", "--scale", "smoke", "--executor", "local", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(rf"reproduce: 100%.*\b{total}/{total} \[", err), err[-2000:]  # one bar, all the runs
+    assert "running msgd" in err and "<00:00" in err
+    assert [line.split(":")[0] for line in out.splitlines() if "; results in " in line] == ["baselines", "msgd"]

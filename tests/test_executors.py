@@ -214,3 +214,20 @@ def test_the_default_executor(argv, env, installed, expect, monkeypatch, capsys)
     assert chosen == expect
     assert ("Ray is not installed" in capsys.readouterr().err) == (not installed and expect == "local" and not env
                                                                   and "--executor" not in argv)
+
+
+def test_when_the_default_ray_cannot_start_the_local_loop_does_the_work(tmp_path, monkeypatch, capsys):
+    from backproplab.cli import main
+
+    def no_ray(self):
+        raise RuntimeError("no shared memory here\nmore of Ray's explanation")
+
+    monkeypatch.setattr(RayExecutor, "start", no_ray)
+    monkeypatch.setattr(experiments, "all_experiments", lambda: [experiments.get("baselines")])
+    assert main(["reproduce", "--scale", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "Ray did not start (RuntimeError: no shared memory here); the runs go one after another" in err
+    assert (tmp_path / "baselines" / "summary.json").exists() and (tmp_path / "report.html").exists()
+    # and a user who asked for Ray gets the error, not a quiet change of plan
+    with pytest.raises(RuntimeError, match="no shared memory"):
+        main(["reproduce", "--scale", "smoke", "--executor", "ray", "--out", str(tmp_path / "asked"), "--no-progress"])

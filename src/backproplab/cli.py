@@ -58,8 +58,8 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--scale", choices=experiments.SCALES, help="smoke (seconds, for tests), quick (all "
-                        "experiments in 15 minutes on 2 CPU cores), full (settles the claims; the default) or paper "
-                        "(the paper's dataset, model and budget where the config can express them, for a GPU; "
+                        "experiments in about 19 minutes on 2 CPU cores), full (settles the claims; the default) or "
+                        "paper (the paper's dataset, model and budget where the config can express them, for a GPU; "
                         "`run NAME --help` lists them)")
         sp.add_argument("--quick", action="store_true", help="the same as --scale quick")
         sp.add_argument("--seeds", type=int, help="number of seeds (0..N-1; checked with the config: 1 to "
@@ -366,6 +366,14 @@ def _main(argv: list[str] | None = None) -> int:
         return 1
     if args.executor is None:
         args.executor = _default_executor(args, configs)
+        if args.executor == "ray":  # chosen for the user: if Ray cannot start here, the local loop does the work
+            try:
+                _executor(args).start()
+            except Exception as e:  # noqa: BLE001 - any failure of Ray's start-up, reported in one line
+                first = str(e).splitlines()[0] if str(e) else ""
+                print(f"backproplab: Ray did not start ({type(e).__name__}: {first}); the runs go one after another "
+                      "in this process (--executor local chooses that at once)", file=sys.stderr)
+                args.executor = "local"
     if args.executor == "ray":
         try:
             return _run_on_ray(args, configs, scale)
@@ -376,12 +384,19 @@ def _main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     failed = []
     threads = int(args.cpus_per_run) if args.cpus_per_run else None
+    executor = None
+    if len(configs) > 1:  # reproduce: one bar over every experiment's runs still to do, with the time left
+        from .executors import LocalExecutor, progress_bar
+
+        left = sum(len(experiments.plan(exp, cfg, args.out, args.resume, rerun_stale=args.rerun_stale, warn=False))
+                   for exp, cfg in configs)
+        executor = LocalExecutor(progress_bar(left, args.command, not args.no_progress and rank == 0))
     try:
         for exp, cfg in configs:
             try:
                 exp_dir = experiments.run(exp, cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
                                           overwrite=args.overwrite, scale=scale, threads=threads,
-                                          rerun_stale=args.rerun_stale)
+                                          rerun_stale=args.rerun_stale, executor=executor)
             except (experiments.ConfigError, DataFormatError, DataNotFoundError, NotARegularFile) as e:  # in a run
                 print(f"backproplab: error: {e}", file=sys.stderr)  # one line naming the file or value and the fix
                 return 2
@@ -393,13 +408,20 @@ def _main(argv: list[str] | None = None) -> int:
                       "going on with the other experiments", file=sys.stderr)
                 continue
             if rank == 0:
-                print(_verdict_line(exp.name, exp_dir, time.perf_counter() - t0))
+                line = _verdict_line(exp.name, exp_dir, time.perf_counter() - t0)
+                if executor is not None:
+                    executor.bar.write(line, file=sys.stdout)  # above the bar, not through it
+                else:
+                    print(line)
         if rank == 0:
             report = build_report(args.out)
             print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
     except BaseException:
         shutdown_distributed(wait=False)
         raise
+    finally:
+        if executor is not None:
+            executor.bar.close()
     shutdown_distributed()
     if failed:
         print(f"backproplab: failed experiments: {', '.join(failed)} (see the messages above)", file=sys.stderr)

@@ -42,21 +42,36 @@ class ExecutorSetupError(ValueError):
 
 
 class LocalExecutor:
-    """Runs the jobs one after another in this process (under torchrun: every rank runs every job)."""
+    """Runs the jobs one after another in this process (under torchrun: every rank runs every job). ``bar``: a
+    progress bar shared by several calls (``reproduce``'s one bar over every experiment's runs, with the time
+    left); by default each call has its own."""
 
     device = None
+
+    def __init__(self, bar: Any = None) -> None:
+        self.bar = bar
 
     def run(self, jobs: list, progress: bool = True, desc: str = "",
             on_done: Callable[[Any], None] | None = None) -> None:
         from .experiments import _rank, run_job
 
-        bar = tqdm(jobs, desc=desc, unit="run", disable=not progress or _rank() != 0, file=sys.stderr,
-                   mininterval=0.2 if sys.stderr.isatty() else 20)  # a log file gets a line every 20 s
-        for job in bar:
-            bar.set_postfix_str(f"{job.arm.name} seed {job.seed}", refresh=False)
-            run_job(job)
-            if on_done is not None:
-                on_done(job)
+        bar = self.bar if self.bar is not None else progress_bar(len(jobs), desc, progress and _rank() == 0)
+        try:
+            for job in jobs:
+                bar.set_postfix_str(f"running {job.exp.name} {job.arm.name} seed {job.seed}", refresh=False)
+                run_job(job)
+                bar.update(1)
+                if on_done is not None:
+                    on_done(job)
+        finally:
+            if self.bar is None:
+                bar.close()
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """Runs done of ``total``, the rate and the time left, on standard error (a log file gets a line every 20 s)."""
+    return tqdm(total=total, desc=desc or "runs", unit="run", disable=not enabled, file=sys.stderr,
+                mininterval=0.2 if sys.stderr.isatty() else 20)
 
 
 def _collect(run_dir: Path) -> dict[str, bytes]:
@@ -161,8 +176,7 @@ class RayExecutor:
         task = ray.remote(_remote_run).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                                max_retries=self.max_retries, retry_exceptions=False)
         pending = {task.remote(replace(job, threads=job.threads or threads), self.storage): job for job in jobs}
-        bar = tqdm(total=len(jobs), desc=desc or "runs", unit="run", disable=not progress, file=sys.stderr,
-                   mininterval=0.2 if sys.stderr.isatty() else 20)
+        bar = progress_bar(len(jobs), desc, progress)
         failed, retried = [], 0
         try:
             while pending:

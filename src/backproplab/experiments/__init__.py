@@ -558,10 +558,11 @@ class Job:
 
 
 def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = True,
-         threads: int | None = None, device: str | None = None, rerun_stale: bool = False) -> list[Job]:
+         threads: int | None = None, device: str | None = None, rerun_stale: bool = False,
+         warn: bool = True) -> list[Job]:
     """The runs of ``exp`` still to do under ``out`` (all of them with ``resume=False``). A finished run made by
-    other code (see :mod:`backproplab.provenance`) is kept and counted in a warning, or with ``rerun_stale``
-    started over."""
+    other code (see :mod:`backproplab.provenance`) is kept and counted in a warning (``warn``), or with
+    ``rerun_stale`` started over."""
     from ..provenance import is_stale
     from ..train import resolve_device
 
@@ -583,7 +584,7 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
                     continue
                 job = dataclasses.replace(job, resume=False)  # made by other code: start it over
             jobs.append(job)
-    if stale and _rank() == 0:
+    if stale and warn and _rank() == 0:
         what = "starting them over" if rerun_stale else "kept; --rerun-stale starts them over"
         logger.warning(f"backproplab: {len(stale)} finished run(s) of {exp.name} were made by other code than this "
                        f"(provenance 'code' differs, e.g. {stale[0].run_dir}): {what}")
