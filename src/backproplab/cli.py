@@ -575,9 +575,9 @@ def _sweep(args) -> int:
 
 def _run_on_ray(args, configs, scale: str) -> int:
     """Every run of every experiment as one pool of Ray tasks; then each experiment's verdicts and analysis."""
-    from .executors import RunFailed
-
     from tqdm.auto import tqdm
+
+    from .executors import RunFailed
 
     t0 = time.perf_counter()
     executor = _executor(args)
