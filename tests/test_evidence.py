@@ -193,3 +193,37 @@ def test_extensions_are_marked_where_the_paper_makes_no_such_claim():
     assert any(i.startswith("linear_backprop.fig2.") for i in marked)
     assert any(i.startswith("linear_backprop.sec3.") for i in marked)
     assert "linear_backprop.sec4.binary" not in marked and "luck_matters.bn_bias_negative" not in marked
+
+
+def test_every_paper_claim_quotes_the_papers_own_words_and_extensions_say_why_they_are_ours():
+    """Provenance (#34 item 1): each claim of a paper's own carries the paper's words it rests on, verbatim, in
+    quotation marks after where they stand; a claim without them must be marked as this lab's extension (and say
+    why). The quote is the source, not our paraphrase: it differs from the claim's statement."""
+    import re
+
+    from backproplab import experiments
+
+    paper_claims = extensions = 0
+    for _exp, c in experiments.all_claims():
+        if c.extension:
+            extensions += 1
+            assert len(c.extension) > 30, (c.id, c.extension)
+            continue
+        paper_claims += 1
+        assert re.fullmatch(r"[A-Za-z., ]*(abstract|Section [\d.]+|Table \d+|Fig\. \d+): \"[^\"]{25,}\".*", c.quote), \
+            (c.id, c.quote)
+        assert c.quote.split('"')[1].lower() not in c.statement.lower(), (c.id, "quote copies the statement")
+    assert paper_claims >= 60 and extensions >= 5, (paper_claims, extensions)
+
+
+def test_the_report_shows_each_claims_quote_in_the_paper_says_column(tmp_path):
+    from backproplab import report
+
+    quote = 'abstract: "a sentence the paper wrote, verbatim & <escaped>"'
+    summary = {"experiment": "x", "claims": [{"id": "x.a", "statement": "s", "paper": "P", "where": "Fig. 1",
+                                               "paper_value": "v", "quote": quote, "direction": "greater",
+                                               "margin": 0.0, "metric": "m"}],
+               "verdicts": [{"claim": "x.a", "outcome": "reproduced", "estimate": 1.0, "ci_low": 0.5,
+                             "ci_high": 1.5, "n": 3}]}
+    row = report._claim_rows(summary, recorded={})[0]
+    assert "a sentence the paper wrote, verbatim &amp; &lt;escaped&gt;" in row

@@ -257,3 +257,39 @@ def test_the_report_shows_the_recorded_full_scale_verdict_beside_each_and_flags_
     assert len(disagreeing) == 1 and f"<b>{flipped}</b>" in disagreeing[0]
     empty = build_report(smoke, tmp_path / "e.html", recorded=tmp_path / "nothing").read_text()
     assert "none recorded" in empty and "disagrees" not in empty.replace(".disagrees", "")
+
+
+def test_record_writes_each_experiments_write_up_generated_from_its_record(smoke, tmp_path):
+    """`record --docs` writes docs/<experiment>.md from the record alone: every verdict with its interval, the
+    paper's claims apart from the lab's extensions, the settings and the commit; re-rendering the stored record
+    gives the same text (so a hand edit shows)."""
+    from backproplab.report import record_markdown
+
+    full = tmp_path / "full" / "linear_backprop"
+    full.mkdir(parents=True)
+    summary = json.loads((smoke / "linear_backprop" / "summary.json").read_text()) | {"scale": "full"}
+    full.joinpath("summary.json").write_text(json.dumps(summary))
+    assert main(["record", str(tmp_path / "full"), "--dest", str(tmp_path / "rec"), "--docs",
+                 str(tmp_path / "docs")]) == 0
+    md = (tmp_path / "docs" / "linear_backprop.md").read_text()
+    rec = json.loads((tmp_path / "rec" / "linear_backprop.json").read_text())
+    assert md == record_markdown(rec)
+    paper_part, extension_part = md.split("## Verdicts on the lab's extensions")
+    for v in summary["verdicts"]:
+        extension = next(c for c in summary["claims"] if c["id"] == v["claim"])["extension"]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {v['claim']} |"))
+        assert f"**{v['outcome']}**" in row and str(v["n"]) in row
+        assert (row in extension_part) == bool(extension)
+    assert "linear_backprop.sec4.binary" in paper_part and "linear_backprop.fig2.digits-relu" in extension_part
+    assert f"commit {summary['provenance'].get('commit') or 'none'}" in md and summary["run_setting"] in md
+
+
+def test_the_committed_write_ups_are_the_ones_their_records_generate():
+    """docs/results/<experiment>.md for each committed record (src/backproplab/recorded/*.json) is exactly
+    what record_markdown makes of it: the write-ups are generated, not written by hand."""
+    from backproplab.report import RECORDED, record_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    for path in sorted(RECORDED.glob("*.json")):
+        rec = json.loads(path.read_text())
+        assert (docs / f"{rec['experiment']}.md").read_text() == record_markdown(rec), path.name

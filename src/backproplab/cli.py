@@ -126,6 +126,10 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
     rec.add_argument("dir")
     rec.add_argument("--dest", help="folder of the records (default: the package's recorded/, committed with "
                      "the code)")
+    rec.add_argument("--docs", help="also write DOCS/<experiment>.md, the write-up generated from each record "
+                     "(the repository's docs/results)")
+    rec.add_argument("--experiment", action="append", help="record only this experiment (repeatable; default: "
+                     "every one under DIR)")
     rep = sub.add_parser("report", help="one HTML page from a results folder")
     rep.add_argument("dir")
     rep.add_argument("--output", help="output file (default DIR/report.html)")
@@ -246,7 +250,9 @@ def _listing(args) -> None:
     for exp, claim in experiments.all_claims():
         if todo is None or exp in todo:
             print(f"{claim.id}\n    {claim.paper}, {claim.where}\n    {claim.statement}\n"
-                  f"    judged: {claim.describe()} on {claim.metric_label or claim.metric}")
+                  + (f"    the paper's words: {claim.quote}\n" if claim.quote else "")
+                  + (f"    this lab's extension: {claim.extension}\n" if claim.extension else "")
+                  + f"    judged: {claim.describe()} on {claim.metric_label or claim.metric}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +337,7 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command == "record":
             from .report import RECORDED, record
 
-            for path in record(args.dir, args.dest or RECORDED):
+            for path in record(args.dir, args.dest or RECORDED, docs=args.docs, experiments=args.experiment):
                 print(f"recorded {path}")
             return 0
         if args.command == "data":

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -59,7 +59,9 @@ class Claim:
     ``paper_value`` is what the paper reported, with its scale (dataset, model, budget). ``extension``, when
     not empty, says why the claim is this lab's and not the paper's (a corrected method, a reading the paper
     does not report): the report judges it in a table of its own, so its verdict never reads as the paper
-    being contradicted.
+    being contradicted. ``quote`` is the paper's own words that the claim rests on, verbatim, with where they
+    stand (``"abstract: ..."``, ``"Section 5: ..."``); every claim of the paper's own carries one, so a reader
+    can check our ``statement`` (a paraphrase, fixed before the run) against the source.
     """
 
     id: str
@@ -76,6 +78,7 @@ class Claim:
     metric_label: str = ""
     requires: tuple[str, ...] = ()
     extension: str = ""
+    quote: str = ""
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -122,6 +125,16 @@ class Verdict:
         text = f"{self.claim}: {self.outcome} (estimate {self.estimate:.4g}, {100 * self.confidence:.0f}% CI {ci}, " \
                f"n={self.n} paired seeds, {self.scale or 'unknown'} scale)"
         return text + (f"; {self.note}" if self.note else "")
+
+
+def quoted(claims: Iterable[Claim], quotes: Mapping[str, str]) -> list[Claim]:
+    """Each claim with the paper's words of the longest key of ``quotes`` that its id starts with (an experiment
+    keeps its quotes in one table, beside its claims). A claim no key covers keeps its own ``quote``."""
+    out = []
+    for c in claims:
+        keys = [k for k in quotes if c.id == k or c.id.startswith(k + ".")]
+        out.append(replace(c, quote=quotes[max(keys, key=len)]) if keys else c)
+    return out
 
 
 def paired_values(a: Mapping[int, float],

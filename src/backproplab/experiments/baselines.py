@@ -13,12 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import plots
-from ..evidence import Claim
+from ..evidence import Claim, quoted
 from ..models import build_model
 from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
 PAPER = "Sutskever et al., ICML 2013"
+# The paper's own words behind each claim (abstract, PMLR v28), verbatim.
+QUOTES = {"baselines.momentum_trains_faster": "abstract: \"well-initialized networks perform markedly worse when the "
+                                              "momentum is absent or poorly tuned\""}
 
 
 @dataclass
@@ -56,14 +59,14 @@ def arms(cfg: BaselinesConfig) -> list[BaselineArm]:
 def claims(cfg: BaselinesConfig) -> list[Claim]:
     if not {"sgd", "momentum"} <= set(cfg.optimizers):
         return []
-    return [Claim(
+    return quoted([Claim(
         id=f"baselines.momentum_trains_faster.{d}-{m}", paper=PAPER, where="Section 2 (classical momentum)",
         statement="At the same learning rate and number of steps, SGD with momentum 0.9 reaches a lower training "
                   "loss than plain SGD.",
         metric="train_loss", metric_label="training loss over the last epoch (cross-entropy, nats)",
         arm=BaselineArm(d, m, "momentum").name, baseline=BaselineArm(d, m, "sgd").name, direction="less",
         margin=0.0, paper_value="faster optimisation with momentum on deep and recurrent nets (MNIST autoencoders)")
-        for d in cfg.datasets for m in cfg.models]
+        for d in cfg.datasets for m in cfg.models], QUOTES)
 
 
 def run_arm(run: Run) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import _io, plots
-from ..evidence import Claim
+from ..evidence import Claim, quoted
 from ..methods.linear_backprop import linear_backprop
 from ..models import build_model
 from . import Arm, Experiment, ExperimentConfig, Results, Run
@@ -66,6 +66,16 @@ class LBPArm(Arm):
 def arms(cfg: LinearBackpropConfig) -> list[LBPArm]:
     settings = ["points", *(f"{d}-{a}" for d in cfg.datasets for a in cfg.activations), "binary"]
     return [LBPArm(s, m) for s in settings for m in METHODS]
+
+
+# The paper's own words behind each claim (its abstract, NeurIPS 2018 CDNNRIA workshop), verbatim. The extensions
+# (fig2.*-relu, sec3.*-sigmoid) carry none: the paper does not make them.
+QUOTES = {
+    "linear_backprop.fig1": "abstract: \"Here we investigate backpropagating error terms only linearly. That is, we "
+                            "ignore the saturation that arise by ensuring gradients always flow.\"",
+    "linear_backprop.sec4.binary": "abstract: \"Our early results suggest that learning with Linear Backprop is "
+                                   "competitive with Backprop and saves expensive gradient computations.\"",
+}
 
 
 def claims(cfg: LinearBackpropConfig) -> list[Claim]:
@@ -109,7 +119,7 @@ def claims(cfg: LinearBackpropConfig) -> list[Claim]:
                      LBPArm("binary", "lbp").name, "equivalent",
                      EQUIVALENCE_MARGIN, "binary networks: comparable accuracy to the straight-through estimator",
                      baseline=LBPArm("binary", "bp").name, metric_label="final test accuracy (fraction)"))
-    return out
+    return quoted(out, QUOTES)
 
 
 TUNING_SEED = 10_000  # its initialisations choose each method's learning rate; never evaluated

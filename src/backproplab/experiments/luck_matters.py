@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import plots
-from ..evidence import Claim
+from ..evidence import Claim, quoted
 from ..methods import teacher_student as ts
 from ..models import build_model
 from ..train import evaluate, mse
@@ -74,6 +74,23 @@ def arms(cfg: LuckConfig) -> list[LuckArm]:
     kinds = [f"mult{m}" for m in cfg.multipliers] + ["random_teacher", "teacher2020", "bn_student", "bn_cnn_digits",
                                                      "two_layer"]
     return [LuckArm(k) for k in kinds]
+
+
+# The paper's own words behind each claim (the abstract of arXiv:1905.13405), verbatim. The BN-student claim is
+# the lab's extension and carries none.
+_LUCKY = ("abstract: \"in over-parameterized regimes and 2-layer case, while a small set of lucky nodes do converge "
+          "to the teacher nodes, the fan-out weights of other nodes converge to zero\"")
+_PHENOMENA = ("abstract: \"This framework provides insight into multiple puzzling phenomena in deep learning like "
+              "over-parameterization, implicit regularization, lottery tickets, etc.\"")
+QUOTES = {
+    "luck_matters.lucky_nodes_specialize": "abstract: \"student nodes whose weights are initialized to be close to "
+                                           "teacher nodes converge to them at a faster rate\"",
+    "luck_matters.prune_to_lucky": _PHENOMENA, "luck_matters.lucky_finetune_beats_reinit": _PHENOMENA,
+    "luck_matters.rewind_beats_reinit": _PHENOMENA, "luck_matters.fan_out_l_shape": _LUCKY,
+    "luck_matters.overparameterization_recovers": _LUCKY,
+    "luck_matters.bn_bias_negative": "abstract: \"We verify our assumption by showing that the majority of BatchNorm "
+                                     "biases of pre-trained VGG11/16 models are negative.\"",
+}
 
 
 def claims(cfg: LuckConfig) -> list[Claim]:
@@ -130,7 +147,7 @@ def claims(cfg: LuckConfig) -> list[Claim]:
                          "A wider (over-parameterised) student recovers more of the teacher's nodes.", "covered_mean",
                          top, "greater", 0.0, "more teacher nodes matched as the student widens",
                          baseline=low, metric_label="fraction of teacher nodes with a student at corr >= 0.95"))
-    return out
+    return quoted(out, QUOTES)
 
 
 class CorrelationMonitor:

@@ -24,7 +24,7 @@ import torch
 
 from .. import plots
 from ..data import Data, load_dataset
-from ..evidence import Claim
+from ..evidence import Claim, quoted
 from ..methods import privacy, robustness
 from ..models import build_model
 from ..train import loss_step
@@ -100,6 +100,20 @@ def arms(cfg: PrivacyConfig) -> list[PrivacyArm]:
     return [PrivacyArm(p, a, s) for p in _privacy_levels(cfg) for a in cfg.adversarial for s in cfg.augment_sigmas]
 
 
+# The papers' own words behind each claim (their abstracts), verbatim.
+_ABADI = ("Abadi et al., abstract: \"we can train deep neural networks with non-convex objectives, under a modest "
+          "privacy budget, and at a manageable cost in software complexity, training efficiency, and model quality\"")
+QUOTES = {
+    "privacy.dpsgd": _ABADI,
+    "privacy.adversarial_training_robust": "Madry et al., abstract: \"These methods let us train networks with "
+                                           "significantly improved resistance to a wide range of adversarial "
+                                           "attacks.\"",
+    "privacy.smoothing": "Cohen et al., abstract: \"We show how to turn any classifier that classifies well under "
+                         "Gaussian noise into a new classifier that is certifiably robust to adversarial perturbations "
+                         "under the l2 norm.\"",
+}
+
+
 def claims(cfg: PrivacyConfig) -> list[Claim]:
     have = {a.name for a in arms(cfg)}
     acc = "clean test accuracy (fraction)"
@@ -124,7 +138,10 @@ def claims(cfg: PrivacyConfig) -> list[Claim]:
                              f"PGD adversarial training raises accuracy under a PGD l-inf attack of size {mid:g} "
                              f"({level}).", f"pgd_linf_{mid:g}", adv, "greater", 0.0,
                              "MNIST: 89% under PGD eps 0.3 with adversarial training, near 0% without",
-                             baseline=plain, metric_label=f"test accuracy under PGD l-inf {mid:g} (fraction)"))
+                             baseline=plain, metric_label=f"test accuracy under PGD l-inf {mid:g} (fraction)",
+                             extension="" if level == "nonprivate" else
+                             f"Madry et al. train without privacy; adversarial training under DP-SGD ({level}) is "
+                             "this lab's extension"))
     sigmas = [s for s in cfg.augment_sigmas if s > 0]
     if sigmas and clean("nonprivate") in have:
         s = max(sigmas)
@@ -135,7 +152,7 @@ def claims(cfg: PrivacyConfig) -> list[Claim]:
                          "ImageNet / CIFAR-10: noise-trained smoothed classifiers certify large l2 radii",
                          baseline=clean("nonprivate"),
                          metric_label=f"certified accuracy at l2 radius {CLAIM_RADIUS:g} (fraction of inputs)"))
-    return out
+    return quoted(out, QUOTES)
 
 
 def _model(cfg: PrivacyConfig, data: Data):

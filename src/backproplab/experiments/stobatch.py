@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import plots
 from ..data import Data
-from ..evidence import Claim
+from ..evidence import Claim, quoted
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
 from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation
@@ -106,6 +106,11 @@ FRESH = ("the paper evaluates under the training noise draw; accuracy under fres
          "reading (what a deployment that draws new noise gets)")
 
 
+# The paper's own words behind each claim (its abstract, arXiv:1903.09822), verbatim.
+QUOTES = {"stobatch": "abstract: \"An end-to-end theoretical analysis and evaluations show that our mechanism "
+                      "notably improves the robustness and scalability of DP DNNs.\""}
+
+
 def claims(cfg: StoBatchExpConfig) -> list[Claim]:
     """The paper's claims are judged on paper mode, read as the authors' evaluation reads it (the training draw,
     BatchNorm on the test batch); the corrected mode and the fresh-noise reading are extensions."""
@@ -145,7 +150,7 @@ def claims(cfg: StoBatchExpConfig) -> list[Claim]:
                      "certified accuracy reported at every budget (MNIST, CIFAR-10)", threshold=0.0,
                      extension=CORRECTED,
                      metric_label=f"certified accuracy at l1 size {CERT_SIZE:g} (fraction of certified inputs)"))
-    return out
+    return quoted(out, QUOTES)
 
 
 def _with_canaries(data: Data, m: int, seed: int) -> tuple[Data, torch.Tensor, torch.Tensor, torch.Tensor]:
