@@ -2,13 +2,13 @@
 # On a machine with a CUDA GPU: the CUDA-marked tests, every benchmark on the GPU, one full-scale
 # experiment under the Ray executor (one run per GPU share), and each experiment's --scale paper config (the
 # paper's dataset, model and budget; fetch the data first with `backproplab data get NAME`); writes
-# docs/results/gpu.md with what ran and how long it took.
+# docs/gpu.md with what ran and how long it took.
 # Usage: scripts/gpu_check.sh [EXPERIMENT] (default: curveball); PAPER=0 skips the paper-scale runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 EXP=${1:-curveball}
-OUT=docs/results/gpu.md
+OUT=docs/gpu.md
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device visible to torch; nothing to check" >&2
     exit 2

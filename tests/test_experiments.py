@@ -293,3 +293,47 @@ def test_the_committed_write_ups_are_the_ones_their_records_generate():
     for path in sorted(RECORDED.glob("*.json")):
         rec = json.loads(path.read_text())
         assert (docs / f"{rec['experiment']}.md").read_text() == record_markdown(rec), path.name
+
+
+def test_a_recorded_contradiction_says_it_is_unchecked_until_the_four_artifact_checks_are_given(tmp_path):
+    """#34 item 5: a recorded "contradicted" verdict on a paper's claim reads as not yet checked for our own
+    artifacts until tuning, metric, scale and premise checks are recorded with it (`record --checks`); the
+    extensions and other verdicts need none; the write-up then lists the checks."""
+    from backproplab.report import record_markdown, recorded_verdicts, unchecked
+
+    claims = [{"id": "x.paper", "extension": ""}, {"id": "x.ours", "extension": "why"}, {"id": "x.ok", "extension": ""}]
+    verdicts = [{"claim": "x.paper", "outcome": "contradicted", "estimate": -1.0, "ci_low": -2.0, "ci_high": -0.5,
+                 "n": 5}, {"claim": "x.ours", "outcome": "contradicted", "estimate": -1.0, "ci_low": -2.0,
+                           "ci_high": -0.5, "n": 5},
+                {"claim": "x.ok", "outcome": "reproduced", "estimate": 1.0, "ci_low": 0.5, "ci_high": 2.0, "n": 5}]
+    (tmp_path / "full" / "x").mkdir(parents=True)
+    (tmp_path / "full" / "x" / "summary.json").write_text(json.dumps(
+        {"experiment": "x", "scale": "full", "seeds": 5, "claims": claims, "verdicts": verdicts}))
+    partial = {"x.paper": {"tuning": "lr swept 4 values on validation for both arms: -5.1 points at the best of each",
+                           "metric": "training loss agrees"}}
+    (tmp_path / "checks.json").write_text(json.dumps(partial))
+    assert main(["record", str(tmp_path / "full"), "--dest", str(tmp_path / "rec"),
+                 "--checks", str(tmp_path / "checks.json")]) == 0
+    rec = json.loads((tmp_path / "rec" / "x.json").read_text())
+    assert unchecked(rec, "x.paper") == ["scale", "premise"] and unchecked(rec, "x.ours") == []
+    assert unchecked(rec, "x.ok") == []
+    md = record_markdown(rec)
+    assert "not yet checked for our own artifacts: scale, premise" in md and "lr swept 4 values" in md
+    assert recorded_verdicts(tmp_path / "rec")["x.paper"]["unchecked"] == ["scale", "premise"]
+
+    full = {"x.paper": partial["x.paper"] | {"scale": "3x the epochs: -4.8 points", "premise": "BN as the paper"}}
+    (tmp_path / "checks.json").write_text(json.dumps(full))
+    assert main(["record", str(tmp_path / "full"), "--dest", str(tmp_path / "rec"),
+                 "--checks", str(tmp_path / "checks.json")]) == 0
+    rec = json.loads((tmp_path / "rec" / "x.json").read_text())
+    assert unchecked(rec, "x.paper") == [] and "not yet checked" not in record_markdown(rec)
+    assert "3x the epochs: -4.8 points" in record_markdown(rec)
+
+
+def test_every_committed_contradiction_of_a_papers_claim_carries_its_artifact_checks():
+    from backproplab.report import RECORDED, unchecked
+
+    for path in sorted(RECORDED.glob("*.json")):
+        rec = json.loads(path.read_text())
+        for v in rec["verdicts"]:
+            assert unchecked(rec, v["claim"]) == [], (path.name, v["claim"])

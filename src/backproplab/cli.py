@@ -128,6 +128,8 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
                      "the code)")
     rec.add_argument("--docs", help="also write DOCS/<experiment>.md, the write-up generated from each record "
                      "(the repository's docs/results)")
+    rec.add_argument("--checks", help="JSON {claim id: {tuning, metric, scale, premise: text}}: the checks that "
+                     "rule out our own artifact behind each contradicted verdict, kept in the record")
     rec.add_argument("--experiment", action="append", help="record only this experiment (repeatable; default: "
                      "every one under DIR)")
     rep = sub.add_parser("report", help="one HTML page from a results folder")
@@ -337,7 +339,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command == "record":
             from .report import RECORDED, record
 
-            for path in record(args.dir, args.dest or RECORDED, docs=args.docs, experiments=args.experiment):
+            for path in record(args.dir, args.dest or RECORDED, docs=args.docs, experiments=args.experiment,
+                               checks=args.checks):
                 print(f"recorded {path}")
             return 0
         if args.command == "data":

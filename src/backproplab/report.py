@@ -100,12 +100,34 @@ RECORD_KEYS = ("experiment", "description", "scale", "seeds", "claims", "verdict
                "run_setting", "deviations", "notes", "diverged")
 
 
+ARTIFACT_CHECKS = ("tuning", "metric", "scale", "premise")  # what rules out our own artifact (issue #34 item 5)
+
+
+def unchecked(rec: dict, claim: str) -> list[str]:
+    """The artifact checks a recorded "contradicted" verdict of ``claim`` still lacks (none for other verdicts
+    and for the lab's extensions, which say nothing about the paper)."""
+    verdict = next((v for v in rec.get("verdicts") or [] if v.get("claim") == claim), {})
+    c = next((c for c in rec.get("claims") or [] if c.get("id") == claim), {})
+    if verdict.get("outcome") != "contradicted" or c.get("extension"):
+        return []
+    done = (rec.get("artifact_checks") or {}).get(claim) or {}
+    return [k for k in ARTIFACT_CHECKS if not str(done.get(k, "")).strip()]
+
+
 def record(results_dir: str | Path, dest: str | Path = RECORDED, docs: str | Path | None = None,
-           experiments: list[str] | None = None) -> list[Path]:
+           experiments: list[str] | None = None, checks: str | Path | None = None) -> list[Path]:
     """Copy every full-scale experiment's claims and verdicts under ``results_dir`` (or only ``experiments``)
     into ``dest/<experiment>.json`` (with its provenance, settings, notes and the date), for the report to show
     beside later runs; with ``docs``, also write ``docs/<experiment>.md`` from that record by
-    :func:`record_markdown`. Other scales are refused: only a full-scale verdict is a record."""
+    :func:`record_markdown`. Other scales are refused: only a full-scale verdict is a record.
+
+    ``checks``: a JSON file ``{claim id: {"tuning": ..., "metric": ..., "scale": ..., "premise": ...}}``, the
+    checks (with their numbers) that rule out our own artifact behind a "contradicted" verdict of the paper's
+    claim; kept in the record as ``artifact_checks``. Until all four are there the write-up and the report say
+    "contradicted, not yet checked for our artifacts" (:func:`unchecked`)."""
+    extra = json.loads(Path(checks).read_text()) if checks is not None else {}
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise ValueError(f"{checks}: expected {{claim id: {{check: text}}}} with checks among {ARTIFACT_CHECKS}")
     written = []
     for path in sorted(Path(results_dir).glob("*/summary.json")):
         summary = json.loads(path.read_text())
@@ -113,8 +135,10 @@ def record(results_dir: str | Path, dest: str | Path = RECORDED, docs: str | Pat
             continue
         if summary.get("scale") != "full":
             raise ValueError(f"{path}: scale {summary.get('scale')!r}; only full-scale verdicts are recorded")
+        ids = {c["id"] for c in summary.get("claims") or []}
         rec = ({k: summary.get(k) for k in RECORD_KEYS}
-               | {"recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d")})
+               | {"recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                  "artifact_checks": {k: v for k, v in extra.items() if k in ids}})
         out = Path(dest) / f"{summary['experiment']}.json"
         _io.write_json(out, rec)
         written.append(out)
@@ -161,6 +185,9 @@ def record_markdown(rec: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for v in rows:
             c = claims.get(v["claim"], {})
+            missing = unchecked(rec, v["claim"])
+            if missing:
+                v = {**v, "note": f"not yet checked for our own artifacts: {', '.join(missing)}"}
             ci = (f"[{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]" if v.get("ci_low") is not None else "–")
             judged = (f"{c.get('metric_label') or c.get('metric', '')}; {c.get('direction', '')}, margin "
                       f"{c.get('margin', 0):g}")
@@ -168,6 +195,14 @@ def record_markdown(rec: dict) -> str:
             lines.append(f"| {_md(v['claim'])} | **{_md(v['outcome'])}**{_md(note)} | {_num(v.get('estimate'))} | "
                          f"{ci} | {v.get('n')} | {_md(judged)} | "
                          f"{_md(c.get('extension') if extension else c.get('quote') or c.get('where', ''))} |")
+    checked = [(c, k) for c, k in (rec.get("artifact_checks") or {}).items() if k]
+    if checked:
+        lines += ["", "## Checks behind each \"contradicted\" verdict", "",
+                  "Before the lab says the paper is contradicted it rules out its own artifact: the tuning budget, "
+                  "the metric, the scale and the paper's premise."]
+        for claim, done in checked:
+            lines += ["", f"### {claim}", ""] + [f"- **{k}**: {_md(done[k])}" for k in ARTIFACT_CHECKS if done.get(k)]
+            lines += [f"- **{k}**: {_md(v)}" for k, v in done.items() if k not in ARTIFACT_CHECKS]
     if rec.get("diverged"):
         lines += ["", "## Diverged runs", ""] + [f"- {_md(k)}: {_md(v)}" for k, v in rec["diverged"].items()]
     if rec.get("notes"):
@@ -184,7 +219,9 @@ def recorded_verdicts(source: str | Path = RECORDED) -> dict[str, dict]:
             for v in rec.get("verdicts") or []:
                 out[v["claim"]] = {**v, "recorded": rec.get("recorded"),
                                    "commit": (rec.get("provenance") or {}).get("commit"),
-                                   "code": (rec.get("provenance") or {}).get("code")}
+                                   "code": (rec.get("provenance") or {}).get("code"),
+                                   "experiment": rec.get("experiment"), "unchecked": unchecked(rec, v["claim"]),
+                                   "checked": bool((rec.get("artifact_checks") or {}).get(v["claim"]))}
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # an unreadable record is no record
     return out
@@ -198,6 +235,12 @@ def _recorded_cell(v: dict, recorded: dict[str, dict]) -> str:
     ci = (f" [{_num(rec.get('ci_low'))}, {_num(rec.get('ci_high'))}]" if rec.get("ci_low") is not None else "")
     opposite = {v.get("outcome"), rec.get("outcome")} == {"reproduced", "contradicted"}
     flag = "<br><b class='disagrees'>this run disagrees with the record</b>" if opposite else ""
+    if rec.get("unchecked"):
+        flag += (f"<br><small>not yet checked for our own artifacts: {html.escape(', '.join(rec['unchecked']))}"
+                 "</small>")
+    elif rec.get("checked"):
+        flag += (f"<br><small>artifact checks (tuning, metric, scale, premise): docs/results/"
+                 f"{html.escape(str(rec.get('experiment')))}.md</small>")
     return (f"<td class='{html.escape(str(rec.get('outcome')))}'><b>{html.escape(str(rec.get('outcome')))}</b> "
             f"<small>{_num(rec.get('estimate'))}{ci}, n={rec.get('n')}, "
             f"recorded {html.escape(str(rec.get('recorded')))}"
