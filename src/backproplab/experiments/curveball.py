@@ -513,9 +513,10 @@ def analyze(res: Results) -> list[str]:
                 cells.append("-")
         lines.append(f"{p} | " + " | ".join(cells))
     _io.write_text(exp_dir / "toy_table.md", "\n".join(lines) + "\n")
-    notes.append(f"toy baselines' learning rates tuned on a separate tuning seed ({TUNING_SEED}) over " +
+    notes.append(f"toy problems: every compared method tunes {len(next(iter(TUNING_GRID.values())))} values on a "
+                 f"separate tuning seed ({TUNING_SEED}), the learning rates of " +
                  "; ".join(f"{m}: {', '.join(f'{v:g}' for v in grid)}" for m, grid in TUNING_GRID.items()) +
-                 f" (fewest iterations to tolerance, at most {cfg.max_iters}); CurveBall has nothing to tune. "
+                 f" (CurveBall: its initial lambda; fewest iterations to tolerance, at most {cfg.max_iters}). "
                  "L-BFGS runs a strong-Wolfe line search of up to 25 evaluations per iteration.")
     for p, row in table.items():
         notes.append(f"toy {p}: iterations to tolerance, mean±sd (solved/seeds; mean forward passes) — " + "; ".join(
