@@ -43,6 +43,10 @@ def main(exp_dir: str) -> None:
     for setting in sorted({p.name.rsplit("-", 1)[0] for p in root.glob("*-curveball")
                            if p.is_dir() and not p.name.startswith("toy-")}):
         seeds = sorted(p.name for p in (root / f"{setting}-curveball").glob("seed*"))
+        seeds = [s for s in seeds if all((root / f"{setting}-{m}" / s / "final.json").exists()
+                                         for m in ("curveball", "momentum", "adam"))]  # finished runs only
+        if len(seeds) < 2:
+            continue
         per = {m: [_measures(root / f"{setting}-{m}" / s) for s in seeds] for m in ("curveball", "momentum", "adam")}
         for base in ("momentum", "adam"):
             parts = []
