@@ -244,7 +244,7 @@ def _recorded_cell(v: dict, recorded: dict[str, dict]) -> str:
     return (f"<td class='{html.escape(str(rec.get('outcome')))}'><b>{html.escape(str(rec.get('outcome')))}</b> "
             f"<small>{_num(rec.get('estimate'))}{ci}, n={rec.get('n')}, "
             f"recorded {html.escape(str(rec.get('recorded')))}"
-            f", commit {html.escape(str(rec.get('commit') or 'none'))}</small>{flag}</td>")
+            f", commit {html.escape(str(rec.get('commit') or 'none')[:10])}</small>{flag}</td>")
 
 
 def _is_extension(s: dict, v: dict) -> bool:
