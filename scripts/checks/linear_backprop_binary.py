@@ -20,6 +20,7 @@ from scipy import stats
 
 from backproplab.data import load_dataset
 from backproplab.experiments import validation_split
+from backproplab.experiments.linear_backprop import LinearBackpropConfig
 from backproplab.methods.linear_backprop import linear_backprop
 from backproplab.models import build_model
 from backproplab.train import TrainConfig, fit
@@ -28,16 +29,20 @@ LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 KEYS = ("test_acc", "train_full_acc", "train_full_loss")
 
 
+CFG = LinearBackpropConfig()  # the experiment's binary arm, at its full-scale defaults
+
+
 def train(method: str, lr: float, seed: int, epochs: int, validation: bool) -> dict:
-    """The experiment's binary arm (binary_vgg, channels 32/64, hidden 128, Adam, batch 64) on digits."""
+    """The experiment's binary arm (binary_vgg with its channels and hidden width, Adam, its batch) on digits."""
     data = load_dataset("digits", seed=seed)
     if validation:
         data = validation_split(data, 0.2, seed)
     torch.manual_seed(seed)
-    model = build_model("binary_vgg", data.input_shape, data.num_classes, channels=(32, 64), hidden=128)
+    model = build_model("binary_vgg", data.input_shape, data.num_classes, channels=CFG.binary_channels,
+                        hidden=CFG.binary_hidden)
     if method == "lbp":
         linear_backprop(model)
-    config = TrainConfig(optimizer="adam", lr=lr, batch_size=64, epochs=epochs, seed=seed, device="cpu",
+    config = TrainConfig(optimizer="adam", lr=lr, batch_size=CFG.batch_size, epochs=epochs, seed=seed, device="cpu",
                          eval_train=True)
     return fit(model, data, config, write_final=False, progress=False)[-1]
 

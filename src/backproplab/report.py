@@ -144,7 +144,7 @@ def record(results_dir: str | Path, dest: str | Path = RECORDED, docs: str | Pat
         written.append(out)
         if docs is not None:
             md = Path(docs) / f"{summary['experiment']}.md"
-            _io.write_text(md, record_markdown(json.loads(out.read_text())))
+            _io.write_text(md, record_markdown(json.loads(out.read_text())))  # as stored: the test re-renders that
             written.append(md)
     if not written:
         raise FileNotFoundError(f"no experiment results under {results_dir} (expected <experiment>/summary.json)")
