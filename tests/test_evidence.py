@@ -5,6 +5,7 @@ outcomes over TRIALS runs with a fixed seed. Monte-Carlo error of a rate p over 
 sqrt(0.25 / 2000) = 1.1 points, so the bounds below allow 3 standard errors (3.4 points).
 """
 
+import json
 import math
 
 import numpy as np
@@ -225,5 +226,8 @@ def test_the_report_shows_each_claims_quote_in_the_paper_says_column(tmp_path):
                                                "margin": 0.0, "metric": "m"}],
                "verdicts": [{"claim": "x.a", "outcome": "reproduced", "estimate": 1.0, "ci_low": 0.5,
                              "ci_high": 1.5, "n": 3}]}
-    row = report._claim_rows(summary, recorded={})[0]
-    assert "a sentence the paper wrote, verbatim &amp; &lt;escaped&gt;" in row
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "summary.json").write_text(json.dumps(summary))
+    page = report.build_report(tmp_path, recorded=tmp_path / "none").read_text()
+    table = page[page.index("id='claims-table'"):page.index("</table>", page.index("id='claims-table'"))]
+    assert "a sentence the paper wrote, verbatim &amp; &lt;escaped&gt;" in table

@@ -1,10 +1,12 @@
 """Reliability and security, as a hostile but fair user would try them: data files that carry code or do not
 add up, a diverging arm, values that make no sense, corrupt checkpoints and result files."""
 
+import dataclasses
 import gzip
 import json
 import pickle
 import struct
+import typing
 import warnings
 
 import numpy as np
@@ -199,6 +201,48 @@ def test_bad_values_are_rejected_before_training(tmp_path, capsys, bad, expect):
     err = capsys.readouterr().err
     assert expect in err and err.startswith("backproplab: error:")
     assert not out.exists()
+
+
+def _just_outside(field: dataclasses.Field, tp: object) -> list[str]:
+    """A value just outside each bound the field declares (the boundary itself for open bounds)."""
+    integer = tp is int or typing.get_args(tp)[:1] == (int,)
+    meta, step = field.metadata, 1 if integer else 1e-3
+    values = []
+    if meta["gt"] is not None:
+        values.append(meta["gt"])
+    elif meta["ge"] is not None:
+        values.append(meta["ge"] - step)
+    if meta["lt"] is not None:
+        values.append(meta["lt"])
+    if meta["le"] is not None:
+        values.append(meta["le"] + step)
+    return [str(int(v) if integer else float(v)) for v in values]
+
+
+@pytest.mark.parametrize("name", [exp.name for exp in experiments.all_experiments()])
+def test_every_config_field_declares_its_meaning_and_a_value_outside_its_range_is_refused(name):
+    """Each field is declared with ``option`` (its help line and range); a value just outside any of its
+    bounds is a one-line ConfigError naming the key, raised before anything is built."""
+    exp = experiments.get(name)
+    hints = typing.get_type_hints(exp.config)
+    checked = 0
+    for field in dataclasses.fields(exp.config):
+        assert field.metadata.get("help"), f"{name}.{field.name}: declare it with option(default, help, ...)"
+        tp = hints[field.name]
+        if not (tp in (int, float) or typing.get_args(tp)[:1] in ((int,), (float,))):
+            continue
+        if (field.name == "lr" or field.name.endswith(("_lr", "_lrs"))) and field.name != "curveball_lr":
+            # a learning rate of 0 trains nothing (CurveBall's 0 means its automatic beta)
+            assert field.metadata["gt"] == 0, f"{name}.{field.name}: declare gt=0"
+        if field.name.endswith(("epochs", "steps", "batch_size", "batch")):  # counts a run needs at least one of
+            assert field.metadata["ge"] >= 1, f"{name}.{field.name}: declare ge=1"
+        for value in _just_outside(field, tp):
+            with pytest.raises(experiments.ConfigError) as err:
+                experiments.make_config(exp, [f"{field.name}={value}"], scale="smoke")
+            first = str(err.value).splitlines()[0]
+            assert repr(field.name) in first and value.lstrip("-") in first, first
+            checked += 1
+    assert checked >= 10
 
 
 def test_out_must_be_a_folder(tmp_path, capsys):

@@ -5,18 +5,21 @@ of each run whose ``config.json`` belongs to the summarised config. The first sc
 every claim judged: the claim, what the paper says, the measured estimate with its confidence interval,
 seeds, scale and the verdict, each linked to its experiment's section. Per experiment: the verdicts,
 notes, a table of final metrics (mean and sd over seeds), the figures and the config.
+
+The page is the Jinja2 template ``templates/report.html.jinja``, rendered with autoescape on: this module
+only gathers values from the result files, and every one of them is escaped by the template.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import torch
 
@@ -227,24 +230,18 @@ def recorded_verdicts(source: str | Path = RECORDED) -> dict[str, dict]:
     return out
 
 
-def _recorded_cell(v: dict, recorded: dict[str, dict]) -> str:
-    """The recorded full-scale verdict of ``v``'s claim, flagged when this run's verdict contradicts it."""
+def _recorded(v: dict, recorded: dict[str, dict]) -> dict:
+    """The recorded full-scale verdict of ``v``'s claim, for the report's cell; ``disagrees`` when this run's
+    verdict is the opposite of the record."""
     rec = recorded.get(v.get("claim"))
     if rec is None or v.get("scale") == "full":
-        return "<td><small>none recorded</small></td>" if rec is None else "<td><small>this is a full run</small></td>"
-    ci = (f" [{_num(rec.get('ci_low'))}, {_num(rec.get('ci_high'))}]" if rec.get("ci_low") is not None else "")
-    opposite = {v.get("outcome"), rec.get("outcome")} == {"reproduced", "contradicted"}
-    flag = "<br><b class='disagrees'>this run disagrees with the record</b>" if opposite else ""
-    if rec.get("unchecked"):
-        flag += (f"<br><small>not yet checked for our own artifacts: {html.escape(', '.join(rec['unchecked']))}"
-                 "</small>")
-    elif rec.get("checked"):
-        flag += (f"<br><small>artifact checks (tuning, metric, scale, premise): docs/results/"
-                 f"{html.escape(str(rec.get('experiment')))}.md</small>")
-    return (f"<td class='{html.escape(str(rec.get('outcome')))}'><b>{html.escape(str(rec.get('outcome')))}</b> "
-            f"<small>{_num(rec.get('estimate'))}{ci}, n={rec.get('n')}, "
-            f"recorded {html.escape(str(rec.get('recorded')))}"
-            f", commit {html.escape(str(rec.get('commit') or 'none')[:10])}</small>{flag}</td>")
+        return {"none": rec is None, "full": rec is not None}
+    return {"none": False, "full": False, "outcome": str(rec.get("outcome")), "estimate": _num(rec.get("estimate")),
+            "ci": f"[{_num(rec.get('ci_low'))}, {_num(rec.get('ci_high'))}]" if rec.get("ci_low") is not None else "",
+            "n": rec.get("n"), "recorded": str(rec.get("recorded")), "commit": str(rec.get("commit") or "none")[:10],
+            "disagrees": {v.get("outcome"), rec.get("outcome")} == {"reproduced", "contradicted"},
+            "unchecked": [str(x) for x in rec.get("unchecked") or []], "checked": bool(rec.get("checked")),
+            "experiment": str(rec.get("experiment"))}
 
 
 def _is_extension(s: dict, v: dict) -> bool:
@@ -252,7 +249,13 @@ def _is_extension(s: dict, v: dict) -> bool:
     return bool(claim.get("extension"))
 
 
-def _claim_rows(s: dict, extensions: bool = False, recorded: dict[str, dict] | None = None) -> list[str]:
+def _interval(v: dict) -> str:
+    return (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None
+            and math.isfinite(v["ci_low"]) else "[no interval]")
+
+
+def _claim_rows(s: dict, extensions: bool = False, recorded: dict[str, dict] | None = None) -> list[dict]:
+    """One row of the claims table (or of the extensions table) per verdict of summary ``s``."""
     rows = []
     recorded = {} if recorded is None else recorded
     claims = {c["id"]: c for c in s.get("claims", [])}
@@ -260,34 +263,22 @@ def _claim_rows(s: dict, extensions: bool = False, recorded: dict[str, dict] | N
         c = claims.get(v["claim"], {})
         if bool(c.get("extension")) != extensions:
             continue
-        ci = (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None
-              and math.isfinite(v["ci_low"]) else "[no interval]")
-        hyp = c.get("metric_label") or c.get("metric", "")
-        rows.append(
-            f"<tr class='{html.escape(str(v['outcome']))}'><td><b>{html.escape(v['claim'])}</b><br>"
-            f"<small>{html.escape(c.get('statement', ''))}</small></td>"
-            + (f"<td><i>this lab's claim, not the paper's:</i> {html.escape(str(c.get('extension')))}</td>"
-               if extensions else
-               f"<td>{html.escape(c.get('paper', ''))}, {html.escape(c.get('where', ''))}: "
-               f"{html.escape(c.get('paper_value', ''))}"
-               + (f"<br><small class='quote'>{html.escape(c['quote'])}</small>" if c.get("quote") else "")
-               + "</td>") +
-            f"<td class='num'><span class='nowrap'>{_num(v['estimate'])}</span> <span class='nowrap'>{ci}</span>"
-            f"<br><small>{html.escape(hyp)}; "
-            f"{html.escape(c.get('direction', ''))}, margin {c.get('margin', 0):g}</small></td>"
-            f"<td class='num'>{v['n']}</td>"
-            f"<td><small>{html.escape(str(s.get('paper_setting') or 'not recorded'))}</small></td>"
-            f"<td><small>{html.escape(str(s.get('run_setting') or (v.get('scale', '') + ' scale')))}"
-            + (f" <a href='#{html.escape(s['experiment'])}-deviations'>deviations</a>" if s.get("deviations") else "")
-            + "</small></td>"
-            f"<td><b>{html.escape(str(v['outcome']))}</b>"
-            f"{'<br><small>' + html.escape(v['note']) + '</small>' if v.get('note') else ''}"
-            f"</td>{_recorded_cell(v, recorded)}"
-            f"<td><a href='#{html.escape(s['experiment'])}'>{html.escape(s['experiment'])}</a></td></tr>")
+        rows.append({
+            "outcome": str(v["outcome"]), "claim": str(v["claim"]), "statement": c.get("statement", ""),
+            "extension": str(c.get("extension")), "paper": c.get("paper", ""), "where": c.get("where", ""),
+            "paper_value": c.get("paper_value", ""), "quote": c.get("quote") or "",
+            "estimate": _num(v["estimate"]), "ci": _interval(v), "metric": c.get("metric_label") or c.get("metric", ""),
+            "direction": c.get("direction", ""), "margin": f"{c.get('margin', 0):g}", "n": v["n"],
+            "paper_setting": str(s.get("paper_setting") or "not recorded"),
+            "run_setting": str(s.get("run_setting") or (v.get("scale", "") + " scale")),
+            "deviations": bool(s.get("deviations")), "note": v.get("note") or "",
+            "recorded": _recorded(v, recorded), "experiment": str(s["experiment"]), "broken": False})
     return rows
 
 
-def _claims_table(summaries: list[dict], recorded: dict[str, dict] | None = None) -> str:
+def _claims_context(summaries: list[dict], recorded: dict[str, dict] | None = None) -> dict:
+    """The claims and extensions tables: rows reproduced first, contradicted last (stable: each experiment's
+    claims keep their order within a verdict), and the count of each verdict."""
     rows, extension_rows = [], []
     recorded = recorded_verdicts() if recorded is None else recorded
     for s in summaries:
@@ -295,123 +286,86 @@ def _claims_table(summaries: list[dict], recorded: dict[str, dict] | None = None
             rows += _claim_rows(s, recorded=recorded)
             extension_rows += _claim_rows(s, extensions=True, recorded=recorded)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            name = html.escape(str(s.get("experiment")))
-            rows.append(f"<tr class='contradicted'><td colspan='9'>{name}: claims unreadable in summary.json "
-                        f"({html.escape(type(e).__name__)}); re-run the experiment</td></tr>")
+            rows.append({"broken": True, "outcome": "contradicted", "experiment": str(s.get("experiment")),
+                         "error": type(e).__name__})
 
     def count(extensions: bool) -> dict[str, int]:
         return {k: sum(isinstance(v, dict) and v.get("outcome") == k and _is_extension(s, v) == extensions
                        for s in summaries for v in (s.get("verdicts") or [])) for k in COLOURS}
 
-    # reproduced first, contradicted last (stable: each experiment's claims keep their order within a verdict)
-    def by_outcome(row: str) -> int:
-        outcome = row.split("'", 2)[1] if row.startswith("<tr class='") else ""
-        return OUTCOME_ORDER.get(outcome, len(OUTCOME_ORDER))
+    def by_outcome(row: dict) -> int:
+        return OUTCOME_ORDER.get(row["outcome"], len(OUTCOME_ORDER))
 
-    rows, extension_rows = sorted(rows, key=by_outcome), sorted(extension_rows, key=by_outcome)
-    counts, extension_counts = count(False), count(True)
-    head = ("<colgroup><col style='width:19%'><col style='width:14%'><col style='width:13%'><col style='width:4%'>"
-            "<col style='width:12%'><col style='width:12%'><col style='width:10%'><col style='width:11%'>"
-            "<col style='width:5%'></colgroup>"
-            "<tr><th>claim</th><th>paper says</th><th>measured: estimate [95% CI]</th><th>seeds</th>"
-            "<th>paper's setting</th><th>this run's setting</th><th>verdict</th><th>recorded full-scale verdict</th>"
-            "<th>section</th></tr>")
-    return (f"<h2 id='claims'>Claims</h2><p>{len(rows)} claims judged: " +
-            ", ".join(f"{n} {k}" for k, n in counts.items()) +
-            ". Estimate: mean paired difference over seeds (arm minus comparison, or minus the threshold), in the "
-            "metric's units. Reproduced: the whole interval on the claimed side of the margin; contradicted: the "
-            "whole interval on the other side; inconclusive otherwise, with the effect the run could have detected "
-            "(80% power).</p>"
-            f"<table class='claims' id='claims-table'>{head}{''.join(rows)}</table>"
-            + (f"<h2 id='extensions'>Extensions</h2><p>{len(extension_rows)} claims of this lab's own, not the papers' "
-               "(a corrected method, or a reading the paper does not report), judged the same way: " +
-               ", ".join(f"{n} {k}" for k, n in extension_counts.items()) + ". A verdict here says nothing about "
-               "whether the paper's own claim holds.</p>"
-               f"<table class='claims' id='extensions-table'>{head.replace('paper says', 'why it is ours')}"
-               f"{''.join(extension_rows)}</table>" if extension_rows else ""))
+    return {"rows": sorted(rows, key=by_outcome), "extension_rows": sorted(extension_rows, key=by_outcome),
+            "counts": count(False), "extension_counts": count(True)}
 
 
-def _section(exp_dir: Path, summary: dict) -> str:
+def _figure(exp_dir: Path, fig: object) -> dict | None:
+    """A figure entry of a summary: its PNG as base64, or why it is refused; None when the file is missing."""
+    png = exp_dir / str(fig)
+    # only a PNG that sits in the experiment folder itself: a summary cannot pull in other local files
+    if Path(str(fig)).name != str(fig) or png.suffix != ".png" or png.is_symlink():
+        return {"refused": f"figure entry {fig} refused: not a PNG file name inside the experiment folder"}
+    if png.exists() and not png.is_file():  # a FIFO would block the read forever, a directory fail it
+        return {"refused": f"figure {fig} refused: not a regular file"}
+    if png.exists():
+        return {"refused": "", "name": str(fig), "data": base64.b64encode(png.read_bytes()).decode()}
+    return None
+
+
+def _section(exp_dir: Path, summary: dict) -> dict:
+    """One experiment's section: provenance, settings, verdicts, notes, the final-metrics table, figures."""
     name = summary["experiment"]
     metrics = summary.get("table_metrics", ["test_acc", "test_loss", "train_loss"])
     made = summary.get("provenance") if isinstance(summary.get("provenance"), dict) else {}
-    parts = [f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>",
-             f"<p>{html.escape(summary.get('description', ''))} "
-             f"<small>Scale: {html.escape(summary.get('scale', '?'))}, "
-             f"{summary.get('seeds', '?')} seeds. Judged by code {html.escape(str(made.get('code', 'unrecorded')))}"
-             f" (backproplab {html.escape(str(made.get('backproplab', '?')))}, commit "
-             f"{html.escape(str(made.get('commit') or 'none'))}, torch {html.escape(str(made.get('torch', '?')))}"
-             f").</small></p>"]
-    deviations = summary.get("deviations") or []
-    if deviations or summary.get("paper_setting"):
-        parts.append(f"<p id='{html.escape(name)}-deviations'><small><b>Paper's setting:</b> "
-                     f"{html.escape(str(summary.get('paper_setting') or 'not recorded'))}<br><b>This run:</b> "
-                     f"{html.escape(str(summary.get('run_setting') or summary.get('scale', '?')))}</small></p>"
-                     + ("<small><b>Deviations from the paper</b></small><ul>"
-                        + "".join(f"<li><small>{html.escape(str(d))}</small></li>" for d in deviations) + "</ul>"
-                        if deviations else ""))
     stale = summary.get("stale_runs") or []
-    if stale or made.get("code") != code_hash():
-        what = (f"{len(stale)} run(s) were made by other code than the code that judged them "
-                f"({html.escape(', '.join(map(str, stale[:6])))}{', ...' if len(stale) > 6 else ''})" if stale else "")
-        now = ("this summary was written by other code than the report's "
-               f"({html.escape(str(made.get('code', 'unrecorded')))} vs {code_hash()})"
-               if made.get("code") != code_hash() else "")
-        parts.append(f"<p class='stale'><b>Made by other code:</b> {'; '.join(x for x in (what, now) if x)}. "
-                     "Re-run with <code>--rerun-stale</code> to make every run with the current code.</p>")
-    verdicts = summary.get("verdicts", [])
-    items = "".join(f"<li class='{html.escape(str(v['outcome']))}'>"
-                    f"{'[extension, not the paper' + chr(39) + 's claim] ' if _is_extension(summary, v) else ''}"
-                    f"{html.escape(_verdict_line(v))}</li>" for v in verdicts)
-    parts.append(f"<div class='verdict'><b>Verdicts</b><ul>{items or '<li>(no claim judged)</li>'}</ul>"
-                 + (f"<b>Notes</b><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in summary.get('notes', []))}</ul>"
-                    if summary.get("notes") else "") + "</div>")
+    why_stale = []
+    if stale:
+        why_stale.append(f"{len(stale)} run(s) were made by other code than the code that judged them "
+                         f"({', '.join(map(str, stale[:6]))}{', ...' if len(stale) > 6 else ''})")
+    if made.get("code") != code_hash():
+        why_stale.append(f"this summary was written by other code than the report's "
+                         f"({made.get('code', 'unrecorded')} vs {code_hash()})")
     problems: list[str] = []
-    rows = final_table(exp_dir, summary, metrics, problems)
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
-    body = "".join(
-        f"<tr><td>{html.escape(arm)}</td><td>{n}{f' (+{d} diverged)' if d else ''}</td>" +
-        "".join(f"<td>{s[m][0]:.4g} ± {s[m][1]:.2g}</td>" if m in s else "<td>–</td>" for m in metrics) + "</tr>"
-        for arm, n, d, s in rows)
-    parts.append(f"<table><tr><th>arm</th><th>seeds</th>{head}</tr>{body}</table><small>mean ± sd over the seeds "
-                 "that finished; diverged seeds are counted apart</small>")
-    if problems:
-        parts.append("<div class='inconclusive'><b>Unreadable files (left out)</b><ul>" +
-                     "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul></div>")
-    for fig in summary.get("figures", []):
-        png = exp_dir / str(fig)
-        # only a PNG that sits in the experiment folder itself: a summary cannot pull in other local files
-        if Path(str(fig)).name != str(fig) or png.suffix != ".png" or png.is_symlink():
-            parts.append(f"<p class='contradicted'>figure entry {html.escape(str(fig))!s} refused: not a PNG file "
-                         "name inside the experiment folder</p>")
-            continue
-        if png.exists() and not png.is_file():  # a FIFO would block the read forever, a directory fail it
-            parts.append(f"<p class='contradicted'>figure {html.escape(str(fig))} refused: not a regular file</p>")
-        elif png.exists():
-            data = base64.b64encode(png.read_bytes()).decode()
-            parts.append(f"<figure><img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{html.escape(fig)}</figcaption></figure>")
-    cfg = json.dumps(summary.get("config", {}), indent=1, sort_keys=True)
-    parts.append(f"<details><summary>config</summary><pre>{html.escape(cfg)}</pre></details>")
-    return "\n".join(parts)
+    rows = [{"arm": arm, "n": n, "diverged": d,
+             "cells": [f"{st[m][0]:.4g} ± {st[m][1]:.2g}" if m in st else "–" for m in metrics]}
+            for arm, n, d, st in final_table(exp_dir, summary, metrics, problems)]
+    figures = [f for f in (_figure(exp_dir, fig) for fig in summary.get("figures", [])) if f is not None]
+    return {
+        "name": str(name), "description": summary.get("description", ""), "scale": summary.get("scale", "?"),
+        "seeds": summary.get("seeds", "?"),
+        "made": {"code": str(made.get("code", "unrecorded")), "backproplab": str(made.get("backproplab", "?")),
+                 "commit": str(made.get("commit") or "none"), "torch": str(made.get("torch", "?"))},
+        "show_setting": bool(summary.get("deviations") or summary.get("paper_setting")),
+        "paper_setting": str(summary.get("paper_setting") or "not recorded"),
+        "run_setting": str(summary.get("run_setting") or summary.get("scale", "?")),
+        "deviations": [str(d) for d in summary.get("deviations") or []], "stale": why_stale,
+        "verdicts": [{"outcome": str(v["outcome"]), "extension": _is_extension(summary, v), "line": _verdict_line(v)}
+                     for v in summary.get("verdicts", [])],
+        "notes": [str(n) for n in summary.get("notes") or []], "metrics": metrics, "rows": rows,
+        "problems": problems, "figures": figures,
+        "config": json.dumps(summary.get("config", {}), indent=1, sort_keys=True)}
 
 
 def _verdict_line(v: dict) -> str:
-    ci = (f"[{_num(v['ci_low'])}, {_num(v['ci_high'])}]" if v.get("ci_low") is not None and math.isfinite(v["ci_low"])
-          else "[no interval]")
-    text = f"{v['claim']}: {v['outcome']} — estimate {_num(v['estimate'])}, 95% CI {ci}, n={v['n']}"
+    text = f"{v['claim']}: {v['outcome']} — estimate {_num(v['estimate'])}, 95% CI {_interval(v)}, n={v['n']}"
     return text + (f"; {v['note']}" if v.get("note") else "")
 
 
-def _scale_banner(summaries: list[dict]) -> str:
-    """A banner at the top for every scale below full that any experiment here ran at, naming those experiments."""
+def _scale_banners(summaries: list[dict]) -> list[dict]:
+    """A banner for every scale below full that any experiment here ran at, naming those experiments."""
     out = []
     for scale, text in SCALE_BANNERS.items():
         names = [str(s.get("experiment")) for s in summaries if s.get("scale") == scale]
         if names:
-            out.append(f"<p class='banner' id='banner-{scale}'><b>{html.escape(text)}</b> "
-                       f"<small>({html.escape(', '.join(names))})</small></p>")
-    return "".join(out)
+            out.append({"scale": scale, "text": text, "names": names})
+    return out
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("backproplab", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("report.html.jinja")
 
 
 def build_report(results_dir: str | Path, out_file: str | Path | None = None, recorded: str | Path = RECORDED) -> Path:
@@ -429,23 +383,18 @@ def build_report(results_dir: str | Path, out_file: str | Path | None = None, re
             summaries.append((d, summary))
         else:
             broken.append((d, problems[0] if problems else f"{d / 'summary.json'}: not a summary object"))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    toc = " · ".join(f"<a href='#{html.escape(d.name)}'>{html.escape(d.name)}</a>" for d in exp_dirs)
     sections = []
     for d, summary in summaries:
         try:
             sections.append(_section(d, summary))
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a malformed summary breaks its section only
             broken.append((d, f"{d / 'summary.json'}: malformed ({type(e).__name__}: {e})"))
-    sections += [f"<h2 id='{html.escape(d.name)}'>{html.escape(d.name)}</h2><p class='contradicted'>This section "
-                 f"could not be built: {html.escape(why)}. Re-run the experiment to rebuild it.</p>"
-                 for d, why in broken]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>backproplab report</title>"
-            f"<meta name='viewport' content='width=device-width'><style>{STYLE}</style></head><body>"
-            f"<h1>backproplab report</h1><p>{stamp} · code {code_hash()} · torch {torch.__version__} · Python "
-            f"{platform.python_version()} · {toc}</p>" + _scale_banner([s for _, s in summaries])
-            + _claims_table([s for _, s in summaries], recorded_verdicts(recorded)) + "\n<hr>\n"
-            + "\n<hr>\n".join(sections) + "</body></html>")
+    page = _template().render(
+        style=STYLE, stamp=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), code=code_hash(),
+        torch_version=torch.__version__, python_version=platform.python_version(), names=[d.name for d in exp_dirs],
+        banners=_scale_banners([s for _, s in summaries]), sections=sections,
+        broken=[{"name": d.name, "why": why} for d, why in broken],
+        **_claims_context([s for _, s in summaries], recorded_verdicts(recorded)))
     out = Path(out_file) if out_file else results_dir / "report.html"
     _io.write_text(out, page)
     return out

@@ -55,15 +55,38 @@ class ConfigError(ValueError):
     """A ``--set`` key or value does not fit the experiment's config, or results of another config are in the way."""
 
 
+MAX_SEEDS = 100_000
+
+
+def option(default: Any, help: str, *, ge: float = 0, gt: float | None = None, lt: float | None = None,
+           le: float | None = None) -> Any:
+    """A config field with its meaning and its range, declared where the field is.
+
+    ``help`` is the one line ``backproplab run NAME --help`` prints. The bounds apply to a number and to each
+    item of a list of numbers: ``ge`` (default 0: no config number is negative), ``gt``, ``lt``, ``le``; every
+    number must also be finite and fit float32. :func:`check_values` enforces them before anything trains.
+
+    Example:
+        >>> from dataclasses import dataclass, fields
+        >>> @dataclass
+        ... class Demo:
+        ...     epochs: int = option(3, "training epochs", ge=1)
+        >>> fields(Demo)[0].metadata["ge"], Demo().epochs
+        (1, 3)
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "lt": lt, "le": le})
+
+
 @dataclass
 class ExperimentConfig:
-    seeds: int = 5  # paired seeds per arm (0..N-1); each seed is one run of every arm
-    device: str = "auto"  # cpu, cuda, cuda:N or auto (CUDA when present)
-    data_root: str = ""  # where local dataset files live ('' = $BACKPROPLAB_DATA or ./data)
-    linear_backprop: bool = False  # train every model of the experiment with linear backprop
-    checkpoint_every: int = 0  # steps between checkpoints (0: none); does not change results
-    log: str = ""  # also log each evaluation as csv and/or tensorboard (comma-separated), beside metrics.jsonl
-    validation: float = 0.0  # > 0: hold out this fraction of the training set, report on it (not the test set)
+    seeds: int = option(5, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when present)")
+    data_root: str = option("", "where local dataset files live ('' = $BACKPROPLAB_DATA or ./data)")
+    linear_backprop: bool = option(False, "train every model of the experiment with linear backprop")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: none); does not change results")
+    log: str = option("", "also log each evaluation as csv and/or tensorboard (comma-separated), beside metrics.jsonl")
+    validation: float = option(
+        0.0, "> 0: hold out this fraction of the training set, report on it (not the test set)", lt=1)
 
 
 @dataclass(frozen=True)
@@ -304,29 +327,26 @@ def _parse(value: str, tp: Any) -> Any:
     raise ValueError(f"unsupported field type {tp}")
 
 
-def field_meanings(config_cls: type) -> dict[str, str]:
-    """Each config field's one-line meaning: the comment on its line in the class source (base classes too)."""
-    import inspect
-
-    meanings: dict[str, str] = {}
-    for cls in reversed(config_cls.__mro__):
-        if not dataclasses.is_dataclass(cls) or cls is object:
-            continue
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.MULTILINE):
-            meanings[m.group(1)] = m.group(2).strip()
-    return meanings
+def _range_words(f: dataclasses.Field, tp: Any) -> str:
+    """A numeric field's declared range in words ("at least 1", "above 0, below 1"), '' for other fields."""
+    numeric = tp in (int, float) or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] in (int, float))
+    if not numeric:
+        return ""
+    bounds = [(words, bound) for words, bound, _ in _bounds(f)]
+    if any(words == "above" for words, _ in bounds):  # "above 0" says more than "at least 0"
+        bounds = [(words, bound) for words, bound in bounds if words != "at least"]
+    return ", ".join(f"{words} {bound:g}" for words, bound in bounds)
 
 
 def describe_fields(config_cls: type) -> str:
+    """``KEY (type[, range], default D): meaning``, one line per field, for ``--help`` and config errors."""
     hints = typing.get_type_hints(config_cls)
-    meanings = field_meanings(config_cls)
-    return "\n".join(f"  {f.name} ({_type_name(hints[f.name])}, default {f.default!r})"
-                     + (f": {meanings[f.name]}" if f.name in meanings else "")
-                     for f in dataclasses.fields(config_cls))
+    lines = []
+    for f in dataclasses.fields(config_cls):
+        kind = ", ".join(filter(None, (_type_name(hints[f.name]), _range_words(f, hints[f.name]))))
+        lines.append(f"  {f.name} ({kind}, default {f.default!r})"
+                     + (f": {f.metadata['help']}" if "help" in f.metadata else ""))
+    return "\n".join(lines)
 
 
 def paper_scale_names() -> list[str]:
@@ -388,19 +408,21 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
     return cfg
 
 
-MAX_SEEDS = 100_000
-AT_LEAST_ONE = ("seeds", "epochs", "steps", "iters", "evals", "inits", "examples", "batch", "batch_size", "per_class",
-                "size", "cert_n", "cert_n0", "every", "times", "workers", "canaries", "factor", "widths", "channels",
-                "multipliers", "ks", "width", "per_epoch")
-ZERO_OK = ("eval_every", "checkpoint_every", "n_train", "noise_multiplier", "curveball_lr", "curveball_momentum")
-PROBABILITIES = ("dropout", "dropconnect", "stochastic_depth", "disturb_alpha", "delta", "cert_alpha", "validation")
 DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?|mps)$")
 
 
+def _bounds(f: dataclasses.Field) -> list[tuple[str, float, Callable[[float, float], bool]]]:
+    """A field's declared bounds (:func:`option`) as (words, bound, holds) triples."""
+    meta = f.metadata
+    rules = [("at least", meta.get("ge", 0), lambda v, b: v >= b), ("above", meta.get("gt"), lambda v, b: v > b),
+             ("below", meta.get("lt"), lambda v, b: v < b), ("at most", meta.get("le"), lambda v, b: v <= b)]
+    return [(words, bound, holds) for words, bound, holds in rules if bound is not None]
+
+
 def check_values(exp: Experiment, cfg: Any) -> None:
-    """Ranges every experiment shares, by field name: numbers finite and >= 0; counts (epochs, steps, seeds,
-    batch sizes, ...) >= 1; learning rates > 0 (CurveBall's 0 means automatic); probabilities in [0, 1);
-    lists non-empty; datasets known; a device that exists. Raises ConfigError naming the key and the range."""
+    """Every number of the config (and every item of a list of numbers) finite, within float32 and within the
+    bounds its field declares (:func:`option`); lists non-empty; datasets known; a device that exists. Raises
+    ConfigError naming the key, the value and the range."""
     from ..data import DATASETS
     from ..train import resolve_device
 
@@ -415,20 +437,15 @@ def check_values(exp: Experiment, cfg: Any) -> None:
         for v in items:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
-            if not math.isfinite(v) or v < 0:
-                fail(key, v, "expected a finite number >= 0")
-            if v > FLOAT32_MAX:  # training holds it in float32 tensors (an lr of 3.4e38 overflows there)
+            if not math.isfinite(v):
+                fail(key, v, "expected a finite number")
+            if abs(v) > FLOAT32_MAX:  # training holds it in float32 tensors (an lr of 3.4e38 overflows there)
                 fail(key, v, f"expected a number below {FLOAT32_MAX:g}, float32's range")
-            if key in ZERO_OK:
-                continue
-            if key.endswith(AT_LEAST_ONE) and isinstance(v, int) and v < 1:
-                fail(key, v, "expected at least 1")
-            if key == "seeds" and v > MAX_SEEDS:  # planning alone would take hours: a typo, not a plan
-                fail(key, v, f"expected at most {MAX_SEEDS} seeds")
-            if (key == "lr" or key.endswith("_lr") or key == "epsilons") and v <= 0:
-                fail(key, v, "expected a number > 0")
-            if key in PROBABILITIES and not v < 1:
-                fail(key, v, "expected a probability in [0, 1)")
+            for words, bound, holds in _bounds(f):
+                if not holds(v, bound):
+                    fail(key, v, f"expected a number {words} {bound:g}"
+                         + (" (more seeds than planning can take in reasonable time: a typo?)"
+                            if key == "seeds" and words == "at most" else ""))
     for key in ("datasets", "dataset"):
         names = getattr(cfg, key, None)
         default = next((f.default for f in dataclasses.fields(cfg) if f.name == key), None)
@@ -449,7 +466,7 @@ def check_values(exp: Experiment, cfg: Any) -> None:
     try:
         resolve_device(cfg.device)
     except RuntimeError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"bad value {cfg.device!r} for 'device' in experiment {exp.name!r}: {e}") from None
 
 
 def check_n_train(cfg: Any, datasets: Sequence[str]) -> None:

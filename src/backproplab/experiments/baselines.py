@@ -15,7 +15,8 @@ import numpy as np
 from .. import plots
 from ..evidence import Claim, quoted
 from ..models import build_model
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values
+from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values,
+               option)
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
 PAPER = "Sutskever et al., ICML 2013"
@@ -26,19 +27,19 @@ QUOTES = {"baselines.momentum_trains_faster": "abstract: \"well-initialized netw
 
 @dataclass
 class BaselinesConfig(ExperimentConfig):
-    datasets: tuple[str, ...] = ("digits", "mnist1d")  # datasets to train on
-    models: tuple[str, ...] = ("mlp", "cnn")  # architectures (mlp, cnn)
-    optimizers: tuple[str, ...] = OPTIMIZERS  # optimizers compared
-    epochs: int = 30  # training epochs per run
-    batch_size: int = 64  # mini-batch size
-    sgd_lr: float = 0.05  # learning rate of plain SGD
-    momentum_lr: float = 0.05  # learning rate of SGD with momentum
-    momentum: float = 0.9  # momentum of the momentum arm
-    adam_lr: float = 1e-3  # Adam's learning rate
-    gd_lr: float = 0.5  # learning rate of full-batch GD
-    weight_decay: float = 0.0  # L2 weight decay, every arm
-    n_train: int = 0  # 0: the whole training set; else a per-seed subset, the rest joins the test set
-    eval_every: int = 0  # steps between evaluations (0: at each epoch's end)
+    datasets: tuple[str, ...] = option(("digits", "mnist1d"), "datasets to train on")
+    models: tuple[str, ...] = option(("mlp", "cnn"), "architectures (mlp, cnn)")
+    optimizers: tuple[str, ...] = option(OPTIMIZERS, "optimizers compared")
+    epochs: int = option(30, "training epochs per run", ge=1)
+    batch_size: int = option(64, "mini-batch size", ge=1)
+    sgd_lr: float = option(0.05, "learning rate of plain SGD", gt=0)
+    momentum_lr: float = option(0.05, "learning rate of SGD with momentum", gt=0)
+    momentum: float = option(0.9, "momentum of the momentum arm")
+    adam_lr: float = option(1e-3, "Adam's learning rate", gt=0)
+    gd_lr: float = option(0.5, "learning rate of full-batch GD", gt=0)
+    weight_decay: float = option(0.0, "L2 weight decay, every arm")
+    n_train: int = option(0, "0: the whole training set; else a per-seed subset, the rest joins the test set")
+    eval_every: int = option(0, "steps between evaluations (0: at each epoch's end)")
     def validate(self) -> None:
         check_n_train(self, self.datasets)
         check_choices("optimizers", self.optimizers, OPTIMIZERS)

@@ -51,7 +51,7 @@ from .. import _io, plots
 from ..evidence import Claim, quoted
 from ..methods.curveball import CurveBall
 from ..models import build_model
-from . import Arm, Experiment, ExperimentConfig, Results, Run
+from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, option
 
 PROBLEMS = ("rosenbrock", "rosenbrock_u1", "rosenbrock_u3", "rahimi_recht", "rahimi_recht_stochastic")
 TOY_METHODS = ("sgd", "adam", "lbfgs", "newton", "lm", "curveball")
@@ -75,26 +75,26 @@ QUOTES = {
 
 @dataclass
 class CurveBallConfig(ExperimentConfig):
-    problems: tuple[str, ...] = PROBLEMS  # toy problems (Rosenbrock family, Rahimi-Recht linear network)
-    toy_methods: tuple[str, ...] = TOY_METHODS  # optimizers on the toy problems
-    toy_seeds: int = 10  # random starts per toy problem
-    max_iters: int = 20000  # iteration budget per toy run
-    tol: float = 1e-3  # distance to (1, 1) for Rosenbrock
-    linear_tol: float = 1e-6  # mean squared error that counts as solved for the Rahimi-Recht problem
-    rr_batch: int = 100  # mini-batch of the stochastic Rahimi-Recht problem
-    datasets: tuple[str, ...] = ("digits", "mnist1d")  # datasets of the CNN comparison
-    cnn_methods: tuple[str, ...] = CNN_METHODS  # optimizers of the CNN comparison
-    batchnorm: tuple[str, ...] = ("nobn", "bn")  # CNN variants: without / with BatchNorm
-    epochs: int = 10  # CNN training epochs
-    batch_size: int = 64  # CNN mini-batch size
-    momentum_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)  # SGD+momentum's learning-rate sweep (CNN)
-    momentum: float = 0.9  # momentum of the SGD baseline
-    adam_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # Adam's learning-rate sweep (CNN)
-    curveball_lambdas: tuple[float, ...] = (0.1, 1.0, 10.0)  # CurveBall's initial-lambda sweep (CNN)
-    curveball_lr: float = 0.0  # <= 0: CurveBall's automatic beta (and rho below)
-    curveball_momentum: float = 0.0  # <= 0: CurveBall's automatic rho
-    evals_per_epoch: int = 4  # evaluations per CNN epoch
-    seeds: int = 5
+    problems: tuple[str, ...] = option(PROBLEMS, "toy problems (Rosenbrock family, Rahimi-Recht linear network)")
+    toy_methods: tuple[str, ...] = option(TOY_METHODS, "optimizers on the toy problems")
+    toy_seeds: int = option(10, "random starts per toy problem", ge=1)
+    max_iters: int = option(20000, "iteration budget per toy run", ge=1)
+    tol: float = option(1e-3, "distance to (1, 1) for Rosenbrock", gt=0)
+    linear_tol: float = option(1e-6, "mean squared error that counts as solved for the Rahimi-Recht problem", gt=0)
+    rr_batch: int = option(100, "mini-batch of the stochastic Rahimi-Recht problem", ge=1)
+    datasets: tuple[str, ...] = option(("digits", "mnist1d"), "datasets of the CNN comparison")
+    cnn_methods: tuple[str, ...] = option(CNN_METHODS, "optimizers of the CNN comparison")
+    batchnorm: tuple[str, ...] = option(("nobn", "bn"), "CNN variants: without / with BatchNorm")
+    epochs: int = option(10, "CNN training epochs", ge=1)
+    batch_size: int = option(64, "CNN mini-batch size", ge=1)
+    momentum_lrs: tuple[float, ...] = option((0.01, 0.03, 0.1), "SGD+momentum's learning-rate sweep (CNN)", gt=0)
+    momentum: float = option(0.9, "momentum of the SGD baseline")
+    adam_lrs: tuple[float, ...] = option((3e-4, 1e-3, 3e-3), "Adam's learning-rate sweep (CNN)", gt=0)
+    curveball_lambdas: tuple[float, ...] = option((0.1, 1.0, 10.0), "CurveBall's initial-lambda sweep (CNN)")
+    curveball_lr: float = option(0.0, "<= 0: CurveBall's automatic beta (and rho below)")
+    curveball_momentum: float = option(0.0, "<= 0: CurveBall's automatic rho")
+    evals_per_epoch: int = option(4, "evaluations per CNN epoch", ge=1)
+    seeds: int = option(5, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
 
 
 # ---------------------------------------------------------------- toy problems

@@ -26,7 +26,7 @@ from ..evidence import Claim, quoted
 from ..methods.layerwise import GreedyLayerwiseTrainer, LayerwiseCNN, parameter_count, probe, \
     retrain_smaller_classifier
 from ..train import StepDecay, cross_entropy, evaluate
-from . import Arm, Experiment, ExperimentConfig, Results, Run
+from . import Arm, Experiment, ExperimentConfig, Results, Run, option
 
 PAPER = "Belilovsky et al., ICML 2019 (arXiv:1812.11446)"
 EQUIVALENCE_MARGIN = 0.02  # 2 points of test accuracy: "competitive with end-to-end"
@@ -34,20 +34,20 @@ EQUIVALENCE_MARGIN = 0.02  # 2 points of test accuracy: "competitive with end-to
 
 @dataclass
 class LayerwiseConfig(ExperimentConfig):
-    datasets: tuple[str, ...] = ("auto",)  # auto: digits, mnist1d, and cifar10 if its files are present
-    ks: tuple[int, ...] = (1, 2, 3)  # auxiliary-classifier depths k compared
-    e2e_ks: tuple[int, ...] = (3,)  # k values given an end-to-end baseline
-    widths: tuple[int, ...] = (32, 64, 64, 128)  # channels of each block
-    downsample: tuple[int, ...] = (1, 3)  # blocks followed by invertible downsampling
-    epochs_per_block: int = 10  # epochs each block trains
-    decay_every: int = 5  # epochs between lr decays
-    decay_factor: float = 0.2  # lr multiplier at each decay
-    lr: float = 0.05  # SGD learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 weight decay
-    batch_size: int = 64  # mini-batch size
-    small_width: int = 16  # block width of the size-reduction arm
-    probe_all_arms: bool = True  # probe every arm's depths (False: only greedy k=min(ks), which the claim uses)
+    datasets: tuple[str, ...] = option(("auto",), "auto: digits, mnist1d, and cifar10 if its files are present")
+    ks: tuple[int, ...] = option((1, 2, 3), "auxiliary-classifier depths k compared", ge=1)
+    e2e_ks: tuple[int, ...] = option((3,), "k values given an end-to-end baseline", ge=1)
+    widths: tuple[int, ...] = option((32, 64, 64, 128), "channels of each block", ge=1)
+    downsample: tuple[int, ...] = option((1, 3), "blocks followed by invertible downsampling")
+    epochs_per_block: int = option(10, "epochs each block trains")
+    decay_every: int = option(5, "epochs between lr decays", ge=1)
+    decay_factor: float = option(0.2, "lr multiplier at each decay")
+    lr: float = option(0.05, "SGD learning rate", gt=0)
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay")
+    batch_size: int = option(64, "mini-batch size", ge=1)
+    small_width: int = option(16, "block width of the size-reduction arm", ge=1)
+    probe_all_arms: bool = option(True, "probe every arm's depths (False: only greedy k=min(ks), which the claim uses)")
 def _datasets(cfg: LayerwiseConfig) -> list[str]:
     if tuple(cfg.datasets) != ("auto",):
         return list(cfg.datasets)

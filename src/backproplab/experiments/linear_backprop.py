@@ -33,7 +33,7 @@ from .. import _io, plots
 from ..evidence import Claim, quoted
 from ..methods.linear_backprop import linear_backprop
 from ..models import build_model
-from . import Arm, Experiment, ExperimentConfig, Results, Run
+from . import Arm, Experiment, ExperimentConfig, Results, Run, option
 
 METHODS = {"bp": "backprop", "lbp": "linear backprop"}
 PAPER = "Yazdani, NeurIPS 2018 workshop (Linear Backprop in non-linear networks)"
@@ -42,21 +42,22 @@ EQUIVALENCE_MARGIN = 0.01  # 1 point of test accuracy
 
 @dataclass
 class LinearBackpropConfig(ExperimentConfig):
-    n_inits: int = 50  # initialisations per seed in the 5-point experiment
-    points_iters: int = 2000  # iterations of the 5-point fit
-    points_lrs: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)  # learning-rate sweep of the 5-point fit, per method
-    points_fit_tol: float = 1e-3  # MSE below which an initialisation has fitted the 5 points
-    points_widths: tuple[int, ...] = (32, 32, 32)  # hidden widths of the 5-point MLP
-    datasets: tuple[str, ...] = ("digits", "mnist1d")  # datasets of the MLP/CNN comparison
-    activations: tuple[str, ...] = ("relu", "sigmoid")  # activations compared
-    cnn_channels: tuple[int, ...] = (32, 64, 128)  # channels of the CNN's conv layers
-    epochs: int = 15  # training epochs (MLP/CNN)
-    lr: float = 1e-3  # Adam
-    batch_size: int = 64  # mini-batch size
-    binary_epochs: int = 15  # epochs of the binary networks
-    binary_lr: float = 1e-3  # learning rate of the binary networks
-    binary_channels: tuple[int, ...] = (32, 64)  # channels of the binarized VGG-style CNN's stages
-    binary_hidden: int = 128  # width of its hidden binary linear layer
+    n_inits: int = option(50, "initialisations per seed in the 5-point experiment", ge=1)
+    points_iters: int = option(2000, "iterations of the 5-point fit", ge=1)
+    points_lrs: tuple[float, ...] = option(
+        (0.03, 0.1, 0.3, 1.0, 3.0), "learning-rate sweep of the 5-point fit, per method", gt=0)
+    points_fit_tol: float = option(1e-3, "MSE below which an initialisation has fitted the 5 points")
+    points_widths: tuple[int, ...] = option((32, 32, 32), "hidden widths of the 5-point MLP", ge=1)
+    datasets: tuple[str, ...] = option(("digits", "mnist1d"), "datasets of the MLP/CNN comparison")
+    activations: tuple[str, ...] = option(("relu", "sigmoid"), "activations compared")
+    cnn_channels: tuple[int, ...] = option((32, 64, 128), "channels of the CNN's conv layers", ge=1)
+    epochs: int = option(15, "training epochs (MLP/CNN)", ge=1)
+    lr: float = option(1e-3, "Adam", gt=0)
+    batch_size: int = option(64, "mini-batch size", ge=1)
+    binary_epochs: int = option(15, "epochs of the binary networks", ge=1)
+    binary_lr: float = option(1e-3, "learning rate of the binary networks", gt=0)
+    binary_channels: tuple[int, ...] = option((32, 64), "channels of the binarized VGG-style CNN's stages", ge=1)
+    binary_hidden: int = option(128, "width of its hidden binary linear layer", ge=1)
 @dataclass(frozen=True)
 class LBPArm(Arm):
     setting: str  # "points", "binary" or "<dataset>-<activation>"

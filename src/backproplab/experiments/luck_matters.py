@@ -31,34 +31,36 @@ from ..evidence import Claim, quoted
 from ..methods import teacher_student as ts
 from ..models import build_model
 from ..train import evaluate, mse
-from . import Arm, Experiment, ExperimentConfig, Results, Run
+from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, option
 
 PAPER = "Tian et al., arXiv:1905.13405 2019 (Luck Matters); Tian, ICML 2020"
 
 
 @dataclass
 class LuckConfig(ExperimentConfig):
-    teacher_widths: tuple[int, ...] = (10, 15, 20, 25)  # hidden widths of the teacher
-    multipliers: tuple[int, ...] = (1, 2, 5, 10)  # student width = multiplier x teacher width
-    train_size: int = 100_000  # teacher-labelled training inputs
-    test_size: int = 10_000  # teacher-labelled test inputs
-    epochs: int = 40  # student training epochs
-    lr: float = 0.1  # student SGD learning rate
-    batch_size: int = 64  # mini-batch size
-    bn_epochs: int = 20  # epochs of the BatchNorm CNN
-    bn_teacher_firing: float = 0.2  # bn_student's teacher: each hidden node fires on this fraction of inputs
-    bn_lr: float = 0.05  # the BatchNorm CNN on digits: SGD with momentum
-    bn_momentum: float = 0.9  # momentum of the BatchNorm CNN
-    bn_channels: tuple[int, ...] = (32, 64, 64)  # channels of the BatchNorm CNN
-    matched_corr: float = 0.9  # fan-out groups: a student node is matched at this best correlation or above
-    unmatched_corr: float = 0.5  # ... and unmatched below this one
-    prune_corr: float = 0.9  # a student node is kept (lucky) when it matches some teacher node this well
-    prune_epochs: int = 10  # the training budget of every pruning arm that trains
-    two_layer_width: int = 10  # hidden nodes of the 2-layer teacher
-    two_layer_steps: int = 62_500  # SGD steps of the 2-layer student (the authors run 62.5k)
-    two_layer_lr: float = 0.01  # its learning rate (the authors' config)
-    student_scale: float = 0.1  # the 2-layer student's initial weights are scaled by this
-    seeds: int = 5
+    teacher_widths: tuple[int, ...] = option((10, 15, 20, 25), "hidden widths of the teacher", ge=1)
+    multipliers: tuple[int, ...] = option((1, 2, 5, 10), "student width = multiplier x teacher width", ge=1)
+    train_size: int = option(100_000, "teacher-labelled training inputs", ge=1)
+    test_size: int = option(10_000, "teacher-labelled test inputs", ge=1)
+    epochs: int = option(40, "student training epochs", ge=1)
+    lr: float = option(0.1, "student SGD learning rate", gt=0)
+    batch_size: int = option(64, "mini-batch size", ge=1)
+    bn_epochs: int = option(20, "epochs of the BatchNorm CNN", ge=1)
+    bn_teacher_firing: float = option(
+        0.2, "bn_student's teacher: each hidden node fires on this fraction of inputs", gt=0, lt=1)
+    bn_lr: float = option(0.05, "the BatchNorm CNN on digits: SGD with momentum", gt=0)
+    bn_momentum: float = option(0.9, "momentum of the BatchNorm CNN")
+    bn_channels: tuple[int, ...] = option((32, 64, 64), "channels of the BatchNorm CNN", ge=1)
+    matched_corr: float = option(
+        0.9, "fan-out groups: a student node is matched at this best correlation or above", le=1)
+    unmatched_corr: float = option(0.5, "... and unmatched below this one", le=1)
+    prune_corr: float = option(0.9, "a student node is kept (lucky) when it matches some teacher node this well", le=1)
+    prune_epochs: int = option(10, "the training budget of every pruning arm that trains", ge=1)
+    two_layer_width: int = option(10, "hidden nodes of the 2-layer teacher", ge=1)
+    two_layer_steps: int = option(62_500, "SGD steps of the 2-layer student (the authors run 62.5k)", ge=1)
+    two_layer_lr: float = option(0.01, "its learning rate (the authors' config)", gt=0)
+    student_scale: float = option(0.1, "the 2-layer student's initial weights are scaled by this")
+    seeds: int = option(5, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
 
 
 def _max_mult(cfg: LuckConfig) -> int:

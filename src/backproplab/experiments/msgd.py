@@ -41,8 +41,8 @@ from ..data import DataNotFoundError, load_dataset
 from ..evidence import Claim, quoted
 from ..methods import msgd
 from ..models import build_model
-from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values,
-               validation_split)
+from . import (MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train,
+               final_values, option, validation_split)
 
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
 LARGE = ("large_sgd", "large_weighted")
@@ -52,22 +52,24 @@ PAPER = "Wu et al., ICML 2020 (arXiv:1906.07405)"
 
 @dataclass
 class MSGDConfig(ExperimentConfig):
-    datasets: tuple[str, ...] = ("auto",)  # auto: fashion_mnist if present, else digits and mnist1d
-    methods: tuple[str, ...] = SMALL + LARGE  # arms: GD, GLD, SGD, the MSGD weightings, and the large-batch pair
-    n_train: int = 1000  # training examples (a per-seed subset)
-    batch_size: int = 50  # SGD's mini-batch size b
-    large_factor: int = 4  # large batch B = large_factor x b, strictly between b and n
-    model: str = "cnn"  # "cnn" (our small CNN) or "wu_cnn" (the authors' CNN, N(0, 0.02^2) initialisation)
-    cnn_channels: tuple[int, ...] = (16, 32)  # channels of the small CNN's conv layers (model "cnn")
-    lr: float = 0.05  # learning rate, every arm
-    steps: int = 3000  # training steps per run
-    evals: int = 20  # evaluations per run
-    gld_sigma: float = 0.01  # constant GLD's noise std when ``gld_sigmas`` is empty
-    gld_sigmas: tuple[float, ...] = (0.003, 0.01, 0.03)  # constant GLD's sweep, chosen on validation
-    gld_every: int = 10  # steps between dynamic GLD's trace re-estimates (the authors': 10)
-    gld_probes: int = 100  # mini-batches per trace estimate (the authors': 100)
-    equivalence_margin: float = 0.015  # "generalizes like SGD": within half the SGD-GD gap (see the docstring)
-    seeds: int = 10
+    datasets: tuple[str, ...] = option(("auto",), "auto: fashion_mnist if present, else digits and mnist1d")
+    methods: tuple[str, ...] = option(
+        SMALL + LARGE, "arms: GD, GLD, SGD, the MSGD weightings, and the large-batch pair")
+    n_train: int = option(1000, "training examples (a per-seed subset)")
+    batch_size: int = option(50, "SGD's mini-batch size b", ge=1)
+    large_factor: int = option(4, "large batch B = large_factor x b, strictly between b and n", ge=1)
+    model: str = option("cnn", "\"cnn\" (our small CNN) or \"wu_cnn\" (the authors' CNN, N(0, 0.02^2) initialisation)")
+    cnn_channels: tuple[int, ...] = option((16, 32), "channels of the small CNN's conv layers (model \"cnn\")", ge=1)
+    lr: float = option(0.05, "learning rate, every arm", gt=0)
+    steps: int = option(3000, "training steps per run", ge=1)
+    evals: int = option(20, "evaluations per run", ge=1)
+    gld_sigma: float = option(0.01, "constant GLD's noise std when ``gld_sigmas`` is empty")
+    gld_sigmas: tuple[float, ...] = option((0.003, 0.01, 0.03), "constant GLD's sweep, chosen on validation")
+    gld_every: int = option(10, "steps between dynamic GLD's trace re-estimates (the authors': 10)", ge=1)
+    gld_probes: int = option(100, "mini-batches per trace estimate (the authors': 100)", ge=1)
+    equivalence_margin: float = option(
+        0.015, "\"generalizes like SGD\": within half the SGD-GD gap (see the docstring)")
+    seeds: int = option(10, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
 
     def validate(self) -> None:
         check_n_train(self, _datasets(self))

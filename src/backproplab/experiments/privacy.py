@@ -28,7 +28,7 @@ from ..evidence import Claim, quoted
 from ..methods import privacy, robustness
 from ..models import build_model
 from ..train import loss_step
-from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation,
+from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation, option,
                private_selection_note)
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -37,32 +37,33 @@ CLAIM_RADIUS = 0.5  # l2 radius at which the certification claim is judged
 
 @dataclass
 class PrivacyConfig(ExperimentConfig):
-    dataset: str = "digits"  # dataset (digits offline; local files for the others)
-    epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)  # target epsilons of the DP arms
-    nonprivate: bool = True  # also train a non-private arm
-    adversarial: tuple[str, ...] = ("clean", "adv")  # clean and/or adversarial training
-    augment_sigmas: tuple[float, ...] = (0.0, 0.25, 0.5)  # Gaussian noise augmentation levels
-    delta: float = 1e-5  # the DP delta
-    max_grad_norm: float = 1.0  # per-example clipping norm
-    noise_multiplier: float = 0.0  # > 0: use this noise for every DP arm instead of the target epsilon
-    widths: tuple[int, ...] = (128,)  # hidden widths of the MLP
-    epochs: int = 20  # training epochs
-    batch_size: int = 64  # expected Poisson batch size
-    lr: float = 0.5  # SGD learning rate
-    adv_eps: float = 0.3  # l_inf size of training attacks
-    adv_alpha: float = 1.0  # weight of the adversarial loss
-    adv_steps: int = 5  # PGD steps of training attacks
-    linf_eps: tuple[float, ...] = (0.1, 0.3, 0.5)  # l_inf attack sizes evaluated
-    l2_eps: tuple[float, ...] = (0.5, 1.0, 2.0)  # l_2 attack sizes evaluated
-    pgd_steps: int = 20  # PGD steps of evaluation attacks
-    cert_sigma: float = 0.25  # randomized-smoothing noise for certification
-    cert_examples: int = 200  # test inputs certified
-    cert_n0: int = 100  # selection samples per certified input
-    cert_n: int = 1000  # estimation samples per certified input
-    cert_alpha: float = 0.001  # certification failure probability
-    secure_mode: bool = False  # Opacus's secure_mode (CSPRNG noise and sampling) for the DP arms
-    engine: str = "ghost"  # DP-SGD's clipping engine: ghost (per-example norms, no per-example gradients) or opacus
-    validation_public: bool = False  # the validation split a sweep selects on is public data (else refused)
+    dataset: str = option("digits", "dataset (digits offline; local files for the others)")
+    epsilons: tuple[float, ...] = option((1.0, 3.0, 8.0), "target epsilons of the DP arms", gt=0)
+    nonprivate: bool = option(True, "also train a non-private arm")
+    adversarial: tuple[str, ...] = option(("clean", "adv"), "clean and/or adversarial training")
+    augment_sigmas: tuple[float, ...] = option((0.0, 0.25, 0.5), "Gaussian noise augmentation levels")
+    delta: float = option(1e-5, "the DP delta", gt=0, lt=1)
+    max_grad_norm: float = option(1.0, "per-example clipping norm", gt=0)
+    noise_multiplier: float = option(0.0, "> 0: use this noise for every DP arm instead of the target epsilon")
+    widths: tuple[int, ...] = option((128,), "hidden widths of the MLP", ge=1)
+    epochs: int = option(20, "training epochs", ge=1)
+    batch_size: int = option(64, "expected Poisson batch size", ge=1)
+    lr: float = option(0.5, "SGD learning rate", gt=0)
+    adv_eps: float = option(0.3, "l_inf size of training attacks")
+    adv_alpha: float = option(1.0, "weight of the adversarial loss")
+    adv_steps: int = option(5, "PGD steps of training attacks", ge=1)
+    linf_eps: tuple[float, ...] = option((0.1, 0.3, 0.5), "l_inf attack sizes evaluated")
+    l2_eps: tuple[float, ...] = option((0.5, 1.0, 2.0), "l_2 attack sizes evaluated")
+    pgd_steps: int = option(20, "PGD steps of evaluation attacks", ge=1)
+    cert_sigma: float = option(0.25, "randomized-smoothing noise for certification", gt=0)
+    cert_examples: int = option(200, "test inputs certified", ge=1)
+    cert_n0: int = option(100, "selection samples per certified input", ge=1)
+    cert_n: int = option(1000, "estimation samples per certified input", ge=1)
+    cert_alpha: float = option(0.001, "certification failure probability", lt=1)
+    secure_mode: bool = option(False, "Opacus's secure_mode (CSPRNG noise and sampling) for the DP arms")
+    engine: str = option(
+        "ghost", "DP-SGD's clipping engine: ghost (per-example norms, no per-example gradients) or opacus")
+    validation_public: bool = option(False, "the validation split a sweep selects on is public data (else refused)")
 
     def validate(self) -> None:
         check_choices("engine", (self.engine,), privacy.ENGINES)

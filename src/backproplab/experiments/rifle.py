@@ -45,7 +45,7 @@ from ..evidence import Claim, quoted
 from ..methods import rifle
 from ..models import build_model
 from ..train import TrainConfig, fit, isolated_rng
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices
+from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, option
 
 PAPER = "Li et al., ICML 2020 (arXiv:2007.03349)"
 
@@ -56,28 +56,29 @@ LAYERS = ("stem", "layers.0", "layers.1", "layers.2", "layers.3")  # deepest (ne
 
 @dataclass
 class RifleConfig(ExperimentConfig):
-    arms: tuple[str, ...] = ARMS  # fine-tuning arms compared
-    width: float = 0.125  # width multiplier of the ResNet
-    pretrain_epochs: int = 15  # epochs of the source model
-    pretrain_lr: float = 0.05  # source model's learning rate
-    pretrain_momentum: float = 0.9  # source model's momentum
-    pretrain_weight_decay: float = 5e-4  # source model's weight decay
-    pretrain_batch_size: int = 64  # source model's batch size
-    pretrain_seed: int = 0  # one source model for every arm and seed
-    per_class: int = 60  # target training examples per class (60: hundreds of SGD steps per RIFLE period)
-    epochs: int = 40  # fine-tuning epochs
-    batch_size: int = 20  # fine-tuning batch size
-    lr: float = 0.01  # fine-tuning learning rate
-    momentum: float = 0.9  # fine-tuning momentum
-    times: int = 1  # RIFLE resets (and cyclic-LR restarts), the authors' run.sh K; l2_rifle_k* sweep K = 2, 3
-    l2_alpha: float = 1e-4  # L2 strength of every arm but L2-SP (the authors' weight decay)
-    l2sp_alpha: float = 0.01  # L2-SP pull towards the pretrained weights (the RIFLE code's alpha)
-    l2sp_beta: float = 1e-4  # L2-SP's L2 on the new head (the RIFLE code's beta)
-    dropout: float = 0.5  # dropout probability of the dropout arm
-    dropconnect: float = 0.5  # drop probability of the DropConnect arm
-    stochastic_depth: float = 0.5  # block drop probability of the stochastic-depth arm
-    disturb_alpha: float = 0.1  # DisturbLabel's label-noise rate
-    seeds: int = 10
+    arms: tuple[str, ...] = option(ARMS, "fine-tuning arms compared")
+    width: float = option(0.125, "width multiplier of the ResNet", gt=0)
+    pretrain_epochs: int = option(15, "epochs of the source model", ge=1)
+    pretrain_lr: float = option(0.05, "source model's learning rate", gt=0)
+    pretrain_momentum: float = option(0.9, "source model's momentum")
+    pretrain_weight_decay: float = option(5e-4, "source model's weight decay")
+    pretrain_batch_size: int = option(64, "source model's batch size", ge=1)
+    pretrain_seed: int = option(0, "one source model for every arm and seed")
+    per_class: int = option(60, "target training examples per class (60: hundreds of SGD steps per RIFLE period)", ge=1)
+    epochs: int = option(40, "fine-tuning epochs", ge=1)
+    batch_size: int = option(20, "fine-tuning batch size", ge=1)
+    lr: float = option(0.01, "fine-tuning learning rate", gt=0)
+    momentum: float = option(0.9, "fine-tuning momentum")
+    times: int = option(
+        1, "RIFLE resets (and cyclic-LR restarts), the authors' run.sh K; l2_rifle_k* sweep K = 2, 3", ge=1)
+    l2_alpha: float = option(1e-4, "L2 strength of every arm but L2-SP (the authors' weight decay)")
+    l2sp_alpha: float = option(0.01, "L2-SP pull towards the pretrained weights (the RIFLE code's alpha)")
+    l2sp_beta: float = option(1e-4, "L2-SP's L2 on the new head (the RIFLE code's beta)")
+    dropout: float = option(0.5, "dropout probability of the dropout arm", lt=1)
+    dropconnect: float = option(0.5, "drop probability of the DropConnect arm", lt=1)
+    stochastic_depth: float = option(0.5, "block drop probability of the stochastic-depth arm", lt=1)
+    disturb_alpha: float = option(0.1, "DisturbLabel's label-noise rate", lt=1)
+    seeds: int = option(10, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
 
     def validate(self) -> None:
         check_choices("arms", self.arms, ARMS)

@@ -33,7 +33,8 @@ from ..data import Data
 from ..evidence import Claim, quoted
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
-from . import Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation
+from . import (MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation,
+               option)
 
 PAPER = "Phan et al., ICML 2020 (arXiv:1903.09822)"
 
@@ -43,38 +44,39 @@ CERT_SIZE = 0.1  # the l1 size at which the certification claim is judged (one o
 
 @dataclass
 class StoBatchExpConfig(ExperimentConfig):
-    dataset: str = "digits"  # or cifar10 / mnist / fashion_mnist / svhn from local files (pixels kept in [0, 1])
-    epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # total privacy budgets compared
-    batch: int = 64  # batch size of each disjoint batch
-    workers: int = 2  # StoBatch's parallel workers
-    epochs: int = 30  # StoBatch training epochs
-    dp_epochs: int = 15  # DP-SGD baselines (per-example gradients and PGD make them the slow arms)
-    lr: float = 1e-3  # Adam, StoBatch and the non-private arm
-    dp_lr: float = 0.5  # SGD, the DP-SGD baselines
-    dp_max_grad_norm: float = 1.0  # DP-SGD baselines' clipping norm
-    max_grad_norm: float = 1.0  # StoBatch corrected mode's per-example clip C
-    latent_scale: float = 0.3  # StoBatch corrected mode's latent (certification) noise, Laplace scale
-    dp_engine: str = "ghost"  # DP-SGD baselines' clipping engine: ghost (ours) or opacus
-    dp_adv_alpha: float = 1.0  # weight of the adversarial term in DP-SGD + PGD training
-    dp_adv_steps: int = 3  # PGD steps while training the DP-SGD + PGD baseline
-    attack_size: float = 0.2  # mu_max for StoBatch's adversarial training and DP-SGD's PGD training
-    train_attack_steps: int = 3  # I-FGSM steps of StoBatch's adversarial examples while training
-    adv_weight: float = 1.5  # StoBatch's weight of the adversarial Taylor term (the paper's alpha)
-    attack_sizes: tuple[float, ...] = (0.05, 0.1, 0.2)  # attack sizes mu evaluated
-    attack_steps: int = 10  # steps of the evaluation attacks
-    smooth_sigma: float = 0.25  # smoothing noise of the certified bound
-    delta: float = 1e-5  # the DP delta
-    cert_examples: int = 200  # test inputs certified
-    cert_n0: int = 50  # selection samples per certified input
-    cert_n: int = 500  # estimation samples per certified input
-    cert_alpha: float = 0.01  # certification failure probability
-    canaries: int = 1000  # canaries inserted for the one-run privacy audit
-    audit_guesses: int = 200  # the one-run audit's guesses (its power: r perfect guesses certify ln(q/(1-q)))
-    leaky_epochs: int = 20  # the leaky control's epochs (no noise: it memorises the canaries)
-    leaky_lr: float = 3e-3  # the leaky control's Adam learning rate
-    dp_baselines: bool = True  # the DP-SGD arms (their per-example gradients make them the slow arms)
-    seeds: int = 5
-    validation_public: bool = False  # the validation split a sweep selects on is public data (else refused)
+    dataset: str = option(
+        "digits", "or cifar10 / mnist / fashion_mnist / svhn from local files (pixels kept in [0, 1])")
+    epsilons: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0), "total privacy budgets compared", gt=0)
+    batch: int = option(64, "batch size of each disjoint batch", ge=1)
+    workers: int = option(2, "StoBatch's parallel workers", ge=1)
+    epochs: int = option(30, "StoBatch training epochs", ge=1)
+    dp_epochs: int = option(15, "DP-SGD baselines (per-example gradients and PGD make them the slow arms)", ge=1)
+    lr: float = option(1e-3, "Adam, StoBatch and the non-private arm", gt=0)
+    dp_lr: float = option(0.5, "SGD, the DP-SGD baselines", gt=0)
+    dp_max_grad_norm: float = option(1.0, "DP-SGD baselines' clipping norm", gt=0)
+    max_grad_norm: float = option(1.0, "StoBatch corrected mode's per-example clip C", gt=0)
+    latent_scale: float = option(0.3, "StoBatch corrected mode's latent (certification) noise, Laplace scale")
+    dp_engine: str = option("ghost", "DP-SGD baselines' clipping engine: ghost (ours) or opacus")
+    dp_adv_alpha: float = option(1.0, "weight of the adversarial term in DP-SGD + PGD training")
+    dp_adv_steps: int = option(3, "PGD steps while training the DP-SGD + PGD baseline", ge=1)
+    attack_size: float = option(0.2, "mu_max for StoBatch's adversarial training and DP-SGD's PGD training")
+    train_attack_steps: int = option(3, "I-FGSM steps of StoBatch's adversarial examples while training", ge=1)
+    adv_weight: float = option(1.5, "StoBatch's weight of the adversarial Taylor term (the paper's alpha)")
+    attack_sizes: tuple[float, ...] = option((0.05, 0.1, 0.2), "attack sizes mu evaluated")
+    attack_steps: int = option(10, "steps of the evaluation attacks", ge=1)
+    smooth_sigma: float = option(0.25, "smoothing noise of the certified bound", gt=0)
+    delta: float = option(1e-5, "the DP delta", gt=0, lt=1)
+    cert_examples: int = option(200, "test inputs certified", ge=1)
+    cert_n0: int = option(50, "selection samples per certified input", ge=1)
+    cert_n: int = option(500, "estimation samples per certified input", ge=1)
+    cert_alpha: float = option(0.01, "certification failure probability", lt=1)
+    canaries: int = option(1000, "canaries inserted for the one-run privacy audit", ge=1)
+    audit_guesses: int = option(200, "the one-run audit's guesses (its power: r perfect guesses certify ln(q/(1-q)))")
+    leaky_epochs: int = option(20, "the leaky control's epochs (no noise: it memorises the canaries)", ge=1)
+    leaky_lr: float = option(3e-3, "the leaky control's Adam learning rate", gt=0)
+    dp_baselines: bool = option(True, "the DP-SGD arms (their per-example gradients make them the slow arms)")
+    seeds: int = option(5, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
+    validation_public: bool = option(False, "the validation split a sweep selects on is public data (else refused)")
 
     def validate(self) -> None:
         check_choices("dp_engine", (self.dp_engine,), privacy.ENGINES)
