@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,54 @@ def test_every_committed_contradiction_of_a_papers_claim_carries_its_artifact_ch
         rec = json.loads(path.read_text())
         for v in rec["verdicts"]:
             assert unchecked(rec, v["claim"]) == [], (path.name, v["claim"])
+
+
+def test_a_tuned_value_is_computed_once_per_folder_settings_and_code(tmp_path, monkeypatch):
+    """`tuned` keeps a value tuned on the tuning seed in the experiment folder: asked again with the same key it
+    is read, not recomputed; another key, a torn file or other code compute it again."""
+    from backproplab import provenance
+    from backproplab.experiments import tuned
+
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return value
+
+    assert tuned(tmp_path, "lr", {"grid": [0.1, 0.3]}, lambda: compute(0.3)) == 0.3
+    assert tuned(tmp_path, "lr", {"grid": [0.1, 0.3]}, lambda: compute(0.1)) == 0.3 and calls == [0.3]
+    assert tuned(tmp_path, "lr", {"grid": [0.1, 0.5]}, lambda: compute(0.5)) == 0.5  # other settings: own value
+    [kept] = [p for p in (tmp_path / "_tuning").glob("lr-*.json")
+              if json.loads(p.read_text())["identity"]["key"] == {"grid": [0.1, 0.3]}]
+    kept.write_text('{"identity": ')  # torn by a crash
+    assert tuned(tmp_path, "lr", {"grid": [0.1, 0.3]}, lambda: compute(0.7)) == 0.7
+    monkeypatch.setattr(provenance, "code_hash", lambda: "other-code")
+    assert tuned(tmp_path, "lr", {"grid": [0.1, 0.3]}, lambda: compute(0.9)) == 0.9
+    assert calls == [0.3, 0.5, 0.7, 0.9]
+
+
+def test_two_processes_tuning_the_same_value_tune_it_once(tmp_path):
+    """Two workers (processes) that start the same arm at once: one tunes, the other waits and reads its value."""
+    log = tmp_path / "computed.txt"
+    script = ("import pathlib, sys, time\nfrom backproplab.experiments import tuned\n"
+              "def compute():\n    open(sys.argv[2], 'a').write('x')\n    time.sleep(1.5)\n    return 0.25\n"
+              "ready = pathlib.Path(sys.argv[1]) / 'ready'\nready.mkdir(exist_ok=True)\n"
+              "(ready / sys.argv[3]).touch()\n"
+              "while len(list(ready.iterdir())) < 2:\n    time.sleep(0.01)\n"  # both imported: start together
+              "print(tuned(sys.argv[1], 'lr', {'grid': [0.25]}, compute))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(log), str(k)], stdout=subprocess.PIPE,
+                              text=True) for k in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == ["0.25", "0.25"]
+    assert log.read_text() == "x"
+
+
+def test_runs_are_planned_seed_major_so_workers_tune_different_arms(tmp_path):
+    exp = experiments.get("curveball")
+    cfg = experiments.make_config(exp, scale="smoke")
+    jobs = experiments.plan(exp, cfg, tmp_path)
+    order = [(job.seed, job.arm.name) for job in jobs]
+    seeds_of = exp.seeds_of(cfg)
+    assert sorted(order) == sorted((seed, arm.name) for arm in exp.arms(cfg) for seed in range(seeds_of(arm)))
+    assert [seed for seed, _ in order] == sorted(seed for seed, _ in order)  # every seed 0 before any seed 1
+    assert len({arm for seed, arm in order if seed == 0}) == len(exp.arms(cfg))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
@@ -154,6 +155,10 @@ class Run:
         callbacks = [*kwargs.pop("callbacks", ()), *make_loggers(getattr(self.cfg, "log", ""), out_dir)]
         return fit(model, data, config, out_dir=out_dir, resume=self.resume, write_final=False,
                    callbacks=callbacks, **kwargs)
+
+    def tuned(self, what: str, key: dict, compute: Callable[[], Any]) -> Any:
+        """``compute()`` (a value tuned on a tuning seed), done once per experiment folder: see :func:`tuned`."""
+        return tuned(self.exp_dir, what, {**key, "device": self.device}, compute)
 
     def prepare_model(self, model):
         """Apply the model transforms the config asks for (``--set linear_backprop=true``)."""
@@ -588,19 +593,23 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
     record, seeds_of = identity(cfg), exp.seeds_of(cfg)
     jobs, stale = [], []
     inside = Path(out).resolve()
-    for arm in exp.arms(cfg):
+    arms = exp.arms(cfg)
+    for arm in arms:
         if not (exp_dir / arm.name).resolve().is_relative_to(inside) or "/" in arm.name:
             raise ConfigError(f"arm {arm.name!r} of {exp.name} would write outside {out}; use plain config values")
-        for seed in range(seeds_of(arm)):
-            job = Job(exp, cfg, arm, seed, exp_dir, resume, device, threads)
-            if resume and (job.run_dir / "final.json").exists() and _same_identity(job.run_dir, record):
-                if not is_stale(_read_provenance(job.run_dir)):
-                    continue
-                stale.append(job)
-                if not rerun_stale:
-                    continue
-                job = dataclasses.replace(job, resume=False)  # made by other code: start it over
-            jobs.append(job)
+    # seed-major: the first runs of the arms go first, so parallel workers tune different arms (see `tuned`)
+    # instead of one waiting for another to tune the arm both run
+    pairs = sorted(((seed, i) for i, arm in enumerate(arms) for seed in range(seeds_of(arm))))
+    for seed, i in pairs:
+        job = Job(exp, cfg, arms[i], seed, exp_dir, resume, device, threads)
+        if resume and (job.run_dir / "final.json").exists() and _same_identity(job.run_dir, record):
+            if not is_stale(_read_provenance(job.run_dir)):
+                continue
+            stale.append(job)
+            if not rerun_stale:
+                continue
+            job = dataclasses.replace(job, resume=False)  # made by other code: start it over
+        jobs.append(job)
     if stale and warn and _rank() == 0:
         what = "starting them over" if rerun_stale else "kept; --rerun-stale starts them over"
         logger.warning(f"backproplab: {len(stale)} finished run(s) of {exp.name} were made by other code than this "
@@ -660,6 +669,35 @@ def _run_lock(run_dir: Path):
             lock.release()
 
     return held()
+
+
+def tuned(exp_dir: str | Path, what: str, key: dict, compute: Callable[[], Any]) -> Any:
+    """A hyper-parameter chosen on a tuning seed, computed once and shared by every run that asks for it.
+
+    Every seed of an arm uses the value tuned for the arm; without this each process (each Ray worker) would
+    tune it again. The value is kept in ``exp_dir/_tuning/<what>-<hash>.json`` with its identity: ``what``,
+    ``key`` (every config value the tuning depends on) and the code hash, so other settings or other code never
+    reuse it. A file lock makes a second process wait for the first instead of tuning twice; a missing or
+    unreadable file is computed again. ``compute`` must be deterministic and return a JSON value.
+    """
+    from filelock import FileLock
+
+    from ..provenance import code_hash
+
+    identity = json.loads(json.dumps({"what": what, "key": key, "code": code_hash()}, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(exp_dir) / "_tuning" / f"{what}-{digest}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_suffix(".lock"))):
+        try:
+            saved = json.loads(path.read_text())
+            if isinstance(saved, dict) and saved.get("identity") == identity and "value" in saved:
+                return saved["value"]
+        except (OSError, ValueError):
+            pass  # not tuned yet, or a torn file: tune again
+        value = compute()
+        _io.write_json(path, {"identity": identity, "value": value})
+    return value
 
 
 def _run_job_locked(job: Job, record: dict) -> dict:

@@ -440,7 +440,8 @@ def run_arm(run: Run) -> dict:
     if isinstance(arm, ToyArm):
         key = json.dumps({k: v for k, v in cfg.__dict__.items() if k in ("max_iters", "tol", "linear_tol", "rr_batch")},
                          sort_keys=True)
-        lr = _tuned_lr(arm.problem, arm.method, key)
+        lr = run.tuned(f"toy-{arm.problem}-{arm.method}", json.loads(key),
+                       lambda: _tuned_lr(arm.problem, arm.method, key))
         t = time.perf_counter()
         result = solve_toy(arm.problem, arm.method, run.seed, cfg, lr)
         result["wall_time"] = time.perf_counter() - t
@@ -452,7 +453,8 @@ def run_arm(run: Run) -> dict:
     key = json.dumps({k: v for k, v in cfg.__dict__.items()
                       if k in ("epochs", "batch_size", "momentum_lrs", "adam_lrs", "curveball_lambdas", "momentum",
                                "evals_per_epoch", "curveball_lr", "curveball_momentum")}, sort_keys=True)
-    lr = _tuned_cnn_lr(arm.dataset, arm.batchnorm, arm.method, key, cfg.data_root, run.device)
+    lr = run.tuned(f"cnn-{arm.dataset}-{arm.batchnorm}-{arm.method}", {**json.loads(key), "data_root": cfg.data_root},
+                   lambda: _tuned_cnn_lr(arm.dataset, arm.batchnorm, arm.method, key, cfg.data_root, run.device))
     model = build_model("cnn", data.input_shape, data.num_classes, batchnorm=arm.batchnorm == "bn")
     tc = _cnn_train_config(run, cfg, arm.method, lr, len(data.x_train))
     history = run.fit(model, data, tc, callbacks=[ForwardCounter()],

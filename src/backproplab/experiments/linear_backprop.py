@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -213,11 +212,14 @@ def tuned_points_lr(cfg: LinearBackpropConfig, method: str) -> float:
     return _TUNED[key]
 
 
-def _five_points(cfg: LinearBackpropConfig, method: str, seed: int, run_dir: Path) -> dict:
+def _five_points(run: Run, method: str) -> dict:
     from ..train import isolated_rng
 
+    cfg, seed, run_dir = run.cfg, run.seed, run.dir
     with isolated_rng(TUNING_SEED):
-        lr = tuned_points_lr(cfg, method)
+        key = {"method": method, "n_inits": cfg.n_inits, "points_iters": cfg.points_iters,
+               "points_widths": cfg.points_widths, "points_lrs": cfg.points_lrs}
+        lr = run.tuned(f"points-{method}", key, lambda: tuned_points_lr(cfg, method))
     grid = torch.linspace(-2.5, 2.5, 101)[:, None]
     out = fit_five_points(cfg, method, lr, seed, grid)
     c = out["losses"]
@@ -245,7 +247,7 @@ def _five_points(cfg: LinearBackpropConfig, method: str, seed: int, run_dir: Pat
 def run_arm(run: Run) -> dict:
     cfg, arm = run.cfg, run.arm
     if arm.setting == "points":
-        return _five_points(cfg, arm.method, run.seed, run.dir)
+        return _five_points(run, arm.method)
     if arm.setting == "binary":
         data = run.data("digits")
         model = build_model("binary_vgg", data.input_shape, data.num_classes, channels=cfg.binary_channels,

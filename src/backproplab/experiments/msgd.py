@@ -191,7 +191,8 @@ def run_arm(run: Run) -> dict:
         tc.optimizer, tc.batch_size = "sgd", big
     elif method.startswith("gld"):
         gld = (msgd.GLD(n, b, every=cfg.gld_every, probes=cfg.gld_probes) if method == "gld_dynamic"
-               else msgd.GLD(n, sigma=tuned_gld_sigma(cfg, arm.dataset, run.device)))
+               else msgd.GLD(n, sigma=run.tuned(f"gld_sigma-{arm.dataset}", _gld_tuning_key(cfg),
+                                                lambda: tuned_gld_sigma(cfg, arm.dataset, run.device))))
         step, callbacks = gld.training_step(), [gld]
     elif method != "gd":
         weighting = {"msgd_cov": lambda: msgd.MSGDCov(n, b), "msgd_fisher": lambda: msgd.MSGDFisher(n, b),
@@ -216,9 +217,13 @@ def tuned_gld_sigma(cfg: MSGDConfig, dataset: str, device: str) -> float:
     """Constant GLD's sigma: the one of ``cfg.gld_sigmas`` with the best validation accuracy."""
     if not cfg.gld_sigmas:
         return cfg.gld_sigma
-    key = json.dumps({k: getattr(cfg, k) for k in ("n_train", "model", "cnn_channels", "lr", "steps", "gld_sigmas",
-                                                   "data_root")}, sort_keys=True)
-    return _tuned_gld_sigma(key, dataset, device)
+    return _tuned_gld_sigma(json.dumps(_gld_tuning_key(cfg), sort_keys=True), dataset, device)
+
+
+def _gld_tuning_key(cfg: MSGDConfig) -> dict:
+    """The config values constant GLD's sigma is tuned under."""
+    return {k: getattr(cfg, k) for k in ("n_train", "model", "cnn_channels", "lr", "steps", "gld_sigmas", "gld_sigma",
+                                         "data_root")}
 
 
 @functools.cache
