@@ -96,30 +96,24 @@ def test_same_seed_same_arms_share_data_and_initial_weights(tmp_path, monkeypatc
     """Seed k of two arms gets the same data subset and initial weights; another seed gets others."""
     import torch
 
-    from backproplab.experiments import baselines
 
     seen = {}
-    real_build, real_fit = baselines.build_model, experiments.Run.fit
+    real_fit = experiments.Run.fit
 
-    def build(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        seen.setdefault("init", []).append({k: v.clone() for k, v in model.state_dict().items()})
-        return model
-
-    def fit(self, model, data, config, **kwargs):
-        seen.setdefault("data", []).append(data.x_train.clone())
+    def fit(self, model, data, config, **kwargs):  # the model arrives untrained: its weights are the init
+        seen[(self.arm.optimizer, self.seed)] = ({k: v.clone() for k, v in model.state_dict().items()},
+                                                 data.x_train.clone())
         return real_fit(self, model, data, config, **kwargs)
 
-    monkeypatch.setattr(baselines, "build_model", build)
     monkeypatch.setattr(experiments.Run, "fit", fit)
     exp = experiments.get("baselines")
     cfg = experiments.make_config(exp, ["optimizers=sgd,momentum", "epochs=1", "n_train=200"], scale="smoke")
     experiments.run(exp, cfg, out=tmp_path, progress=False)
-    # run order: (sgd, seed 0), (sgd, seed 1), (momentum, seed 0), (momentum, seed 1)
-    init, data = seen["init"], seen["data"]
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
-    assert same(init[0], init[2]) and same(init[1], init[3]) and not same(init[0], init[1])
-    assert torch.equal(data[0], data[2]) and torch.equal(data[1], data[3]) and not torch.equal(data[0], data[1])
+    (sgd0, x_sgd0), (sgd1, x_sgd1) = seen[("sgd", 0)], seen[("sgd", 1)]
+    (mom0, x_mom0), (mom1, x_mom1) = seen[("momentum", 0)], seen[("momentum", 1)]
+    assert same(sgd0, mom0) and same(sgd1, mom1) and not same(sgd0, sgd1)
+    assert torch.equal(x_sgd0, x_mom0) and torch.equal(x_sgd1, x_mom1) and not torch.equal(x_sgd0, x_sgd1)
 
 
 def _chromium():
