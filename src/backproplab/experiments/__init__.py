@@ -680,15 +680,12 @@ def tuned(exp_dir: str | Path, what: str, key: dict, compute: Callable[[], Any])
     reuse it. A file lock makes a second process wait for the first instead of tuning twice; a missing or
     unreadable file is computed again. ``compute`` must be deterministic and return a JSON value.
     """
-    from filelock import FileLock
-
     from ..provenance import code_hash
 
     identity = json.loads(json.dumps({"what": what, "key": key, "code": code_hash()}, sort_keys=True, default=str))
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(exp_dir) / "_tuning" / f"{what}-{digest}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_suffix(".lock"))):
+    with _run_lock(path):  # the run folders' lock: a second process waits, then reads the value
         try:
             saved = json.loads(path.read_text())
             if isinstance(saved, dict) and saved.get("identity") == identity and "value" in saved:
