@@ -115,8 +115,8 @@ class _SignOfLatent(sb.StoBatchNet):
     def head_hidden(self, h1):
         return h1.flatten(1)[:, :1]
 
-    def forward(self, x, latent_noise=None):
-        h1 = self.encode(x)
+    def forward(self, x, latent_noise=None, input_noise=None):
+        h1 = self.encode(self.model_inputs(x, input_noise))
         if latent_noise is not None:
             h1 = h1 + latent_noise
         h = self.head_hidden(h1)
@@ -377,3 +377,94 @@ def test_paper_ensemble_attack_stays_in_its_ball_and_raises_the_loss():
     with torch.no_grad():
         losses = [float(torch.nn.functional.cross_entropy(model(i, nh.expand(48, *nh.shape[1:])), y)) for i in (adv, x)]
     assert losses[0] > losses[1]
+
+
+def _authors_reconstruction_loss(model: sb.StoBatchNet, x_model: torch.Tensor, latent_noise: torch.Tensor):
+    """The authors' auto-encoder cost written out with loops (float64), from their EncLayer: BatchNorm on the
+    batch's statistics (eps 1e-5 here, as torch's), clip, latent noise; nearest-neighbour upsampling by index;
+    a stride-1 'same' convolution whose TensorFlow filter is W1 transposed with perm [1, 0, 3, 2] (kernel rows and
+    columns swapped, input and output channels swapped); ReLU; then per element
+    |relu(r) - r x + ln 2 + (1/2) (-|r|)|, summed over elements, averaged over the batch."""
+    w = model.encoder.weight.detach().double()  # torch layout (latent, in, kh, kw) = TF (kh, kw, in, latent)
+    b = model.encoder.bias.detach().double()
+    x = x_model.double()
+    n, c, hh, ww = x.shape
+    k = model.kernel
+    pre = torch.nn.functional.conv2d(x, w, b, stride=2, padding=k // 2)
+    h = torch.relu(pre)
+    mean, var = h.mean(dim=(0, 2, 3), keepdim=True), h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    h = ((h - mean) / torch.sqrt(var + 1e-5)).clamp(-1, 1) + latent_noise.double()
+    lh, lw = h.shape[2:]
+    up = torch.zeros(n, h.shape[1], hh, ww, dtype=torch.float64)
+    for i in range(hh):
+        for j in range(ww):
+            up[:, :, i, j] = h[:, :, (i * lh) // hh, (j * lw) // ww]
+    p = k // 2
+    r = torch.zeros(n, c, hh, ww, dtype=torch.float64)
+    for ci in range(c):
+        for i in range(hh):
+            for j in range(ww):
+                total = torch.zeros(n, dtype=torch.float64)
+                for a in range(k):  # TF filter row a = torch kernel column a (the [1, 0, ...] transpose)
+                    for bb in range(k):
+                        yi, xj = i + a - p, j + bb - p
+                        if 0 <= yi < hh and 0 <= xj < ww:
+                            total += (up[:, :, yi, xj] * w[:, ci, bb, a]).sum(1)
+                r[:, ci, i, j] = total
+    r = torch.relu(r)
+    cost = (torch.relu(r) - r * x + math.log(2.0) + 0.5 * -r.abs()).abs()
+    return cost.flatten(1).sum(1).mean()
+
+
+def test_paper_auto_encoder_loss_is_the_authors_elementwise_cost():
+    """Paper mode's auto-encoder cost equals the authors' EncLayer cost written out with loops; and it is not the
+    |.| of the batch's scalar loss, a bilinear upsampling or an untransposed kernel (each would differ)."""
+    torch.manual_seed(0)
+    model = sb.StoBatchNet((2, 8, 8), norm="batch", latent=4, kernel=3).double()
+    with torch.no_grad():
+        model.encoder.weight.copy_(torch.randn_like(model.encoder.weight))  # asymmetric kernels: a swap shows
+        model.encoder.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    x = model.model_inputs(torch.rand(5, 2, 8, 8, generator=g, dtype=torch.float64))
+    latent_noise = sb.laplace((1, *model.latent_shape), 0.3, g).double()
+    ours = model.paper_reconstruction_loss(x, latent_noise)
+    reference = _authors_reconstruction_loss(model, x, latent_noise)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+    # the scalar-|.| reading differs (terms of both signs: the elementwise |.| is larger)
+    h = torch.clamp(model.ae_norm(torch.relu(model.encoder(x))), -1, 1) + latent_noise
+    r = torch.relu(torch.nn.functional.conv2d(torch.nn.functional.interpolate(h, size=(8, 8)),
+                                              model.encoder.weight.permute(1, 0, 3, 2), padding="same"))
+    scalar = (math.log(2.0) + (0.5 - x) * r).flatten(1).sum(1).mean().abs()
+    assert float(ours.detach()) > float(scalar.detach()) + 1e-3
+
+
+def test_paper_mode_inputs_are_mapped_to_minus_one_one_before_the_noise():
+    """Paper mode works in the authors' input units: pixels 0 / 1 reach W1 as -1 / +1, and the input noise is
+    added after that mapping (its scale is calibrated in those units); the corrected mode keeps [0, 1]."""
+    torch.manual_seed(0)
+    paper, corrected = sb.StoBatchNet(norm="batch"), sb.StoBatchNet()
+    x = torch.rand(3, 1, 8, 8)
+    noise = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(paper.model_inputs(x, noise), 2 * x - 1 + noise)
+    torch.testing.assert_close(corrected.model_inputs(x), x)
+    paper.eval()
+    h1 = paper.encoder(2 * x - 1 + noise)
+    torch.testing.assert_close(paper(x, input_noise=noise), paper.out(paper.head_hidden(h1)))
+
+
+def test_paper_mode_trains_w1_and_b1_by_the_auto_encoder_only():
+    """The authors' two optimisers: the auto-encoder's variables (W1, b1, its BatchNorm) get the gradient of the
+    auto-encoder's cost only; the classifier's loss reaches none of them."""
+    data = _data(64)
+    torch.manual_seed(0)
+    model = sb.StoBatchNet(norm="batch")
+    sto = sb.StoBatch(model, 64, sb.StoBatchConfig(batch=32, attack_steps=1, paper_compat=True))
+    x, y = data.x_train[sto.batches[0]], data.y_train[sto.batches[0]]
+    xo, yo = data.x_train[sto.batches[1]], data.y_train[sto.batches[1]]
+    ae = [model.encoder.weight, model.encoder.bias, model.ae_norm.weight, model.ae_norm.bias]
+    full = torch.autograd.grad(sto.batch_loss(model, x, y, 0, 0, 10, xo, yo), ae)
+    without_ae = sto.config.__class__(**{**sto.config.__dict__, "ae_weight": 0.0})
+    sto.config = without_ae
+    rest = torch.autograd.grad(sto.batch_loss(model, x, y, 0, 0, 10, xo, yo), ae, allow_unused=True)
+    assert all(r is None or float(r.abs().max()) == 0 for r in rest)
+    assert all(float(f.abs().max()) > 0 for f in full)

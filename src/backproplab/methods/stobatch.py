@@ -31,9 +31,12 @@ and batch, on the input (scale Delta2 / (L eps2')), the latent (2 Delta2 / (L ep
 weights' linear coefficients (K times a draw of Lap(Delta3 / (eps3 L)), Delta3 = 2 (hk + 1), as the authors'
 broadcast over the K classes makes it; the output bias is not noised), with
 Delta2 = C_in (H W + 2) k^2, gamma = 2 Delta2 / (L ||W1||) (||W1|| measured at initialisation),
-gamma_x = Delta2 / L, eps2' = eps2 / (1 + 1/gamma + 1/gamma_x); the auto-encoder minimises |R~|; W1 is
-trained by the auto-encoder only; the benign path carries the input noise; BatchNorm after relu(h1 +
-noise) and before the hidden clip; adversarial examples from their ensemble (the batch in thirds attacked
+gamma_x = Delta2 / L, eps2' = eps2 / (1 + 1/gamma + 1/gamma_x), in the authors' input units (pixels mapped to
+[-1, 1]); the auto-encoder (W1 with a bias b1 and its own BatchNorm, clip and latent noise; nearest-neighbour
+upsampling and W1 transposed to reconstruct; ReLU) minimises the elementwise |ln 2 + (1/2 - x) r| on the benign
+and the adversarial inputs (:meth:`StoBatchNet.paper_reconstruction_loss`); W1 and b1 are trained by the
+auto-encoder only; the benign path carries the input noise; BatchNorm after relu(h1 + noise) and before the
+hidden clip; adversarial examples from their ensemble (the batch in thirds attacked
 by I-FGSM, MIM and PGD at one random size per step, crafted in inference mode from the next batch); their
 certification procedure (:func:`certify_pixeldp_paper`) and their evaluation (BatchNorm on the test batch's
 statistics, under the training draw).
@@ -127,12 +130,19 @@ def laplace(shape, scale: float, generator: torch.Generator | None = None, devic
 
 class StoBatchNet(nn.Module):
     """Tied-weight conv auto-encoder first layer (k x k, stride 2) + conv block + hidden layer (normalised, then
-    clipped to [-1, 1]) + output layer.
+    clipped to [-1, 1]) + output layer. Inputs are pixels in [0, 1].
 
     ``norm="group"`` (corrected mode): GroupNorm after the conv, LayerNorm before the hidden clip, both per
-    example. ``norm="batch"`` (paper mode, the authors' code): BatchNorm after relu(h1), after the conv and
-    immediately before the hidden clip. Without a normalisation there, a shared latent-noise offset pushes
-    every hidden unit past +-1 within a few dozen steps and the clipped layer stops passing gradients.
+    example; the encoder has no bias. ``norm="batch"`` (paper mode, the authors' code): the encoder has a bias,
+    BatchNorm after relu(h1), after the conv and immediately before the hidden clip, and the model maps pixels
+    to [-1, 1] before anything else (the authors' input range: their noise scales are in those units). Without a
+    normalisation before the hidden clip, a shared latent-noise offset pushes every hidden unit past +-1 within
+    a few dozen steps and the clipped layer stops passing gradients.
+
+    Example:
+        >>> net = StoBatchNet(norm="batch")
+        >>> net(torch.rand(4, 1, 8, 8)).shape, net.latent_shape
+        (torch.Size([4, 10]), torch.Size([16, 4, 4]))
     """
 
     def __init__(self, input_shape=(1, 8, 8), num_classes: int = 10, latent: int = 16, width: int = 32,
@@ -141,11 +151,12 @@ class StoBatchNet(nn.Module):
         if norm not in ("group", "batch"):
             raise ValueError(f"norm={norm!r}: use 'group' (corrected mode, per-example) or 'batch' (paper mode)")
         c, h, w = input_shape
-        self.kernel, self.in_channels = kernel, c
-        self.encoder = nn.Conv2d(c, latent, kernel, stride=2, padding=kernel // 2, bias=False)
+        batch = norm == "batch"
+        self.kernel, self.in_channels, self.signed_inputs = kernel, c, batch
+        self.encoder = nn.Conv2d(c, latent, kernel, stride=2, padding=kernel // 2, bias=batch)
         with torch.no_grad():
             self.latent_shape = self.encoder(torch.zeros(1, c, h, w)).shape[1:]
-        batch = norm == "batch"
+        self.ae_norm = nn.BatchNorm2d(latent) if batch else nn.Identity()  # the authors' auto-encoder BatchNorm
         self.latent_norm = nn.BatchNorm2d(latent) if batch else nn.Identity()
         self.conv = nn.Conv2d(latent, width, 3, padding=1)
         self.norm = nn.BatchNorm2d(width) if batch else nn.GroupNorm(4, width)
@@ -157,6 +168,13 @@ class StoBatchNet(nn.Module):
     @property
     def latent_hw(self) -> int:
         return int(self.latent_shape[1] * self.latent_shape[2])
+
+    def model_inputs(self, x: Tensor, input_noise: Tensor | None = None) -> Tensor:
+        """Pixels in [0, 1] as the first layer sees them: mapped to [-1, 1] in paper mode, then the input noise
+        (which is calibrated in those units) added."""
+        if self.signed_inputs:
+            x = 2 * x - 1
+        return x if input_noise is None else x + input_noise
 
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
@@ -172,12 +190,23 @@ class StoBatchNet(nn.Module):
         """The auto-encoder's pre-activation reconstruction of ``x`` (no noise)."""
         return self.decode_preactivation(self.encode(x))
 
+    def paper_reconstruction_loss(self, x_model: Tensor, latent_noise: Tensor) -> Tensor:
+        """Paper mode's auto-encoder loss on inputs already in the model's units (noise included), as the
+        authors' ``EncLayer.get_train_ops2`` computes it: h = clip(BN(relu(W1 * x + b1)), -1, 1) + latent noise;
+        the reconstruction r = relu(conv(nearest-upsample(h), W1 transposed), stride 1, 'same'); per element
+        |ln 2 + (1/2 - x) r| (their first-order Taylor form of the logistic loss at r >= 0, |.| elementwise),
+        summed over the elements and averaged over the batch."""
+        h = torch.clamp(self.ae_norm(F.relu(self.encoder(x_model))), -1.0, 1.0) + latent_noise
+        up = F.interpolate(h, size=tuple(self.input_shape[1:]), mode="nearest")
+        r = F.relu(F.conv2d(up, self.encoder.weight.permute(1, 0, 3, 2), padding="same"))
+        return (LN2 + (0.5 - x_model) * r).abs().flatten(1).sum(1).mean()
+
     def head_hidden(self, h1: Tensor) -> Tensor:
         h = F.relu(self.norm(self.conv(self.latent_norm(F.relu(h1)))))
         return torch.clamp(self.hidden_norm(self.hidden(h.flatten(1))), -1.0, 1.0)  # clipped: Delta3 = 2 (hk + 1)
 
-    def forward(self, x: Tensor, latent_noise: Tensor | None = None) -> Tensor:
-        h1 = self.encode(x)
+    def forward(self, x: Tensor, latent_noise: Tensor | None = None, input_noise: Tensor | None = None) -> Tensor:
+        h1 = self.encode(self.model_inputs(x, input_noise))
         if latent_noise is not None:
             h1 = h1 + latent_noise
         return self.out(self.head_hidden(h1))
@@ -447,21 +476,22 @@ class StoBatch:
         ``x_other``/``y_other``, the next batch, as the authors' code takes them from other batches."""
         m, cfg = self.model, self.config
         nx, nh, nw = self.noise(x.shape, x.device)
-        # 1. auto-encoder on noisy inputs: |first-order Taylor reconstruction loss| (trains W1)
-        z = m.decode_preactivation(m.encode(x + nx))
-        loss_ae = taylor_reconstruction(z, x + nx).abs()
-        # 2. adversarial examples against the noisy model, in inference mode, from another batch
+        # 1. adversarial examples against the noisy model, in inference mode, from another batch
         x_src, y_src = (x, y) if x_other is None else (x_other, y_other)
         g = _generator(cfg.seed, step, batch_index, 1)
         was_training = m.training
         m.eval()
         x_adv = ensemble_attack(m, x_src, y_src, cfg.attack_size, cfg.attack_steps, nh, g)
         m.train(was_training)
-        # 3. second-order Taylor loss on the noisy latent; W1 trained by the auto-encoder only; the benign path
-        # carries the input noise
+        benign, adversarial = m.model_inputs(x, nx), m.model_inputs(x_adv)  # the benign path carries the input noise
+        # 2. the auto-encoder (trains W1, b1 and its BatchNorm) on the benign and the adversarial inputs, elementwise
+        # |Taylor| with the latent noise, as the authors' two EncLayer costs
+        loss_ae = (m.paper_reconstruction_loss(benign, nh) + m.paper_reconstruction_loss(adversarial, nh)) / 2
+        # 3. second-order Taylor loss on the noisy latent; W1 and b1 are trained by the auto-encoder only
+        w1, b1 = m.encoder.weight.detach(), m.encoder.bias.detach()
         terms = []
-        for inputs, labels in ((x + nx, y), (x_adv, y_src)):
-            h1 = F.conv2d(inputs, m.encoder.weight.detach(), stride=2, padding=m.kernel // 2) + nh
+        for inputs, labels in ((benign, y), (adversarial, y_src)):
+            h1 = F.conv2d(inputs, w1, b1, stride=2, padding=m.kernel // 2) + nh
             terms.append(taylor_sigmoid_ce(m.out(m.head_hidden(h1)), F.one_hot(labels, num_classes).to(x.dtype)))
         loss_cls = (terms[0] + cfg.alpha * terms[1]) / (1 + cfg.alpha)
         return cfg.ae_weight * loss_ae + loss_cls + self.coefficient_noise(nw)
@@ -619,15 +649,15 @@ def certify_pixeldp_paper(model: StoBatchNet, x: Tensor, input_scale: float, lat
     from .robustness import lower_confidence_bound, pixeldp_certified_size, upper_confidence_bound
 
     model.eval()
-    xb = (x + fixed_input_noise).unsqueeze(0)
+    xb, latent = x.unsqueeze(0), fixed_latent_noise.unsqueeze(0)
     counts = torch.zeros(num_classes, dtype=torch.int64)
-    pred = int(model(xb, fixed_latent_noise.unsqueeze(0)).argmax(1))
+    pred = int(model(xb, latent, input_noise=fixed_input_noise).argmax(1))
     for _ in range(n):
         counts[pred] += 1
-        fresh_x = laplace(xb.shape, input_scale / 10, generator, x.device)
+        fresh_x = laplace((1, *fixed_input_noise.shape), input_scale / 10, generator, x.device)
         fresh_h = laplace((1, *model.latent_shape), latent_scale / 10, generator, x.device)
-        probs = (model(xb + fresh_x, fixed_latent_noise.unsqueeze(0)).softmax(1)
-                 * model(xb, fixed_latent_noise.unsqueeze(0) + fresh_h).softmax(1))
+        probs = (model(xb, latent, input_noise=fixed_input_noise + fresh_x).softmax(1)
+                 * model(xb, latent + fresh_h, input_noise=fixed_input_noise).softmax(1))
         pred = int(probs.argmax(1))
     top = int(counts.argmax())
     second = int(torch.cat([counts[:top], counts[top + 1:]]).max())
