@@ -29,6 +29,7 @@ def _factory(kept_per_step: int, transient: tuple[int, ...]):
     return functools.partial(_make_step, kept_per_step, transient)  # picklable: measured in a fresh process
 
 
+@pytest.mark.medium
 def test_tensor_peak_is_the_most_bytes_alive_at_once_over_the_set_up():
     # step s holds (s - 1) kept tensors beside the transient ones: the peak is in the last step
     got = tensor_peak(_factory(500, (1000, 3000)), steps=3)
@@ -47,6 +48,7 @@ def _dies_under_the_profiler(device: str):
     return step
 
 
+@pytest.mark.medium
 def test_a_failed_tensor_measurement_falls_back_to_the_resident_set_and_says_so():
     value, how = peak_memory(_dies_under_the_profiler, "cpu", steps=2)
     assert how == "rss" and value is not None and value >= 0

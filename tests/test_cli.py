@@ -16,6 +16,9 @@ from backproplab import experiments
 from backproplab.cli import main
 from backproplab.train import TIMING_KEYS
 
+# runs experiments, the CLI or a local server: not in the fast tier (make test-fast)
+pytestmark = pytest.mark.medium
+
 TINY = ["datasets=digits", "models=mlp", "optimizers=sgd,adam", "epochs=2"]
 
 

@@ -73,6 +73,7 @@ def test_result_files_follow_the_users_umask(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
 
 
+@pytest.mark.medium
 def test_import_does_not_pull_in_heavy_optional_modules():
     """scipy.stats (over a second), matplotlib, Opacus and scikit-learn load on use, not on `import backproplab`."""
     code = ("import sys, backproplab; print([m for m in ('scipy.stats', 'matplotlib', 'opacus', 'sklearn') "
@@ -95,6 +96,7 @@ def test_readme_has_python_blocks():
     assert len(_python_blocks()) >= 10
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_every_readme_python_block_runs(index, tmp_path, monkeypatch):
     """Each Python block of the README runs as written, on its own (small data, in a scratch folder)."""
@@ -116,6 +118,7 @@ def test_an_msgd_weighting_for_another_n_fails_with_a_clear_message():
             step=msgd.weighted_gradient_step(msgd.MSGDCov(500, 50)))
 
 
+@pytest.mark.medium
 def test_every_docstring_example_runs(tmp_path, monkeypatch):
     """The Example blocks of the public docstrings run as written (doctest), in a scratch folder."""
     import doctest

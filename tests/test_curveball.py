@@ -81,6 +81,7 @@ def _set_z(opt, model, v):
         i += p.numel()
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("make", [_mlp, _cnn_bn], ids=["mlp", "cnn_bn"])
 @pytest.mark.parametrize("mode", MODES)
 def test_ggn_vector_product_equals_explicit_jacobians(make, mode):
@@ -241,6 +242,7 @@ def _paper_curveball(model, batches, lambd, interval, factor, low, high):
     return losses, lambdas
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("mode", ["replay", "forward_mode", "double_backward"])
 def test_losses_equal_the_paper_written_out_with_automatic_lambda(mode):
     torch.manual_seed(8)
@@ -452,6 +454,7 @@ def _chains():
     }
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("name", list(_chains()))
 @pytest.mark.parametrize("fixed", [False, True], ids=["auto", "fixed"])
 def test_tangent_replay_equals_forward_mode_ad(name, fixed):
@@ -819,6 +822,7 @@ def _default_against_forward_ad(net, x, y, steps=2, autocast=False):
     return results[0]
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name,shape,kwargs", ZOO, ids=[f"{n}{'-bn' if k.get('batchnorm') else ''}" for n, _, k in ZOO])
 def test_every_zoo_model_steps_as_forward_mode_ad(name, shape, kwargs, mode):
@@ -846,6 +850,7 @@ def test_batchnorm_residual_and_dropout_step_as_forward_mode_ad(make, mode):
     _default_against_forward_ad(net, torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,)))
 
 
+@pytest.mark.medium
 def test_batchnorm_cnn_under_bf16_autocast_and_resnet_through_fit():
     from backproplab.data import load_dataset
     from backproplab.models import build_model

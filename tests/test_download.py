@@ -20,6 +20,9 @@ from backproplab import download
 from backproplab.cli import main
 from backproplab.data import DataNotFoundError, load_dataset
 
+# runs experiments, the CLI or a local server: not in the fast tier (make test-fast)
+pytestmark = pytest.mark.medium
+
 
 class _Server:
     """Serves ``files`` (name -> bytes) under several behaviours, chosen by the first path segment:

@@ -36,6 +36,7 @@ def rates(direction, mu, n, margin=0.0, sd=1.0, seed=0):
     return {k: v / TRIALS for k, v in counts.items()}
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("n", [5, 20])
 @pytest.mark.parametrize("direction,margin", [("greater", 0.0), ("greater", 0.3), ("less", 0.0), ("less", 0.3)])
 def test_no_effect_beyond_the_margin_is_rarely_called_reproduced(direction, margin, n):
@@ -45,6 +46,7 @@ def test_no_effect_beyond_the_margin_is_rarely_called_reproduced(direction, marg
     assert r["reproduced"] <= 0.05 + MC, r
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("direction", ["greater", "less"])
 def test_an_effect_of_three_standard_errors_is_found(direction):
     n, sd = 20, 1.0
@@ -54,6 +56,7 @@ def test_an_effect_of_three_standard_errors_is_found(direction):
     assert r["contradicted"] <= 0.01, r
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("direction", ["greater", "less"])
 def test_an_effect_the_other_way_is_contradicted_not_reproduced(direction):
     n, se = 20, 1 / math.sqrt(20)
@@ -61,6 +64,7 @@ def test_an_effect_the_other_way_is_contradicted_not_reproduced(direction):
     assert r["contradicted"] >= 0.80 - MC and r["reproduced"] <= 0.01, r
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("n", [5, 20])
 def test_equivalence_at_the_margin_is_rarely_called_reproduced(n):
     for mu in (-0.5, 0.5):
@@ -68,6 +72,7 @@ def test_equivalence_at_the_margin_is_rarely_called_reproduced(n):
         assert r["reproduced"] <= 0.05 + MC, (mu, r)
 
 
+@pytest.mark.medium
 def test_equivalence_three_standard_errors_inside_the_margin_is_found():
     # mirrored from the one-sided case: the truth lies 3 SE inside the upper margin, the lower one far away
     n, se = 20, 1 / math.sqrt(20)
@@ -76,6 +81,7 @@ def test_equivalence_three_standard_errors_inside_the_margin_is_found():
     assert r["reproduced"] >= 0.80 - MC, r
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("direction", ["greater", "less", "equivalent"])
 @pytest.mark.parametrize("n", [5, 10])
 def test_the_reported_detectable_effect_has_80_percent_power(direction, n):

@@ -14,6 +14,9 @@ from backproplab import experiments
 from backproplab.cli import main
 from backproplab.evidence import Claim
 
+# runs experiments, the CLI or a local server: not in the fast tier (make test-fast)
+pytestmark = pytest.mark.medium
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

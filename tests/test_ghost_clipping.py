@@ -131,6 +131,7 @@ def _y(n, k, seed=1):
 @settings(max_examples=12, deadline=None)
 @given(b=st.integers(1, 6), i=st.integers(1, 7), o=st.integers(2, 5), t=st.integers(0, 4), bias=st.booleans(),
        clip=st.sampled_from([1e-3, 0.3, 1e6]))
+@pytest.mark.medium
 def test_linear(b, i, o, t, bias, clip):
     torch.manual_seed(b * 100 + i)
     model = nn.Sequential(nn.Linear(i, 6, bias=bias), nn.Tanh(), nn.Linear(6, o))
@@ -156,6 +157,7 @@ def test_linear(b, i, o, t, bias, clip):
          maps=False)
 @example(b=2, c=2, k=3, stride=2, padding=1, dilation=1, groups=2, bias=True, one_d=False, side=9,
          path="materialise", maps=False)
+@pytest.mark.medium
 def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side, path, maps):
     """Every shape on every path: the one the flop count picks (dW_i for layers this small), and each forced;
     with the position maps where they apply (layers this small), and without (the paths of larger layers)."""
@@ -184,6 +186,7 @@ def test_conv_padding_modes_go_to_torch_func():
     assert_engine_exact(model, [_x(4, 2, 6, 6)], _y(4, 4), 0.2)
 
 
+@pytest.mark.medium
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 5), t=st.integers(1, 6), vocab=st.integers(2, 9), padding=st.booleans())
 def test_embedding_layernorm(b, t, vocab, padding):
@@ -193,6 +196,7 @@ def test_embedding_layernorm(b, t, vocab, padding):
     assert_engine_exact(model, [ids], _y(b, 3), 0.1)
 
 
+@pytest.mark.medium
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 5), groups=st.sampled_from([1, 2, 4]), side=st.integers(2, 4), affine=st.booleans())
 def test_groupnorm_and_layernorm_on_images(b, groups, side, affine):
@@ -235,6 +239,7 @@ def test_a_layer_called_several_times_sums_its_calls_exactly(path, monkeypatch):
     ("cnn", (1, 8, 8), {"channels": (4, 8), "hidden": 16, "batchnorm": True}),
     ("resnet18", (3, 8, 8), {"width": 0.125}),
 ])
+@pytest.mark.medium
 @pytest.mark.parametrize("path", ["cheaper", "ghost", "materialise", "offsets"])
 def test_whole_models_with_groupnorm(name, shape, kwargs, path, monkeypatch):
     """Every path: the one the flop count picks per layer; each forced everywhere (Gram or dW_i); and the

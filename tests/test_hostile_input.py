@@ -96,6 +96,7 @@ def test_svhn_pixels_outside_0_255_are_refused(tmp_path):
     assert float(d.x_train.max()) <= 1.0 and d.y_train.tolist() == [1, 2, 0]
 
 
+@pytest.mark.medium
 def test_certify_takes_the_seed_from_config_json_not_from_the_folder_name(tmp_path, capsys):
     """A copied run folder: seed 1's model must be certified on seed 1's test split (its own held-out data)."""
     from backproplab.experiments import privacy as privacy_experiment
@@ -114,6 +115,7 @@ def test_certify_takes_the_seed_from_config_json_not_from_the_folder_name(tmp_pa
 TINY = ["datasets=digits", "models=mlp", "optimizers=sgd", "epochs=1", "n_train=128"]
 
 
+@pytest.mark.medium
 def test_no_resume_never_deletes_another_configs_runs(tmp_path, capsys):
     tail = ["--seeds", "1", "--out", str(tmp_path), "--no-progress"]
     assert main(["run", "baselines", "--set", *TINY, "sgd_lr=0.05", *tail]) == 0
@@ -124,6 +126,7 @@ def test_no_resume_never_deletes_another_configs_runs(tmp_path, capsys):
     assert main(["run", "baselines", "--set", *TINY, "sgd_lr=0.05", "--no-resume", *tail]) == 0  # its own: redone
 
 
+@pytest.mark.medium
 def test_a_grid_value_never_writes_outside_out(tmp_path):
     out = tmp_path / "a" / "b" / "out"
     code = main(["sweep", "baselines", "--grid", "data_root=../../../../../escaped,x", "--set", *TINY,
@@ -136,6 +139,7 @@ def test_a_grid_value_never_writes_outside_out(tmp_path):
     assert folders == ["data_root=..%2F..%2F..%2F..%2F..%2Fescaped", "data_root=x"]
 
 
+@pytest.mark.medium
 def test_a_run_another_process_holds_is_waited_for_and_its_result_reused(tmp_path, capsys):
     """Two identical runs into one --out wrote every metrics row twice. Now a run takes a lock on its folder
     (filelock): while another process holds it, run_job waits, then finds that process's final.json and reuses
@@ -239,6 +243,7 @@ MALFORMED = ["idx label count", "idx missing file", "idx truncated header", "idx
              "cifar hostile pickle", "cifar label count", "cifar label range", "svhn without X", "svhn label range"]
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("case", MALFORMED)
 def test_the_cli_names_a_malformed_data_file_in_one_line(tmp_path, capsys, case):
     dataset, name = _malformed(tmp_path / "data", case)
@@ -266,6 +271,7 @@ def test_a_logger_named_twice_is_refused(tmp_path, capsys):
     assert code == 2 and "named twice" in capsys.readouterr().err
 
 
+@pytest.mark.medium
 def test_tensorboard_holds_each_step_once_after_a_crash_without_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -380,6 +386,7 @@ def test_something_not_a_file_where_a_figure_goes_is_one_line_and_the_runs_are_k
     assert (exp_dir / "digits-mlp-sgd" / "seed0" / "final.json").exists()  # the finished run is kept
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("errno_name", ["ENOSPC", "EACCES", "EROFS"])
 def test_a_full_disk_or_a_refused_write_is_one_line_even_deep_in_a_chain(tmp_path, capsys, monkeypatch, errno_name):
     """The file system's refusal, raised while the summary is written and wrapped in another error (as torch

@@ -59,6 +59,7 @@ def digits():
     return load_dataset("digits", n_train=300)
 
 
+@pytest.mark.medium
 def test_frozen_blocks_get_no_gradient_and_keep_their_statistics(digits):
     torch.manual_seed(0)
     model = LayerwiseCNN(digits.input_shape, 10, widths=(8, 16, 16), downsample=(1,), k=1)
@@ -82,6 +83,7 @@ def test_frozen_blocks_get_no_gradient_and_keep_their_statistics(digits):
     assert not any(p.requires_grad for p in model.blocks[0].parameters())
 
 
+@pytest.mark.medium
 def test_cached_prefix_equals_recomputing(digits):
     def run(cache):
         torch.manual_seed(0)
@@ -97,6 +99,7 @@ def test_cached_prefix_equals_recomputing(digits):
     assert [r["test_acc"] for r in ra] == pytest.approx([r["test_acc"] for r in rb], abs=1e-2)
 
 
+@pytest.mark.medium
 def test_linear_probe_is_converged_logistic_regression(digits):
     """The probe equals scikit-learn's multinomial logistic regression (an independent solver) on the same
     standardised, frozen features: same held-out accuracy, and its gradient is below the tolerance."""
@@ -151,6 +154,7 @@ def test_every_arms_lr_decay_fits_its_own_budget():
     assert min(lr_at["e2e"]) >= cfg.decay_factor ** 1  # not 0.2^7 for most of the run
 
 
+@pytest.mark.medium
 def test_trainer_takes_a_list_of_blocks_and_leaves_every_parameter_trainable(digits):
     """Plain nn.Sequential stages with their own heads train exactly as the same modules in a LayerwiseCNN."""
     from torch import nn
@@ -177,6 +181,7 @@ def test_trainer_takes_a_list_of_blocks_and_leaves_every_parameter_trainable(dig
         GreedyLayerwiseTrainer(blocks, cfg, aux=heads[:1])
 
 
+@pytest.mark.medium
 def test_trainer_takes_a_dataloader_and_trains_as_a_hand_written_greedy_loop(digits):
     """GreedyLayerwiseTrainer.train(loader, eval_data=...) (it failed on a DataLoader: no x_test) equals the
     greedy loop written by hand over the same batches: block j and its head by SGD on CE(aux_j(block_j(prefix

@@ -185,6 +185,7 @@ def test_sign_uses_the_clipped_straight_through_estimator():
     assert g.tolist() == [1.0] * 5
 
 
+@pytest.mark.medium
 def test_runner_flag_switches_linear_backprop_on(tmp_path):
     from backproplab import experiments
 

@@ -77,6 +77,7 @@ def test_unknown_names_are_reported():
         build_model("cnn", (4,), 2)
 
 
+@pytest.mark.medium
 def test_binary_vgg_binarizes_weights_and_activations_with_straight_through_gradients():
     """Forward: every hidden activation is +-1 and each layer uses sign(W); backward: the weight gradient is
     the gradient w.r.t. sign(W) masked by |W| <= 1 (the clipped straight-through estimator), checked against

@@ -73,6 +73,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("name", sorted(msgd.WEIGHTINGS))
 def test_mean_is_the_gd_gradient(problem, name):
     _, _, _, G = problem
@@ -82,6 +83,7 @@ def test_mean_is_the_gd_gradient(problem, name):
     assert float((G.T @ W.mean(0) - gd).norm()) < 5 * float(noise_scale) + 1e-12
 
 
+@pytest.mark.medium
 def test_covariances_match_their_formulas(problem):
     _, _, _, G = problem
     C = (G - G.mean(0)).T @ (G - G.mean(0)) / N
@@ -115,6 +117,7 @@ def test_default_scales_follow_from_n_and_b():
     assert msgd.MSGDFisher(1000, 50, scale=0.5).scale == 0.5
 
 
+@pytest.mark.medium
 def test_gld_trace_estimate_matches_the_sgd_noise_trace(problem):
     model, x, y, G = problem
     gld = msgd.GLD(N, B, probes=4000)
@@ -125,6 +128,7 @@ def test_gld_trace_estimate_matches_the_sgd_noise_trace(problem):
     assert abs(estimate - exact) / exact < 0.05
 
 
+@pytest.mark.medium
 def test_gld_step_adds_noise_of_the_sgd_noise_trace(problem):
     """Measured on the weights the loop actually moved: with lr eta, each step's update minus the exact
     full-batch gradient step is eta sigma xi; its mean squared norm must equal the exact SGD noise trace

@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LAB_ONLY = ("opacus", "sklearn", "matplotlib", "mnist1d", "threadpoolctl", "filelock")
 
@@ -52,6 +54,7 @@ print("MESSAGES", messages)
 """
 
 
+@pytest.mark.medium
 def test_the_library_runs_without_the_lab_packages_and_names_the_extra_when_they_are_needed():
     done = subprocess.run([sys.executable, "-c", SCRIPT.format(blocked=LAB_ONLY)], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)

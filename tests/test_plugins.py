@@ -11,6 +11,9 @@ from backproplab.data import load_dataset
 from backproplab.models import build_model
 from backproplab.train import TIMING_KEYS, StepDecay, TrainConfig, fit, loss_step, seed_everything
 
+# runs experiments, the CLI or a local server: not in the fast tier (make test-fast)
+pytestmark = pytest.mark.medium
+
 EPOCHS, N = 3, 96
 
 

@@ -15,6 +15,7 @@ from backproplab.train import Batch, TrainConfig, fit
 pytest.importorskip("opacus")
 
 
+@pytest.mark.medium
 def test_accountants_reproduce_published_values():
     """sigma 1.1, batch 256 of 60000, 60 epochs, delta 1e-5 (Abadi et al.'s MNIST setting)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
@@ -39,6 +40,7 @@ def _toy(n=64, d=5, seed=0):
     return Data("toy", x, y, x, y, 3)
 
 
+@pytest.mark.medium
 def test_reported_epsilon_equals_opacus_accountant_for_the_steps_taken():
     from opacus.accountants import RDPAccountant
 
@@ -230,6 +232,7 @@ def test_pixeldp_bisection_matches_the_laplace_closed_form():
     assert not robustness.pixeldp_robust(lower, upper, eps * 1.001, 1e-5)
 
 
+@pytest.mark.medium
 def test_epsilon_agrees_with_an_independent_accountant():
     """Google's dp-accounting (a separate implementation from Opacus's) gives the same RDP epsilon for the
     steps the runner took, and a PLD epsilon close to the PRV one."""
@@ -251,6 +254,7 @@ def test_epsilon_agrees_with_an_independent_accountant():
     assert dp_accounting is not None
 
 
+@pytest.mark.medium
 def test_secure_mode_uses_a_csprng_and_is_recorded():
     data = _toy(n=32)
     model = privacy.prepare_model(nn.Sequential(nn.Linear(5, 3)))
@@ -337,6 +341,7 @@ def test_pgd_only_evaluates_inputs_in_the_data_range():
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
 
 
+@pytest.mark.medium
 def test_privacy_experiment_and_certify_cli(tmp_path, capsys):
     from backproplab.cli import main
 
@@ -495,6 +500,7 @@ _MODELS = {
 }
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("adversarial", [False, True], ids=["clean", "pgd"])
 @pytest.mark.parametrize("name", list(_MODELS))
 def test_ghost_engine_trains_exactly_as_opacus(name, adversarial):

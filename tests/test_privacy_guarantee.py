@@ -210,6 +210,7 @@ def test_a_model_that_trained_without_accounted_steps_never_reports_epsilon():
             callbacks=[dp])
 
 
+@pytest.mark.medium
 def test_detach_frees_the_optimizer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 3))
@@ -262,6 +263,7 @@ def test_a_shared_argument_as_long_as_the_batch_is_not_read_as_per_example():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.medium
 def test_per_example_arguments_are_declared():
     class Gate(nn.Module):  # two per-example inputs
         def __init__(self):
@@ -324,6 +326,7 @@ def _adjacency_models():
 ADJACENCY = _adjacency_models()
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("engine", privacy.ENGINES)
 @pytest.mark.parametrize("name", list(ADJACENCY))
 def test_adding_one_example_moves_the_clipped_sum_by_at_most_c(name, engine):
@@ -365,6 +368,7 @@ def test_adding_one_example_moves_the_clipped_sum_by_at_most_c(name, engine):
 # ---------------------------------------------------------------- what a run releases
 
 
+@pytest.mark.medium
 def test_a_private_run_releases_no_unnoised_training_metric_and_says_where_the_noise_came_from(tmp_path):
     torch.manual_seed(0)
     dp = _dpsgd(nn.Sequential(nn.Linear(5, 3)))
@@ -414,6 +418,7 @@ def test_secure_mode_noise_comes_from_the_csprng_and_not_from_torchs_generator(m
     assert noise.generator is None and noise.state_dict() == {"secure": True}
 
 
+@pytest.mark.medium
 def test_secure_mode_run_writes_no_secret_state_into_its_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 3))
@@ -425,6 +430,7 @@ def test_secure_mode_run_writes_no_secret_state_into_its_checkpoint(tmp_path):
     assert rows[-1]["noise_source"].startswith("operating-system CSPRNG")
 
 
+@pytest.mark.medium
 def test_secure_mode_with_the_opacus_engine_draws_its_noise_from_the_csprng(monkeypatch):
     """Opacus's own secure mode draws from torch's Mersenne Twister; ours replaces its noise by the stream's, so
     with engine="opacus" every noise value of a step comes from os.urandom (16 bytes per Box-Muller pair, two
@@ -467,6 +473,7 @@ def test_a_dataloader_given_to_the_private_step_is_named():
         fit(dp.model, loader, TrainConfig(max_steps=1), optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("engine", privacy.ENGINES)
 @pytest.mark.parametrize("change", ["unfreeze", "replace"])
 def test_a_layer_unfrozen_or_replaced_after_building_is_refused(change, engine):

@@ -50,6 +50,7 @@ def _three_calls(x, y, epsilon=2.0, clip=1.0, lr=0.2, **loader_kwargs):
     return engine, model, optimizer, loader
 
 
+@pytest.mark.medium
 def test_the_three_call_loop_is_fits_mechanism_same_sigma_epsilon_and_weights():
     """fit (engine="opacus") and the user's loop, same seed, float64: the same sigma, the same epsilons after
     the same number of steps, and the same weights to 1e-10 (same Poisson batches, same noise draws)."""
@@ -76,6 +77,7 @@ def test_the_three_call_loop_is_fits_mechanism_same_sigma_epsilon_and_weights():
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), _model().parameters()))  # it trained
 
 
+@pytest.mark.medium
 def test_the_loader_draws_poisson_samples_at_rate_b_over_n():
     """Every example joins a batch independently with probability q = B / n: over 80 epochs each example's
     count is Binomial(80 ceil(n / B), q) (a chi-square test over the n counts, fixed seed, alpha 1e-3), the batch size
@@ -166,6 +168,7 @@ def test_secure_mode_draws_the_loops_noise_from_the_csprng(monkeypatch):
     assert engine.state_dict()["noise"] == {"secure": True}
 
 
+@pytest.mark.medium
 def test_an_empty_poisson_batch_is_a_noise_only_step():
     x, y = _tensors()
     engine, model, optimizer, loader = _three_calls(x, y)
@@ -187,6 +190,7 @@ def _original_loader(x, y):
     return DataLoader(TensorDataset(x, y), batch_size=B, shuffle=True)
 
 
+@pytest.mark.medium
 def test_a_loop_over_the_original_loader_is_refused():
     x, y = _tensors()
     engine, model, optimizer, _ = _three_calls(x, y)
@@ -195,6 +199,7 @@ def test_a_loop_over_the_original_loader_is_refused():
     assert engine.get_epsilon() == 0.0  # nothing accounted, nothing moved
 
 
+@pytest.mark.medium
 def test_a_batch_the_loader_did_not_draw_is_refused():
     x, y = _tensors()
     engine, model, optimizer, loader = _three_calls(x, y)
@@ -205,6 +210,7 @@ def test_a_batch_the_loader_did_not_draw_is_refused():
         optimizer.step()
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("mistake", ["two batches per step", "no zero_grad"])
 def test_accumulating_batches_or_backwards_is_refused(mistake):
     """Two batches before one step (each example's sensitivity counted once per step, the accountant one

@@ -42,6 +42,7 @@ def test_every_compared_method_tunes_as_many_values():
     assert len(cfg.momentum_lrs) == len(cfg.adam_lrs) == len(cfg.curveball_lambdas)
 
 
+@pytest.mark.medium
 def test_curveballs_tuned_value_is_its_initial_lambda():
     """The tuned value reaches the optimizer: on Rosenbrock a small initial damping solves in far fewer
     iterations than lambda = 10 (4 vs about 160 on the tuning seed)."""
@@ -103,6 +104,7 @@ def test_rifle_runs_at_a_scale_where_it_can_act_with_the_authors_k():
     assert headline and headline[0].arm == "l2_rifle"
 
 
+@pytest.mark.medium
 def test_a_methods_own_divergence_error_is_recorded_and_the_reproduction_goes_on(tmp_path, monkeypatch):
     """A method that stops on a non-finite step with its own FloatingPointError (CurveBall's
     NonFiniteCurveBallError) is a diverged run, recorded as such; the other arms and seeds still run."""

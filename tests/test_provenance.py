@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from backproplab import __version__, provenance
@@ -31,6 +32,7 @@ def test_config_final_and_summary_record_the_code_versions_and_device(tmp_path):
     assert "class='stale'" not in (tmp_path / "report.html").read_text()
 
 
+@pytest.mark.medium
 def test_runs_made_by_other_code_are_flagged_kept_and_rerun_on_request(tmp_path, capsys):
     assert _run(tmp_path) == 0
     final = tmp_path / "baselines" / "digits-mlp-sgd" / "seed1" / "final.json"

@@ -251,6 +251,7 @@ def test_stochastic_depth_needs_residual_blocks_and_drops_branches():
     torch.testing.assert_close(last(x), last.block.act2(last.block.shortcut(x)))  # p = 1: branch always dropped
 
 
+@pytest.mark.medium
 def test_rifle_schedule_in_a_plain_loop_equals_the_fit_callback(data):
     """A hand-written loop with RIFLESchedule.step() gives the weights fit with the RIFLE callback gives."""
     from backproplab.train import epoch_order
@@ -301,6 +302,7 @@ def test_rifle_callback_without_on_train_start_raises(data):
         cb.on_epoch_start(object())
 
 
+@pytest.mark.medium
 def test_stochastic_depth_drops_at_its_rate_and_scales_at_test_time():
     """In training the branch survives with probability 1 - p (binomial test over forward passes); at test
     time it is always kept and multiplied by 1 - p, the expectation of the training-time mask."""

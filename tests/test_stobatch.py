@@ -123,6 +123,7 @@ class _SignOfLatent(sb.StoBatchNet):
         return torch.cat([torch.zeros_like(h), h], 1)
 
 
+@pytest.mark.medium
 def test_pixeldp_certificate_is_a_valid_lower_bound():
     torch.manual_seed(1)
     model = _SignOfLatent()
@@ -144,6 +145,7 @@ def test_pixeldp_certificate_is_a_valid_lower_bound():
     assert checked >= 10
 
 
+@pytest.mark.medium
 def test_paper_certification_overstates_what_any_valid_certificate_can_give():
     """The authors' procedure samples a tenth of the noise its bound assumes. On a model whose smoothed
     probabilities are known in closed form it certifies a size beyond the exact-probability PixelDP size
@@ -166,6 +168,7 @@ def test_paper_certification_overstates_what_any_valid_certificate_can_give():
     assert 0 < valid <= exact < paper
 
 
+@pytest.mark.medium
 def test_audit_detects_leakage_only_when_there_is_some():
     g = torch.Generator().manual_seed(3)
     same = sb.audit_epsilon(torch.randn(500, generator=g), torch.randn(500, generator=g))
@@ -174,6 +177,7 @@ def test_audit_detects_leakage_only_when_there_is_some():
     assert leaky["epsilon_lower_bound"] > 2.0
 
 
+@pytest.mark.medium
 def test_stobatch_training_step_runs_in_the_loop_and_keeps_the_bound():
     from backproplab.train import TrainConfig, fit
 
@@ -243,6 +247,7 @@ def test_paper_mechanism_leaves_data_paths_without_noise():
     assert torch.autograd.grad(noise_term, model.out.bias, allow_unused=True)[0] is None  # bias: not noised
 
 
+@pytest.mark.medium
 def test_released_output_coefficients_carry_the_stated_laplace_noise():
     """Paper mode: the gradient of a batch's loss with respect to the output weights, minus the same loss without
     the noise term, is the noise released on the batch-mean coefficients: over many runs it must be Laplace with
@@ -365,6 +370,7 @@ def test_one_run_audit_finds_a_leak_and_stays_below_a_true_epsilon():
     assert perfect["epsilon_lower_bound"] == pytest.approx(perfect["max_certifiable"], rel=1e-6)
 
 
+@pytest.mark.medium
 def test_paper_ensemble_attack_stays_in_its_ball_and_raises_the_loss():
     data = _data(48)
     torch.manual_seed(0)

@@ -55,6 +55,7 @@ def _batch_of(sto: sb.StoBatch, j: int) -> int:
     return next(b for b, idx in enumerate(sto.batches) if j in idx.tolist())
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("what", ["image", "label"])
 @pytest.mark.parametrize("last", [False, True], ids=["full-batch", "short-last-batch"])
 def test_one_changed_record_moves_only_its_batch_and_at_most_the_sensitivity(what, last):
@@ -108,6 +109,7 @@ def test_every_parameter_a_record_reaches_carries_the_calibrated_noise():
     assert stats.kstest(torch.cat(pooled).numpy(), "norm").pvalue > 0.01
 
 
+@pytest.mark.medium
 def test_each_visit_draws_fresh_noise_that_no_difference_cancels():
     """[P5]: two visits of one batch (at the same parameters, so their noise-free releases are equal) differ by
     the difference of two independent draws, std sqrt(2) 2 C sigma / L, never by ~0 (a draw reused across
@@ -163,6 +165,7 @@ def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
     return 0.0 if gap(0.0) <= 0 else float(optimize.brentq(gap, 0.0, 500.0))
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("eps,steps", [(1.0, 20), (4.0, 9), (8.0, 40)])
 def test_epsilon_spent_composes_the_visits_between_the_exact_profile_and_mironovs_bound(eps, steps):
     """[P6]-[P7]: V Gaussian releases of sensitivity 2C and std 2C sigma are one Gaussian with
@@ -196,6 +199,7 @@ def test_misuse_that_voids_the_proof_raises():
         sto.release(0, 0, data.x_train[:L + 1], data.y_train[:L + 1], 10)
 
 
+@pytest.mark.medium
 def test_secure_mode_noise_is_not_a_function_of_the_seed():
     """The default noise is keyed by the public seed (reproducible: the same release twice); secure_mode draws
     from the operating system, so the same seed, step and batch give different noise."""
@@ -210,6 +214,7 @@ def test_secure_mode_noise_is_not_a_function_of_the_seed():
     assert stats.kstest(((a - clean) / s).double().numpy(), "norm").pvalue > 0.01
 
 
+@pytest.mark.medium
 def test_the_loop_withholds_the_training_loss_and_records_epsilon():
     """Post-processing: what fit records carries no un-noised statistic of the training set, and the epsilon
     spent by the steps taken."""

@@ -78,6 +78,7 @@ def test_correlation_equals_numpy():
     assert torch.equal(c[:, 5], torch.zeros(4, dtype=c.dtype))
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("copies", [1, 2, 3])
 def test_exact_wider_permuted_copy_scores_correlation_one(copies):
     teacher = ts.make_teacher(version="2020", seed=2)  # every node active ~half the time: no dead node
@@ -162,6 +163,7 @@ def test_lucky_nodes_keep_every_duplicate_of_a_matched_teacher_node():
     assert lucky_nodes([corr], 0.99)[0].tolist() == [0, 3]  # none reaches it: each teacher node's best
 
 
+@pytest.mark.medium
 def test_quick_reproduction_runs_on_cpu(tmp_path):
     """A tiny run end to end: the verdicts exist, the per-layer fan-out in final.json is what the stored
     per-node norms give (recomputed here with numpy), and every pruning arm that trains has the same budget."""

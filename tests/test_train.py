@@ -46,6 +46,7 @@ def test_loop_equals_a_bare_hand_written_loop(digits):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@pytest.mark.medium
 def test_same_seed_same_metrics_different_seed_different(digits):
     cfg = TrainConfig(optimizer="adam", lr=1e-3, batch_size=32, epochs=2, seed=1)
     runs = [_deterministic(fit(_model(digits, s), digits, TrainConfig(**{**cfg.__dict__, "seed": s})))
@@ -54,6 +55,7 @@ def test_same_seed_same_metrics_different_seed_different(digits):
     assert runs[0] != runs[2]
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_resume_after_a_crash_gives_the_uninterrupted_metrics(tmp_path, digits, model_name):
     """Crash mid-epoch between two checkpoints, resume from the last one: same final weights and metrics."""
@@ -205,6 +207,7 @@ def test_fit_over_a_dataloader_equals_fit_over_in_memory_data(digits):
             assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7), k
 
 
+@pytest.mark.medium
 def test_fit_over_an_iterable_without_length_and_a_resumed_dataloader(tmp_path, digits):
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
