@@ -154,3 +154,72 @@ def test_library_messages_go_through_the_backproplab_logger(capsys, caplog):
     finally:
         log.setLevel(before)
     assert capsys.readouterr().err == ""
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """backproplab's modules and the backproplab modules each imports, read from the source (imports inside
+    functions included: they hide a cycle from Python, not from this graph)."""
+    import ast
+
+    root = Path(backproplab.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = (package[:len(package) - node.level + 1] if node.level else []) + (
+                    node.module.split(".") if node.module else [])
+                targets = [".".join(base + [a.name]) for a in node.names] + [".".join(base)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target not in files and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target in files and target != module and target != "backproplab":
+                    graph[module].add(target)
+    return graph
+
+
+def test_no_import_cycles_and_the_foundation_never_imports_a_method_or_the_runner():
+    """Zero cycles among backproplab's modules (Tarjan's strongly connected components), and the foundation
+    (data, train, models, dist, evidence, executors) imports neither ``methods`` nor ``experiments``: the
+    methods' registry entries are filled by ``plugins``, and the executors receive ``run_job``."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+    foundation = ["backproplab." + m for m in ("data", "train", "models", "dist", "evidence", "executors")]
+    upward = {m: sorted(t for t in graph[m] if t.startswith(("backproplab.methods", "backproplab.experiments")))
+              for m in foundation}
+    assert not any(upward.values()), upward

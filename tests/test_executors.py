@@ -97,7 +97,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path, local_ray, mo
     jobs[1] = type(bad)(bad.exp, bad.cfg, type(bad.arm)(**{**bad.arm.__dict__, "optimizer": "no-such"}), bad.seed,
                         bad.exp_dir, bad.resume, bad.device, bad.threads)
     with pytest.raises(RunFailed, match="1 of 4 runs failed"):
-        RayExecutor(cpus_per_run=1, max_retries=0).run(jobs, progress=False)
+        RayExecutor(cpus_per_run=1, max_retries=0).run(jobs, experiments.run_job, progress=False)
     error = json.loads((jobs[1].run_dir / "error.json").read_text())
     assert error["status"] == "failed" and "no-such" in error["error"]
     for i in (0, 2, 3):

@@ -7,7 +7,7 @@ The foundation: ``data`` (offline and local-file datasets), ``models`` (model zo
 
 import sys as _sys
 
-from . import evidence
+from . import evidence, plugins  # noqa: F401 (plugins fills the registries)
 from .data import Data, load_dataset
 from .methods import layerwise, msgd, privacy, rifle, robustness, stobatch, teacher_student
 from .methods.curveball import CrossEntropy, CurveBall, MeanSquaredError

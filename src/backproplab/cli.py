@@ -548,7 +548,7 @@ def _sweep(args) -> int:
                                         device=getattr(executor, "device", None), rerun_stale=args.rerun_stale)]
     code = 0
     try:
-        executor.run(jobs, progress=not args.no_progress, desc=f"sweep {exp.name}")
+        executor.run(jobs, experiments.run_job, progress=not args.no_progress, desc=f"sweep {exp.name}")
     except RunFailed as e:
         print(f"backproplab: {e}", file=sys.stderr)
         code = 1
@@ -613,8 +613,8 @@ def _run_on_ray(args, configs, scale: str) -> int:
         if not jobs:  # every run already there
             finish(exp, cfg)
     try:
-        executor.run([job for _, _, jobs in planned for job in jobs], progress=not args.no_progress,
-                     desc=args.command, on_done=on_done)
+        executor.run([job for _, _, jobs in planned for job in jobs], experiments.run_job,
+                     progress=not args.no_progress, desc=args.command, on_done=on_done)
     except RunFailed as e:
         print(f"backproplab: {e}; the verdicts use the runs that finished", file=sys.stderr)
         code = 1

@@ -11,8 +11,9 @@ Offline (always available):
                        split 80/20 stratified by ``seed``.
   ``mnist1d``          MNIST-1D generated locally (``mnist1d.data.make_dataset``, its default seed 42),
                        (1, 40), 10 classes, 4000 train / 1000 test; cached on disk after the first call.
-  ``gaussian_teacher`` Gaussian inputs labelled by a fixed ReLU teacher (regression), provided by
-                       ``backproplab.methods.teacher_student`` (Luck Matters).
+  ``gaussian_teacher`` Gaussian inputs labelled by a fixed ReLU teacher (regression), made by
+                       ``backproplab.methods.teacher_student`` (Luck Matters; registered by
+                       ``backproplab.plugins``).
 
 Local files in their official formats, under ``root`` (default ``$BACKPROPLAB_DATA`` or ``./data``):
   ``cifar10``          ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (python pickles), (3, 32, 32).
@@ -361,15 +362,6 @@ def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> D
         y = _labels(f, raw.astype(np.int64) % 10, len(x), 10)  # digit 0 is stored as label 10
         arrays += [x, y]
     return _standardise("svhn", *arrays, 10, unit_range=unit_range)
-
-
-@register_dataset("gaussian_teacher")
-def gaussian_teacher(seed: int = 0, root: Path | None = None, **kwargs) -> Data:
-    """Gaussian inputs labelled by a fixed ReLU teacher (Luck Matters); see
-    :func:`backproplab.methods.teacher_student.gaussian_teacher` for the keyword arguments."""
-    from .methods.teacher_student import gaussian_teacher as make
-
-    return make(seed=seed, root=root, **kwargs)
 
 
 def fingerprint(data: Data) -> str:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import _io
 from ._log import logger
+from .dist import rank
 
 ATTEMPTS = ".attempts"  # under the experiment folder: one line per attempt at a run, while it is running
 
@@ -51,11 +52,10 @@ class LocalExecutor:
     def __init__(self, bar: Any = None) -> None:
         self.bar = bar
 
-    def run(self, jobs: list, progress: bool = True, desc: str = "",
+    def run(self, jobs: list, run_job: Callable[[Any], dict], progress: bool = True, desc: str = "",
             on_done: Callable[[Any], None] | None = None) -> None:
-        from .experiments import _rank, run_job
-
-        bar = self.bar if self.bar is not None else progress_bar(len(jobs), desc, progress and _rank() == 0)
+        """Run each job with ``run_job`` (the runner's, :func:`backproplab.experiments.run_job`), in order."""
+        bar = self.bar if self.bar is not None else progress_bar(len(jobs), desc, progress and rank() == 0)
         try:
             for job in jobs:
                 bar.set_postfix_str(f"running {job.exp.name} {job.arm.name} seed {job.seed}", refresh=False)
@@ -80,10 +80,8 @@ def _collect(run_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "checkpoint.pt"}
 
 
-def _remote_run(job, storage: str | None) -> dict:
+def _remote_run(job, storage: str | None, run_job: Callable[[Any], dict]) -> dict:
     """The Ray task: the run (in ``storage`` if given, else at the driver's path), then its files."""
-    from .experiments import run_job
-
     marker = _marker(job, storage)
     if storage:
         job = replace(job, exp_dir=Path(storage) / job.exp.name)
@@ -161,10 +159,11 @@ class RayExecutor:
                 raise ExecutorSetupError(f"--{name.lower()}s-per-run {want:g}: the cluster has {have.get(name, 0):g} "
                                          f"{name}s in all, so no run could ever be scheduled")
 
-    def run(self, jobs: list, progress: bool = True, desc: str = "",
+    def run(self, jobs: list, run_job: Callable[[Any], dict], progress: bool = True, desc: str = "",
             on_done: Callable[[Any], None] | None = None) -> None:
-        """Run ``jobs`` as Ray tasks, each run's files written at the driver's path as it finishes; ``on_done(job)``
-        is called after each (finished or failed), in the driver, while the others go on."""
+        """Run ``jobs`` as Ray tasks (each calls ``run_job`` on its job), each run's files written at the driver's
+        path as it finishes; ``on_done(job)`` is called after each (finished or failed), in the driver, while the
+        others go on."""
         import ray
         from ray.exceptions import RayError, RayTaskError
 
@@ -175,7 +174,8 @@ class RayExecutor:
         threads = max(1, int(self.cpus_per_run))
         task = ray.remote(_remote_run).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                                max_retries=self.max_retries, retry_exceptions=False)
-        pending = {task.remote(replace(job, threads=job.threads or threads), self.storage): job for job in jobs}
+        pending = {task.remote(replace(job, threads=job.threads or threads), self.storage, run_job): job
+                   for job in jobs}
         bar = progress_bar(len(jobs), desc, progress)
         failed, retried = [], 0
         try:
@@ -238,13 +238,4 @@ def _deliver(out: dict, run_dir: Path) -> None:
     for rel, data in out["files"].items():
         _io.write_bytes(run_dir / rel, data)
 
-
-def make_executor(name: str, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
-                  max_retries: int = 3, storage: str | None = None):
-    if name == "local":
-        return LocalExecutor()
-    if name == "ray":
-        return RayExecutor(address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                           max_retries=max_retries, storage=storage)
-    raise ValueError(f"unknown executor {name!r}; choose local or ray")
 

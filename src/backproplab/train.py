@@ -22,8 +22,6 @@ epoch, so a resumed run ends with exactly the metrics of an uninterrupted one (t
 
 from __future__ import annotations
 
-import atexit
-import gc
 import math
 import os
 import random
@@ -33,7 +31,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, Protocol
+from typing import Any, NamedTuple, Protocol
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -45,6 +43,7 @@ from tqdm import tqdm
 
 from . import _io
 from .data import Data
+from .dist import init_distributed, leave_distributed, rank_and_world, shutdown_distributed  # noqa: F401 (API)
 
 TIMING_KEYS = ("examples_per_s", "step_time", "wall_time")
 
@@ -156,32 +155,15 @@ def _adam(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _curveball(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    from .methods.curveball import make_optimizer  # imported on use: CurveBall is large
-
-    return make_optimizer(model, cfg)
-
-
-def _curveball_step(batch: Batch, state: TrainState) -> Tensor:
-    from .methods.curveball import curveball_step
-
-    return curveball_step(batch, state)
-
-
-def _linear_backprop(model: nn.Module) -> nn.Module:
-    from .methods.linear_backprop import linear_backprop
-
-    return linear_backprop(model)
-
-
-# The registries, explicit (nothing registers itself by being imported); users may add entries.
+# The registries, explicit (nothing registers itself by being imported); users may add entries. The methods'
+# entries (CurveBall, linear backprop) are filled by backproplab.plugins, so this module never imports a method.
 # name -> factory(model, config); optimizers whose step is not `optimizer.step()` name their step too
 OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {
-    "sgd": _sgd, "adam": _adam, "gd": _sgd, "curveball": _curveball}
-OPTIMIZER_STEPS: dict[str, Step] = {"curveball": _curveball_step}
+    "sgd": _sgd, "adam": _adam, "gd": _sgd}
+OPTIMIZER_STEPS: dict[str, Step] = {}
 FULL_BATCH_OPTIMIZERS = {"gd"}
 
-TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {"linear_backprop": _linear_backprop}
+TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -269,63 +251,6 @@ def isolated_rng(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(saved[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-
-
-def init_distributed(device: str = "cpu") -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world size). The group is
-    left at interpreter exit if the script does not call :func:`shutdown_distributed` itself: a rank
-    that exits with gloo's threads still running can abort and fail the whole torchrun job."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        _leave_group_at_exit()
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _leave_group_at_exit() -> None:
-    """At interpreter exit, leave the group: after meeting the other ranks when this one ends normally
-    (destroying it while a peer still talks can abort too), at once after an uncaught exception (the
-    peers may never come)."""
-    crashed = []
-    previous = sys.excepthook
-
-    def note_crash(*exc_info):
-        crashed.append(True)
-        previous(*exc_info)
-
-    sys.excepthook = note_crash
-    atexit.register(lambda: shutdown_distributed(wait=not crashed))
-
-
-def shutdown_distributed(wait: bool = True) -> None:
-    """Leave the process group cleanly: a rank that exits with gloo's threads still running can abort
-    ("terminate called without an active exception") and fail the whole torchrun job. ``wait``: meet
-    the other ranks first (not after an error, when they may never come). Garbage is collected after: objects
-    in reference cycles (a training state holding a DistributedDataParallel wrapper, say) can keep the group
-    alive past ``destroy_process_group`` until the interpreter's finalization."""
-    if dist.is_initialized():
-        if wait:
-            dist.barrier()
-        dist.destroy_process_group()
-        gc.collect()
-
-
-def leave_distributed(code: int = 0) -> NoReturn:
-    """End this rank's process with ``code``: meet the other ranks, leave the group, flush stdout, stderr and
-    logging, then exit without the interpreter's finalization (``os._exit``).
-
-    Why: gloo's C++ process group can outlive ``destroy_process_group`` (C++ objects such as DDP's reducer,
-    hooked on the model's parameters, hold it) and is then destroyed during finalization, where a rank has
-    been seen to abort ("terminate called without an active exception", SIGABRT) now and then, failing the
-    torchrun job after all its work was written. Make it the last line of a script whose ranks have closed
-    every file they wrote; ``backproplab`` under torchrun ends this way itself."""
-    import logging
-
-    shutdown_distributed()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -506,7 +431,7 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
     if not in_memory and iter(data) is data:
         raise TypeError("fit: data is an iterator, which is used up after one epoch; pass a re-iterable object "
                         "such as a DataLoader or a list of batches")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     device = fit_device(cfg.device, model)
     if in_memory:
         data = data.to(device)

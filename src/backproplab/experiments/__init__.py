@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from .. import _io
 from .._log import logger
+from ..dist import rank
 from ..evidence import Claim, Verdict, judge_all
 
 SCALES = ("smoke", "quick", "full", "paper")
@@ -532,8 +533,7 @@ def identity_of(config: dict) -> dict:
 # ---------------------------------------------------------------- the runner
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+_rank = rank
 
 
 def _barrier() -> None:
@@ -783,7 +783,7 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
     executor = executor or LocalExecutor()
     executor.run(plan(exp, cfg, out, resume, threads=threads, device=getattr(executor, "device", None),
                       rerun_stale=rerun_stale),
-                 progress=progress, desc=exp.name)
+                 run_job, progress=progress, desc=exp.name)
     return finish(exp, cfg, out, scale)
 
 

@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..dist import world_size
+
 
 ModelFn = Callable[[], Tensor]
 LossFn = Callable[[Tensor], Tensor]
@@ -671,7 +673,7 @@ class CurveBall(torch.optim.Optimizer):
         zs = [self.state[p]["z"] for p in params]
         lambd = glob["lambd"].to(params[0].device)
         first = glob["step"] == 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = world_size()
 
         self._rng_at_step_start = torch.get_rng_state()
         self._cuda_rng_at_step_start = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _io
+from ..dist import rank_and_world
 from .._log import logger
 from ..train import TrainConfig, TrainState, loss_step
 from .ghost_clipping import GhostClipping
@@ -375,8 +376,7 @@ class DPSGD:
         # under torchrun: rank r holds the examples r, r + W, ...; each rank Poisson-samples its own share at
         # the global rate q (so every example still joins a step with probability q, independently), clips
         # per example, and Opacus's DistributedDPOptimizer adds the noise once (rank 0) before averaging
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank, self.world = rank_and_world()
         self.n, self.batch_size, self.config = n, batch_size, config
         self.sample_rate = batch_size / n
         noise = config.noise_multiplier

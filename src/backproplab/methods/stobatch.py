@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _io
+from ..dist import rank_and_world, world_size
 from ..train import loss_step
 
 LN2 = math.log(2.0)
@@ -344,7 +345,7 @@ class StoBatch:
 
         # [P6] sigma for max-visits Gaussian releases of sensitivity 2C, noise 2C sigma: RDP at q = 1; under
         # torch.distributed each of the world's ranks visits one batch per step (``workers`` is not used)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = world_size()
         self.noise_multiplier = float(get_noise_multiplier(
             target_epsilon=self.epsilon_claimed(), target_delta=config.delta, sample_rate=1.0,
             steps=max(self.visits(config.steps, world)), accountant="rdp", epsilon_tolerance=0.005))
@@ -450,7 +451,7 @@ class StoBatch:
         for key in [k for k in row if k.startswith("train_")]:
             del row[key]
         row["train_metrics"] = "withheld (computed on private data without noise)"
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = world_size()
         row["epsilon_spent"] = self.epsilon_spent(state.step, world)
         row["epsilon_claimed"] = self.epsilon_claimed()
         if not self.config.paper_compat:
@@ -512,7 +513,8 @@ class StoBatch:
         the optimizer's update, then W1 projected (corrected mode, post-processing)."""
 
         def world_rank() -> tuple[int, int]:
-            return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+            rank, world = rank_and_world()
+            return world, rank
 
         def disjoint_batches(batch, state):
             world, rank = world_rank()
