@@ -223,3 +223,28 @@ def test_no_import_cycles_and_the_foundation_never_imports_a_method_or_the_runne
     upward = {m: sorted(t for t in graph[m] if t.startswith(("backproplab.methods", "backproplab.experiments")))
               for m in foundation}
     assert not any(upward.values()), upward
+
+
+def test_compare_results_ignores_timing_and_provenance_but_not_a_result(tmp_path, capsys):
+    """scripts/compare_results.py (the before/after check of a refactoring): a run whose files differ only in
+    wall time, a code hash and a quoted number of seconds compares equal; one changed accuracy does not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_results", Path(__file__).parents[1] / "scripts"
+                                                  / "compare_results.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def write(root: Path, acc: float, wall: float, code: str) -> str:
+        run = root / "exp" / "arm" / "seed0"
+        run.mkdir(parents=True)
+        (run / "final.json").write_text(json.dumps({"test_acc": acc, "wall_time": wall,
+                                                    "provenance": {"code": code, "torch": "2"}}))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "step_time": wall}) + "\n")
+        (root / "exp" / "summary.json").write_text(json.dumps({"notes": [f"mean wall time {wall:.1f} s"]}))
+        return str(root)
+
+    before = write(tmp_path / "a", 0.9, 1.0, "aaa")
+    assert compare.main(before, write(tmp_path / "b", 0.9, 2.5, "bbb")) == 0
+    assert compare.main(before, write(tmp_path / "c", 0.8, 1.0, "aaa")) == 1
+    assert "exp/arm/seed0/final.json" in capsys.readouterr().out
