@@ -637,36 +637,43 @@ def certify_pixeldp(model: StoBatchNet, x: Tensor, latent_scale: float, n0: int,
 def certify_pixeldp_paper(model: StoBatchNet, x: Tensor, input_scale: float, latent_scale: float,
                           fixed_input_noise: Tensor,
                           fixed_latent_noise: Tensor, n: int, alpha: float, num_classes: int,
-                          generator: torch.Generator | None = None) -> tuple[int, float]:
+                          generator: torch.Generator | None = None) -> tuple[int, float] | list[tuple[int, float]]:
     """The certification as the authors' code runs it (``paper_compat=True``); not a valid certificate.
 
-    ``x`` is meant to be an adversarial example (their evaluation certifies attacked inputs). Each of the
-    ``n`` draws multiplies the softmax of two forwards: fresh input noise at a tenth of the training
-    scale on top of the *training* input noise draw, and fresh latent noise at a tenth of the training
-    scale on top of the *training* latent draw. The counts lag one draw (the first count is the
+    ``x`` is meant to be an adversarial example (their evaluation certifies attacked inputs), one input or a
+    batch of them. Each of the ``n`` draws multiplies the softmax of two forwards: fresh input noise at a tenth
+    of the training scale on top of the *training* input noise draw, and fresh latent noise at a tenth of the
+    training scale on top of the *training* latent draw; each draw is shared by the batch's inputs, as the
+    authors feed one draw to their whole test batch. The counts lag one draw (the first count is the
     prediction under the training noise alone). The same counts pick the class and bound its
     probability, and the bound is evaluated at the training latent scale, not at the scale sampled.
-    Returns (class, l1 size) like :func:`certify_pixeldp`.
+    Returns (class, l1 size) like :func:`certify_pixeldp`, a list of them for a batch.
     """
     from .robustness import lower_confidence_bound, pixeldp_certified_size, upper_confidence_bound
 
     model.eval()
-    xb, latent = x.unsqueeze(0), fixed_latent_noise.unsqueeze(0)
-    counts = torch.zeros(num_classes, dtype=torch.int64)
-    pred = int(model(xb, latent, input_noise=fixed_input_noise).argmax(1))
+    batched = x.dim() == len(model.input_shape) + 1
+    xb = x if batched else x.unsqueeze(0)
+    rows = torch.arange(len(xb))
+    latent = fixed_latent_noise.unsqueeze(0).expand(len(xb), *fixed_latent_noise.shape)
+    counts = torch.zeros(len(xb), num_classes, dtype=torch.int64)
+    pred = model(xb, latent, input_noise=fixed_input_noise).argmax(1).cpu()
     for _ in range(n):
-        counts[pred] += 1
+        counts[rows, pred] += 1
         fresh_x = laplace((1, *fixed_input_noise.shape), input_scale / 10, generator, x.device)
         fresh_h = laplace((1, *model.latent_shape), latent_scale / 10, generator, x.device)
         probs = (model(xb, latent, input_noise=fixed_input_noise + fresh_x).softmax(1)
                  * model(xb, latent + fresh_h, input_noise=fixed_input_noise).softmax(1))
-        pred = int(probs.argmax(1))
-    top = int(counts.argmax())
-    second = int(torch.cat([counts[:top], counts[top + 1:]]).max())
-    lo = lower_confidence_bound(int(counts[top]), n, alpha / 2)
-    hi = upper_confidence_bound(second, n, alpha / 2)
-    size = pixeldp_certified_size(lo, hi, latent_scale, l1_sensitivity(model), delta=0.0, mechanism="laplace")
-    return top, size
+        pred = probs.argmax(1).cpu()
+    sensitivity = l1_sensitivity(model)
+    out = []
+    for c in counts:
+        top = int(c.argmax())
+        second = int(torch.cat([c[:top], c[top + 1:]]).max())
+        lo = lower_confidence_bound(int(c[top]), n, alpha / 2)
+        hi = upper_confidence_bound(second, n, alpha / 2)
+        out.append((top, pixeldp_certified_size(lo, hi, latent_scale, sensitivity, delta=0.0, mechanism="laplace")))
+    return out if batched else out[0]
 
 
 # ---------------------------------------------------------------- membership audit
