@@ -415,6 +415,9 @@ def analyze(res: Results) -> list[str]:
                 f"confidence): empirical epsilon lower bounds {', '.join(f'{b:.2f}' for b in lbs)} against "
                 f"{claimed:g} claimed (this audit can show at most {ceiling:.2f}) — "
                 + ("LEAKAGE BEYOND THE STATED EPSILON DETECTED." if max(lbs) > claimed else
+                   "no evidence of leakage beyond the stated epsilon from this black-box audit (a release audit "
+                   "given the training draw, which the paper's evaluation publishes, exceeds the claim: "
+                   "docs/stobatch_privacy.md section 4)." if kind == "audit_paper" and ceiling > claimed else
                    "no evidence of leakage beyond the stated epsilon." if ceiling > claimed else
                    "too weak to test the claim: its ceiling is below the claimed epsilon (more canaries and "
                    "guesses at full scale)."))
