@@ -17,7 +17,7 @@ from __future__ import annotations
 from . import data, train
 from .methods import curveball, linear_backprop, teacher_student
 
-train.OPTIMIZERS["curveball"] = curveball.make_optimizer
+train.OPTIMIZERS["curveball"] = curveball.curveball_from_config
 train.OPTIMIZER_STEPS["curveball"] = curveball.curveball_step
 train.TRANSFORMS["linear_backprop"] = linear_backprop.linear_backprop
 data.DATASETS["gaussian_teacher"] = teacher_student.gaussian_teacher

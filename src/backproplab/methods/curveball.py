@@ -842,7 +842,7 @@ def curveball_step(batch, state) -> Tensor:
     return loss
 
 
-def make_optimizer(model: nn.Module, cfg) -> CurveBall:
+def curveball_from_config(model: nn.Module, cfg) -> CurveBall:
     """``optimizer=curveball``: lr <= 0 and momentum <= 0 mean automatic beta and rho."""
     return CurveBall(model.parameters(), model=model, lr=max(cfg.lr, 0.0), momentum=max(cfg.momentum, 0.0),
                      auto_lr=cfg.lr <= 0, auto_momentum=cfg.momentum <= 0)
