@@ -387,3 +387,21 @@ def test_runs_are_planned_seed_major_so_workers_tune_different_arms(tmp_path):
     assert sorted(order) == sorted((seed, arm.name) for arm in exp.arms(cfg) for seed in range(seeds_of(arm)))
     assert [seed for seed, _ in order] == sorted(seed for seed, _ in order)  # every seed 0 before any seed 1
     assert len({arm for seed, arm in order if seed == 0}) == len(exp.arms(cfg))
+
+
+def test_each_run_names_the_data_it_was_trained_on_by_its_fingerprint(smoke):
+    """Run.data adds the training tensors' fingerprint to the run's config.json; it is the fingerprint of the
+    same data loaded independently (seed k's split), and differs between seeds' splits."""
+    import json
+
+    from backproplab.data import fingerprint, load_dataset
+    from backproplab.experiments import get, make_config
+
+    cfg = make_config(get("baselines"), scale="smoke")
+    prints = {}
+    for seed in (0, 1):
+        written = json.loads((smoke / "baselines" / "digits-mlp-sgd" / f"seed{seed}" / "config.json").read_text())
+        n_train = cfg.n_train or None
+        prints[seed] = fingerprint(load_dataset("digits", seed=seed, n_train=n_train, rest_to_test=True))
+        assert written["data"] == {"digits": prints[seed]}
+    assert prints[0] != prints[1]

@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -661,6 +661,3 @@ def _restore(ckpt: dict, state: TrainState, callbacks, device: torch.device) -> 
             cb.load_state_dict(s)
     return ckpt["position"], ckpt["loss_sum"].to(device), ckpt["loss_count"]
 
-
-def config_dict(cfg: Any) -> dict:
-    return asdict(cfg)

@@ -129,10 +129,17 @@ class Run:
 
     def data(self, name: str, **kwargs):
         """Dataset ``name`` for this seed: seed k of every arm gets the same split/subset, which changes with k.
-        With ``cfg.validation`` > 0 the returned "test" split is a held-out part of the training set."""
-        from ..data import load_dataset
+        With ``cfg.validation`` > 0 the returned "test" split is a held-out part of the training set. The
+        training tensors' fingerprint is added to the run's ``config.json`` (``data``: name -> fingerprint), so
+        a result names the exact data it was trained on."""
+        from ..data import fingerprint, load_dataset
 
         data = load_dataset(name, seed=self.seed, root=self.data_root, **kwargs)
+        config_file = self.dir / "config.json"
+        if _rank() == 0 and config_file.exists():
+            written = json.loads(config_file.read_text())
+            written.setdefault("data", {})[name] = fingerprint(data)
+            _io.write_json(config_file, written)
         if getattr(self.cfg, "validation", 0):
             data = validation_split(data, self.cfg.validation, self.seed)
             self.validation_used = True
