@@ -362,9 +362,6 @@ def test_a_number_beyond_float32_is_rejected_before_training():
 _RANK_EXITS = r"""
 import sys, torch, torch.distributed as dist
 from backproplab.train import init_distributed
-
-# runs experiments, the CLI or a local server: not in the fast tier (make test-fast)
-pytestmark = pytest.mark.medium
 rank, world = init_distributed("cpu")
 if sys.argv[1] == "crash" and rank == 1:
     raise RuntimeError("rank 1 fails")
