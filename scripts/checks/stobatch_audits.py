@@ -52,28 +52,48 @@ def one_run_audits(epochs_list=(20, 40)) -> None:
               f"epsilon lower bound {audit['epsilon_lower_bound']:.2f} (at most {audit['max_certifiable']:.2f})")
 
 
+class _Releases:
+    """What one visit of a disjoint batch releases on the output bias, from the trained paper-mode model (a copy:
+    its BatchNorm statistics, which the attacks read, are restored before every release)."""
+
+    def __init__(self, sto: sb.StoBatch, data) -> None:
+        self.sto, self.data = sto, data
+        self.net = sto.model = copy.deepcopy(sto.model)
+        self.trained = copy.deepcopy(self.net.state_dict())
+
+    def new_run(self, trial: int) -> None:
+        """A fresh, independent run of the mechanism: a fresh draw (and fresh attack randomness via ``trial``)."""
+        self.sto.redraw(torch.Generator().manual_seed(10**6 + trial))
+
+    def bias_gradient(self, index: int, labels: torch.Tensor, trial: int) -> torch.Tensor:
+        self.net.load_state_dict(self.trained)
+        batches, data = self.sto.batches, self.data
+        x, other = data.x_train[batches[index]], batches[(index + 1) % len(batches)]
+        loss = self.sto.batch_loss(self.net, x, labels, index, trial, data.num_classes, data.x_train[other],
+                                   data.y_train[other])
+        return torch.autograd.grad(loss, self.net.out.bias)[0]
+
+
+def _changed_label(data, sto: sb.StoBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch 0's labels, and the same with its first label moved to the next class (neighbouring datasets)."""
+    y = data.y_train[sto.batches[0]]
+    changed = y.clone()
+    changed[0] = (y[0] + 1) % data.num_classes
+    return y, changed
+
+
 def release_audit() -> None:
     data = load_dataset("digits", unit_range=True)
     sto = train_paper_mode(data, 6)
-    net, scales = copy.deepcopy(sto.model), sto.scales
-    sto.model = net  # BatchNorm on a copy: the audit's passes must not move the trained model's statistics
-    batch = [(data.x_train[b], data.y_train[b]) for b in sto.batches[:3]]
-    (x, y), (xo, yo), (x3, y3) = batch
-    y_changed = y.clone()
-    y_changed[0] = (y[0] + 1) % data.num_classes
+    releases = _Releases(sto, data)
+    y, y_changed = _changed_label(data, sto)
+    y_next = data.y_train[sto.batches[1]]
     k_from, k_to = int(y[0]), int(y_changed[0])
 
-    def bias_gradient(xb, yb, index, x_next, y_next, trial):
-        loss = sto.batch_loss(net, xb, yb, index, trial, data.num_classes, x_next, y_next)
-        return torch.autograd.grad(loss, net.out.bias)[0]
-
     def released(labels, trial: int) -> tuple[float, float]:
-        g = torch.Generator().manual_seed(10**6 + trial)  # a fresh run of the mechanism: a fresh draw
-        sto._paper_noise = (sb.laplace((1, *data.input_shape), scales.input_scale, g),
-                            sb.laplace((1, *net.latent_shape), scales.latent_scale, g),
-                            sb.laplace(net.out.weight.shape, scales.output_scale, g))
-        alone = bias_gradient(x, labels, 0, xo, yo, trial)
-        difference = alone - bias_gradient(xo, yo, 1, x3, y3, trial)
+        releases.new_run(trial)
+        alone = releases.bias_gradient(0, labels, trial)
+        difference = alone - releases.bias_gradient(1, y_next, trial)
         return (float(alone[k_to] - alone[k_from]), float(difference[k_to] - difference[k_from]))
 
     first = torch.tensor([released(y, t) for t in range(TRIALS)])
@@ -95,26 +115,13 @@ def release_audit_given_the_draw(trials: int = 400) -> None:
     data = load_dataset("digits", unit_range=True)
     sto = train_paper_mode(data, 6)
     accuracy = noisy_accuracies(sto.model, sto, data, L, SEED)["acc_training_draw"]
-    net, scales = copy.deepcopy(sto.model), sto.scales
-    sto.model = net
-    (x, y), (xo, yo) = [(data.x_train[b], data.y_train[b]) for b in sto.batches[:2]]
-    y_changed = y.clone()
-    y_changed[0] = (y[0] + 1) % data.num_classes
-
-    trained = copy.deepcopy(net.state_dict())
-
-    def bias_gradient(labels, trial: int) -> torch.Tensor:
-        net.load_state_dict(trained)  # the BatchNorm statistics the attacks read are the released model's
-        loss = sto.batch_loss(net, x, labels, 0, trial, data.num_classes, xo, yo)
-        return torch.autograd.grad(loss, net.out.bias)[0]
+    releases = _Releases(sto, data)
+    y, y_changed = _changed_label(data, sto)
 
     def residual(labels, trial: int) -> float:
-        g = torch.Generator().manual_seed(10**6 + trial)  # a fresh run of the mechanism: a fresh draw
-        sto._paper_noise = (sb.laplace((1, *data.input_shape), scales.input_scale, g),
-                            sb.laplace((1, *net.latent_shape), scales.latent_scale, g),
-                            sb.laplace(net.out.weight.shape, scales.output_scale, g))
-        released = bias_gradient(labels, trial)
-        expected_under_first = bias_gradient(y, trial)  # the auditor's recomputation, given the published draw
+        releases.new_run(trial)
+        released = releases.bias_gradient(0, labels, trial)
+        expected_under_first = releases.bias_gradient(0, y, trial)  # the auditor's recomputation, given the draw
         return float((released - expected_under_first).abs().max())
 
     first = torch.tensor([residual(y, t) for t in range(trials)])

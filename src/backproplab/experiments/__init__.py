@@ -136,7 +136,7 @@ class Run:
 
         data = load_dataset(name, seed=self.seed, root=self.data_root, **kwargs)
         config_file = self.dir / "config.json"
-        if _rank() == 0 and config_file.exists():
+        if rank() == 0 and config_file.exists():
             written = json.loads(config_file.read_text())
             written.setdefault("data", {})[name] = fingerprint(data)
             _io.write_json(config_file, written)
@@ -540,7 +540,6 @@ def identity_of(config: dict) -> dict:
 # ---------------------------------------------------------------- the runner
 
 
-_rank = rank
 
 
 def _barrier() -> None:
@@ -617,7 +616,7 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
                 continue
             job = dataclasses.replace(job, resume=False)  # made by other code: start it over
         jobs.append(job)
-    if stale and warn and _rank() == 0:
+    if stale and warn and rank() == 0:
         what = "starting them over" if rerun_stale else "kept; --rerun-stale starts them over"
         logger.warning(f"backproplab: {len(stale)} finished run(s) of {exp.name} were made by other code than this "
                        f"(provenance 'code' differs, e.g. {stale[0].run_dir}): {what}")
@@ -713,7 +712,7 @@ def _run_job_locked(job: Job, record: dict) -> dict:
 
     exp, cfg, arm, seed, run_dir = job.exp, job.cfg, job.arm, job.seed, job.run_dir
     made_by = provenance(job.device)
-    if _rank() == 0:
+    if rank() == 0:
         if run_dir.exists() and (not job.resume or not _same_identity(run_dir, record)):
             shutil.rmtree(run_dir)
         _io.write_json(run_dir / "config.json", {"experiment": exp.name, "arm": arm.name,
@@ -735,7 +734,7 @@ def _run_job_locked(job: Job, record: dict) -> dict:
         if getattr(cfg, "validation", 0) and not getattr(run, "validation_used", False):
             raise ConfigError(_NO_VALIDATION.format(name=exp.name))
     except (DataFormatError, DataNotFoundError):  # the data never loaded: leave no half-made run folder behind
-        if _rank() == 0 and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+        if rank() == 0 and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
             shutil.rmtree(run_dir)
         raise
     except FloatingPointError as e:  # one diverging run is a result, not the end of the reproduction (the loop's
@@ -743,12 +742,12 @@ def _run_job_locked(job: Job, record: dict) -> dict:
         final = {"status": "diverged", "diverged_at_step": getattr(e, "step", None),
                  "diverged_at_epoch": getattr(e, "epoch", None), "error": str(e),
                  "last_finite": getattr(e, "last", None)}
-        if _rank() == 0:
+        if rank() == 0:
             logger.warning(f"{exp.name}: {arm.name} seed {seed} diverged ({e}); recorded, going on")
     finally:
         torch.set_num_threads(threads)
     final["provenance"] = made_by
-    if _rank() == 0:
+    if rank() == 0:
         _io.write_json(run_dir / "final.json", final)
     return final
 
@@ -759,7 +758,7 @@ def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = 
 
     exp_dir = Path(out) / exp.name
     arms, seeds_of = exp.arms(cfg), exp.seeds_of(cfg)
-    if _rank() == 0:
+    if rank() == 0:
         results = Results(exp_dir, cfg, arms, seeds_of)
         stale = [f"{a.name}/seed{k}" for a in arms for k in range(seeds_of(a))
                  if (exp_dir / a.name / f"seed{k}" / "final.json").exists()

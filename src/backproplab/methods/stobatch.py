@@ -464,12 +464,16 @@ class StoBatch:
         """Paper mode: (input noise, latent noise, output-weight noise), one draw for the whole run, shared by
         every example, batch and visit (the authors' code draws them once)."""
         if self._paper_noise is None:
-            g = _generator(self.config.seed, 0, -1)
-            s, m = self.scales, self.model
-            self._paper_noise = (laplace((1, *shape_x[1:]), s.input_scale, g, device),
-                                 laplace((1, *m.latent_shape), s.latent_scale, g, device),
-                                 laplace(m.out.weight.shape, s.output_scale, g, device))
+            self.redraw(_generator(self.config.seed, 0, -1), device)
         return self._paper_noise
+
+    def redraw(self, generator: torch.Generator, device=None) -> None:
+        """Paper mode: replace the run's one draw by a fresh one from ``generator`` (an audit's independent runs
+        of the mechanism); every later batch, visit and evaluation uses it."""
+        s, m = self.scales, self.model
+        self._paper_noise = (laplace((1, *m.input_shape), s.input_scale, generator, device),
+                             laplace((1, *m.latent_shape), s.latent_scale, generator, device),
+                             laplace(m.out.weight.shape, s.output_scale, generator, device))
 
     def batch_loss(self, net: nn.Module, x: Tensor, y: Tensor, batch_index: int, step: int,
                    num_classes: int, x_other: Tensor | None = None, y_other: Tensor | None = None) -> Tensor:
@@ -512,12 +516,8 @@ class StoBatch:
         torchrun), each visit's release (corrected) or loss gradient (paper) averaged, averaged over ranks,
         the optimizer's update, then W1 projected (corrected mode, post-processing)."""
 
-        def world_rank() -> tuple[int, int]:
-            rank, world = rank_and_world()
-            return world, rank
-
         def disjoint_batches(batch, state):
-            world, rank = world_rank()
+            rank, world = rank_and_world()
             workers = 1 if world > 1 else self.config.workers
             for w in range(workers):
                 index = ((state.step * world + rank) * workers + w) % len(self.batches)
@@ -538,7 +538,7 @@ class StoBatch:
             return surrogate, torch.zeros((), device=device)
 
         def average_over_ranks(state) -> None:
-            world, _ = world_rank()
+            world = world_size()
             if world > 1:  # DDP is not used for this step: average the gradients explicitly
                 for p in self.model.parameters():
                     if p.grad is not None:
