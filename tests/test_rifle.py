@@ -117,6 +117,33 @@ def test_l2sp_gradient_is_analytic():
         torch.testing.assert_close(g, expected.detach())
 
 
+def test_l2_value_and_gradient_are_the_closed_form():
+    """(alpha/2) |w|^2 over every parameter: the value against a float64 sum, the gradient against alpha w."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (4,), 3, widths=(5,))
+    value = rifle.L2(0.3)(model)
+    expected = 0.15 * sum(p.detach().double().pow(2).sum() for p in model.parameters())
+    torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=0)
+    for p, g in zip(model.parameters(), torch.autograd.grad(value, list(model.parameters()))):
+        torch.testing.assert_close(g, 0.3 * p.detach())
+
+
+def test_layer_grad_norms_are_each_layers_euclidean_norm():
+    """Against a brute-force float64 loop over each named layer's parameters, element by element."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", (1, 8, 8), 5, width=0.0625)
+    F.cross_entropy(model(torch.randn(6, 1, 8, 8)), torch.arange(6) % 5).backward()
+    names = ("stem", "layers.0", "layers.3", "head")
+    got = rifle.layer_grad_norms(model, names)
+    assert list(got) == list(names)
+    for n in names:
+        total = 0.0
+        for p in rifle.get_submodule(model, n).parameters():
+            for v in p.grad.double().reshape(-1).tolist():
+                total += v * v
+        assert math.isclose(got[n], math.sqrt(total), rel_tol=1e-5), n
+
+
 def test_disturblabel_rate_matches_alpha():
     g = torch.Generator().manual_seed(0)
     n, alpha, classes = 200_000, 0.2, 10
