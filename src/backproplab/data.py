@@ -117,7 +117,13 @@ def register_dataset(name: str) -> Callable[[Callable[..., Data]], Callable[...,
 def load_dataset(name: str, *, n_train: int | None = None, seed: int = 0,
                  root: str | os.PathLike | None = None, rest_to_test: bool = False, **kwargs) -> Data:
     """Load dataset ``name``; ``n_train`` keeps a seeded random subset of the training set (and
-    ``rest_to_test`` adds the examples left out to the test set)."""
+    ``rest_to_test`` adds the examples left out to the test set).
+
+    Example:
+        >>> data = load_dataset("digits", n_train=100, seed=0)
+        >>> tuple(data.x_train.shape), data.num_classes, len(data.x_test) > 0
+        ((100, 1, 8, 8), 10, True)
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
     data = DATASETS[name](seed=seed, root=Path(root) if root else default_root(), **kwargs)

@@ -70,7 +70,14 @@ def register_model(name: str):
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
-    """Build model ``name`` for inputs of shape ``input_shape`` (no batch dim) and ``num_classes`` outputs."""
+    """Build model ``name`` for inputs of shape ``input_shape`` (no batch dim) and ``num_classes`` outputs.
+
+    Example:
+        >>> import torch
+        >>> model = build_model("cnn", (1, 8, 8), 10, channels=(8, 16))
+        >>> tuple(model(torch.zeros(2, 1, 8, 8)).shape)
+        (2, 10)
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     return MODELS[name](tuple(input_shape), num_classes, **kwargs)

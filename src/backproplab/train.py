@@ -76,7 +76,13 @@ def check_config(cfg: TrainConfig) -> None:
 
 @dataclass
 class TrainConfig:
-    """What the loop needs; experiments embed these fields in their own config dataclasses."""
+    """What the loop needs; experiments embed these fields in their own config dataclasses.
+
+    Example:
+        >>> cfg = TrainConfig(optimizer="adam", lr=1e-3, epochs=2)
+        >>> cfg.batch_size, cfg.seed
+        (64, 0)
+    """
 
     optimizer: str = "sgd"  # sgd | adam | gd (full-batch SGD) | anything in OPTIMIZERS
     lr: float = 0.05
@@ -283,6 +289,17 @@ def loss_step(loss_of: Callable[[Any, TrainState], Tensor | tuple[Tensor, Tensor
     ``loss_of`` returns the loss to differentiate, or ``(loss, reported)`` when what the curves show
     differs (a penalty left out, say). A loss without a graph (an empty Poisson batch) is not
     differentiated. Returns the sum of the parts' detached reported losses.
+
+    Example:
+        >>> import torch
+        >>> from backproplab import build_model, load_dataset
+        >>> data = load_dataset("digits", n_train=100)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(16,))
+        >>> l1 = loss_step(lambda batch, state: state.loss_fn(state.net(batch.x), batch.y)
+        ...                + 1e-4 * sum(p.abs().sum() for p in state.model.parameters()))
+        >>> rows = fit(model, data, TrainConfig(lr=0.05, epochs=1, batch_size=50), step=l1)
+        >>> rows[-1]["step"]
+        2
     """
 
     def step(batch: Batch, state: TrainState) -> Tensor:
@@ -334,7 +351,18 @@ standard_step.__doc__ = """``zero_grad; mean loss over the batch .backward(); op
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[..., Tensor],
              batch_size: int = 2048, classification: bool = True) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) of ``model`` in eval mode over ``(x, y)``."""
+    """Mean loss (and accuracy for classification) of ``model`` in eval mode over ``(x, y)``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.eye(2)), model.bias.zero_()
+        >>> res = evaluate(model, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]), cross_entropy)
+        >>> res["acc"]
+        0.5
+    """
     return evaluate_batches(model, ((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(x), batch_size)),
                             loss_fn, classification)
 
@@ -415,6 +443,14 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
     is exact when the iterable repeats its order); the finished run leaves ``model.pt`` and (with
     ``write_final``) ``final.json``. ``progress``: print one line per evaluation to stderr (default: when
     stderr is a terminal).
+
+    Example:
+        >>> from backproplab import build_model, load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=300)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(32,))
+        >>> rows = fit(model, data, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, epochs=3, batch_size=50))
+        >>> rows[-1]["epoch"], rows[-1]["test_acc"] > 0.8
+        (3.0, True)
     """
     cfg = config if config is not None else TrainConfig()
     check_config(cfg)

@@ -97,6 +97,24 @@ class GhostClipping(nn.Module):
     only; the others are shared by all examples, whatever their shape). ``_module`` is the
     wrapped model, and ``hooks_enabled`` / ``enable_hooks`` / ``disable_hooks`` / ``remove_hooks`` behave as
     Opacus's ``GradSampleModule``'s, so code written for one works with the other.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+        >>> clipper = GhostClipping(model)
+        >>> with clipper.recording():
+        ...     loss = F.cross_entropy(clipper(x), y, reduction="sum")
+        >>> sums, norms = clipper.clipped_sum(loss, max_grad_norm=1.0)
+        >>> per_example = [torch.cat([g.flatten() for g in torch.autograd.grad(
+        ...     F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))]).norm() for i in range(5)]
+        >>> torch.allclose(norms, torch.stack(per_example), atol=1e-5)       # the norms without per-example gradients
+        True
+
+    References:
+        Li, Tramer, Liang and Hashimoto, "Large language models can be strong differentially private learners",
+        ICLR 2022 (ghost clipping); Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799.
     """
 
     def __init__(self, module: nn.Module,

@@ -38,7 +38,19 @@ def pixel_unshuffle_order(channels: int, dims: int = 2) -> Tensor:
 
 
 class InvertibleDownsample(nn.Module):
-    """Space-to-depth by 2 (lossless): (C, H, W) -> (4C, H/2, W/2) or (C, L) -> (2C, L/2)."""
+    """Space-to-depth by 2 (lossless): (C, H, W) -> (4C, H/2, W/2) or (C, L) -> (2C, L/2).
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(16.).view(1, 1, 4, 4)
+        >>> y = InvertibleDownsample()(x)
+        >>> tuple(y.shape), sorted(y.flatten().tolist()) == x.flatten().tolist()   # nothing lost
+        ((1, 4, 2, 2), True)
+
+    References:
+        Belilovsky, Eickenberg and Oyallon, "Greedy layerwise learning can scale to ImageNet", ICML 2019
+        (arXiv:1812.11446); Jacobsen, Smeulders and Oyallon, "i-RevNet", ICLR 2018 (the downsampling).
+    """
 
     def __init__(self, dims: int = 2):
         super().__init__()
@@ -90,7 +102,14 @@ class AuxClassifier(nn.Sequential):
 
     ``batchnorm``: BatchNorm after each auxiliary convolution and on the averaged features before the
     linear layer, as in the paper and the authors' code for k > 1; ``None`` (default) is the paper's
-    setting: on for k > 1, off for k = 1 (a plain linear model on the averaged features)."""
+    setting: on for k > 1, off for k = 1 (a plain linear model on the averaged features).
+
+    Example:
+        >>> import torch
+        >>> aux = AuxClassifier(c_in=8, num_classes=10, k=2, dims=2)
+        >>> tuple(aux(torch.randn(3, 8, 4, 4)).shape)
+        (3, 10)
+    """
 
     def __init__(self, c_in: int, num_classes: int, k: int, dims: int, width: int | None = None,
                  batchnorm: bool | None = None):
@@ -147,6 +166,15 @@ class LayerwiseCNN(BlockStack):
         input_shape: (C, L) or (C, H, W). widths: output channels of each block. downsample: indices of the
         blocks that start with invertible downsampling. k: hidden layers of the auxiliary classifiers.
         aux_batchnorm: BatchNorm in the auxiliary classifiers (default: the paper's, on for k > 1).
+
+    Example:
+        >>> import torch
+        >>> net = LayerwiseCNN((1, 8, 8), 10, widths=(8, 16), downsample=(1,), k=2)
+        >>> tuple(net(torch.randn(5, 1, 8, 8)).shape), len(net.blocks), len(net.aux)
+        ((5, 10), 2, 2)
+
+    References:
+        Belilovsky, Eickenberg and Oyallon, ICML 2019 (arXiv:1812.11446), Section 3.
     """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 64, 64, 128),
@@ -202,6 +230,17 @@ class GreedyLayerwiseTrainer:
     ``cache_prefix=True`` computes the frozen prefix's outputs once per stage (valid without data
     augmentation, since the prefix is frozen and in eval mode), so block j does not recompute blocks
     1..j-1 for every batch; ``False`` recomputes them (needed with augmentation).
+
+    Example:
+        >>> from backproplab import load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=200)
+        >>> net = LayerwiseCNN(data.input_shape, 10, widths=(8, 16), downsample=(1,), k=1)
+        >>> rows = GreedyLayerwiseTrainer(net, TrainConfig(lr=0.05, epochs=1, batch_size=50)).train(data)
+        >>> [r["depth"] for r in rows], all(p.requires_grad for p in net.parameters())
+        ([1, 2], True)
+
+    References:
+        Belilovsky, Eickenberg and Oyallon, ICML 2019 (arXiv:1812.11446), Algorithm 1.
     """
 
     def __init__(self, model: BlockStack | Sequence[nn.Module], config: TrainConfig, cache_prefix: bool = True,
@@ -264,7 +303,17 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
                  l2: float = 1e-4, tol: float = 1e-4, max_iter: int = 1000) -> dict[str, float]:
     """Multinomial logistic regression fitted to convergence: L-BFGS (strong Wolfe) in float64 on the
     standardised features, minimising mean cross-entropy + (l2/2)|W|^2, until the gradient's max-norm is
-    below ``tol``. Returns the held-out accuracy, the final gradient norm and whether it converged."""
+    below ``tol``. Returns the held-out accuracy, the final gradient norm and whether it converged.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(200, 2, generator=g)
+        >>> y = (x[:, 0] > 0).long()                       # linearly separable
+        >>> res = linear_probe(x[:100], y[:100], x[100:], y[100:], num_classes=2)
+        >>> res["acc"] > 0.95, res["converged"]
+        (True, True)
+    """
     x = train_x.flatten(1).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
     x = (x - mean) / std
@@ -325,6 +374,13 @@ def retrain_smaller_classifier(model: LayerwiseCNN, data: Data, config: TrainCon
 
 
 def parameter_count(module: nn.Module) -> int:
+    """The number of trainable and frozen parameters of ``module``.
+
+    Example:
+        >>> from torch import nn
+        >>> parameter_count(nn.Linear(3, 2))
+        8
+    """
     return sum(p.numel() for p in module.parameters())
 
 

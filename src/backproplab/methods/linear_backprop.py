@@ -174,6 +174,21 @@ def linear_backprop(model: nn.Module, activations: Sequence[type[nn.Module]] = K
     Any other ``torch.nn`` activation module found (PReLU, Mish, Softmax, ...) raises ``ValueError``
     naming it, unless listed in ``ignore`` (kept with its true derivative) or in ``activations``
     (treated as elementwise with derivative 1). Undo with :func:`standard_backprop`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = linear_backprop(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> model(x).sum().backward()                  # the ReLU's derivative is taken as 1
+        >>> torch.allclose(x.grad, model[0].weight.sum(0).expand(4, 3))
+        True
+        >>> is_linear_backprop(standard_backprop(model))
+        False
+
+    References:
+        Yazdani, "Linear backprop in non-linear networks", NeurIPS 2018 workshop (Compact Deep Neural Networks
+        with industrial applications).
     """
     activations, ignore = tuple(activations), tuple(ignore)
     unknown = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
@@ -196,7 +211,14 @@ def linear_backprop(model: nn.Module, activations: Sequence[type[nn.Module]] = K
 
 
 def standard_backprop(model: nn.Module) -> nn.Module:
-    """Undo :func:`linear_backprop` in place: every switched activation gets its own class back."""
+    """Undo :func:`linear_backprop` in place: every switched activation gets its own class back.
+
+    Example:
+        >>> from torch import nn
+        >>> model = linear_backprop(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+        >>> type(standard_backprop(model)[1]) is nn.Tanh
+        True
+    """
     for module in model.modules():
         if isinstance(module, LinearBackward):
             module.__class__ = module._original_class
@@ -213,6 +235,15 @@ def linear_backprop_scope(model: nn.Module, **kwargs) -> Iterator[nn.Module]:
     The derivative is chosen when autograd records the forward, so the forward must run inside the
     scope; a block in which no switched activation ran a recorded forward (``loss.backward()`` alone,
     on a loss computed before) raises ``RuntimeError`` on exit, since its gradients were ordinary ones.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> with linear_backprop_scope(model):
+        ...     model(torch.randn(3, 2)).sum().backward()
+        >>> type(model[1]) is nn.ReLU                   # ordinary backprop again after the block
+        True
     """
     linear_backprop(model, **kwargs)
     before = _recorded_forwards[0]
@@ -238,6 +269,13 @@ def is_switchable(model: nn.Module, activations: Sequence[type[nn.Module]] = KNO
 
 
 def is_linear_backprop(model: nn.Module) -> bool:
+    """True when any activation of ``model`` is switched to :class:`LinearBackward`.
+
+    Example:
+        >>> from torch import nn
+        >>> is_linear_backprop(nn.ReLU()), is_linear_backprop(linear_backprop(nn.Sequential(nn.ReLU())))
+        (False, True)
+    """
     return any(isinstance(m, LinearBackward) for m in model.modules())
 
 

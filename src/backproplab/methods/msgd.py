@@ -46,6 +46,20 @@ class LossWeighting:
 
     Randomness comes from torch's global generator (seeded and checkpointed by the training loop) unless
     a ``generator`` is passed.
+
+    Example:
+        >>> import torch
+        >>> w = MSGDFisher(n=100, batch_size=10)
+        >>> idx, weights = w.sample(torch.Generator().manual_seed(0))
+        >>> len(idx), round(w.scale ** 2, 6)                  # every example, s^2 = n/b - 1
+        (100, 9.0)
+        >>> losses = torch.rand(100)
+        >>> torch.allclose(w.weighted_loss(losses[idx], weights), (losses[idx] * weights).sum())
+        True
+
+    References:
+        Wu, Hu, Xiong, Huan, Braverman and Zhu, "On the noisy gradient descent that generalizes as SGD",
+        ICML 2020 (arXiv:1906.07405).
     """
 
     name = "weighting"
@@ -84,6 +98,13 @@ def _all(n: int, device) -> Tensor:
 
 
 class GD(LossWeighting):
+    """Gradient descent as a weighting: w = 1/n on every example, no noise.
+
+    Example:
+        >>> idx, w = GD(n=4).sample()
+        >>> idx.tolist(), w.tolist()
+        ([0, 1, 2, 3], [0.25, 0.25, 0.25, 0.25])
+    """
     name = "gd"
     all_examples = True
 
@@ -92,6 +113,14 @@ class GD(LossWeighting):
 
 
 class SGD(LossWeighting):
+    """SGD as a weighting: w = 1/b on b examples drawn without replacement; noise covariance (n - b)/(b (n - 1)) C.
+
+    Example:
+        >>> import torch
+        >>> idx, w = SGD(n=10, batch_size=3).sample(torch.Generator().manual_seed(0))
+        >>> len(set(idx.tolist())), round(float(w.sum()), 6)
+        (3, 1.0)
+    """
     name = "sgd"
 
     def sample(self, generator=None, device="cpu"):
@@ -100,7 +129,21 @@ class SGD(LossWeighting):
 
 
 class MSGDCov(LossWeighting):
-    """w = (1 + s (e - mean e)) / n: noise covariance (s^2/n) C; SGD-matched s^2 = (n - b)/b * n/(n - 1)."""
+    """w = (1 + s (e - mean e)) / n: noise covariance (s^2/n) C; SGD-matched s^2 = (n - b)/b * n/(n - 1).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> wc = MSGDCov(n=50, batch_size=5)
+        >>> w = torch.stack([wc.dense(g) for _ in range(2000)])
+        >>> torch.allclose(w.sum(1), torch.ones(2000))         # e - mean e: the weights always sum to 1
+        True
+        >>> abs(w.var(0).mean().item() * 50 ** 2 - wc.scale ** 2 * (1 - 1 / 50)) < 0.3
+        True
+
+    References:
+        Wu et al., ICML 2020 (arXiv:1906.07405), Section 4 (MSGD-Cov).
+    """
 
     name = "msgd_cov"
     all_examples = True
@@ -114,7 +157,18 @@ class MSGDCov(LossWeighting):
 
 
 class MSGDFisher(LossWeighting):
-    """w = (1 + s e) / n: noise covariance (s^2/n) F; s^2 = n/b - 1."""
+    """w = (1 + s e) / n: noise covariance (s^2/n) F; s^2 = n/b - 1.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w = torch.stack([MSGDFisher(n=50, batch_size=5).dense(g) for _ in range(4000)])
+        >>> abs(w.mean().item() - 1 / 50) < 1e-3, abs(w.var(0).mean().item() * 50 ** 2 - 9) < 0.5   # s^2 = 9
+        (True, True)
+
+    References:
+        Wu et al., ICML 2020 (arXiv:1906.07405), Section 4 (MSGD-Fisher).
+    """
 
     name = "msgd_fisher"
     all_examples = True
@@ -130,7 +184,20 @@ class MSGDFisher(LossWeighting):
 class MSGDBernoulli(LossWeighting):
     """w_i = 1/b with probability b/n, independently: noise covariance (1/b - 1/n) F.
 
-    ``scale`` multiplies the deviation from 1/n (1 = the SGD-matched sampling rate)."""
+    ``scale`` multiplies the deviation from 1/n (1 = the SGD-matched sampling rate).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w = torch.stack([MSGDBernoulli(n=50, batch_size=5).dense(g) for _ in range(4000)])
+        >>> torch.allclose(w.unique(), torch.tensor([0.0, 0.2]))      # 1/b or 0
+        True
+        >>> abs((w > 0).float().mean().item() - 5 / 50) < 0.01  # kept with probability b/n
+        True
+
+    References:
+        Wu et al., ICML 2020 (arXiv:1906.07405), Section 4 (MSGD-Bernoulli).
+    """
 
     name = "msgd_bernoulli"
 
@@ -148,7 +215,18 @@ class MSGDBernoulli(LossWeighting):
 
 class MSGDFisherB(LossWeighting):
     """Mini-batch MSGD-[Fisher-B] (Algorithm 2): the full gradient plus Gaussian weights on only B random
-    examples, w = 1/n + s e_j / n (j in the B), noise covariance (s^2 B / n^2) F; s^2 = n^2/(B b)."""
+    examples, w = 1/n + s e_j / n (j in the B), noise covariance (s^2 B / n^2) F; s^2 = n^2/(B b).
+
+    Example:
+        >>> import torch
+        >>> wb = MSGDFisherB(n=100, batch_size=10, noise_batch=20)
+        >>> w = wb.dense(torch.Generator().manual_seed(0))
+        >>> int((w != 1 / 100).sum()), round(wb.scale ** 2, 6)    # noise on B = 20 examples, s^2 = n^2/(B b)
+        (20, 50.0)
+
+    References:
+        Wu et al., ICML 2020 (arXiv:1906.07405), Algorithm 2.
+    """
 
     name = "msgd_fisher_b"
     all_examples = True
@@ -169,7 +247,18 @@ class MSGDFisherB(LossWeighting):
 
 class LargeBatchWeighted(LossWeighting):
     """A batch of B (without replacement) whose losses get N(1, s^2) weights, mimicking batch b:
-    w_j = (1 + s e_j) / B; s^2 = B/b - 1 (``batch_size`` = b, ``large_batch`` = B)."""
+    w_j = (1 + s e_j) / B; s^2 = B/b - 1 (``batch_size`` = b, ``large_batch`` = B).
+
+    Example:
+        >>> import torch
+        >>> wl = LargeBatchWeighted(n=1000, batch_size=10, large_batch=40)
+        >>> idx, w = wl.sample(torch.Generator().manual_seed(0))
+        >>> len(idx), len(set(idx.tolist())), round(wl.scale ** 2, 6)     # B = 40 distinct, s^2 = B/b - 1
+        (40, 40, 3.0)
+
+    References:
+        Wu et al., ICML 2020 (arXiv:1906.07405), Section 6.
+    """
 
     name = "large_batch"
 
@@ -197,6 +286,18 @@ def weighted_gradient_step(weighting: LossWeighting, chunk_size: int = 2048) -> 
     *training set* (memory bounded by ``chunk_size`` examples), then ``optimizer.step()``.
 
     The loop's own batch is ignored (run it with ``optimizer="gd"``, a full batch, so one step = one draw).
+
+    Example:
+        >>> from backproplab import build_model, fit, load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=200)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(32,))
+        >>> rows = fit(model, data, TrainConfig(optimizer="gd", lr=0.5, max_steps=20, eval_every=20),
+        ...            step=weighted_gradient_step(MSGDBernoulli(n=200, batch_size=20)))
+        >>> rows[-1]["step"], rows[-1]["test_acc"] > 0.5
+        (20, True)
+
+    References:
+        Wu et al., ICML 2020 (arXiv:1906.07405): G w = grad sum_i w_i l_i, one backward pass per noisy gradient.
     """
 
     def draws(batch, state):
@@ -235,6 +336,20 @@ class GLD:
     ``every`` steps as mean_k |g_{B_k} - g|^2 over ``probes`` mini-batches B_k of size b drawn without
     replacement (E|g_B - g|^2 = tr Cov_SGD, so the estimator is unbiased). The defaults, 100 probes every
     10 steps, are the authors'. ``GLD(n, sigma=s)``: constant.
+
+    Example:
+        >>> from backproplab import build_model, fit, load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=200)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(32,))
+        >>> gld = GLD(n=200, batch_size=20, every=5, probes=10)         # dynamic: sigma from SGD's noise trace
+        >>> _ = fit(model, data, TrainConfig(optimizer="gd", lr=0.5, max_steps=10), step=gld.training_step(),
+        ...         callbacks=[gld])
+        >>> gld.trace > 0 and gld.sigma > 0
+        True
+
+    References:
+        Wu et al., ICML 2020 (arXiv:1906.07405), Section 5 (GLD dynamic / const); Zhu, Wu, Yu, Wu and Ma,
+        "The anisotropic noise in stochastic gradient descent", ICML 2019.
     """
 
     def __init__(self, n: int, batch_size: int = 1, sigma: float | None = None, every: int = 10, probes: int = 100):
@@ -295,7 +410,16 @@ class GLD:
 
 
 def sgd_noise_covariance(per_example_grads: Tensor, batch_size: int) -> Tensor:
-    """(n - b)/(b (n - 1)) C for per-example gradients (n, d): SGD's exact noise covariance."""
+    """(n - b)/(b (n - 1)) C for per-example gradients (n, d): SGD's exact noise covariance.
+
+    Example:
+        >>> import torch
+        >>> g = torch.randn(6, 3, dtype=torch.float64)
+        >>> batches = torch.combinations(torch.arange(6), 2)          # every batch of b = 2, without replacement
+        >>> noise = torch.stack([g[b].mean(0) - g.mean(0) for b in batches])
+        >>> torch.allclose(sgd_noise_covariance(g, 2), noise.T @ noise / len(batches))
+        True
+    """
     n = per_example_grads.shape[0]
     centred = per_example_grads - per_example_grads.mean(0)
     return (n - batch_size) / (batch_size * (n - 1)) * centred.T @ centred / n

@@ -170,7 +170,17 @@ def _weight_normalisation(m: nn.Module) -> str | None:
 def check_private(model: nn.Module) -> None:
     """Raise :class:`PrivacyError` listing every layer of ``model`` that a rule of :data:`REFUSAL_RULES` refuses
     (one line each: the layer's name and type, why, and the fix). The checks that need data (examples mixed
-    by the forward, buffers it changes) run in :meth:`DPSGD.step`."""
+    by the forward, buffers it changes) run in :meth:`DPSGD.step`.
+
+    Example:
+        >>> from torch import nn
+        >>> check_private(nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2)))      # nothing refused
+        >>> try:
+        ...     check_private(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+        ... except PrivacyError as e:
+        ...     print("BatchNorm1d" in str(e))
+        True
+    """
     problems = [f"layer {name or '(the model itself)'!r} ({type(m).__name__}): {why}"
                 for name, m in model.named_modules() for rule in REFUSAL_RULES if (why := rule(m)) is not None]
     if problems:
@@ -221,6 +231,17 @@ class GaussianNoise:
     comes from the operating system's CSPRNG through :func:`csprng_normal`; nothing about it is seeded, saved
     in a checkpoint or reproducible. Both engines draw from it, in Opacus's order, so the same seed gives the
     same noise on either.
+
+    Example:
+        >>> import torch
+        >>> params = [torch.zeros(3), torch.zeros(2, 2)]
+        >>> a, b = GaussianNoise(std=1.0, seed=7), GaussianNoise(std=1.0, seed=7)
+        >>> all(torch.equal(u, v) for u, v in zip(a.draw(params), b.draw(params)))    # seeded: reproducible
+        True
+
+    References:
+        Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang, "Deep learning with differential privacy",
+        CCS 2016.
     """
 
     def __init__(self, std: float, seed: int, secure: bool = False):

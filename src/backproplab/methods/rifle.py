@@ -52,7 +52,12 @@ def reset_module(module: nn.Module, initializer: Callable[[nn.Module], None] | N
 
 def reset_epochs(epochs: int, times: int, every: int | None = None) -> list[int]:
     """Epochs at whose start the head is re-initialised: K evenly spaced, or every ``every`` epochs,
-    never inside the last period (after the last reset a full period of training remains)."""
+    never inside the last period (after the last reset a full period of training remains).
+
+    Example:
+        >>> reset_epochs(10, 3), reset_epochs(10, 0, every=3)
+        ([2, 5, 8], [3, 6])
+    """
     if every:
         return [e for e in range(every, epochs, every) if e + every <= epochs]
     marks = {round(k * epochs / (times + 1)) for k in range(1, times + 1)}
@@ -66,7 +71,22 @@ def reinit_head(model_or_head: nn.Module, optimizer: torch.optim.Optimizer | Non
 
     ``model_or_head``: the head itself, or the model with ``head=`` naming the head's attribute path
     (e.g. ``"fc"``). The parameters are the same objects, so the optimizer keeps training them.
-    Returns the head."""
+    Returns the head.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.randn(3, 4)).sum().backward(); opt.step()
+        >>> before = model[1].weight.detach().clone()
+        >>> head = reinit_head(model, opt, head="1")
+        >>> head is model[1], torch.equal(before, model[1].weight), model[1].weight in opt.state
+        (True, False, False)
+
+    References:
+        Li et al., ICML 2020 (arXiv:2007.03349), Algorithm 1.
+    """
     module = get_submodule(model_or_head, head) if head else model_or_head
     reset_module(module, initializer)
     if optimizer is not None:
@@ -120,6 +140,19 @@ class RIFLE:
     (epoch, step) of the resets done. The plan is made in ``on_train_start`` (the loop's length is known
     there); a loop that never calls it gets an error rather than a run without resets. In a loop of
     your own, :class:`RIFLESchedule` needs no loop state.
+
+    Example:
+        >>> from backproplab import build_model, fit, load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=100)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(16,))
+        >>> rifle = RIFLE("head", times=2)
+        >>> _ = fit(model, data, TrainConfig(lr=0.05, epochs=6, batch_size=50), callbacks=[rifle])
+        >>> [epoch for epoch, _ in rifle.resets]        # K = 2 resets, a full period of training after the last
+        [2, 4]
+
+    References:
+        Li, Xiong, Wang, Huan, Lan and Yin, "RIFLE: Backpropagation in depth for deep transfer learning through
+        re-initializing the fully-connected layer", ICML 2020 (arXiv:2007.03349).
     """
 
     def __init__(self, head: str = "head", times: int = 3, every: int | None = None,
@@ -160,6 +193,18 @@ class CosineLR(EpochLR):
     authors' per-period head learning rate (``fc_lr_util='cyclic'`` in their train.py, the head in its
     own param group) or, for every group, the cyclic-LR baseline (SGDR). Both kinds end the run annealed,
     so a comparison between them is not one of annealed against not annealed.
+
+    Example:
+        >>> from backproplab import build_model, fit, load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=100)
+        >>> cosine = CosineLR()
+        >>> _ = fit(build_model("mlp", data.input_shape, 10, widths=(8,)), data,
+        ...         TrainConfig(lr=0.1, epochs=4, batch_size=50), callbacks=[cosine])
+        >>> [round(cosine.lr_at(e)[0], 4) for e in range(4)]          # 0.1 (1 + cos(pi e / 4)) / 2
+        [0.1, 0.0854, 0.05, 0.0146]
+
+    References:
+        Li et al., ICML 2020 (arXiv:2007.03349) and their train.py; Loshchilov and Hutter, "SGDR", ICLR 2017.
     """
 
     def __init__(self, times: int = 0, restart: bool | Sequence[int] = (), every: int | None = None,
@@ -219,7 +264,24 @@ def head_param_groups(model: nn.Module, head: str = "head") -> list[dict]:
 
 class L2SP:
     """(alpha/2) sum_{w in S} |w - w^0|^2 + (beta/2) sum_{w in head} |w|^2, with w^0 the pretrained
-    weights of every parameter outside ``head`` captured at construction."""
+    weights of every parameter outside ``head`` captured at construction.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> penalty = L2SP(model, head="1", alpha=0.1, beta=0.01)
+        >>> penalty(model).item()                       # at the pretrained weights only the head's term is left
+        ... # doctest: +ELLIPSIS
+        0.00...
+        >>> abs(penalty(model).item() - 0.005 * model[1].weight.pow(2).sum().item()
+        ...     - 0.005 * model[1].bias.pow(2).sum().item()) < 1e-7
+        True
+
+    References:
+        Li, Grandvalet and Davoine, "Explicit inductive bias for transfer learning with convolutional networks",
+        ICML 2018 (L2-SP).
+    """
 
     def __init__(self, model: nn.Module, head: str = "head", alpha: float = 0.1, beta: float = 0.01):
         head_ids = {id(p) for p in get_submodule(model, head).parameters()}
@@ -236,7 +298,15 @@ class L2SP:
 
 
 class L2:
-    """(alpha/2) |w|^2 over all parameters."""
+    """(alpha/2) |w|^2 over all parameters.
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 1)
+        >>> _ = nn.init.ones_(layer.weight), nn.init.ones_(layer.bias)
+        >>> L2(alpha=0.1)(layer).item()                     # 0.05 * (1 + 1 + 1)
+        0.15000000596046448
+    """
 
     def __init__(self, alpha: float = 0.01):
         self.alpha = alpha
@@ -252,7 +322,15 @@ def _flat(params: Sequence[Tensor]) -> Tensor:
 
 def disturb_labels(y: Tensor, alpha: float, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
     """DisturbLabel: each label is, with probability alpha, replaced by a class drawn uniformly from all
-    ``num_classes`` (so it actually changes with probability alpha (C - 1) / C)."""
+    ``num_classes`` (so it actually changes with probability alpha (C - 1) / C).
+
+    Example:
+        >>> import torch
+        >>> y = torch.zeros(100_000, dtype=torch.long)
+        >>> changed = disturb_labels(y, 0.2, 10, generator=torch.Generator().manual_seed(0)) != y
+        >>> abs(changed.float().mean().item() - 0.2 * 9 / 10) < 0.005
+        True
+    """
     resample = torch.rand(y.shape, generator=generator, device="cpu").to(y.device) < alpha
     random = torch.randint(0, num_classes, y.shape, generator=generator, device="cpu").to(y.device)
     return torch.where(resample, random, y)
@@ -261,7 +339,20 @@ def disturb_labels(y: Tensor, alpha: float, num_classes: int, generator: torch.G
 def penalized_step(penalty: Callable[[nn.Module], Tensor] | None = None, disturb_label: float = 0.0,
                    num_classes: int = 0) -> Callable:
     """A training-loop step: loss(model(x), y') + penalty(model), y' = DisturbLabel(y) when asked.
-    Returns the data loss (what the curves show)."""
+    Returns the data loss (what the curves show).
+
+    Example:
+        >>> from backproplab import build_model, fit, load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=100)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(16,))
+        >>> rows = fit(model, data, TrainConfig(lr=0.05, epochs=1, batch_size=50),
+        ...            step=penalized_step(L2(1e-3), disturb_label=0.1, num_classes=10))
+        >>> rows[-1]["train_loss"] > 0                     # the data loss, the penalty left out
+        True
+
+    References:
+        Xie, Wang, Wang and Tian, "DisturbLabel: Regularizing CNN on the loss layer", CVPR 2016.
+    """
 
     def penalized(batch, state) -> tuple[Tensor, Tensor]:
         y = disturb_labels(batch.y, disturb_label, num_classes) if disturb_label > 0 else batch.y
@@ -367,7 +458,18 @@ def direction_change(model: nn.Module, reference: nn.Module, names: Sequence[str
     """1 - cos(w, w0) per named layer: how far the direction of each layer's weights (convolutions and
     linear layers, as one vector) turned away from ``reference``'s (the pretrained model). The paper's
     "backpropagation in depth" means the deep layers' weights change more; a direction is blind to the
-    uniform shrinking that weight decay alone causes."""
+    uniform shrinking that weight decay alone causes.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 3))
+        >>> reference = copy.deepcopy(model)
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.mul_(0.5), model[0].bias.mul_(0.5)   # shrinking turns nothing
+        >>> abs(direction_change(model, reference, ["0"])["0"]) < 1e-6
+        True
+    """
     out = {}
     for n in names:
         w, w0 = _layer_weights(model, n).double().cpu(), _layer_weights(reference, n).double().cpu()

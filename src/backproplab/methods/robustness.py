@@ -74,7 +74,18 @@ def _ascent(g: Tensor, norm_kind: str) -> Tensor:
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, loss_fn: LossFn = F.cross_entropy,
          clip: tuple[float, float] | None = None) -> Tensor:
-    """One signed-gradient step of size eps (l-inf)."""
+    """One signed-gradient step of size eps (l-inf).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model, x, y = nn.Linear(4, 3), torch.rand(8, 4), torch.randint(0, 3, (8,))
+        >>> torch.allclose((fgsm(model, x, y, eps=0.05) - x).abs(), torch.full((8, 4), 0.05))
+        True
+
+    References:
+        Goodfellow, Shlens and Szegedy, "Explaining and harnessing adversarial examples", ICLR 2015.
+    """
     with _hooks_off(model):
         adv = x + eps * _input_grad(model, x, y, loss_fn).sign()
     return adv.clamp(*clip).detach() if clip else adv.detach()
@@ -83,7 +94,22 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, loss_fn: LossFn = F
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10, step_size: float | None = None,
         norm: str = "linf", random_start: bool = True, loss_fn: LossFn = F.cross_entropy,
         clip: tuple[float, float] | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Projected gradient ascent on the loss inside the ``norm`` ball of radius eps around x."""
+    """Projected gradient ascent on the loss inside the ``norm`` ball of radius eps around x.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(4, 3)
+        >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+        >>> adv = pgd(model, x, y, eps=0.1, steps=5)
+        >>> bool((adv - x).abs().max() <= 0.1 + 1e-6)          # inside the l-inf ball
+        True
+
+    References:
+        Madry, Makelov, Schmidt, Tsipras and Vladu, "Towards deep learning models resistant to adversarial
+        attacks", ICLR 2018.
+    """
     step_size = step_size if step_size is not None else 2.5 * eps / steps
     delta = torch.zeros_like(x)
     if random_start:
@@ -189,7 +215,12 @@ def sample_counts(model: nn.Module, x: Tensor, sigma: float, n: int, num_classes
 
 
 def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from k successes in n trials."""
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from k successes in n trials.
+
+    Example:
+        >>> round(lower_confidence_bound(100, 100, 0.001), 4)      # alpha^(1/n) when every trial succeeds
+        0.9333
+    """
     from scipy.stats import beta  # imported on use: scipy.stats costs over a second at import
 
     return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
@@ -245,7 +276,22 @@ def certify(model: nn.Module, x: Tensor, sigma: float, n0: int, n: int, alpha: f
     """Cohen et al.'s CERTIFY: (class, l2 radius) or (ABSTAIN, 0). Separate selection and estimation samples.
 
     ``batched=True``: ``x`` is a batch and a list of (class, radius), one per input, comes back (the
-    inputs in order, from one noise stream). The model's train/eval mode is left as it was."""
+    inputs in order, from one noise stream). The model's train/eval mode is left as it was.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> constant = nn.Linear(2, 3)
+        >>> with torch.no_grad():
+        ...     _ = constant.weight.zero_(), constant.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+        >>> label, radius = certify(constant, torch.zeros(2), sigma=0.5, n0=10, n=100, alpha=0.001, num_classes=3,
+        ...                         generator=torch.Generator().manual_seed(0))
+        >>> label, round(radius, 3)        # every sample votes 0: sigma Phi^-1(alpha^(1/n)) = 0.5 Phi^-1(0.9333)
+        (0, 0.75)
+
+    References:
+        Cohen, Rosenfeld and Kolter, "Certified adversarial robustness via randomized smoothing", ICML 2019.
+    """
     check_smoothing(sigma, alpha, num_classes, n0=n0, n=n)
     if batched:
         return [certify(model, xi, sigma, n0, n, alpha, num_classes, batch, generator) for xi in x]
@@ -280,7 +326,18 @@ def certified_accuracy(results: list[tuple[int, float]], labels: Tensor, radii: 
 
 def pixeldp_epsilon(size: float, sigma: float, sensitivity: float, delta: float, mechanism: str = "gaussian") -> float:
     """The epsilon that noise of scale ``sigma`` after a layer of l-sensitivity ``sensitivity`` gives for
-    input changes of size ``size``: Gaussian sigma = sqrt(2 ln(1.25/delta)) Delta L / eps; Laplace b = Delta L / eps."""
+    input changes of size ``size``: Gaussian sigma = sqrt(2 ln(1.25/delta)) Delta L / eps; Laplace b = Delta L / eps.
+
+    Example:
+        >>> import math
+        >>> sigma = math.sqrt(2 * math.log(1.25 / 1e-5)) * 1.0 / 2.0    # the Gaussian mechanism for eps = 2
+        >>> round(pixeldp_epsilon(size=1.0, sigma=sigma, sensitivity=1.0, delta=1e-5), 6)
+        2.0
+
+    References:
+        Lecuyer, Atlidakis, Geambasu, Hsu and Jana, "Certified robustness to adversarial examples with
+        differential privacy", IEEE S&P 2019 (PixelDP).
+    """
     if mechanism == "gaussian":
         return math.sqrt(2 * math.log(1.25 / delta)) * sensitivity * size / sigma
     if mechanism == "laplace":

@@ -82,7 +82,18 @@ def normalize_rows(linear: nn.Linear) -> nn.Linear:
 def make_teacher(input_dim: int = 20, widths: Sequence[int] = (10, 15, 20, 25), output_dim: int = 100,
                  version: str = "2019", seed: int = 0, input_std: float = 10.0, strength_decay: float = 1.0,
                  calibration: int = 20000) -> ReLUNet:
-    """A fixed teacher network (see the module docstring for the versions)."""
+    """A fixed teacher network (see the module docstring for the versions).
+
+    Example:
+        >>> teacher = make_teacher(input_dim=5, widths=(4, 3), output_dim=2, seed=0)
+        >>> data = teacher_data(teacher, n_train=64, n_test=16)
+        >>> tuple(data.x_train.shape), tuple(data.y_train.shape)
+        ((64, 5), (64, 2))
+
+    References:
+        Tian, Jiang, Gong and Morcos, "Luck matters: Understanding training dynamics of deep ReLU networks",
+        arXiv:1905.13405, 2019.
+    """
     if version not in ("2019", "2020", "random"):
         raise ValueError(f"teacher version must be '2019', '2020' or 'random', got {version!r}")
     g = torch.Generator().manual_seed(seed)
@@ -189,7 +200,15 @@ def hidden_activations(model: nn.Module, x: Tensor) -> list[Tensor]:
 
 def correlation(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation between every column of a (n, p) and of b (n, q): a (p, q) matrix.
-    A constant (dead) node has correlation 0 with everything."""
+    A constant (dead) node has correlation 0 with everything.
+
+    Example:
+        >>> import torch
+        >>> a = torch.randn(100, 2)
+        >>> c = correlation(a, torch.stack([2 * a[:, 0] + 1, -a[:, 1], torch.ones(100)], 1))
+        >>> [[round(v, 4) for v in row] for row in c.tolist()][0][:1], round(c[1, 1].item(), 4), c[0, 2].item()
+        ([1.0], -1.0, 0.0)
+    """
     a = a.double() - a.double().mean(0)
     b = b.double() - b.double().mean(0)
     na, nb = a.norm(dim=0), b.norm(dim=0)
@@ -208,7 +227,18 @@ def layer_correlations(teacher: nn.Module, student: nn.Module, x: Tensor) -> lis
 def match_table(corr: Tensor, hit: float = 0.9, covered: float = 0.95) -> dict:
     """For one layer: best correlation per teacher node, its student, their mean ('normalized
     correlation'), the number of students with correlation >= ``hit`` per teacher node, and the
-    fraction of teacher nodes whose best student reaches ``covered``."""
+    fraction of teacher nodes whose best student reaches ``covered``.
+
+    Example:
+        >>> import torch
+        >>> corr = torch.tensor([[0.99, 0.2], [0.1, 0.5], [0.97, 0.3]])    # 3 students x 2 teacher nodes
+        >>> table = match_table(corr.T)
+        >>> table["best_student"].tolist(), table["hits"].tolist(), table["covered"]
+        ([0, 1], [2, 0], 0.5)
+
+    References:
+        Tian et al., arXiv:1905.13405, Section 5 (normalized correlation).
+    """
     best, idx = corr.max(1)
     return {"best": best, "best_student": idx, "mean_best": float(best.mean()),
             "hits": (corr >= hit).sum(1), "covered": float((best >= covered).double().mean())}
@@ -216,7 +246,18 @@ def match_table(corr: Tensor, hit: float = 0.9, covered: float = 0.95) -> dict:
 
 def luck_ranks(corr_init: Tensor, corr_final: Tensor) -> Tensor:
     """For each teacher node: the rank, by correlation at initialisation (0 = most correlated), of the
-    student that ends up best matched to it."""
+    student that ends up best matched to it.
+
+    Example:
+        >>> import torch
+        >>> init = torch.tensor([[0.9, 0.1], [0.2, 0.3]])      # teacher nodes x students, at initialisation
+        >>> final = torch.tensor([[0.99, 0.2], [0.1, 0.95]])    # at the end
+        >>> luck_ranks(init, final).tolist()                     # each winner was the best-correlated at init
+        [0, 0]
+
+    References:
+        Tian et al., arXiv:1905.13405, Section 5 (lucky nodes).
+    """
     final_best = corr_final.argmax(1)
     order = corr_init.argsort(1, descending=True)
     return (order == final_best[:, None]).double().argmax(1)
@@ -270,7 +311,20 @@ def prune_to_nodes(student: ReLUNet, keep: Sequence[Tensor], reinit: bool = Fals
 
 def bn_bias_fractions(model_or_state: nn.Module | dict) -> dict[str, float]:
     """Fraction of negative BatchNorm biases (beta) per BatchNorm layer, from a model or a state_dict
-    (a layer is recognised in a state_dict by its ``running_mean`` buffer)."""
+    (a layer is recognised in a state_dict by its ``running_mean`` buffer).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> bn = nn.BatchNorm1d(4)
+        >>> with torch.no_grad():
+        ...     _ = bn.bias.copy_(torch.tensor([-1.0, -0.5, 0.5, 1.0]))
+        >>> bn_bias_fractions(nn.Sequential(bn))
+        {'0': 0.5}
+
+    References:
+        Tian et al., arXiv:1905.13405, Section 6 (BatchNorm biases).
+    """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     out = {}
     for key in state:
