@@ -182,19 +182,18 @@ def run_arm(run: Run) -> dict:
     n, b = len(data.x_train), cfg.batch_size
     big = large_batch(cfg, n) if arm.method in LARGE else None
     model = run.prepare_model(_model(cfg, data))
-    tc = run.train_config(optimizer="gd", lr=cfg.lr, max_steps=cfg.steps, eval_every=max(1, cfg.steps // cfg.evals),
-                          eval_train=True)
+    # plain SGD runs mini-batches of the loop; every other arm is one full-batch step per draw ("gd")
+    batch = {"sgd": b, "large_sgd": big}.get(arm.method)
+    tc = run.train_config(optimizer="gd" if batch is None else "sgd", lr=cfg.lr, max_steps=cfg.steps,
+                          eval_every=max(1, cfg.steps // cfg.evals), eval_train=True,
+                          **({} if batch is None else {"batch_size": batch}))
     step, callbacks, method = None, [], arm.method
-    if method == "sgd":
-        tc.optimizer, tc.batch_size = "sgd", b
-    elif method == "large_sgd":
-        tc.optimizer, tc.batch_size = "sgd", big
-    elif method.startswith("gld"):
+    if method.startswith("gld"):
         gld = (msgd.GLD(n, b, every=cfg.gld_every, probes=cfg.gld_probes) if method == "gld_dynamic"
                else msgd.GLD(n, sigma=run.tuned(f"gld_sigma-{arm.dataset}", _gld_tuning_key(cfg),
                                                 lambda: tuned_gld_sigma(cfg, arm.dataset, run.device))))
         step, callbacks = gld.training_step(), [gld]
-    elif method != "gd":
+    elif method not in ("gd", "sgd", "large_sgd"):  # the loop's own step does those three
         weighting = {"msgd_cov": lambda: msgd.MSGDCov(n, b), "msgd_fisher": lambda: msgd.MSGDFisher(n, b),
                      "msgd_bernoulli": lambda: msgd.MSGDBernoulli(n, b),
                      "msgd_fisher_b": lambda: msgd.MSGDFisherB(n, b, noise_batch=b),
