@@ -117,6 +117,30 @@ def test_step_budget_and_eval_schedule(digits):
     assert math.isclose(history[-1]["epoch"], 20 / 8)
 
 
+def test_each_rows_training_loss_is_the_mean_of_the_steps_since_the_last_row(digits):
+    """Against the step losses themselves, recorded as the steps return them: rows at steps 6, 12, 18, 20 hold the
+    mean over steps 1-6, 7-12, 13-18 and 19-20 (not a running mean), and each row's test metrics are evaluate's."""
+    from backproplab.train import cross_entropy, evaluate, standard_step
+
+    losses, tests = [], []
+
+    def recording_step(batch, state):
+        loss = standard_step(batch, state)
+        losses.append(float(loss))
+        return loss
+
+    class TestSpy:
+        def on_eval(self, state):
+            tests.append(evaluate(state.model, digits.x_test, digits.y_test, cross_entropy)["loss"])
+
+    history = fit(_model(digits), digits, TrainConfig(batch_size=32, max_steps=20, eval_every=6),
+                  step=recording_step, callbacks=[TestSpy()])
+    bounds = [0, 6, 12, 18, 20]
+    for row, a, b, test_loss in zip(history, bounds, bounds[1:], tests):
+        assert math.isclose(row["train_loss"], sum(losses[a:b]) / (b - a), rel_tol=1e-5), row["step"]
+        assert math.isclose(row["test_loss"], test_loss, rel_tol=1e-6)
+
+
 def test_non_finite_loss_raises_a_clear_error(digits):
     with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
         fit(_model(digits), digits, TrainConfig(optimizer="sgd", lr=1e12, batch_size=32, epochs=3))

@@ -453,11 +453,71 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
         (3.0, True)
     """
     cfg = config if config is not None else TrainConfig()
+    _check_fit_arguments(cfg, data, callbacks)
+    state = _training_state(model, data, cfg, optimizer)
+    step = step or OPTIMIZER_STEPS.get(cfg.optimizer, standard_step)
+    plan = _EpochPlan.of(state)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    meter = _Meter(state, eval_data, out, progress)
+    position = _resume(ckpt_path, state, callbacks, meter) if ckpt_path is not None and resume else 0
+    if state.rank == 0 and out is not None:  # the rows up to the checkpoint (none when starting); appended from here
+        _io.write_jsonl(out / "metrics.jsonl", state.history)
+    _call(callbacks, "on_train_start", state)
+    meter.start()
+
+    model.train()
+    while not _finished(state):
+        if position == 0:
+            _call(callbacks, "on_epoch_start", state)
+        epoch_ended = True
+        for batch in plan.batches(state, position):
+            loss = step(batch, state)
+            state.step += 1
+            position += 1
+            meter.add(loss, len(batch.x))
+            if cfg.finite_check_every and state.step % cfg.finite_check_every == 0 and not math.isfinite(loss):
+                raise NonFiniteLossError(_nan_message(state), state.step, state.epoch,
+                                         state.history[-1] if state.history else None)
+            _call(callbacks, "on_step_end", state)
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                meter.record(position, callbacks)
+            if ckpt_path is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt_path, state, callbacks, position, meter.loss_sum, meter.loss_count)
+            if _finished(state):
+                epoch_ended = bool(state.steps_per_epoch) and position >= state.steps_per_epoch
+                break
+        if epoch_ended:
+            if position == 0:
+                raise ValueError(f"fit: data yielded no batches in epoch {state.epoch}; nothing to train on")
+            if not cfg.eval_every:
+                meter.record(position, callbacks)
+            _call(callbacks, "on_epoch_end", state)
+            state.epoch += 1
+            position = 0
+    if not state.history or state.history[-1]["step"] != state.step:
+        meter.record(position, callbacks)
+    _call(callbacks, "on_train_end", state)
+    if state.rank == 0 and out is not None:
+        _io.torch_save(out / "model.pt", model.state_dict())
+        if write_final:
+            _io.write_json(out / "final.json", state.history[-1])
+        if ckpt_path.exists():
+            ckpt_path.unlink()
+    return state.history
+
+
+# ---------------------------------------------------------------- fit's parts, in the order fit uses them
+
+_EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_eval", "on_epoch_end", "on_train_end")
+
+
+def _check_fit_arguments(cfg: TrainConfig, data: Any, callbacks: Sequence[Any]) -> None:
+    """Bad arguments fail here, before anything moves or trains."""
     check_config(cfg)
-    events = ("on_train_start", "on_epoch_start", "on_step_end", "on_eval", "on_epoch_end", "on_train_end")
     for cb in callbacks:  # a callback has an event method, or state to checkpoint with the run (GLD's)
-        if not any(callable(getattr(cb, e, None)) for e in (*events, "state_dict")):
-            raise TypeError(f"callbacks: {cb!r} is not a callback (it has none of {', '.join(events)}, state_dict)")
+        if not any(callable(getattr(cb, e, None)) for e in (*_EVENTS, "state_dict")):
+            raise TypeError(f"callbacks: {cb!r} is not a callback (it has none of {', '.join(_EVENTS)}, state_dict)")
     in_memory = isinstance(data, Data)
     if in_memory and len(data.x_train) == 0:
         raise ValueError(f"dataset {data.name!r} has no training examples; nothing to train on")
@@ -467,117 +527,70 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
     if not in_memory and iter(data) is data:
         raise TypeError("fit: data is an iterator, which is used up after one epoch; pass a re-iterable object "
                         "such as a DataLoader or a list of batches")
+
+
+def _training_state(model: nn.Module, data: Data | Iterable, cfg: TrainConfig,
+                    optimizer: torch.optim.Optimizer | None) -> TrainState:
+    """Model and in-memory data on the training device, DDP's wrapper under torchrun, the optimizer."""
     rank, world = rank_and_world()
     device = fit_device(cfg.device, model)
-    if in_memory:
+    if isinstance(data, Data):
         data = data.to(device)
     model.to(device)
     net = model
     if world > 1 and not getattr(model, "no_ddp", False):  # DP-SGD averages its clipped gradients itself
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = optimizer or make_optimizer(model, cfg)
-    step = step or OPTIMIZER_STEPS.get(cfg.optimizer, standard_step)
-    state = TrainState(model, net, optimizer, LOSSES[cfg.loss], cfg, data, device, rank, world)
+    return TrainState(model, net, optimizer, LOSSES[cfg.loss], cfg, data, device, rank, world)
 
-    if in_memory:
-        n = len(data.x_train)
-        full_batch = cfg.optimizer in FULL_BATCH_OPTIMIZERS or cfg.batch_size <= 0 or cfg.batch_size >= n
-        global_batch = n if full_batch else cfg.batch_size
-        if global_batch % world:
-            raise ValueError(f"batch_size={global_batch} must be divisible by the {world} processes")
-        local_batch = global_batch // world
-        per_rank = math.ceil(n / world)
-        state.steps_per_epoch = math.ceil(per_rank / local_batch)
-    else:
-        try:
-            state.steps_per_epoch = len(data)  # type: ignore[arg-type]
-        except TypeError:  # an iterable-style dataset: the length shows only when an epoch ends
-            if cfg.max_steps <= 0:  # an endless stream would train (and hold the run) forever
-                raise ValueError(f"fit: data ({type(data).__name__}) has no length, so fit cannot know where an "
-                                 "epoch ends and an endless stream would never stop; set max_steps (a step budget, "
-                                 "e.g. epochs x batches per epoch; a finite stream is then repeated until it is "
-                                 "spent), or give the dataset a __len__") from None
-            state.steps_per_epoch = 0
-    # 0 when neither a step budget nor the epoch length is known: then epochs end training
-    state.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * state.steps_per_epoch
 
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / "checkpoint.pt" if out else None
-    position = 0  # the next batch inside the current epoch
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    if ckpt_path is not None and resume and ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or corrupt: keep a copy, and start this run (only) over
-            corrupt = ckpt_path.with_name(ckpt_path.name + ".corrupt")
-            os.replace(ckpt_path, corrupt)
-            warnings.warn(f"{ckpt_path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is kept as "
-                          f"{corrupt.name} and this run starts over from its first step", stacklevel=2)
+@dataclass
+class _EpochPlan:
+    """How an epoch is cut into batches; sets ``state.steps_per_epoch`` and ``state.total_steps``.
+
+    In memory: n examples, a seeded shuffle per epoch (none for full-batch optimizers), each rank taking
+    ``local_batch`` of every global batch. An iterable: its own batches, in its own order."""
+
+    in_memory: bool
+    n: int = 0
+    local_batch: int = 0
+    shuffle: bool = True
+
+    @classmethod
+    def of(cls, state: TrainState) -> _EpochPlan:
+        cfg, data, world = state.config, state.data, state.world
+        if isinstance(data, Data):
+            n = len(data.x_train)
+            full_batch = cfg.optimizer in FULL_BATCH_OPTIMIZERS or cfg.batch_size <= 0 or cfg.batch_size >= n
+            global_batch = n if full_batch else cfg.batch_size
+            if global_batch % world:
+                raise ValueError(f"batch_size={global_batch} must be divisible by the {world} processes")
+            plan = cls(True, n, global_batch // world, shuffle=not full_batch)
+            state.steps_per_epoch = math.ceil(math.ceil(n / world) / plan.local_batch)
         else:
+            plan = cls(False)
             try:
-                position, loss_sum, loss_count = _restore(ckpt, state, callbacks, device)
-            except (KeyError, RuntimeError, ValueError) as e:
-                raise ValueError(f"{ckpt_path} does not fit this model or optimizer ({str(e)[:300]}); it was written "
-                                 "by another configuration: move it away, or start over with --no-resume") from None
+                state.steps_per_epoch = len(data)  # type: ignore[arg-type]
+            except TypeError:  # an iterable-style dataset: the length shows only when an epoch ends
+                if cfg.max_steps <= 0:  # an endless stream would train (and hold the run) forever
+                    raise ValueError(
+                        f"fit: data ({type(data).__name__}) has no length, so fit cannot know where an epoch ends and "
+                        "an endless stream would never stop; set max_steps (a step budget, e.g. epochs x batches per "
+                        "epoch; a finite stream is then repeated until it is spent), or give the dataset a __len__"
+                    ) from None
+                state.steps_per_epoch = 0
+        # 0 when neither a step budget nor the epoch length is known: then epochs end training
+        state.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * state.steps_per_epoch
+        return plan
 
-    if rank == 0 and out is not None:  # the rows up to the checkpoint (none when starting); appended from here
-        _io.write_jsonl(out / "metrics.jsonl", state.history)
-    _call(callbacks, "on_train_start", state)
-    examples, t_interval, steps_interval, t_start = 0, time.perf_counter(), 0, time.perf_counter()
-    wall_offset = state.history[-1]["wall_time"] if state.history else 0.0
-    if progress is None:
-        progress = rank == 0 and sys.stderr.isatty()
-    classification = data.num_classes > 0 if in_memory else None
-
-    def record() -> None:
-        nonlocal loss_sum, loss_count, examples, t_interval, steps_interval
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t_interval
-        train_loss = loss_sum.clone()
-        if world > 1:
-            dist.all_reduce(train_loss)
-            train_loss /= world
-        row = {"step": state.step, "epoch": state.epoch + state_fraction()}
-        if loss_count:  # no step since the last row (fit with epochs=0): no training loss to report
-            row["train_loss"] = float(train_loss) / loss_count
-        if eval_data is not None:
-            test = evaluate_batches(model, eval_data, state.loss_fn, classification, device)
-        elif in_memory:
-            test = evaluate(model, data.x_test, data.y_test, state.loss_fn, cfg.eval_batch_size, classification)
-        else:
-            test = {}
-        row.update({f"test_{k}": v for k, v in test.items()})
-        if cfg.eval_train:
-            tr = (evaluate(model, data.x_train, data.y_train, state.loss_fn, cfg.eval_batch_size, classification)
-                  if in_memory else evaluate_batches(model, data, state.loss_fn, classification, device))
-            row.update({f"train_full_{k}": v for k, v in tr.items()})
-        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLossError(_nan_message(state, bad), state.step, state.epoch,
-                                     state.history[-1] if state.history else None)
-        row.update({"examples_per_s": examples * world / max(elapsed, 1e-12),
-                    "step_time": elapsed / max(steps_interval, 1),
-                    "wall_time": wall_offset + time.perf_counter() - t_start})
-        state.history.append(row)
-        _call(callbacks, "on_eval", state)
-        if rank == 0 and out is not None:
-            _io.append_jsonl(out / "metrics.jsonl", row)
-        if progress:  # above any progress bar (tqdm.write), naming the run: its arm and seed folders
-            where = f"{out.parent.name} {out.name}: " if out is not None else ""
-            tqdm.write(where + _progress_line(state, row), file=sys.stderr)
-        loss_sum, loss_count, examples, steps_interval = torch.zeros((), device=device), 0, 0, 0
-        t_interval = time.perf_counter()
-
-    def state_fraction() -> float:
-        return position / state.steps_per_epoch if state.steps_per_epoch else 0.0
-
-    def batches(start: int) -> Iterator[Batch]:
+    def batches(self, state: TrainState, start: int) -> Iterator[Batch]:
         """This epoch's batches from position ``start`` on."""
-        if in_memory:
-            order = epoch_order(n, state.epoch, cfg.seed, rank, world, shuffle=not full_batch).to(device)
+        data, device = state.data, state.device
+        if self.in_memory:
+            order = epoch_order(self.n, state.epoch, state.config.seed, state.rank, state.world,
+                                shuffle=self.shuffle).to(device)
             for p in range(start, state.steps_per_epoch):
-                idx = order[p * local_batch:(p + 1) * local_batch]
+                idx = order[p * self.local_batch:(p + 1) * self.local_batch]
                 yield Batch(data.x_train[idx], data.y_train[idx], idx)
             return
         sampler = getattr(data, "sampler", None)
@@ -590,51 +603,101 @@ def fit(model: nn.Module, data: Data | Iterable, config: TrainConfig | None = No
                 yield Batch(x, y, torch.arange(offset, offset + len(x), device=device))
             offset += len(x)
 
-    def finished() -> bool:
-        return state.stop or (state.step >= state.total_steps if state.total_steps else state.epoch >= cfg.epochs)
 
-    model.train()
-    while not finished():
-        if position == 0:
-            _call(callbacks, "on_epoch_start", state)
-        epoch_ended = True
-        for batch in batches(position):
-            loss = step(batch, state)
-            state.step += 1
-            position += 1
-            steps_interval += 1
-            examples += len(batch.x)
-            loss_sum += loss
-            loss_count += 1
-            if cfg.finite_check_every and state.step % cfg.finite_check_every == 0 and not math.isfinite(loss):
-                raise NonFiniteLossError(_nan_message(state), state.step, state.epoch,
-                                         state.history[-1] if state.history else None)
-            _call(callbacks, "on_step_end", state)
-            if cfg.eval_every and state.step % cfg.eval_every == 0:
-                record()
-            if ckpt_path is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt_path, state, callbacks, position, loss_sum, loss_count)
-            if finished():
-                epoch_ended = bool(state.steps_per_epoch) and position >= state.steps_per_epoch
-                break
-        if epoch_ended:
-            if position == 0:
-                raise ValueError(f"fit: data yielded no batches in epoch {state.epoch}; nothing to train on")
-            if not cfg.eval_every:
-                record()
-            _call(callbacks, "on_epoch_end", state)
-            state.epoch += 1
-            position = 0
-    if not state.history or state.history[-1]["step"] != state.step:
-        record()
-    _call(callbacks, "on_train_end", state)
-    if rank == 0 and out is not None:
-        _io.torch_save(out / "model.pt", model.state_dict())
-        if write_final:
-            _io.write_json(out / "final.json", state.history[-1])
-        if ckpt_path.exists():
-            ckpt_path.unlink()
-    return state.history
+def _finished(state: TrainState) -> bool:
+    return state.stop or (state.step >= state.total_steps if state.total_steps else
+                          state.epoch >= state.config.epochs)
+
+
+def _resume(ckpt_path: Path, state: TrainState, callbacks: Sequence[Any], meter: _Meter) -> int:
+    """Load ``ckpt_path`` when there is one; returns the next batch's position in its epoch (0 when starting)."""
+    if not ckpt_path.exists():
+        return 0
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt: keep a copy, and start this run (only) over
+        corrupt = ckpt_path.with_name(ckpt_path.name + ".corrupt")
+        os.replace(ckpt_path, corrupt)
+        warnings.warn(f"{ckpt_path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is kept as "
+                      f"{corrupt.name} and this run starts over from its first step", stacklevel=3)
+        return 0
+    try:
+        position, meter.loss_sum, meter.loss_count = _restore(ckpt, state, callbacks, state.device)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{ckpt_path} does not fit this model or optimizer ({str(e)[:300]}); it was written "
+                         "by another configuration: move it away, or start over with --no-resume") from None
+    return position
+
+
+class _Meter:
+    """The training loss, examples and time between two metric rows, and :meth:`record`, which writes a row:
+    the mean training loss since the last row, the evaluation, throughput and wall time."""
+
+    def __init__(self, state: TrainState, eval_data: Iterable | None, out: Path | None, progress: bool | None):
+        self.state, self.eval_data, self.out = state, eval_data, out
+        self.progress = state.rank == 0 and sys.stderr.isatty() if progress is None else progress
+        self.in_memory = isinstance(state.data, Data)
+        self.classification = state.data.num_classes > 0 if self.in_memory else None
+        self.loss_sum, self.loss_count = torch.zeros((), device=state.device), 0
+        self.examples, self.steps = 0, 0
+
+    def start(self) -> None:
+        """The clock starts (after resuming: wall time goes on from the checkpoint's last row)."""
+        self.t_start = self.t_interval = time.perf_counter()
+        self.wall_offset = self.state.history[-1]["wall_time"] if self.state.history else 0.0
+
+    def add(self, loss: Tensor, examples: int) -> None:
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.examples += examples
+        self.steps += 1
+
+    def record(self, position: int, callbacks: Sequence[Any]) -> None:
+        state, cfg, device = self.state, self.state.config, self.state.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - self.t_interval
+        train_loss = self.loss_sum.clone()
+        if state.world > 1:
+            dist.all_reduce(train_loss)
+            train_loss /= state.world
+        fraction = position / state.steps_per_epoch if state.steps_per_epoch else 0.0
+        row = {"step": state.step, "epoch": state.epoch + fraction}
+        if self.loss_count:  # no step since the last row (fit with epochs=0): no training loss to report
+            row["train_loss"] = float(train_loss) / self.loss_count
+        row.update({f"test_{k}": v for k, v in self._evaluate_test().items()})
+        if cfg.eval_train:
+            data = state.data
+            tr = (evaluate(state.model, data.x_train, data.y_train, state.loss_fn, cfg.eval_batch_size,
+                           self.classification) if self.in_memory
+                  else evaluate_batches(state.model, data, state.loss_fn, self.classification, device))
+            row.update({f"train_full_{k}": v for k, v in tr.items()})
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(_nan_message(state, bad), state.step, state.epoch,
+                                     state.history[-1] if state.history else None)
+        row.update({"examples_per_s": self.examples * state.world / max(elapsed, 1e-12),
+                    "step_time": elapsed / max(self.steps, 1),
+                    "wall_time": self.wall_offset + time.perf_counter() - self.t_start})
+        state.history.append(row)
+        _call(callbacks, "on_eval", state)
+        if state.rank == 0 and self.out is not None:
+            _io.append_jsonl(self.out / "metrics.jsonl", row)
+        if self.progress:  # above any progress bar (tqdm.write), naming the run: its arm and seed folders
+            where = f"{self.out.parent.name} {self.out.name}: " if self.out is not None else ""
+            tqdm.write(where + _progress_line(state, row), file=sys.stderr)
+        self.loss_sum, self.loss_count = torch.zeros((), device=device), 0
+        self.examples, self.steps = 0, 0
+        self.t_interval = time.perf_counter()
+
+    def _evaluate_test(self) -> dict[str, float]:
+        state = self.state
+        if self.eval_data is not None:
+            return evaluate_batches(state.model, self.eval_data, state.loss_fn, self.classification, state.device)
+        if self.in_memory:
+            return evaluate(state.model, state.data.x_test, state.data.y_test, state.loss_fn,
+                            state.config.eval_batch_size, self.classification)
+        return {}
 
 
 def _progress_line(state: TrainState, row: dict) -> str:
