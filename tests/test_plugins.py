@@ -1,7 +1,10 @@
 """Every step and callback the lab ships, through the one loop: the same seed gives the same metrics, and a
 run that crashes after a checkpoint and resumes ends with the metrics of an uninterrupted run."""
 
+import copy
+import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch
 from backproplab import msgd, privacy, rifle, robustness, stobatch
 from backproplab.data import load_dataset
 from backproplab.models import build_model
-from backproplab.train import TIMING_KEYS, StepDecay, TrainConfig, fit, loss_step, seed_everything
+from backproplab.train import TIMING_KEYS, StepDecay, TrainConfig, epoch_order, fit, loss_step, seed_everything
 
 # runs experiments, the CLI or a local server: not in the fast tier (make test-fast)
 pytestmark = pytest.mark.medium
@@ -152,3 +155,100 @@ def test_a_schedule_resumed_mid_epoch_keeps_that_epochs_learning_rate(case, tmp_
     with pytest.raises(Crash):
         _run(case, tmp_path, crash_at=9)
     assert _run(case, tmp_path) == first
+
+
+# ---------------------------------------------------------------- float64 gradient checks of the shared steps
+# One step of each deterministic case (and of those whose random draw can be recorded) in float64, against the
+# gradient computed independently, example by example, from what the step is meant to minimise: the update of
+# plain SGD's first step is -lr g (momentum's buffer starts at g). The other shipped steps have their own float64
+# references: CurveBall's GGN product against explicit Jacobians (test_curveball), DP-SGD's clipped sums against a
+# micro-batch loop (test_privacy), GLD's noise against the SGD noise trace and MSGD's G w (test_msgd), StoBatch's
+# objective written out with loops (test_stobatch).
+
+
+def _data64(unit_range=False):
+    data = load_dataset("digits", n_train=N, seed=0, unit_range=unit_range)
+    return dataclasses.replace(data, x_train=data.x_train.double(), x_test=data.x_test.double())
+
+
+class _LearningRate:
+    """Records the learning rate the first step used."""
+
+    def on_step_end(self, state):
+        self.lr = self.lr if hasattr(self, "lr") else state.optimizer.param_groups[0]["lr"]
+
+
+def _first_step_gradient(case, monkeypatch):
+    """(model's first-step gradient recovered from its update, the model before the step, the first batch)."""
+    monkeypatch.setattr(sys.modules[__name__], "_data", _data64)
+    seed_everything(0)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, batch_size=16, epochs=1, seed=0, device="cpu")
+    torch.set_default_dtype(torch.float64)  # the case builds its model in float64
+    try:
+        model, data, cfg, kwargs = case(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    cfg.max_steps = 1
+    before = copy.deepcopy(model)
+    lr = _LearningRate()
+    fit(model, data, cfg, callbacks=[*kwargs.pop("callbacks", []), lr], **kwargs)
+    moved = [(p0.detach() - p1.detach()) / lr.lr for p0, p1 in zip(before.parameters(), model.parameters())]
+    batch = epoch_order(N, 0, 0)[:16]
+    return moved, before, data, batch
+
+
+def _example_gradients(model, x, y):
+    """Per-example gradients of the cross-entropy, one backward pass per example (the slow, obvious way)."""
+    out = []
+    for i in range(len(x)):
+        loss = torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        out.append(torch.autograd.grad(loss, list(model.parameters())))
+    return out
+
+
+def _weighted_sum(grads, weights):
+    return [sum(w * g[j] for w, g in zip(weights, grads)) for j in range(len(grads[0]))]
+
+
+@pytest.mark.parametrize("case", [standard, momentum_step_decay, cyclic_lr], ids=lambda c: c.__name__)
+def test_a_plain_steps_update_is_the_mean_example_gradient_in_float64(case, monkeypatch):
+    moved, before, data, batch = _first_step_gradient(case, monkeypatch)
+    assert moved[0].dtype == torch.float64
+    grads = _example_gradients(before, data.x_train[batch], data.y_train[batch])
+    for got, want in zip(moved, _weighted_sum(grads, [1 / 16] * 16)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_msgd_weighted_steps_update_is_the_drawn_weighting_of_example_gradients_in_float64(monkeypatch):
+    drawn = []
+    sample = msgd.MSGDCov.sample
+
+    def recording(self, *args, **kwargs):
+        drawn.append(sample(self, *args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(msgd.MSGDCov, "sample", recording)
+    moved, before, data, _ = _first_step_gradient(msgd_weighted, monkeypatch)
+    (idx, weights), = drawn
+    grads = _example_gradients(before, data.x_train[idx], data.y_train[idx])
+    for got, want in zip(moved, _weighted_sum(grads, weights.double())):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_rifle_penalized_steps_update_is_disturbed_labels_gradient_plus_l2sp_in_float64(monkeypatch):
+    labels = []
+    disturb = rifle.disturb_labels
+
+    def recording(*args, **kwargs):
+        labels.append(disturb(*args, **kwargs))
+        return labels[-1]
+
+    monkeypatch.setattr(rifle, "disturb_labels", recording)
+    moved, before, data, batch = _first_step_gradient(rifle_l2sp_disturb, monkeypatch)
+    y_used, = labels
+    assert (y_used != data.y_train[batch]).any()  # DisturbLabel changed some labels in this batch
+    grads = _weighted_sum(_example_gradients(before, data.x_train[batch], y_used), [1 / 16] * 16)
+    # L2-SP at the pretrained point: alpha (w - w0) = 0 outside the head, beta w on the head
+    head = {id(p) for p in before.head.parameters()}
+    for got, g, p in zip(moved, grads, before.parameters()):
+        torch.testing.assert_close(got, g + (0.01 * p.detach() if id(p) in head else 0), rtol=1e-9, atol=1e-12)
