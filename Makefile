@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# unit tests and float64 oracles only (no multi-process, experiment, CLI or server runs): about 26 s on 2 cores
+# unit tests and float64 oracles only (no multi-process, experiment, CLI or server runs): about 31 s on 2 cores
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow and not medium and not cuda"
