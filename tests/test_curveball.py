@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from backproplab.methods.curveball import CrossEntropy, CurveBall, MeanSquaredError, NonFiniteCurveBallError
+from backproplab.models import PairwiseMaxPool1d, build_model
 
 # the ways J v is computed: tangent replay on the recorded forward, forward-mode AD passes (fused with
 # the graph-building forward, or in a pass of their own), and the double-backward trick without model=
@@ -444,6 +445,10 @@ def _chains():
         "conv1d: eval-mode bn, eval-mode dropout, 1-d max pool": (
             nn.Sequential(*bn_eval[:3], nn.MaxPool1d(2, ceil_mode=True), nn.Upsample(scale_factor=2), *bn_eval[3:]),
             (6, 2, 8)),
+        "conv1d: pairwise max pool, odd length": (
+            nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), PairwiseMaxPool1d(2), nn.Flatten(), nn.Linear(12, 3)),
+            (6, 2, 9)),
+        "the small CNN on 1-d signals": (build_model("cnn", (1, 12), 3, channels=(3, 4), hidden=8), (6, 1, 12)),
         "linear on a sequence": (nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)), (6, 4, 5)),
         "frozen first layer and weight": (frozen_first, (6, 5)),
         # batch 6 below the layer widths: the second product takes the Gram form for the hidden layers

@@ -122,3 +122,32 @@ def test_wu_cnn_is_the_msgd_authors_network(shape, features):
     assert model(torch.randn(3, *shape)).shape == (3, 10)
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert abs(float(flat.std()) - 0.02) < 0.002 and abs(float(flat.mean())) < 0.002
+
+
+@pytest.mark.parametrize("length", [8, 9])
+def test_pairwise_max_pool_equals_torchs_max_pool_in_outputs_and_gradients(length):
+    """Against nn.MaxPool1d(2), bitwise: post-ReLU inputs (ties at 0), ties at positive values, a NaN, an odd length
+    (the last element dropped); every other setting falls back to torch's pooling itself."""
+    from backproplab.models import PairwiseMaxPool1d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, length, generator=g, dtype=torch.float64).relu()
+    x[0, 0, :2] = 0.7  # a tie at a positive value: the first of the pair takes the gradient
+    x[1, 2, 3] = float("nan")
+    for fast, reference in ((PairwiseMaxPool1d(2), nn.MaxPool1d(2)),
+                            (PairwiseMaxPool1d(3, stride=1, padding=1), nn.MaxPool1d(3, stride=1, padding=1)),
+                            (PairwiseMaxPool1d(2, ceil_mode=True), nn.MaxPool1d(2, ceil_mode=True))):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fast(a), reference(b)
+        assert torch.equal(ya.isnan(), yb.isnan()) and torch.equal(ya.nan_to_num(), yb.nan_to_num())
+        cotangent = torch.randn(ya.shape, generator=g, dtype=torch.float64)
+        ya.backward(cotangent)
+        yb.backward(cotangent)
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_the_small_cnn_pools_1d_signals_pairwise():
+    from backproplab.models import PairwiseMaxPool1d
+
+    model = build_model("cnn", (1, 40), 10)
+    assert sum(isinstance(m, PairwiseMaxPool1d) and m.pairwise() for m in model.modules()) == 2

@@ -89,10 +89,35 @@ def get_activation(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
+class PairwiseMaxPool1d(nn.MaxPool1d):
+    """``nn.MaxPool1d(2)`` computed as the maximum of each pair: y_j = max(x_2j, x_2j+1), a trailing odd element
+    dropped, as PyTorch's pooling does. Outputs and gradients are the same (both take each window's first maximum);
+    it is faster because PyTorch runs 1-D max pooling as 2-D pooling with indices, a slow path on contiguous
+    tensors: 39% of a full-batch step of the small CNN on MNIST-1D (issue #38; 26.2 -> 20.5 ms a step). Any other
+    setting (kernel, stride, padding, dilation, ceil_mode, return_indices) runs ``nn.MaxPool1d`` itself.
+    CurveBall's tangent replay reads the pair's argmax from this forward's own autograd node.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(4, 3, 9, requires_grad=True)
+        >>> torch.equal(PairwiseMaxPool1d(2)(x), nn.MaxPool1d(2)(x))
+        True
+    """
+
+    def pairwise(self) -> bool:
+        return (self.kernel_size, self.stride, self.padding, self.dilation) == (2, 2, 0, 1) and not (
+            self.ceil_mode or self.return_indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pairwise():
+            return super().forward(x)
+        return x[..., :x.shape[-1] - x.shape[-1] % 2].unflatten(-1, (-1, 2)).max(-1).values
+
+
 def _layers(input_shape: Sequence[int]) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module], type[nn.Module]]:
     """(Conv, BatchNorm, MaxPool, AdaptiveAvgPool) for 1-D or 2-D inputs."""
     if len(input_shape) == 2:
-        return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d
+        return nn.Conv1d, nn.BatchNorm1d, PairwiseMaxPool1d, nn.AdaptiveAvgPool1d
     if len(input_shape) == 3:
         return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d
     raise ValueError(f"convolutional models take inputs (C, L) or (C, H, W), got shape {tuple(input_shape)}; "

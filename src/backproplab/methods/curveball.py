@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..dist import world_size
+from ..models import PairwiseMaxPool1d
 
 
 ModelFn = Callable[[], Tensor]
@@ -259,13 +260,17 @@ class _TangentTape:
         elif kind in _BATCHNORMS:  # the batch mean and 1/std, from the forward's own node when it has them
             saved = node is not None and type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training
             kept = (x, node._saved_result1, node._saved_result2) if saved else (x, None, None)
+        elif kind is PairwiseMaxPool1d and node is not None and type(node).__name__ == "MaxBackward0":
+            # the argmax within each pair (0 or 1), from the forward's own node, as a flat input position
+            pairs = torch.arange(output.shape[-1], device=output.device) * 2
+            kept = _ArgMax(node._saved_indices + pairs)
         elif kind in _MAX_POOLS and _pool_node(node) is not None:
             kept = _ArgMax(_pool_node(node)._saved_result1.view(output.shape))
         elif kind in _DROPOUTS or kind in _LINEAR_MODULES:
             if kind in _DROPOUTS and module.training and module.p > 0:
                 return self._invalid(f"{name} is in train mode (its mask is not recorded)")
             kept = None
-        elif kind in _PURE_MODULES:
+        elif kind in _PURE_MODULES or kind is PairwiseMaxPool1d:
             if kind not in _KEEPS_OUTPUT and getattr(module, "inplace", False):
                 return self._invalid(f"{name}(inplace=True) overwrote the input its tangent rule needs")
             kept = output if kind in _KEEPS_OUTPUT else x
