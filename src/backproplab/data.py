@@ -105,7 +105,19 @@ DATASETS: dict[str, Callable[..., Data]] = {}
 
 
 def register_dataset(name: str) -> Callable[[Callable[..., Data]], Callable[..., Data]]:
-    """Register a loader ``fn(seed=..., root=..., **kwargs) -> Data`` under ``name`` (later ones replace)."""
+    """Register a loader ``fn(seed=..., root=..., **kwargs) -> Data`` under ``name`` (later ones replace).
+
+    Example:
+        >>> import torch
+        >>> @register_dataset("tiny_xor")
+        ... def tiny_xor(seed=0, root=None):
+        ...     x = torch.tensor([[0., 0.], [0., 1.], [1., 0.], [1., 1.]])
+        ...     y = torch.tensor([0, 1, 1, 0])
+        ...     return Data("tiny_xor", x, y, x, y, 2)
+        >>> load_dataset("tiny_xor").num_classes
+        2
+        >>> del DATASETS["tiny_xor"]
+    """
 
     def deco(fn: Callable[..., Data]) -> Callable[..., Data]:
         DATASETS[name] = fn
@@ -253,7 +265,15 @@ def cifar10(seed: int = 0, root: Path | None = None, unit_range: bool = False) -
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not; a corrupt file raises DataFormatError naming it."""
+    """Read an IDX file (the MNIST format), gzipped or not; a corrupt file raises DataFormatError naming it.
+
+    Example:
+        >>> import gzip, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "labels.idx1-ubyte.gz"
+        >>> _ = path.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 2, 1])))   # unsigned bytes, 1-D, n=3
+        >>> read_idx(path).tolist()
+        [7, 2, 1]
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -371,7 +391,13 @@ def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> D
 
 
 def fingerprint(data: Data) -> str:
-    """A short hash of the training tensors, recorded with runs so results name their data."""
+    """A short hash of the training tensors, recorded with runs so results name their data.
+
+    Example:
+        >>> a, b = load_dataset("digits", n_train=100, seed=0), load_dataset("digits", n_train=100, seed=1)
+        >>> fingerprint(a) == fingerprint(load_dataset("digits", n_train=100, seed=0)), fingerprint(a) == fingerprint(b)
+        (True, False)
+    """
     h = hashlib.sha1()
     for t in (data.x_train, data.y_train):
         h.update(t.detach().cpu().numpy().tobytes())

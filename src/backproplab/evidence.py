@@ -62,6 +62,12 @@ class Claim:
     being contradicted. ``quote`` is the paper's own words that the claim rests on, verbatim, with where they
     stand (``"abstract: ..."``, ``"Section 5: ..."``); every claim of the paper's own carries one, so a reader
     can check our ``statement`` (a paraphrase, fixed before the run) against the source.
+
+    Example:
+        >>> c = Claim("demo.sgd_beats_gd", "Wu et al. 2020", "Fig. 1", "SGD generalizes better than GD.", "test_acc",
+        ...           arm="sgd", direction="greater", margin=0.0, paper_value="+2 points", baseline="gd")
+        >>> c.describe()
+        'test_acc(sgd) - test_acc(gd) > 0'
     """
 
     id: str
@@ -129,7 +135,14 @@ class Verdict:
 
 def quoted(claims: Iterable[Claim], quotes: Mapping[str, str]) -> list[Claim]:
     """Each claim with the paper's words of the longest key of ``quotes`` that its id starts with (an experiment
-    keeps its quotes in one table, beside its claims). A claim no key covers keeps its own ``quote``."""
+    keeps its quotes in one table, beside its claims). A claim no key covers keeps its own ``quote``.
+
+    Example:
+        >>> c = Claim("demo.a_beats_b.digits", "a paper", "Table 1", "A beats B.", "acc", arm="a", direction="greater",
+        ...           margin=0.0, paper_value="", baseline="b")
+        >>> quoted([c], {"demo": "abstract: ...", "demo.a_beats_b": 'Table 1: "A is better"'})[0].quote
+        'Table 1: "A is better"'
+    """
     out = []
     for c in claims:
         keys = [k for k in quotes if c.id == k or c.id.startswith(k + ".")]
@@ -139,7 +152,12 @@ def quoted(claims: Iterable[Claim], quotes: Mapping[str, str]) -> list[Claim]:
 
 def paired_values(a: Mapping[int, float],
                   b: Mapping[int, float] | None) -> tuple[list[int], np.ndarray, np.ndarray | None]:
-    """The seeds both arms have (sorted) and their values in that order; non-finite values are kept."""
+    """The seeds both arms have (sorted) and their values in that order; non-finite values are kept.
+
+    Example:
+        >>> paired_values({0: 1.0, 1: 2.0, 3: 4.0}, {1: 1.5, 3: 3.0, 5: 9.0})
+        ([1, 3], array([2., 4.]), array([1.5, 3. ]))
+    """
     seeds = sorted(set(a) & set(b)) if b is not None else sorted(a)
     va = np.array([a[s] for s in seeds], dtype=float)
     return seeds, va, (np.array([b[s] for s in seeds], dtype=float) if b is not None else None)
@@ -158,6 +176,13 @@ def detectable_effect(n: int, sd: float, direction: Direction, confidence: float
     ``greater``/``less``: the distance delta beyond the margin with P(interval clears the margin) = power,
     P = nct.sf(t_c, n-1, delta/se) + nct.cdf(-t_c, n-1, delta/se). ``equivalent``: the margin an exactly
     zero effect needs, from the TOST power bound 2 nct.sf(t_c, n-1, m/se) - 1 = power.
+
+    Example:
+        >>> from scipy import stats
+        >>> d = detectable_effect(10, 1.0, "greater")
+        >>> se, tc = 1.0 / 10 ** 0.5, stats.t.ppf(0.975, 9)          # the rule's power at that effect: 80%
+        >>> round(float(stats.nct.sf(tc, 9, d / se) + stats.nct.cdf(-tc, 9, d / se)), 3)
+        0.8
     """
     if n < 2 or not math.isfinite(sd):
         return math.nan
@@ -193,6 +218,21 @@ def judge(claim: Claim, arm: Mapping[int, float], baseline: Mapping[int, float] 
 
     Seeds present in only one arm are left out; a non-finite value (a diverged run) makes the verdict
     inconclusive and says so, rather than silently dropping the seed.
+
+    Example:
+        >>> claim = Claim("demo", "a paper", "Table 1", "A beats B.", "acc", arm="a", direction="greater", margin=0.0,
+        ...               paper_value="", baseline="b")
+        >>> v = judge(claim, {0: 0.91, 1: 0.93, 2: 0.92}, {0: 0.90, 1: 0.91, 2: 0.905})
+        >>> v.outcome, round(v.estimate, 4), v.n
+        ('reproduced', 0.015, 3)
+        >>> from scipy import stats                            # the interval is the paired t-interval
+        >>> ci = stats.ttest_1samp([0.01, 0.02, 0.015], 0.0).confidence_interval(0.95)
+        >>> bool(abs(v.ci_low - ci.low) < 1e-9 and abs(v.ci_high - ci.high) < 1e-9)
+        True
+        >>> judge(claim, {0: 0.80, 1: 0.81, 2: 0.79}, {0: 0.90, 1: 0.91, 2: 0.905}).outcome
+        'contradicted'
+        >>> judge(claim, {0: 0.91, 1: 0.89, 2: 0.92}, {0: 0.90, 1: 0.91, 2: 0.905}).outcome
+        'inconclusive'
     """
     if (baseline is None) != (claim.baseline is None):
         wanted = "pass the baseline arm values" if claim.baseline is not None else "no baseline values expected"

@@ -63,6 +63,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str):
+    """Register ``fn(input_shape, num_classes, **kwargs) -> nn.Module`` under ``name`` for :func:`build_model`.
+
+    Example:
+        >>> import torch
+        >>> @register_model("tiny_linear")
+        ... def tiny_linear(input_shape, num_classes):
+        ...     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+        >>> tuple(build_model("tiny_linear", (1, 2, 2), 3)(torch.zeros(5, 1, 2, 2)).shape)
+        (5, 3)
+        >>> del MODELS["tiny_linear"]
+    """
     def deco(fn):
         MODELS[name] = fn
         return fn
@@ -84,6 +95,12 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
 
 
 def get_activation(name: str) -> type[nn.Module]:
+    """The activation module class registered under ``name`` (``ACTIVATIONS``).
+
+    Example:
+        >>> get_activation("relu") is nn.ReLU
+        True
+    """
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; available: {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]
@@ -125,6 +142,14 @@ def _layers(input_shape: Sequence[int]) -> tuple[type[nn.Module], type[nn.Module
 
 
 class MLP(nn.Module):
+    """Flatten, then Linear -> activation per hidden width, then a linear ``head``.
+
+    Example:
+        >>> import torch
+        >>> mlp = MLP((1, 8, 8), 10, widths=(32, 16))
+        >>> tuple(mlp(torch.zeros(4, 1, 8, 8)).shape), sum(p.numel() for p in mlp.parameters())
+        ((4, 10), 2778)
+    """
     def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (256, 256),
                  activation: str = "relu"):
         super().__init__()

@@ -33,7 +33,14 @@ from ..data import Data
 
 
 class ReLUNet(nn.Sequential):
-    """Linear -> [BatchNorm1d] -> ReLU per hidden layer, then a linear output layer."""
+    """Linear -> [BatchNorm1d] -> ReLU per hidden layer, then a linear output layer.
+
+    Example:
+        >>> import torch
+        >>> net = ReLUNet(5, (4, 3), 2, batchnorm=True)
+        >>> tuple(net(torch.randn(6, 5)).shape), sum(isinstance(m, nn.BatchNorm1d) for m in net)
+        ((6, 2), 2)
+    """
 
     def __init__(self, input_dim: int, widths: Sequence[int], output_dim: int, batchnorm: bool = False):
         layers: list[nn.Module] = []
@@ -70,7 +77,16 @@ def _structured_rows(rows: int, cols: int, g: torch.Generator) -> Tensor:
 @torch.no_grad()
 def normalize_rows(linear: nn.Linear) -> nn.Linear:
     """Divide each row of the weight and its bias by the row's norm (in place): the node's half-space
-    {x : w.x + b > 0} is unchanged and its weights have unit length."""
+    {x : w.x + b > 0} is unchanged and its weights have unit length.
+
+    Example:
+        >>> import torch
+        >>> layer = nn.Linear(3, 2)
+        >>> x = torch.randn(100, 3)
+        >>> fires = layer(x) > 0
+        >>> torch.allclose(normalize_rows(layer).weight.norm(dim=1), torch.ones(2)), torch.equal(layer(x) > 0, fires)
+        (True, True)
+    """
     norm = linear.weight.norm(dim=1)
     linear.weight.div_(norm[:, None])
     if linear.bias is not None:
@@ -130,7 +146,14 @@ def set_firing_rate(teacher: ReLUNet, rate: float, input_std: float = 10.0, cali
     """Shift each hidden node's bias so it fires (pre-activation > 0) on a fraction ``rate`` of the teacher's
     inputs N(0, input_std^2 I), layer by layer: the bias minus the node's (1 - rate) quantile of its
     pre-activation. A sparsely firing teacher is the premise of the paper's BatchNorm-bias argument (nodes
-    that fire together rarely); the structured teachers fire half the time."""
+    that fire together rarely); the structured teachers fire half the time.
+
+    Example:
+        >>> teacher = set_firing_rate(make_teacher(input_dim=5, widths=(8,), output_dim=2, seed=0), 0.2)
+        >>> rate = coactivation(teacher, 10 * torch.randn(20_000, 5, generator=torch.Generator().manual_seed(1)))
+        >>> abs(rate[0]["firing_rate"] - 0.2) < 0.02
+        True
+    """
     if not 0 < rate < 1:
         raise ValueError(f"firing rate {rate!r}: use a fraction in (0, 1)")
     g = torch.Generator().manual_seed(seed)
@@ -183,7 +206,14 @@ def gaussian_teacher(seed: int = 0, root=None, version: str = "2019", input_dim:
 
 @torch.no_grad()
 def hidden_activations(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """Post-ReLU activations of every ``nn.ReLU`` module, in forward order, as (n, width) tensors."""
+    """Post-ReLU activations of every ``nn.ReLU`` module, in forward order, as (n, width) tensors.
+
+    Example:
+        >>> import torch
+        >>> acts = hidden_activations(ReLUNet(5, (4, 3), 2), torch.randn(6, 5))
+        >>> [tuple(a.shape) for a in acts], all(bool((a >= 0).all()) for a in acts)
+        ([(6, 4), (6, 3)], True)
+    """
     outs: list[Tensor] = []
     hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().flatten(1)))
              for m in model.modules() if isinstance(m, nn.ReLU)]
@@ -217,7 +247,19 @@ def correlation(a: Tensor, b: Tensor) -> Tensor:
 
 
 def layer_correlations(teacher: nn.Module, student: nn.Module, x: Tensor) -> list[Tensor]:
-    """Per hidden layer, the (teacher nodes x student nodes) correlation matrix on inputs ``x``."""
+    """Per hidden layer, the (teacher nodes x student nodes) correlation matrix on inputs ``x``.
+
+    Example:
+        >>> import torch
+        >>> teacher = make_teacher(input_dim=5, widths=(4,), output_dim=2, seed=0)
+        >>> twin = duplicated_student(teacher, copies=2)          # every teacher node twice: correlation 1 each
+        >>> corr, = layer_correlations(teacher, twin, 10 * torch.randn(500, 5))
+        >>> tuple(corr.shape), bool(((corr > 0.999).sum(1) == 2).all())
+        ((4, 8), True)
+
+    References:
+        Tian et al., arXiv:1905.13405, Section 5.
+    """
     ta, sa = hidden_activations(teacher, x), hidden_activations(student, x)
     if len(ta) != len(sa):
         raise ValueError(f"teacher has {len(ta)} ReLU layers, student {len(sa)}: they must have the same depth")
@@ -284,7 +326,18 @@ def fan_out_ratio(best_corr: Tensor, fan_out: Tensor, fan_out_init: Tensor | Non
 def prune_to_nodes(student: ReLUNet, keep: Sequence[Tensor], reinit: bool = False, seed: int = 0) -> ReLUNet:
     """A narrower ReLUNet with only the hidden nodes ``keep[l]`` of each layer: their trained weights
     (``reinit=False``, pruning) or a fresh initialisation of the same shape (``reinit=True``, the
-    re-initialised 'lottery ticket')."""
+    re-initialised 'lottery ticket').
+
+    Example:
+        >>> import torch
+        >>> student = ReLUNet(5, (4, 3), 2)
+        >>> small = prune_to_nodes(student, [torch.tensor([0, 2]), torch.tensor([1])])
+        >>> [m.out_features for m in small if isinstance(m, nn.Linear)]
+        [2, 1, 2]
+
+    References:
+        Tian et al., arXiv:1905.13405, Section 5 (pruning to the lucky nodes).
+    """
     widths = [len(k) for k in keep]
     lin = student.linears
     bn = any(isinstance(m, nn.BatchNorm1d) for m in student)
@@ -338,7 +391,15 @@ def bn_bias_fractions(model_or_state: nn.Module | dict) -> dict[str, float]:
 
 def duplicated_student(teacher: ReLUNet, copies: int = 2, seed: int = 0) -> ReLUNet:
     """An exact, wider copy of ``teacher``: every hidden node duplicated ``copies`` times, nodes permuted,
-    outgoing weights split among the copies, so the function is unchanged (for tests and sanity checks)."""
+    outgoing weights split among the copies, so the function is unchanged (for tests and sanity checks).
+
+    Example:
+        >>> import torch
+        >>> teacher = make_teacher(input_dim=5, widths=(4, 3), output_dim=2, seed=0)
+        >>> x = torch.randn(10, 5)
+        >>> torch.allclose(duplicated_student(teacher, copies=3)(x), teacher(x), atol=1e-5)
+        True
+    """
     g = torch.Generator().manual_seed(seed)
     lin = teacher.linears
     student = ReLUNet(lin[0].in_features, [w * copies for w in teacher.widths], lin[-1].out_features)
