@@ -174,8 +174,11 @@ def _data64(unit_range=False):
 class _LearningRate:
     """Records the learning rate the first step used."""
 
+    lr = None
+
     def on_step_end(self, state):
-        self.lr = self.lr if hasattr(self, "lr") else state.optimizer.param_groups[0]["lr"]
+        if self.lr is None:
+            self.lr = state.optimizer.param_groups[0]["lr"]
 
 
 def _first_step_gradient(case, monkeypatch):
