@@ -519,11 +519,50 @@ def test_replay_refuses_what_it_cannot_follow(make, reason):
         CurveBall(model.parameters(), model=model, jvp="replay").step(lambda: model(x), CrossEntropy(y))
 
 
+def test_one_decorated_function_makes_a_new_layer_type_replayable():
+    """A layer with a parameter of its own (y = x * exp(g)) has no rule, so "auto" falls back to forward AD;
+    registering one function, t_y = exp(g) (t + x t_g), makes the same model replay, and four steps then
+    equal forward-mode AD's (float64). A wrong rule (the parameter's term dropped) is caught by the same check."""
+    from backproplab.methods.curveball import TANGENT_RULES, register_tangent_rule
+    from backproplab.methods.curveball.tangent_replay import param_tangents
+
+    class Gain(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, width))
+
+        def forward(self, x):
+            return x * self.weight.exp()
+
+    torch.manual_seed(30)
+    net = nn.Sequential(nn.Linear(5, 6), Gain(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    assert "Gain has no tangent rule" in _auto_against_forward_ad(net, x, y)
+    try:
+        @register_tangent_rule(Gain, has_params=True)
+        def _gain(m, kept, t, tangents):
+            tw, _ = param_tangents(m, tangents)
+            own = kept * tw if tw is not None else None
+            total = own if t is None else t if own is None else t + own
+            return None if total is None else total * m.weight.exp()
+
+        assert _auto_against_forward_ad(net, x, y) is None  # replayed, and equal to forward AD
+
+        @register_tangent_rule(Gain, has_params=True)
+        def _gain_without_its_parameter(m, kept, t, tangents):
+            return None if t is None else t * m.weight.exp()
+
+        with pytest.raises(AssertionError):
+            _auto_against_forward_ad(net, x, y)
+    finally:
+        TANGENT_RULES.pop(Gain, None)
+
+
 @pytest.mark.parametrize("saved", [True, False], ids=["statistics from the forward's node", "recomputed"])
 def test_batchnorm_tangent_rule_equals_torch_func_jvp(saved):
     """The closed-form batch-norm JVP (train mode) against torch.func.jvp of F.batch_norm; the recomputed
     statistics are the path taken where the forward's node does not expose them (cuDNN, say)."""
-    from backproplab.methods.curveball import _batchnorm_tangent
+    from backproplab.methods.curveball.tangent_replay import _batchnorm_tangent
 
     torch.manual_seed(24)
     bn = nn.BatchNorm2d(3)
@@ -609,7 +648,7 @@ def test_in_place_layers(make, reason):
 
 def test_replay_notices_a_recorded_tensor_modified_in_place():
     """GELU keeps its input; an in-place op after it changes that input (autograd's saved copy too)."""
-    from backproplab.methods.curveball import _TangentTape
+    from backproplab.methods.curveball.tangent_replay import TangentTape as _TangentTape
 
     torch.manual_seed(27)
     model = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3))
@@ -629,7 +668,7 @@ def test_replay_notices_a_recorded_tensor_modified_in_place():
 @pytest.mark.parametrize("bias", [True, False])
 def test_gram_form_of_the_second_product_equals_torch_func_jvp(bias):
     """J dz with dz = G + lambda z: the Gram form (batch below the layer width) against torch.func.jvp."""
-    from backproplab.methods.curveball import _TangentTape
+    from backproplab.methods.curveball.tangent_replay import TangentTape as _TangentTape
 
     torch.manual_seed(28)
     model = nn.Sequential(nn.Linear(16, 20, bias=bias), nn.Tanh(), nn.Linear(20, 20, bias=bias), nn.Linear(20, 3))

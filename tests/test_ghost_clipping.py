@@ -179,6 +179,47 @@ def test_conv(b, c, k, stride, padding, dilation, groups, bias, one_d, side, pat
         assert_engine_exact(model, [x], _y(b, 3), 0.5)
 
 
+def test_one_decorated_function_gives_a_new_layer_type_its_own_rule():
+    """Registering a rule for ``Custom`` (tanh(x * scale + shift): per-example gradients formed directly,
+    dscale_i = sum over positions of x * delta, dshift_i = sum of delta, delta = g * (1 - y^2)) routes the layer
+    to it instead of torch.func, exactly (against the per-example loop); a wrong rule (the tanh's derivative
+    dropped) is refused by the first step's check against autograd."""
+    from backproplab.methods import ghost_clipping
+    from backproplab.methods.ghost_clipping import GHOST_RULES, register_ghost_rule
+
+    built = []
+
+    class CustomRule(ghost_clipping._Rule):
+        def __init__(self, m, pairs, derivative=True):
+            built.append(m)
+            scale = shift = 0
+            for call, g in pairs:
+                x = call.args[0]
+                delta = g * (1 - torch.tanh(x * m.scale + m.shift) ** 2) if derivative else g
+                scale, shift = scale + (x * delta).reshape(len(x), -1, x.shape[-1]).sum(1), \
+                    shift + delta.reshape(len(x), -1, x.shape[-1]).sum(1)
+            self.per = [scale, shift]
+            self.norms = [t.norm(dim=1) for t in self.per]
+
+        def weighted(self, c):
+            return [c @ t for t in self.per]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Custom(6), nn.Linear(6, 3))
+    try:
+        register_ghost_rule(Custom)(lambda m, pairs, owned: CustomRule(m, pairs))
+        assert_engine_exact(model, [_x(7, 5)], _y(7, 3), 0.25)
+        assert built and all(m is model[1] for m in built)  # the registered rule ran, not torch.func
+        register_ghost_rule(Custom)(lambda m, pairs, owned: CustomRule(m, pairs, derivative=False))
+        clipper = GhostClipping(model)
+        with clipper.recording():
+            loss = ce(clipper, [_x(7, 5)], _y(7, 3))
+        with pytest.raises(RuntimeError, match="do not add up to its batch gradient"):
+            clipper.clipped_sum(loss, 1.0)
+    finally:
+        GHOST_RULES.pop(Custom, None)
+
+
 def test_conv_padding_modes_go_to_torch_func():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU(),

@@ -25,6 +25,9 @@ input of it, so autograd skips every weight-gradient product. Per layer, from (a
   second, weighted backward (Lee & Kifer 2021) would spend the same weight-gradient products plus all the
   activation gradients again, so book-keeping is used for every layer.
 
+Each layer type's rule is registered in ``GHOST_RULES`` (``@register_ghost_rule(nn.Linear)``, as Opacus registers
+its grad samplers): a function building the layer's norms and clipped sum from its calls' kept inputs and output
+gradients. Adding a layer type is one decorated function.
 Any other layer that holds trainable parameters falls back to ``torch.func`` per-example gradients of that
 layer alone (vmap of the layer's own vector-Jacobian product at each example's input and output gradient),
 not of the whole model. A layer called several times in one forward (clean and adversarial inputs, say)
@@ -41,6 +44,8 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,24 +55,21 @@ from torch.autograd.graph import get_gradient_edge
 # the most elements a convolution's unfolded input may take when formed in one piece (faster for small
 # layers); larger ones are read offset by offset, in place
 STACK_LIMIT = 2**22
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
 
 
 class _Call:
+    """One recorded call of a layer: its arguments, its output's gradient edge and what its rule captured."""
+
     __slots__ = ("args", "kwargs", "edge", "version", "stats")
 
-    def __init__(self, args: tuple, kwargs: dict, output: Tensor, kind: type | None = None):
+    def __init__(self, args: tuple, kwargs: dict, output: Tensor, rule: GhostRule | None = None):
         if not args or not isinstance(args[0], Tensor):
             raise TypeError(f"a layer with trainable parameters was called without a tensor as its first argument "
                             f"({len(args)} positional arguments); the ghost clipping engine reads its input there")
         self.args, self.kwargs = args, kwargs
         self.edge = get_gradient_edge(output)
         self.version = args[0]._version
-        self.stats = None
-        if kind is nn.GroupNorm and type(output.grad_fn).__name__ == "NativeGroupNormBackward0":
-            # the per-(example, group) mean and 1/std GroupNorm saved for its backward (freed by that backward,
-            # so taken now)
-            self.stats = (output.grad_fn._saved_result1, output.grad_fn._saved_result2)
+        self.stats = None if rule is None or rule.capture is None else rule.capture(output)
 
 
 class _Recording:
@@ -139,7 +141,7 @@ class GhostClipping(nn.Module):
                 owner[id(p)] = name
             if own:
                 self._layers.append((m, own))
-        self._kinds = {m: _kind(m) for m, _ in self._layers}
+        self._kinds = {m: _kind(m) for m, _ in self._layers}  # the registered type whose rule applies
         self._rank = {m: i for i, (m, _) in enumerate(self._layers)}  # the order of model.parameters()
         self._params = {m: list(m.parameters(recurse=False)) for m, _ in self._layers}
         self._handles = [m.register_forward_hook(self._tap, with_kwargs=True) for m, _ in self._layers]
@@ -171,7 +173,7 @@ class GhostClipping(nn.Module):
             raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; the ghost clipping engine "
                             "needs layers with trainable parameters to return one tensor (use engine='opacus')")
         if output.requires_grad:
-            self._calls.append((module, _Call(args, kwargs, output, self._kinds[module])))
+            self._calls.append((module, _Call(args, kwargs, output, GHOST_RULES.get(self._kinds[module]))))
 
     # -- the engine
     def clipped_sum(self, loss: Tensor, max_grad_norm: float, check: bool | None = None,
@@ -311,30 +313,84 @@ class _Rule:
         self.__dict__.clear()
 
 
+Calls = list[tuple[_Call, Tensor]]  # a layer's recorded calls, each with the gradient at its output
+
+
+@dataclass(frozen=True)
+class GhostRule:
+    """A layer type's rule: ``build(module, calls, owned) -> _Rule`` (None: use torch.func for this layer), with
+    ``calls`` the layer's recorded calls and their output gradients and ``owned`` whether the one output
+    gradient is the rule's alone to overwrite; ``capture(output)``, if given, runs at the forward and keeps in
+    ``_Call.stats`` what the backward would free (GroupNorm's statistics)."""
+
+    build: Callable[[nn.Module, Calls, bool], _Rule | None]
+    capture: Callable[[Tensor], Any] | None = None
+
+
+GHOST_RULES: dict[type[nn.Module], GhostRule] = {}
+
+
+def register_ghost_rule(*layer_types: type[nn.Module], capture: Callable[[Tensor], Any] | None = None) -> Callable:
+    """Registers the decorated ``build(module, calls, owned) -> _Rule | None`` for ``layer_types``. It applies to
+    an instance of a registered type, or of a subclass that keeps the type's own ``forward``.
+
+    Example:
+        >>> sorted(k.__name__ for k in GHOST_RULES)
+        ['Conv1d', 'Conv2d', 'Embedding', 'GroupNorm', 'LayerNorm', 'Linear']
+        >>> class Scale(nn.Module):                      # y = w * x: dW_i = sum over positions of g_i * x_i
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.ones(d))
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> class ScaleRule(_Rule):
+        ...     def __init__(self, m, calls, owned):
+        ...         self.per = sum(c.args[0] * g for c, g in calls)     # (B, d) per-example gradients
+        ...         self.norms = [self.per.norm(dim=1)]
+        ...     def weighted(self, c):
+        ...         return [c @ self.per]
+        >>> _ = register_ghost_rule(Scale)(ScaleRule)
+        >>> model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2))
+        >>> x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+        >>> clipper = GhostClipping(model)
+        >>> with clipper.recording():
+        ...     loss = F.cross_entropy(clipper(x), y, reduction="sum")
+        >>> sums, norms = clipper.clipped_sum(loss, max_grad_norm=0.5)    # checked against autograd on first use
+        >>> per_example = [torch.cat([g.flatten() for g in torch.autograd.grad(
+        ...     F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))]).norm() for i in range(6)]
+        >>> torch.allclose(norms, torch.stack(per_example), atol=1e-5)
+        True
+        >>> del GHOST_RULES[Scale]
+    """
+
+    def decorator(build: Callable[[nn.Module, Calls, bool], _Rule | None]) -> Callable:
+        for kind in layer_types:
+            GHOST_RULES[kind] = GhostRule(build, capture)
+        return build
+
+    return decorator
+
+
 def _kind(m: nn.Module) -> type | None:
-    """The supported layer type whose rule applies: an instance that keeps that type's own forward."""
-    return next((k for k in SUPPORTED if isinstance(m, k) and type(m).forward is k.forward), None)
+    """The registered layer type whose rule applies: an instance that keeps that type's own forward."""
+    return next((k for k in GHOST_RULES if isinstance(m, k) and type(m).forward is k.forward), None)
 
 
-def _rule(m: nn.Module, pairs: list[tuple[_Call, Tensor]], kind: type | None = None,
+def _rule(m: nn.Module, pairs: Calls, kind: type | None = None,
           shared: Counter | None = None, batched_args: tuple[int, ...] = (0,)) -> _Rule:
-    inputs, grads = [c.args[0] for c, _ in pairs], [g for _, g in pairs]
+    """The layer's registered rule, or per-example gradients by torch.func where it has none."""
+    grads = [g for _, g in pairs]
     kind = _kind(m) if kind is None else kind
     # the output gradient may be overwritten once read if no other kept tensor shares its memory
     owned = (shared is not None and len(grads) == 1 and grads[0].is_contiguous()
              and shared[grads[0].untyped_storage().data_ptr()] == 1)
-    if kind is nn.Linear:
-        return _LinearRule(m, inputs, grads, owned)
-    if kind in (nn.Conv1d, nn.Conv2d) and _symmetric_padding(m) is not None:
-        return _ConvRule(m, _symmetric_padding(m), inputs, grads)
-    if kind is nn.Embedding:
-        return _EmbeddingRule(m, inputs, grads)
-    if kind is nn.LayerNorm:
-        return _NormRule(m, pairs, lambda a: F.layer_norm(a, m.normalized_shape, eps=m.eps),
-                         own_dims=len(m.normalized_shape))
-    if kind is nn.GroupNorm:
-        return _NormRule(m, pairs, lambda a: F.group_norm(a, m.num_groups, eps=m.eps), own_dims=None, owned=owned)
-    return _FuncRule(m, pairs, batched_args)
+    registered = GHOST_RULES.get(kind)
+    rule = registered.build(m, pairs, owned) if registered is not None else None
+    return _FuncRule(m, pairs, batched_args) if rule is None else rule
+
+
+def _inputs_and_grads(pairs: Calls) -> tuple[list[Tensor], list[Tensor]]:
+    return [c.args[0] for c, _ in pairs], [g for _, g in pairs]
 
 
 def _materialise_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
@@ -439,6 +495,11 @@ class _LinearRule(_Rule):
         return out
 
 
+@register_ghost_rule(nn.Linear)
+def _linear(m: nn.Linear, pairs: Calls, owned: bool) -> _Rule:
+    return _LinearRule(m, *_inputs_and_grads(pairs), owned)
+
+
 def _symmetric_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
     """The padding F.unfold can express, or None (padding modes and uneven 'same' go to torch.func)."""
     if m.padding_mode != "zeros":
@@ -541,92 +602,121 @@ class _ConvRule(_Rule):
         self.m, self.padding = m, padding
         self.inputs, self.grads = inputs, grads
         self.one_d = isinstance(m, nn.Conv1d)
-        B, G = grads[0].shape[0], m.groups
-        o = m.out_channels
+        B, o = grads[0].shape[0], m.out_channels
         self.weight = m.weight.requires_grad
         self.bias = m.bias is not None and m.bias.requires_grad
-        kernel, stride, dilation, pad = self._two(m.kernel_size, 1), self._two(m.stride, 1), \
-            self._two(m.dilation, 1), self._two(padding, 0)
-        K, cg, og = kernel[0] * kernel[1], m.in_channels // G, o // G
-        self.per = None
+        self.per = None  # (B, *weight.shape) per-example weight gradients, where they are formed
         self.norms = []
-        # one call with few positions: the unfolded input, or its Gram, by one product with a position map
-        geometry = (self._two(inputs[0].shape[2:], 1), self._two(grads[0].shape[2:], 1), kernel, stride, dilation, pad)
-        L = geometry[1][0] * geometry[1][1]
-        materialise = _materialise_cheaper(L, K * cg, og)
-        a = inputs[0]
-        maps = _position_map("unfold" if materialise else "gram", geometry, a.dtype, a.device) \
-            if self.weight and len(inputs) == 1 else None
-        if maps is not None and materialise:
-            unfolded = (a.reshape(-1, geometry[0][0] * geometry[0][1]) @ maps).view(B * G, cg * K, L)
-            per = torch.bmm(grads[0].reshape(B * G, og, L), unfolded.transpose(1, 2))  # (BG, og, cg * K)
-            self.per = per.reshape(B, *m.weight.shape)
-            self.norms.append(_norm(self.per))
-        elif maps is not None:
-            a = a.reshape(B * G, cg, -1)
-            g = grads[0].reshape(B * G, og, L)
-            patches = torch.bmm(a.transpose(1, 2), a).view(B * G, -1) @ maps  # (BG, L * L)
-            g_gram = torch.bmm(g.transpose(1, 2), g).view(B * G, -1)
-            self.norms.append(_root(torch.linalg.vecdot(patches, g_gram).view(B, G).sum(1)))
-        elif self.weight:
-            if stride == (1, 1) or (kernel == (1, 1) and pad == (0, 0)):
-                flats = self._padded(inputs, grads, kernel, stride, dilation, pad, B, G)
-                g_all = _cat([g.reshape(B * G, og, -1) for g in grads], 2)  # (BG, og, L)
-                L = g_all.shape[2]
-                same_width = len({f.wp for f in flats}) == 1  # the Gram form needs one row layout
-                if _materialise_cheaper(L, K * cg, og) or not same_width:
-                    windows = [f.windows(kernel, dilation) for f in flats]  # (BG, cg, kh, kw, ho, wo) views
-                    if windows[0].numel() <= STACK_LIMIT:  # small layers: one strided copy, then one product
-                        unfolded = _cat([w.reshape(B * G, cg * K, -1) for w in windows], 2)
-                        per = torch.bmm(g_all, unfolded.transpose(1, 2))
-                    else:  # large ones: offset by offset, one window copied at a time
-                        per = torch.stack([torch.bmm(g_all, _cat([w[:, :, y, x].reshape(B * G, cg, -1)
-                                                                  for w in windows], 2).transpose(1, 2))
-                                           for y in range(kernel[0]) for x in range(kernel[1])], -1)
-                    self.per = per.reshape(B, *m.weight.shape)  # (BG, og, cg, K) -> (B, o, cg, kh, kw)
-                    self.norms.append(_norm(self.per))
-                else:
-                    # the patch Gram from the padded input's own Gram: <patch_l, patch_m> = sum over kernel
-                    # offsets s of <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted blocks summed in
-                    # place (offset (y, x) moves both indices by y * dh * wp + x * dw), no unfolding. A block's
-                    # rows and columns are output positions in rows as wide as the padded input: viewed as
-                    # (rows, wp) and cut to the real columns, they are the real output positions.
-                    wp = flats[0].wp
-                    flat = _cat([f.flat for f in flats], 2)
-                    gram = torch.bmm(flat.transpose(1, 2), flat)  # (BG, N, N), N = all calls' padded positions
-                    offsets = [y * dilation[0] * wp + x * dilation[1]
-                               for y in range(kernel[0]) for x in range(kernel[1])]
-
-                    def block(f: _Padded, h: _Padded) -> Tensor:
-                        def wide(s: int) -> Tensor:
-                            return gram[:, f.start + s:f.start + s + f.ho * wp, h.start + s:h.start + s + h.ho * wp]
-
-                        total = wide(0).clone()
-                        for s in offsets[1:]:  # one strided sum over the offsets is ten times slower on CPU
-                            total.add_(wide(s))
-                        return total.view(B * G, f.ho, wp, h.ho, wp)[:, :, :f.wo, :, :h.wo].reshape(
-                            B * G, f.ho * f.wo, h.ho * h.wo)
-
-                    patches = _cat([_cat([block(f, h) for h in flats], 2) for f in flats], 1)  # (BG, L, L)
-                    g_gram = torch.bmm(g_all.transpose(1, 2), g_all)
-                    sq = torch.linalg.vecdot(patches.flatten(1), g_gram.flatten(1)).view(B, G).sum(1)
-                    self.norms.append(_root(sq))
-            else:
-                u = _cat([F.unfold(a.unsqueeze(-2) if self.one_d else a, kernel, dilation=dilation, padding=pad,
-                                   stride=stride).reshape(B * G, cg * K, -1) for a in inputs], 2)
-                gu = _cat([g.reshape(B * G, og, -1) for g in grads], 2)
-                if _materialise_cheaper(gu.shape[2], K * cg, og):
-                    self.per = torch.bmm(gu, u.transpose(1, 2)).reshape(B, *m.weight.shape)
-                    self.norms.append(_norm(self.per))
-                else:
-                    sq = (torch.bmm(u.transpose(1, 2), u) * torch.bmm(gu.transpose(1, 2), gu)).reshape(B, -1).sum(1)
-                    self.norms.append(_root(sq))
+        if self.weight:
+            self.per, norm = self._weight_norms(inputs, grads)
+            self.norms.append(norm)
         if self.bias:
             sums = [g.reshape(B, o, -1).sum(2) for g in grads]
             self.gb = sum(sums[1:], sums[0])  # no extra 0 + t
             self.norms.append(_norm(self.gb))
         if self.per is not None or not self.weight:
             self.inputs = self.grads = None  # the clipped sum needs only dW_i
+
+    def _weight_norms(self, inputs: list[Tensor], grads: list[Tensor]) -> tuple[Tensor | None, Tensor]:
+        """``(dW_i or None, ||dW_i||)`` by one of three algorithms: a position map (one call, few positions),
+        the padded input's shifted slices (stride 1, or a 1x1 kernel without padding), or F.unfold."""
+        m = self.m
+        G = m.groups
+        kernel, stride, dilation, pad = self._two(m.kernel_size, 1), self._two(m.stride, 1), \
+            self._two(m.dilation, 1), self._two(self.padding, 0)
+        K, cg, og = kernel[0] * kernel[1], m.in_channels // G, m.out_channels // G
+        geometry = (self._two(inputs[0].shape[2:], 1), self._two(grads[0].shape[2:], 1), kernel, stride, dilation, pad)
+        L = geometry[1][0] * geometry[1][1]
+        materialise = _materialise_cheaper(L, K * cg, og)
+        a = inputs[0]
+        maps = _position_map("unfold" if materialise else "gram", geometry, a.dtype, a.device) \
+            if len(inputs) == 1 else None
+        if maps is not None:
+            return self._by_position_map(a, grads[0], maps, materialise, geometry)
+        if stride == (1, 1) or (kernel == (1, 1) and pad == (0, 0)):
+            return self._by_shifted_slices(inputs, grads, kernel, stride, dilation, pad)
+        return self._by_unfolding(inputs, grads, kernel, stride, dilation, pad)
+
+    def _by_position_map(self, a: Tensor, g: Tensor, maps: Tensor, materialise: bool,
+                         geometry: tuple) -> tuple[Tensor | None, Tensor]:
+        """One call with few positions: the unfolded input, or for the ghost norm its Gram, by one product with
+        the fixed 0/1 position map."""
+        m = self.m
+        B, G = g.shape[0], m.groups
+        K, cg, og = geometry[2][0] * geometry[2][1], m.in_channels // G, m.out_channels // G
+        L = geometry[1][0] * geometry[1][1]
+        if materialise:
+            unfolded = (a.reshape(-1, geometry[0][0] * geometry[0][1]) @ maps).view(B * G, cg * K, L)
+            per = torch.bmm(g.reshape(B * G, og, L), unfolded.transpose(1, 2))  # (BG, og, cg * K)
+            per = per.reshape(B, *m.weight.shape)
+            return per, _norm(per)
+        a = a.reshape(B * G, cg, -1)
+        g = g.reshape(B * G, og, L)
+        patches = torch.bmm(a.transpose(1, 2), a).view(B * G, -1) @ maps  # (BG, L * L)
+        g_gram = torch.bmm(g.transpose(1, 2), g).view(B * G, -1)
+        return None, _root(torch.linalg.vecdot(patches, g_gram).view(B, G).sum(1))
+
+    def _by_shifted_slices(self, inputs: list[Tensor], grads: list[Tensor], kernel: tuple, stride: tuple,
+                           dilation: tuple, pad: tuple) -> tuple[Tensor | None, Tensor]:
+        """Stride 1 (or a 1x1 kernel): per kernel offset, the patch entries of all output positions are one slice
+        of the padded input flattened row by row; dW_i per offset, or the patch Gram from the input's own Gram."""
+        m = self.m
+        B, G = grads[0].shape[0], m.groups
+        K, cg, og = kernel[0] * kernel[1], m.in_channels // G, m.out_channels // G
+        flats = self._padded(inputs, grads, kernel, stride, dilation, pad, B, G)
+        g_all = _cat([g.reshape(B * G, og, -1) for g in grads], 2)  # (BG, og, L)
+        L = g_all.shape[2]
+        same_width = len({f.wp for f in flats}) == 1  # the Gram form needs one row layout
+        if _materialise_cheaper(L, K * cg, og) or not same_width:
+            windows = [f.windows(kernel, dilation) for f in flats]  # (BG, cg, kh, kw, ho, wo) views
+            if windows[0].numel() <= STACK_LIMIT:  # small layers: one strided copy, then one product
+                unfolded = _cat([w.reshape(B * G, cg * K, -1) for w in windows], 2)
+                per = torch.bmm(g_all, unfolded.transpose(1, 2))
+            else:  # large ones: offset by offset, one window copied at a time
+                per = torch.stack([torch.bmm(g_all, _cat([w[:, :, y, x].reshape(B * G, cg, -1)
+                                                          for w in windows], 2).transpose(1, 2))
+                                   for y in range(kernel[0]) for x in range(kernel[1])], -1)
+            per = per.reshape(B, *m.weight.shape)  # (BG, og, cg, K) -> (B, o, cg, kh, kw)
+            return per, _norm(per)
+        # the patch Gram from the padded input's own Gram: <patch_l, patch_m> = sum over kernel offsets s of
+        # <a_{l+s}, a_{m+s}>, so one (N x N) product and K shifted blocks summed in place (offset (y, x) moves
+        # both indices by y * dh * wp + x * dw), no unfolding. A block's rows and columns are output positions
+        # in rows as wide as the padded input: viewed as (rows, wp) and cut to the real columns, they are the
+        # real output positions.
+        wp = flats[0].wp
+        flat = _cat([f.flat for f in flats], 2)
+        gram = torch.bmm(flat.transpose(1, 2), flat)  # (BG, N, N), N = all calls' padded positions
+        offsets = [y * dilation[0] * wp + x * dilation[1] for y in range(kernel[0]) for x in range(kernel[1])]
+
+        def block(f: _Padded, h: _Padded) -> Tensor:
+            def wide(s: int) -> Tensor:
+                return gram[:, f.start + s:f.start + s + f.ho * wp, h.start + s:h.start + s + h.ho * wp]
+
+            total = wide(0).clone()
+            for s in offsets[1:]:  # one strided sum over the offsets is ten times slower on CPU
+                total.add_(wide(s))
+            return total.view(B * G, f.ho, wp, h.ho, wp)[:, :, :f.wo, :, :h.wo].reshape(
+                B * G, f.ho * f.wo, h.ho * h.wo)
+
+        patches = _cat([_cat([block(f, h) for h in flats], 2) for f in flats], 1)  # (BG, L, L)
+        g_gram = torch.bmm(g_all.transpose(1, 2), g_all)
+        sq = torch.linalg.vecdot(patches.flatten(1), g_gram.flatten(1)).view(B, G).sum(1)
+        return None, _root(sq)
+
+    def _by_unfolding(self, inputs: list[Tensor], grads: list[Tensor], kernel: tuple, stride: tuple,
+                      dilation: tuple, pad: tuple) -> tuple[Tensor | None, Tensor]:
+        """Any other stride: F.unfold, then dW_i or the two Gram matrices, whichever costs fewer flops."""
+        m = self.m
+        B, G = grads[0].shape[0], m.groups
+        K, cg, og = kernel[0] * kernel[1], m.in_channels // G, m.out_channels // G
+        u = _cat([F.unfold(a.unsqueeze(-2) if self.one_d else a, kernel, dilation=dilation, padding=pad,
+                           stride=stride).reshape(B * G, cg * K, -1) for a in inputs], 2)
+        gu = _cat([g.reshape(B * G, og, -1) for g in grads], 2)
+        if _materialise_cheaper(gu.shape[2], K * cg, og):
+            per = torch.bmm(gu, u.transpose(1, 2)).reshape(B, *m.weight.shape)
+            return per, _norm(per)
+        sq = (torch.bmm(u.transpose(1, 2), u) * torch.bmm(gu.transpose(1, 2), gu)).reshape(B, -1).sum(1)
+        return None, _root(sq)
 
     def _two(self, t: tuple, fill: int) -> tuple:  # a 1-d convolution as a 2-d one of height 1
         return (fill, *t) if self.one_d else tuple(t)
@@ -669,6 +759,13 @@ class _ConvRule(_Rule):
                    for a, g in zip(self.inputs, self.grads))
 
 
+@register_ghost_rule(nn.Conv1d, nn.Conv2d)
+def _conv(m: nn.Conv1d | nn.Conv2d, pairs: Calls, owned: bool) -> _Rule | None:
+    """Zero padding that F.unfold can express; other padding modes and uneven 'same' go to torch.func."""
+    padding = _symmetric_padding(m)
+    return None if padding is None else _ConvRule(m, padding, *_inputs_and_grads(pairs))
+
+
 class _EmbeddingRule(_Rule):
     def __init__(self, m: nn.Embedding, inputs: list[Tensor], grads: list[Tensor]):
         if m.scale_grad_by_freq:
@@ -691,6 +788,11 @@ class _EmbeddingRule(_Rule):
         d = self.g.shape[2]
         out = torch.zeros(self.num, d, dtype=self.g.dtype, device=self.g.device)
         return [out.index_add_(0, self.ids.reshape(-1), (self.g * c[:, None, None]).reshape(-1, d))]
+
+
+@register_ghost_rule(nn.Embedding)
+def _embedding(m: nn.Embedding, pairs: Calls, owned: bool) -> _Rule:
+    return _EmbeddingRule(m, *_inputs_and_grads(pairs))
 
 
 class _NormRule(_Rule):
@@ -748,6 +850,25 @@ class _NormRule(_Rule):
 
     def weighted(self, c: Tensor) -> list[Tensor]:
         return [torch.einsum("b,b...->...", c, t) for t in self.per]
+
+
+@register_ghost_rule(nn.LayerNorm)
+def _layer_norm(m: nn.LayerNorm, pairs: Calls, owned: bool) -> _Rule:
+    return _NormRule(m, pairs, lambda a: F.layer_norm(a, m.normalized_shape, eps=m.eps),
+                     own_dims=len(m.normalized_shape))
+
+
+def _group_norm_statistics(output: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The per-(example, group) mean and 1/std GroupNorm saved for its backward (freed by that backward, so
+    taken at the forward)."""
+    if type(output.grad_fn).__name__ == "NativeGroupNormBackward0":
+        return output.grad_fn._saved_result1, output.grad_fn._saved_result2
+    return None
+
+
+@register_ghost_rule(nn.GroupNorm, capture=_group_norm_statistics)
+def _group_norm(m: nn.GroupNorm, pairs: Calls, owned: bool) -> _Rule:
+    return _NormRule(m, pairs, lambda a: F.group_norm(a, m.num_groups, eps=m.eps), own_dims=None, owned=owned)
 
 
 class _FuncRule(_Rule):

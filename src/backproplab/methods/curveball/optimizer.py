@@ -1,43 +1,16 @@
-"""CurveBall: a minimal Newton solver interleaved with the weight updates.
+"""The CurveBall optimizer: a ``torch.optim.Optimizer`` whose step solves a 2x2 Newton system each iteration.
 
-Henriques, Ehrhardt, Albanie, Vedaldi, "Small steps and giant leaps: Minimal Newton solvers for Deep
-Learning", ICCV 2019 (arXiv 1805.08095), Algorithm 1 and Sections 3-4. Implemented from the equations.
+The math is in the package's docstring (``backproplab.methods.curveball``); the output-space losses are in
+``output_hessians`` and the Jacobian-vector products on a recorded forward in ``tangent_replay``.
 
-Curvature: the damped generalised Gauss-Newton matrix H = J^T H_L J + lambda I, with J = d outputs / d w
-and H_L the Hessian of the loss w.r.t. the outputs. One buffer z (like momentum). Each step::
-
-    dz  = J^T (H_L J z + J_L) + lambda z          (J_L = dL/d outputs; dz = H z + g)
-    z   <- rho z - beta dz
-    w   <- w + z
-
-J z is one forward-mode product, H_L (J z) is closed-form in output space, and ONE reverse pass with
-cotangent H_L J z + J_L yields gradient and GGN product together. For a chain of standard layers the
-forward-mode products are replayed on the step's one recorded forward (:class:`_TangentTape`) instead
-of recomputing the forward with each tangent; any other model gets true forward-mode AD passes.
-
-The step sizes come from minimising the quadratic model M(dw) = g^T dw + 1/2 dw^T H dw over
-dw = rho z - beta dz (paper eq. 13-14)::
-
-    [beta, -rho] = A^-1 b,  A = [[dz^T H dz, z^T H dz], [z^T H dz, z^T H z]],  b = [g^T dz, g^T z]
-
-evaluated in output space from a second forward-mode product J dz (a11 = lambda|dz|^2 + (J dz)^T H_L (J dz),
-a12 = lambda dz.z + (J z)^T H_L (J dz), a22 = lambda|z|^2 + (J z)^T H_L (J z), b1 = J_L.(J dz), b2 = J_L.(J z)).
-With z = 0 (the first step) A is singular and the solution reduces to the exact line search along -g:
-rho = 0, beta = g^T g / g^T H g.
-
-Levenberg-Marquardt damping (paper Sec. 4, defaults from the paper): on steps 0, k, 2k, ... (k =
-``lambda_interval``, the authors' ``count % k == 0``) the loss is re-evaluated on the same batch;
-gamma = (L(w + z) - L(w)) / M(x) with M(x) = -b^T x + 1/2 x^T A x the quadratic model's change for the
-step actually taken (x = [beta, -rho]; at the 2x2 minimiser this is -1/2 x^T b, the authors' form, but a
-fixed lr or momentum takes a step off the minimiser); gamma < ``lambda_low`` gives
-lambda <- lambda / factor^interval, gamma > ``lambda_high`` gives lambda <- lambda * factor^interval.
+References:
+    Henriques, Ehrhardt, Albanie and Vedaldi, "Small steps and giant leaps: Minimal Newton solvers for deep
+    learning", ICCV 2019 (arXiv:1805.08095), Algorithm 1 and Sections 3-4.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import weakref
 from contextlib import contextmanager
 from typing import Any
 from collections.abc import Callable, Iterable, Iterator
@@ -45,90 +18,19 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..dist import world_size
-from ..models import PairwiseMaxPool1d
+from ...dist import world_size
+from .output_hessians import CrossEntropy, LossFn, MeanSquaredError, _autograd_output_products
+from .tangent_replay import TangentTape
 
 
 ModelFn = Callable[[], Tensor]
-LossFn = Callable[[Tensor], Tensor]
 
 
 class NonFiniteCurveBallError(FloatingPointError):
     """The loss or the 2x2 solve was not finite; the weights were left unchanged."""
-
-
-# ---------------------------------------------------------------- losses with closed-form output Hessians
-
-
-class CrossEntropy:
-    """Mean softmax cross-entropy with closed-form output gradient and Hessian-vector product:
-    J_L = (p - onehot(y)) / B,  H_L v = (p * v - p (p . v)) / B per example.
-
-    Example:
-        >>> import torch
-        >>> logits, y = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
-        >>> ce = CrossEntropy(y)
-        >>> torch.allclose(ce(logits), torch.nn.functional.cross_entropy(logits, y))
-        True
-        >>> hvp, grad = ce.output_grad_and_hvp(logits)
-        >>> v = torch.randn(5, 3)
-        >>> exact = torch.autograd.functional.hvp(ce, logits, v)[1]     # autograd's H_L v, for comparison
-        >>> torch.allclose(hvp(v), exact, atol=1e-6)
-        True
-    """
-
-    def __init__(self, targets: Tensor):
-        self.targets = targets
-
-    def __call__(self, outputs: Tensor) -> Tensor:
-        return F.cross_entropy(outputs, self.targets)
-
-    def output_grad_and_hvp(self, outputs: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        p = outputs.detach().softmax(-1)
-        b = outputs.shape[0]
-        grad = (p - F.one_hot(self.targets, p.shape[-1]).to(p.dtype)) / b
-        return (lambda v: (p * v - p * (p * v).sum(-1, keepdim=True)) / b), grad
-
-
-class MeanSquaredError:
-    """Mean over all elements of (outputs - targets)^2: J_L = 2 (y - t) / N, H_L v = 2 v / N (N elements).
-
-    Example:
-        >>> import torch
-        >>> out, t = torch.randn(4, 2), torch.randn(4, 2)
-        >>> mse = MeanSquaredError(t)
-        >>> hvp, grad = mse.output_grad_and_hvp(out)
-        >>> torch.allclose(grad, 2 * (out - t) / 8), torch.allclose(hvp(torch.ones(4, 2)), torch.full((4, 2), 0.25))
-        (True, True)
-    """
-
-    def __init__(self, targets: Tensor):
-        self.targets = targets
-
-    def __call__(self, outputs: Tensor) -> Tensor:
-        return F.mse_loss(outputs, self.targets)
-
-    def output_grad_and_hvp(self, outputs: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        n = outputs.numel()
-        return (lambda v: 2 * v / n), 2 * (outputs.detach() - self.targets) / n
-
-
-def _autograd_output_products(loss_fn: LossFn, outputs: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Tensor]:
-    """Any loss: J_L by autograd, H_L v by double backward in output space."""
-    y = outputs.detach().requires_grad_()
-    with torch.enable_grad():
-        loss = loss_fn(y)
-        (grad,) = torch.autograd.grad(loss, y, create_graph=True)
-
-    def hvp(v: Tensor) -> Tensor:
-        (h,) = torch.autograd.grad(grad, y, v, retain_graph=True)
-        return h
-
-    return loss.detach(), hvp, grad.detach()
 
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -145,254 +47,6 @@ class _Call(nn.Module):
     def forward(self) -> Tensor:
         return self.fn()
 
-
-# ---------------------------------------------------------------- tangent replay on a recorded chain
-
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# parameter-free modules whose output is a deterministic function of their one input; the tangent is
-# their JVP at the recorded input (torch.func.jvp), unless a cheaper closed form is listed in _replay_call
-_PURE_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                 nn.Mish, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink,
-                 nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ConstantPad1d, nn.ConstantPad2d)
-# linear parameter-free modules: the tangent is the module applied to the tangent; nothing is kept
-_LINEAR_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample,
-                   nn.ZeroPad1d, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-# what each rule keeps of the forward: the output for these (autograd saves it too), the input otherwise
-_KEEPS_OUTPUT = (nn.ReLU, nn.Tanh, nn.Sigmoid)
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-              nn.AdaptiveMaxPool3d)
-# autograd nodes whose saved result1 is the argmax index of each output (flat over the spatial dims)
-_POOL_NODES = ("MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
-               "AdaptiveMaxPool3DBackward0")
-
-
-class _ArgMax:
-    """Max pooling's argmax per output, flat over the spatial dims (saved by the forward's node)."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: Tensor):
-        self.index = index
-
-
-def _pool_node(node: Any) -> Any:
-    """The max-pooling autograd node holding the argmax indices (1-d pooling runs as 2-d, then squeezes)."""
-    if node is not None and type(node).__name__ == "SqueezeBackward1":
-        node = node.next_functions[0][0]
-    return node if node is not None and type(node).__name__ in _POOL_NODES else None
-
-
-class _TangentTape:
-    """Records one forward through a chain of standard layers so that J v can be replayed without it.
-
-    Forward-mode AD recomputes the whole forward (the primal) alongside every tangent. For a network
-    that is a chain of standard layers (``nn.Sequential``-like: each layer's input is the previous
-    layer's output), J v needs only each layer's recorded input, so the tangent alone is propagated:
-    Linear / Conv  t <- W t + dW x + db,  BatchNorm (train: batch statistics)  its closed-form JVP,
-    ReLU / Tanh / Sigmoid  t <- f'(y) t  from the output, other parameter-free layers  torch.func.jvp.
-    What is kept (layer inputs, activation outputs, BatchNorm's batch statistics and max pooling's
-    argmax indices, both read from the forward's own autograd nodes) is what autograd saves for the
-    reverse pass anyway, so memory stays near SGD's; the cost per product is the tangent half of a
-    forward-mode pass (Linear: two matrix products instead of three).
-
-    Anything else (a residual connection, an op between modules, dropout in train mode, a hook, an
-    unknown layer, a parameter used outside a layer) makes the record invalid; ``reason`` says why.
-
-    ``gram=True`` (the step will need J dz, single process): for a Linear layer with 2-D input called
-    once, the second product reuses the reverse pass. There dz = G + lambda z with G_W = delta^T x and
-    G_b = 1^T delta (delta: the cotangent at the layer's output), so the layer's own term is
-    x dz_W^T + dz_b = (x x^T) delta + 1 (1^T delta) + lambda (x z_W^T + z_b), the last bracket kept from
-    the first product. That costs B^2 (d_in + d_out) instead of B d_in d_out multiply-adds, so it is
-    used where B (d_in + d_out) < d_in d_out (batch smaller than the layer).
-    """
-
-    def __init__(self, params: list[Tensor], gram: bool = False, model: nn.Module | None = None):
-        self.param_ids = {id(p) for p in params}
-        self.module_ids = None if model is None else {id(m) for m in model.modules()}
-        self.gram = gram
-        self.gram_calls: set[int] = set()  # calls whose second product uses the Gram form
-        self._deltas: dict[int, Tensor] = {}  # cotangents at those layers' outputs, from the reverse pass
-        self._own: dict[int, Tensor] = {}  # their first product's own term x z_W^T + z_b
-        self.calls: list[tuple[nn.Module, Any]] = []  # (layer, what its tangent rule needs)
-        self.reason: str | None = None
-        self._last_output: weakref.ref | None = None
-        self._first = True
-        self._versions: list[tuple[Tensor, int, str]] = []  # what each rule keeps must not change after
-
-    def _invalid(self, why: str) -> None:
-        if self.reason is None:
-            self.reason = why
-
-    def hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.reason is not None or next(module.children(), None) is not None:
-            return  # containers: their leaves are recorded
-        name = type(module).__name__
-        if self.module_ids is not None and id(module) not in self.module_ids:
-            return  # not the model's (a loss module inside a step closure, say)
-        if any(not getattr(h, "_curveball_catch", False) for h in module._forward_hooks.values()) \
-                or module._forward_pre_hooks:
-            return self._invalid(f"{name} has forward hooks of its own")
-        if len(args) != 1 or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
-            return self._invalid(f"{name} is not called with one tensor in and one tensor out")
-        x = args[0]
-        if torch.is_autocast_enabled(x.device.type):  # the replay would mix the autocast dtypes
-            return self._invalid(f"autocast is on ({name} ran in reduced precision)")
-        if self._first:
-            self._first = False
-            if x.requires_grad:
-                return self._invalid(f"the first layer ({name})'s input requires grad")
-        elif self._last_output is None or self._last_output() is not x:
-            return self._invalid(f"{name}'s input is not the previous layer's output (not a plain chain)")
-        kind = type(module)
-        node = output.grad_fn
-        if kind is nn.Linear or kind in _CONVS:
-            kept = x
-            if kind is nn.Linear and self.gram and x.dim() == 2 and id(module.weight) in self.param_ids:
-                d_out, d_in = module.weight.shape
-                if x.shape[0] * (d_in + d_out) < d_in * d_out and output.requires_grad:
-                    self.gram_calls.add(len(self.calls))
-                    output.register_hook(functools.partial(self._deltas.__setitem__, len(self.calls)))
-        elif kind in _BATCHNORMS:  # the batch mean and 1/std, from the forward's own node when it has them
-            saved = node is not None and type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training
-            kept = (x, node._saved_result1, node._saved_result2) if saved else (x, None, None)
-        elif kind is PairwiseMaxPool1d and node is not None and type(node).__name__ == "MaxBackward0":
-            # the argmax within each pair (0 or 1), from the forward's own node, as a flat input position
-            pairs = torch.arange(output.shape[-1], device=output.device) * 2
-            kept = _ArgMax(node._saved_indices + pairs)
-        elif kind in _MAX_POOLS and _pool_node(node) is not None:
-            kept = _ArgMax(_pool_node(node)._saved_result1.view(output.shape))
-        elif kind in _DROPOUTS or kind in _LINEAR_MODULES:
-            if kind in _DROPOUTS and module.training and module.p > 0:
-                return self._invalid(f"{name} is in train mode (its mask is not recorded)")
-            kept = None
-        elif kind in _PURE_MODULES or kind is PairwiseMaxPool1d:
-            if kind not in _KEEPS_OUTPUT and getattr(module, "inplace", False):
-                return self._invalid(f"{name}(inplace=True) overwrote the input its tangent rule needs")
-            kept = output if kind in _KEEPS_OUTPUT else x
-        else:
-            return self._invalid(f"{name} has no tangent rule")
-        self.calls.append((module, kept))
-        if kept is not None:
-            kept_tensor = kept.index if isinstance(kept, _ArgMax) else kept[0] if isinstance(kept, tuple) else kept
-            self._versions.append((kept_tensor, kept_tensor._version, name))
-        self._last_output = weakref.ref(output)
-
-    def check(self, outputs: Tensor) -> None:
-        """Valid only if the model's output is the last layer's and every parameter sits in a layer."""
-        if self.reason is None and (self._last_output is None or self._last_output() is not outputs):
-            self._invalid("the model's output is not the last layer's output")
-        if self.reason is None:
-            covered = {id(p) for m, _ in self.calls for p in m.parameters(recurse=False)}
-            if not self.param_ids <= covered:
-                self._invalid("a parameter is used outside the recorded layers")
-        for kept, version, name in self._versions:
-            if self.reason is None and kept._version != version:
-                self._invalid(f"what {name} keeps for its tangent rule was modified in place later in the forward")
-        self._versions = []
-        once = [m for m, _ in self.calls]
-        self.gram_calls = {i for i in self.gram_calls if once.count(self.calls[i][0]) == 1}  # shared: G sums calls
-        if self.reason is not None:
-            self.calls, self.gram_calls = [], set()
-
-    @torch.no_grad()
-    def jvp(self, tangents: dict[int, Tensor], lambd: Tensor | None = None) -> Tensor | None:
-        """J v for the parameter tangents ``tangents`` (id(param) -> tensor); None when it is zero.
-
-        The first call is J z. Passing ``lambd`` marks the second, J dz with dz = G + lambd z, after
-        the reverse pass: the Gram-form layers then use their cotangents instead of dz's weights."""
-        t: Tensor | None = None
-        for i, (module, kept) in enumerate(self.calls):
-            if i in self.gram_calls:
-                if lambd is None:
-                    own = _replay_call(module, kept, None, tangents)
-                    self._own[i] = own
-                    t = own.clone() if t is None else torch.addmm(own, t, module.weight.t())
-                    continue
-                if i in self._deltas and i in self._own:
-                    delta, own = self._deltas.pop(i), self._own.pop(i).mul_(lambd)
-                    if module.bias is not None and id(module.bias) in tangents:
-                        own.add_(delta.sum(0))
-                    own.addmm_(kept @ kept.t(), delta)
-                    t = own if t is None else own.addmm_(t, module.weight.t())
-                    continue
-            t = _replay_call(module, kept, t, tangents)
-        return t
-
-
-def _replay_call(m: nn.Module, kept: Any, t: Tensor | None, tangents: dict[int, Tensor]) -> Tensor | None:
-    """One layer's output tangent from its input tangent ``t`` (None: zero) and its parameter tangents."""
-    kind = type(m)
-    tw = tangents.get(id(m.weight)) if getattr(m, "weight", None) is not None else None
-    tb = tangents.get(id(m.bias)) if getattr(m, "bias", None) is not None else None
-    if kind is nn.Linear and kept.dim() == 2 and tw is not None:  # one allocation, products accumulated
-        out = torch.addmm(tb, kept, tw.t()) if tb is not None else kept @ tw.t()
-        return out if t is None else out.addmm_(t, m.weight.t())
-    if kind is nn.Linear or kind in _CONVS:
-        apply = F.linear if kind is nn.Linear else m._conv_forward
-        out = apply(t, m.weight, None) if t is not None else None
-        if tw is not None or tb is not None:  # a frozen weight with a trained bias is rare: no shortcut
-            own = apply(kept, torch.zeros_like(m.weight) if tw is None else tw, tb)
-            out = own if out is None else out.add_(own)
-        return out
-    if kind in _BATCHNORMS:
-        return _batchnorm_tangent(m, kept, t, tw, tb)
-    if t is None:
-        return None
-    # t is always this replay's own temporary, so the elementwise rules overwrite it (no allocation)
-    if kind is nn.ReLU:
-        return torch.ops.aten.threshold_backward.grad_input(t, kept, 0, grad_input=t)
-    if kind is nn.Tanh:
-        return torch.ops.aten.tanh_backward.grad_input(t, kept, grad_input=t)
-    if kind is nn.Sigmoid:
-        return torch.ops.aten.sigmoid_backward.grad_input(t, kept, grad_input=t)
-    if kind in _DROPOUTS:
-        return t
-    if kind in _LINEAR_MODULES:
-        return m(t)
-    if isinstance(kept, _ArgMax):  # max pooling: the tangent at each window's argmax
-        return t.flatten(2).gather(2, kept.index.flatten(2)).view(kept.index.shape)
-    return torch.func.jvp(m, (kept,), (t,))[1]
-
-
-def _batchnorm_tangent(m: nn.Module, kept: tuple, t: Tensor | None, tw: Tensor | None,
-                       tb: Tensor | None) -> Tensor | None:
-    """JVP of batch normalisation y = gamma xhat + beta, xhat = (x - mean) / s.
-
-    With batch statistics (train mode) mean and s depend on the whole batch, and the input part is
-    t_xhat = (t - mean(t) - xhat mean(xhat t)) / s. That map is symmetric within a channel, so
-    gamma t_xhat is exactly the batch-norm VJP of t, one fused ``native_batch_norm_backward``.
-    The parameter part t_gamma xhat + t_beta is a per-channel affine map of x."""
-    if t is None and tw is None and tb is None:
-        return None
-    x, mean, invstd = kept
-    shape = (1, -1, *[1] * (x.dim() - 2))
-    batch_stats = m.training or m.running_mean is None
-    if not batch_stats:
-        mean, invstd = m.running_mean, torch.rsqrt(m.running_var + m.eps)
-    elif mean is None:
-        var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
-        invstd = torch.rsqrt(var + m.eps)
-    out = None
-    if t is not None:
-        if batch_stats:
-            out = torch.ops.aten.native_batch_norm_backward(
-                t, x, m.weight, None, None, mean, invstd, True, m.eps, [True, False, False])[0]
-        else:
-            scale = invstd if m.weight is None else invstd * m.weight
-            out = t * scale.view(shape)
-    if tw is not None or tb is not None:
-        coef = invstd * tw if tw is not None else torch.zeros_like(invstd)
-        shift = -mean * coef if tb is None else tb - mean * coef
-        out = (x * coef.view(shape) if out is None else out.addcmul_(x, coef.view(shape))).add_(shift.view(shape))
-    return out
-
-
-# ---------------------------------------------------------------- the optimizer
 
 
 class CurveBall(torch.optim.Optimizer):
@@ -442,8 +96,9 @@ class CurveBall(torch.optim.Optimizer):
             non-finite step leaves weights and z unchanged, counted in ``state['skipped']``).
         jvp: how J z and J dz are computed with ``model``. "replay": record the one forward that builds
             the reverse graph and propagate tangents alone through the recorded layers (see
-            :class:`_TangentTape`); needs a plain chain of standard layers (Linear, Conv, BatchNorm,
-            activations, pooling, Flatten, eval-mode dropout) and raises naming what is not.
+            :class:`TangentTape`); needs a plain chain of layers with a registered tangent rule
+            (``tangent_replay.TANGENT_RULES``: Linear, Conv, BatchNorm, activations, pooling, Flatten,
+            eval-mode dropout; ``register_tangent_rule`` adds one) and raises naming what is not.
             "forward_ad": a forward-mode AD pass per product, which recomputes the forward; any model.
             "auto" (default): replay when the model allows it, else forward AD (``replay_refused`` says
             why). Replay saves the primal recomputation and needs no extra memory.
@@ -615,11 +270,11 @@ class CurveBall(torch.optim.Optimizer):
         return primal, tangent.detach()
 
     def _recorded_forward(self, model_fn: ModelFn, params: list[Tensor],
-                          gram: bool) -> tuple[Tensor, _TangentTape | None]:
+                          gram: bool) -> tuple[Tensor, TangentTape | None]:
         """The step's one forward with reverse graph, recorded for tangent replay (None if it cannot be)."""
         from torch.nn.modules import module as module_globals
 
-        tape = _TangentTape(params, gram=gram, model=self.model)
+        tape = TangentTape(params, gram=gram, model=self.model)
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
             tape._invalid("a global module forward hook is registered")
         handle = module_globals.register_module_forward_hook(tape.hook)
