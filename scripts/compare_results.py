@@ -2,6 +2,10 @@
 every result unchanged (issue #36: a smoke ``reproduce`` before and after gives identical result files).
 
     python scripts/compare_results.py BEFORE AFTER
+    python scripts/compare_results.py --digest RESULTS > tests/smoke_digest.json
+
+The second form records a digest of each JSON result (timing and provenance aside) with the environment that
+made it; ``tests/test_experiments.py`` checks the smoke reproduction against it.
 
 JSON and JSON-lines files are compared as data without the timing fields (``train.TIMING_KEYS``, CurveBall's
 ``time_to_target``, a number of seconds quoted in a note) and the provenance (code hash, commit); tuning
@@ -48,6 +52,27 @@ def load(root: Path) -> dict[str, object]:
     return out
 
 
+def environment() -> dict[str, str]:
+    """What a result's last bits depend on besides the code: the torch build, numpy, and the CPU's vector kind."""
+    import numpy
+    import torch
+
+    return {"torch": torch.__version__, "numpy": numpy.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+
+
+def digest(root: Path) -> dict[str, str]:
+    """{relative path: SHA-256 prefix of the JSON result as compared (timing and provenance aside)}."""
+    def without_provenance(value):
+        if isinstance(value, dict):
+            return {k: without_provenance(v) for k, v in value.items() if k != "provenance"}
+        if isinstance(value, list):
+            return [without_provenance(v) for v in value]
+        return value
+
+    return {name: hashlib.sha256(json.dumps(without_provenance(value), sort_keys=True).encode()).hexdigest()[:16]
+            for name, value in load(root).items() if name.endswith((".json", ".jsonl"))}
+
+
 def main(before: str, after: str) -> int:
     a, b = load(Path(before)), load(Path(after))
     missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
@@ -61,4 +86,8 @@ def main(before: str, after: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--digest"]:
+        print(json.dumps({"environment": environment(), "files": digest(Path(sys.argv[2]))}, indent=1,
+                         sort_keys=True))
+        sys.exit(0)
     sys.exit(main(*sys.argv[1:3]))

@@ -47,6 +47,29 @@ def test_every_experiment_runs_at_smoke_scale_and_judges_its_claims(smoke):
                 assert isinstance(json.loads((run / "final.json").read_text()), dict)
 
 
+def test_a_smoke_reproduce_gives_the_recorded_result_files(smoke):
+    """#36: a change meant to leave behaviour alone leaves every result alone. Each JSON result of the smoke
+    reproduction (timing and provenance aside, as ``scripts/compare_results.py`` compares them) hashes to the
+    digest recorded in ``tests/smoke_digest.json``. The digest holds for the torch build, numpy and CPU
+    vector kind it was made with; elsewhere the last bits of a float may differ, so the test is skipped there.
+    A change meant to alter results records a new digest (the command is in the message) and says why."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_results", Path(__file__).parents[1] / "scripts"
+                                                  / "compare_results.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    recorded = json.loads((Path(__file__).parent / "smoke_digest.json").read_text())
+    if recorded["environment"] != compare.environment():
+        pytest.skip(f"the digest was made with {recorded['environment']}, this is {compare.environment()}")
+    got = compare.digest(smoke)
+    differ = sorted(k for k in set(got) | set(recorded["files"]) if got.get(k) != recorded["files"].get(k))
+    assert not differ, (f"{len(differ)} of {len(got)} smoke result files differ from the recorded digest: "
+                        f"{differ[:10]}. If the change was meant to alter results: python "
+                        "scripts/compare_results.py --digest OUT > tests/smoke_digest.json, after "
+                        "backproplab reproduce --scale smoke --executor local --out OUT")
+
+
 def test_every_verdict_is_shown_beside_the_papers_setting_and_this_runs(smoke):
     """#34: the claims table has the paper's setting and this run's (data, model, budget, scale) on every row,
     and each experiment's section lists its deviations from the paper."""
