@@ -219,10 +219,42 @@ def test_no_import_cycles_and_the_foundation_never_imports_a_method_or_the_runne
         if v not in index:
             visit(v)
     assert not cycles, cycles
-    foundation = ["backproplab." + m for m in ("data", "train", "models", "dist", "evidence", "executors")]
+    foundation = ["backproplab." + m for m in ("data", "train", "models", "dist", "evidence", "executors", "streams")]
     upward = {m: sorted(t for t in graph[m] if t.startswith(("backproplab.methods", "backproplab.experiments")))
               for m in foundation}
     assert not any(upward.values()), upward
+
+
+def test_every_seeded_stream_comes_from_the_one_seed_path():
+    """#36 item 5: a generator is seeded only through ``streams.derive_seed`` (arithmetic such as ``seed + 1``
+    or ``1000 + seed`` made streams of different seeds collide). Every ``manual_seed``, ``default_rng``,
+    ``random.seed`` or ``GaussianNoise`` call in the package takes a ``derive_seed(...)`` expression, except
+    where the run's seed itself seeds the global generators (``train.seed_everything``) and where a derived
+    seed is kept and applied (``privacy.GaussianNoise.generator_on``)."""
+    import ast
+
+    allowed = {("train.py", "seed_everything"), ("privacy.py", "generator_on"), ("streams.py", "derive")}
+    root = Path(backproplab.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text()
+        tree = ast.parse(source)
+        enclosing: dict[ast.AST, str] = {}  # each node's innermost function (walked outer first)
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                enclosing.update((node, func.name) for node in ast.walk(func))
+        for node in ast.walk(tree):
+            called = node.func.attr if isinstance(getattr(node, "func", None), ast.Attribute) else \
+                node.func.id if isinstance(getattr(node, "func", None), ast.Name) else None
+            if not (isinstance(node, ast.Call) and called in ("manual_seed", "default_rng", "seed", "GaussianNoise")):
+                continue
+            name = enclosing.get(node, "<module>")
+            if (path.name, name) in allowed:
+                continue
+            if not any("derive_seed(" in ast.get_source_segment(source, a) for a in node.args):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} in {name}: "
+                                 f"{ast.get_source_segment(source, node)}")
+    assert not offenders, sorted(set(offenders))
 
 
 def test_compare_results_ignores_timing_and_provenance_but_not_a_result(tmp_path, capsys):

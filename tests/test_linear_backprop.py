@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from backproplab.methods.linear_backprop import (KNOWN_ACTIVATIONS, LinearBackward, linear_backprop,
                                                  linear_backprop_scope, standard_backprop)
 from backproplab.models import Sign, build_model
+from backproplab.streams import derive_seed
 
 ACTS = [cls() for cls in KNOWN_ACTIVATIONS]
 
@@ -253,7 +254,7 @@ def test_five_point_fit_shares_the_points_and_equals_a_plain_loop(method):
     for seed in (0, 1):
         losses = fit_five_points(cfg, method, 0.3, seed)["losses"]
         for i in range(cfg.n_inits):
-            torch.manual_seed(10_000 * seed + i)
+            torch.manual_seed(derive_seed(seed, "points-init", i))
             model = build_model("mlp", (1,), 1, widths=(8, 8), activation="sigmoid")
             if method == "lbp":
                 linear_backprop(model)

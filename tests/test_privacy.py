@@ -617,3 +617,27 @@ def test_a_frozen_parameter_does_not_step_on_a_stale_gradient(engine):
     dp.step()(Batch(data.x_train, data.y_train, torch.arange(8)), state)
     assert torch.equal(model[0].weight, frozen)
     assert all(not torch.equal(p, q) for p, q in zip(list(model.parameters())[1:], trainable))
+
+
+def test_dp_noise_and_sampling_come_from_the_runs_seed_streams():
+    """#36 item 5: ``DPSGD(seed=s)`` draws its noise from ``streams.derive(s, "dp-noise")`` and rank 0's Poisson
+    sampling from ``streams.derive(s, "dp-sampling", 0)``, whatever state the global generator is in; with
+    ``seed=None`` the seed is ``torch.initial_seed()``, the one given to ``torch.manual_seed``."""
+    from backproplab.streams import derive, derive_seed
+
+    def make(seed):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        return privacy.DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), n=32, batch_size=8, steps=4,
+                             config=privacy.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), seed=seed)
+
+    torch.manual_seed(123)
+    dp = make(7)
+    torch.manual_seed(456)
+    again = make(7)
+    for d in (dp, again):
+        assert d.noise.seed == derive_seed(7, "dp-noise")
+        assert torch.equal(d.sampler.get_state(), derive(7, "dp-sampling", 0).get_state())
+    noise = dp.noise.generator_on(torch.device("cpu"))
+    assert torch.equal(torch.randn(5, generator=noise), torch.randn(5, generator=derive(7, "dp-noise")))
+    torch.manual_seed(5)
+    assert make(None).noise.seed == derive_seed(5, "dp-noise") != derive_seed(7, "dp-noise")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from backproplab import _io
 from backproplab.data import load_dataset
 from backproplab.models import build_model
+from backproplab.streams import derive_seed
 from backproplab.train import TIMING_KEYS, NonFiniteLossError, TrainConfig, fit, seed_everything
 
 
@@ -35,7 +36,8 @@ def test_loop_equals_a_bare_hand_written_loop(digits):
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     n = len(digits.x_train)
     for epoch in range(2):
-        g = torch.Generator().manual_seed(5 + epoch)  # DistributedSampler's documented shuffling
+        # DistributedSampler's documented shuffling, from the run's epoch-order stream
+        g = torch.Generator().manual_seed(derive_seed(5, "epoch-order") + epoch)
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, 48):
             idx = perm[s:s + 48]
@@ -186,9 +188,20 @@ def test_epoch_order_is_torch_distributed_sampler(n, world, shuffle):
 
     for rank in range(world):
         for epoch in range(3):
-            sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=7)
+            sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle,
+                                         seed=derive_seed(7, "epoch-order"))
             sampler.set_epoch(epoch)
             assert epoch_order(n, epoch, 7, rank, world, shuffle).tolist() == list(sampler)
+
+
+def test_no_two_seeds_share_an_epochs_order():
+    """#36: with ``seed + epoch`` seed k's second epoch was shuffled like seed k + 1's first. Over 20 seeds and
+    5 epochs of 50 examples, the 100 orders are distinct (two equal permutations of 50 by chance: about
+    100^2 / 2 / 50!, i.e. never)."""
+    from backproplab.train import epoch_order
+
+    orders = {tuple(epoch_order(50, epoch, seed).tolist()) for seed in range(20) for epoch in range(5)}
+    assert len(orders) == 100
 
 
 class _EpochOrderSampler(torch.utils.data.Sampler):

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _io
+from .streams import derive, derive_seed
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -89,7 +90,7 @@ class Data:
         n = len(self.x_train)
         if not 0 < n_train <= n:
             raise ValueError(f"n_train={n_train} must be in [1, {n}] for dataset {self.name!r}")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        perm = torch.randperm(n, generator=derive(seed, "subset"))
         idx, rest = perm[:n_train].sort().values, perm[n_train:].sort().values
         out = replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
         if rest_to_test and len(rest):
@@ -167,7 +168,7 @@ def _standardise(name: str, x_train: np.ndarray, y_train, x_test: np.ndarray, y_
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "stratified-split"))
     train, test = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))

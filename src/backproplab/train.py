@@ -15,7 +15,8 @@ Plug points
              ``load_state_dict`` is checkpointed with the run. ``on_train_start`` also runs on resume.
   transforms functions ``nn.Module -> nn.Module`` registered in :data:`TRANSFORMS`, applied before training.
 
-Determinism: the shuffling of epoch ``e`` is a function of ``(seed, e)`` alone, and the checkpoint holds
+Determinism: the shuffling of epoch ``e`` is a function of ``(seed, e)`` alone (its own stream,
+``streams.derive_seed(seed, "epoch-order") + e``: no two seeds share an epoch's order), and the checkpoint holds
 the model, optimizer, RNG states, callback states, loss accumulators and the position inside the
 epoch, so a resumed run ends with exactly the metrics of an uninterrupted one (timing fields aside).
 """
@@ -44,6 +45,7 @@ from tqdm import tqdm
 from . import _io
 from .data import Data
 from .dist import init_distributed, leave_distributed, rank_and_world, shutdown_distributed  # noqa: F401 (API)
+from .streams import derive_seed
 
 TIMING_KEYS = ("examples_per_s", "step_time", "wall_time")
 
@@ -708,10 +710,12 @@ def _progress_line(state: TrainState, row: dict) -> str:
 
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> Tensor:
-    """This rank's example order for ``epoch``: exactly ``torch.utils.data.DistributedSampler``'s
-    (seeded permutation, padded by wrapping to a multiple of ``world``, strided by rank), as a tensor."""
+    """This rank's example order for ``epoch``: exactly ``torch.utils.data.DistributedSampler``'s with
+    ``seed=derive_seed(seed, "epoch-order")`` (a permutation seeded by that plus the epoch, padded by wrapping to
+    a multiple of ``world``, strided by rank), as a tensor. The run's seed is hashed first so that seed k's
+    epoch e + 1 is not seed k + 1's epoch e, as ``seed + epoch`` would make it."""
     if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch-order") + epoch))
     else:
         order = torch.arange(n)
     total = math.ceil(n / world) * world

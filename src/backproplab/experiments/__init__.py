@@ -47,6 +47,7 @@ from .. import _io
 from .._log import logger
 from ..dist import rank
 from ..evidence import Claim, Verdict, judge_all
+from ..streams import derive
 
 SCALES = ("smoke", "quick", "full", "paper")
 FLOAT32_MAX = 3.0e38
@@ -557,7 +558,7 @@ def validation_split(data: Any, fraction: float, seed: int) -> Any:
     if not 0 < fraction < 1 or k >= n:
         raise ConfigError(f"bad value {fraction!r} for 'validation': expected a fraction in (0, 1) leaving "
                           f"training examples of the {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(7919 + seed))
+    order = torch.randperm(n, generator=derive(seed, "validation-split"))
     held, kept = order[:k], order[k:]
     return dataclasses.replace(data, name=f"{data.name}-validation", x_train=data.x_train[kept],
                                y_train=data.y_train[kept], x_test=data.x_train[held], y_test=data.y_train[held])

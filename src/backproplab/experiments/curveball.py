@@ -51,6 +51,7 @@ from .. import _io, plots
 from ..evidence import Claim, quoted
 from ..methods.curveball import CurveBall
 from ..models import build_model
+from ..streams import derive
 from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, option
 
 PROBLEMS = ("rosenbrock", "rosenbrock_u1", "rosenbrock_u3", "rahimi_recht", "rahimi_recht_stochastic")
@@ -102,7 +103,7 @@ class CurveBallConfig(ExperimentConfig):
 
 def _rahimi_recht_problem(n: int = 1000, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs x (n, d) and targets y = x A^T with A = U diag(10^0 .. 10^-5) V^T (fixed draws)."""
-    g = torch.Generator().manual_seed(0)
+    g = derive(0, "rahimi-recht-problem")  # one problem for every seed
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     u, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
@@ -122,7 +123,7 @@ class Toy(nn.Module):
     def __init__(self, problem: str, seed: int, rr_batch: int = 100):
         super().__init__()
         self.problem, self.rr_batch = problem, rr_batch
-        g = torch.Generator().manual_seed(seed)
+        g = derive(seed, "toy-start")
         if problem.startswith("rosenbrock"):
             self.w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
         elif problem.startswith("rahimi_recht"):
@@ -134,7 +135,7 @@ class Toy(nn.Module):
                     layer.weight.copy_(torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d))
         else:
             raise ValueError(f"unknown toy problem {problem!r}; choose from {', '.join(PROBLEMS)}")
-        self.noise_gen = torch.Generator().manual_seed(1000 + seed)
+        self.noise_gen = derive(seed, "toy-noise")
         self.noise_high = {"rosenbrock_u1": 1.0, "rosenbrock_u3": 3.0}.get(problem)
         self.evals = 0
         self._params = list(self.parameters())  # walked every iteration: module traversal costs more than the math

@@ -32,6 +32,7 @@ from .. import _io, plots
 from ..evidence import Claim, quoted
 from ..methods.linear_backprop import linear_backprop
 from ..models import build_model
+from ..streams import derive, derive_seed
 from . import Arm, Experiment, ExperimentConfig, Results, Run, option
 
 METHODS = {"bp": "backprop", "lbp": "linear backprop"}
@@ -127,7 +128,7 @@ TUNING_SEED = 10_000  # its initialisations choose each method's learning rate; 
 
 def five_points() -> tuple[torch.Tensor, torch.Tensor]:
     """The 5 points every initialisation of every seed fits: x ~ U[-2, 2] (1-D), y ~ N(0, 1), drawn once."""
-    g = torch.Generator().manual_seed(5)
+    g = derive(0, "five-points")  # one set of points for every seed
     return (torch.rand(5, 1, generator=g) * 4 - 2), torch.randn(5, 1, generator=g)
 
 
@@ -164,7 +165,7 @@ def fit_five_points(cfg: LinearBackpropConfig, method: str, lr: float, seed: int
     x, y = five_points()
     inits = []
     for i in range(cfg.n_inits):
-        torch.manual_seed(10_000 * seed + i)
+        torch.manual_seed(derive_seed(seed, "points-init", i))
         inits.append(build_model("mlp", (1,), 1, widths=cfg.points_widths, activation="sigmoid"))
     net = _stacked(inits)
     if method == "lbp":

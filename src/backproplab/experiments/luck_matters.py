@@ -30,6 +30,7 @@ from .. import plots
 from ..evidence import Claim, quoted
 from ..methods import teacher_student as ts
 from ..models import build_model
+from ..streams import derive
 from ..train import evaluate, mse
 from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, option
 
@@ -251,7 +252,7 @@ def _pruning(cfg: LuckConfig, student, initial, corr, data, run: Run) -> dict:
     trains the same budget (``prune_epochs``): fine-tune the kept nodes, fine-tune the random ones, train the
     same shape from a fresh initialisation, and rewind the kept nodes to their initial weights."""
     keep = lucky_nodes(corr, cfg.prune_corr)
-    g = torch.Generator().manual_seed(run.seed)
+    g = derive(run.seed, "random-nodes")
     random_keep = [torch.randperm(c.shape[1], generator=g)[:len(k)].sort().values for c, k in zip(corr, keep)]
     x, y = data.x_test, data.y_test
     loss = lambda m: evaluate(m, x, y, mse, classification=False)["loss"]  # noqa: E731

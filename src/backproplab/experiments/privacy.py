@@ -27,6 +27,7 @@ from ..data import Data, load_dataset
 from ..evidence import Claim, quoted
 from ..methods import privacy, robustness
 from ..models import build_model
+from ..streams import derive
 from ..train import loss_step
 from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation, option,
                private_selection_note)
@@ -178,7 +179,7 @@ def _seed_of(run_dir: Path) -> int:
 
 def certify_run(model, data: Data, sigma: float, n0: int, n: int, alpha: float, examples: int, seed: int = 0,
                 extra_radii: tuple[float, ...] = ()):
-    g = torch.Generator().manual_seed(seed)
+    g = derive(seed, "certification")
     x, y = data.x_test[:examples], data.y_test[:examples]
     results = [robustness.certify(model, xi, sigma, n0, n, alpha, data.num_classes, generator=g) for xi in x]
     radii = [r * sigma / 0.25 for r in RADII] if sigma else list(RADII)
@@ -211,7 +212,7 @@ def run_arm(run: Run) -> dict:
                                target_epsilon=None if cfg.noise_multiplier else eps, delta=cfg.delta,
                                secure_mode=cfg.secure_mode, engine=cfg.engine)
         dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch_size,
-                           privacy.planned_steps(tc, len(data.x_train)), dpc)
+                           privacy.planned_steps(tc, len(data.x_train)), dpc, seed=run.seed)
         history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp])
         trained = dp.detach()  # evaluation and attacks need plain gradients, not per-example ones
     trained.eval()

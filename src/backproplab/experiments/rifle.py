@@ -44,6 +44,7 @@ from ..data import Data, load_dataset
 from ..evidence import Claim, quoted
 from ..methods import rifle
 from ..models import build_model
+from ..streams import derive
 from ..train import TrainConfig, fit, isolated_rng
 from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, option
 
@@ -101,7 +102,7 @@ def target_data(cfg: RifleConfig, seed: int) -> Data:
     pooled = replace(full, x_train=torch.cat([full.x_train, full.x_test]),
                      y_train=torch.cat([full.y_train, full.y_test]))
     target = _split(pooled, range(5, 10))
-    g = torch.Generator().manual_seed(seed)
+    g = derive(seed, "target-subset")
     picked = [torch.nonzero(target.y_train == c).flatten() for c in range(5)]
     picked = [idx[torch.randperm(len(idx), generator=g)] for idx in picked]
     train = torch.cat([idx[:cfg.per_class] for idx in picked]).sort().values

@@ -33,6 +33,7 @@ from ..data import Data
 from ..evidence import Claim, quoted
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
+from ..streams import derive
 from . import (MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation,
                option)
 
@@ -159,7 +160,7 @@ def claims(cfg: StoBatchExpConfig) -> list[Claim]:
 def _with_canaries(data: Data, m: int, seed: int) -> tuple[Data, torch.Tensor, torch.Tensor, torch.Tensor]:
     """m random-image canaries with random labels, each inserted with probability 1/2;
     returns (data with the inserted ones, canary images, labels, inserted mask)."""
-    g = torch.Generator().manual_seed(10_000 + seed)
+    g = derive(seed, "canaries")
     x = torch.rand(m, *data.input_shape, generator=g)
     y = torch.randint(0, data.num_classes, (m,), generator=g)
     inserted = torch.rand(m, generator=g) < 0.5
@@ -188,7 +189,7 @@ def noisy_accuracies(model: sb.StoBatchNet, sto: sb.StoBatch, data: Data, batch:
 
     paper = sto.config.paper_compat
     net = copy.deepcopy(model).train(paper)  # a copy: BatchNorm on test batches must not move the model's stats
-    g = torch.Generator().manual_seed(10_000 + seed)
+    g = derive(seed, "test-noise")  # not the canaries' stream, which 10_000 + seed also seeded
     s = sto.scales
     correct = {"acc_training_draw": 0, "acc_shared_draw": 0, "acc_fresh_noise": 0}
     for start in range(0, len(data.x_test), batch):
@@ -263,7 +264,7 @@ def run_arm(run: Run) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=tc.lr)
         dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch, privacy.planned_steps(tc, len(data.x_train)),
                            privacy.DPConfig(target_epsilon=eps, delta=cfg.delta, max_grad_norm=cfg.dp_max_grad_norm,
-                                            engine=cfg.dp_engine))
+                                            engine=cfg.dp_engine), seed=run.seed)
         history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss), callbacks=[dp])
         dp.detach()
     mid = cfg.attack_sizes[len(cfg.attack_sizes) // 2]
@@ -284,7 +285,7 @@ def run_arm(run: Run) -> dict:
             extra[f"{name}_{e:g}"] = robustness.robust_accuracy(model, x, y, attack, e, **kw)
     if not paper:  # no training draw: the attacked accuracy is the plain one
         extra[f"pgd_training_draw_{mid:g}"] = extra[f"pgd_{mid:g}"]
-    g = torch.Generator().manual_seed(seed)
+    g = derive(seed, "certification")
     if sto is not None:
         # the valid certificate (fresh noise at the bound's scale, separate samples, clean inputs), every arm
         results = [sb.certify_pixeldp(model, xi, sto.scales.latent_scale, cfg.cert_n0, cfg.cert_n, cfg.cert_alpha,

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Data
+from ..streams import derive_seed
 from ..train import TrainConfig, cross_entropy, evaluate, evaluate_batches, fit, seed_everything
 
 
@@ -269,7 +270,9 @@ class GreedyLayerwiseTrainer:
             data = replace(data, x_train=_features(prefix, data.x_train), x_test=_features(prefix, data.x_test))
         else:
             stage = _Stage(prefix, m.blocks[j], m.aux[j])
-        return fit(stage, data, replace(self.config, seed=self.config.seed + j), callbacks=self.callbacks,
+        # stage j shuffles from its own stream (seed + j would give seed k's stage 1 seed k + 1's stage 0 order)
+        stage_seed = derive_seed(self.config.seed, "layerwise-stage", j)
+        return fit(stage, data, replace(self.config, seed=stage_seed), callbacks=self.callbacks,
                    out_dir=out_dir, resume=resume, eval_data=eval_data)
 
     def train(self, data: Data | Iterable, out_dir=None, resume: bool = True,

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from .. import _io
 from ..dist import rank_and_world
+from ..streams import derive, derive_seed
 from .._log import logger
 from ..train import TrainConfig, TrainState, loss_step
 from .ghost_clipping import GhostClipping
@@ -353,6 +354,11 @@ class DPSGD:
     their own), which positional arguments carry the batch along dimension 0, by module or module type
     (default: the first argument only; every other argument is shared by the examples).
 
+    ``seed``: the run's seed. The noise is drawn from its stream ``streams.derive(seed, "dp-noise")`` and
+    rank r's Poisson sampling from ``streams.derive(seed, "dp-sampling", r)``; None takes
+    ``torch.initial_seed()``, the seed given to ``torch.manual_seed`` (``secure_mode`` draws the noise from the
+    operating system's CSPRNG instead, and the seed then only decides the sampling).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -373,7 +379,8 @@ class DPSGD:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int, steps: int,
-                 config: DPConfig, per_example_args: Mapping[nn.Module | type, Sequence[int]] | None = None):
+                 config: DPConfig, per_example_args: Mapping[nn.Module | type, Sequence[int]] | None = None,
+                 seed: int | None = None):
         _io.require("opacus", "dp", "DP-SGD (its accountant and per-example gradients)")
         import torch.distributed as dist
         from opacus import GradSampleModule
@@ -426,8 +433,9 @@ class DPSGD:
                 for p in self.model.parameters():
                     dist.broadcast(p, 0)
         # the noise stream (drawn on rank 0 only), shared by both engines: the same seed gives the same noise
-        self.noise = GaussianNoise(self.noise_multiplier * config.max_grad_norm,
-                                   (torch.initial_seed() * 1_000_003 + 999_983) % 2**63, secure=config.secure_mode)
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.noise = GaussianNoise(self.noise_multiplier * config.max_grad_norm, derive_seed(self.seed, "dp-noise"),
+                                   secure=config.secure_mode)
         if self.engine == "opacus":  # Opacus's clipping and scaling; its noise drawn from our stream (a CSPRNG in
             # secure mode: Opacus's own secure mode draws from torch's Mersenne Twister)
             single, distributed = _stream_optimizers()
@@ -436,7 +444,7 @@ class DPSGD:
                 expected_batch_size=batch_size / self.world if self.world > 1 else batch_size)
             self.optimizer.noise_stream = self.noise
         # this rank's sampling stream: its own, so that two ranks' inclusions are independent
-        self.sampler = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.rank) % 2**63)
+        self.sampler = derive(self.seed, "dp-sampling", self.rank)
         self.accountants = {"rdp": RDPAccountant(), "prv": PRVAccountant()}
         # what the engine knows: a parameter made trainable, or a layer replaced, after this point is refused
         self._known = {id(p) for p in self._bare.parameters() if p.requires_grad}

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from .. import _io
 from ..dist import rank_and_world, world_size
+from ..streams import derive, derive_seed
 from ..train import loss_step
 
 LN2 = math.log(2.0)
@@ -254,7 +255,7 @@ def disjoint_batches(n: int, batch: int, seed: int = 0) -> list[Tensor]:
         >>> [len(b) for b in batches], sorted(torch.cat(batches).tolist()) == list(range(10))
         ([4, 4, 2], True)
     """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=derive(seed, "stobatch-batches"))
     return [perm[s:s + batch] for s in range(0, n, batch)]
 
 
@@ -321,11 +322,6 @@ class StoBatchConfig:
     max_grad_norm: float = 1.0  # C, the l2 clip of each example's gradient
     latent_scale: float = 0.3  # Laplace scale of the latent noise (certification only; data-independent)
     secure_mode: bool = False  # privacy noise from the OS CSPRNG instead of the run's (public) seed
-
-
-def _generator(*key: int) -> torch.Generator:
-    """A generator for the data-independent draws identified by ``key`` (ints hash the same in every process)."""
-    return torch.Generator().manual_seed(hash(key) % 2**63)
 
 
 class StoBatch:
@@ -451,7 +447,7 @@ class StoBatch:
             raise ValueError(f"a batch of {len(x)} examples for L = {cfg.batch}: the released sum would have more "
                              "than one batch's examples under one noise draw")
         # [P1] data-independent draws: the attack's size and start, and each example's latent noise
-        g = _generator(cfg.seed, step, batch_index, 1)
+        g = derive(cfg.seed, "stobatch-draw", step, batch_index)  # this batch's visit's own stream
         latent = laplace((len(x), *m.latent_shape), self.scales.latent_scale, g, x.device)
         latent_adv = laplace((len(x), *m.latent_shape), self.scales.latent_scale, g, x.device)
         # [P2] each adversarial example is a function of its own example and the public parameters
@@ -468,10 +464,11 @@ class StoBatch:
         factor = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         summed = [(gk * factor[:, None]).sum(0).view_as(params[k]) for gk, k in zip(grads, names)]
         # [P5] Gaussian noise of std 2 C sigma on every coordinate of every parameter, then / L (public)
-        if noise:  # DP-SGD's noise source: a stream keyed by (seed, step, batch), or the OS CSPRNG (secure_mode)
+        if noise:  # DP-SGD's noise source: the visit's own stream (seed, step, batch), or the OS CSPRNG (secure_mode)
             from .privacy import GaussianNoise
 
-            GaussianNoise(2 * cfg.max_grad_norm * self.noise_multiplier, hash((cfg.seed, step, batch_index, 2)) % 2**63,
+            GaussianNoise(2 * cfg.max_grad_norm * self.noise_multiplier,
+                          derive_seed(cfg.seed, "stobatch-noise", step, batch_index),
                           secure=cfg.secure_mode).add_to(summed)
         return [t / cfg.batch for t in summed]
 
@@ -500,7 +497,7 @@ class StoBatch:
         """Paper mode: (input noise, latent noise, output-weight noise), one draw for the whole run, shared by
         every example, batch and visit (the authors' code draws them once)."""
         if self._paper_noise is None:
-            self.redraw(_generator(self.config.seed, 0, -1), device)
+            self.redraw(derive(self.config.seed, "stobatch-training-draw"), device)
         return self._paper_noise
 
     def redraw(self, generator: torch.Generator, device=None) -> None:
@@ -519,7 +516,7 @@ class StoBatch:
         nx, nh, nw = self.noise(x.shape, x.device)
         # 1. adversarial examples against the noisy model, in inference mode, from another batch
         x_src, y_src = (x, y) if x_other is None else (x_other, y_other)
-        g = _generator(cfg.seed, step, batch_index, 1)
+        g = derive(cfg.seed, "stobatch-draw", step, batch_index)  # this batch's visit's own stream
         was_training = m.training
         m.eval()
         x_adv = ensemble_attack(m, x_src, y_src, cfg.attack_size, cfg.attack_steps, nh, g)

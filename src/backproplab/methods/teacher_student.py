@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Data
+from ..streams import derive, derive_seed
 
 
 class ReLUNet(nn.Sequential):
@@ -112,7 +113,7 @@ def make_teacher(input_dim: int = 20, widths: Sequence[int] = (10, 15, 20, 25), 
     """
     if version not in ("2019", "2020", "random"):
         raise ValueError(f"teacher version must be '2019', '2020' or 'random', got {version!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = derive(seed, "teacher")
     teacher = ReLUNet(input_dim, widths, output_dim)
     for lin in teacher.linears:
         if version == "random":
@@ -156,7 +157,7 @@ def set_firing_rate(teacher: ReLUNet, rate: float, input_std: float = 10.0, cali
     """
     if not 0 < rate < 1:
         raise ValueError(f"firing rate {rate!r}: use a fraction in (0, 1)")
-    g = torch.Generator().manual_seed(seed)
+    g = derive(seed, "firing-rate-calibration")
     x = torch.randn(calibration, teacher.linears[0].in_features, generator=g) * input_std
     for lin in teacher.linears[:-1]:
         pre = lin(x)
@@ -185,7 +186,7 @@ def coactivation(model: nn.Module, x: Tensor) -> list[dict[str, float]]:
 def teacher_data(teacher: nn.Module, n_train: int = 100_000, n_test: int = 10_000, input_std: float = 10.0,
                  seed: int = 0) -> Data:
     """Gaussian inputs N(0, input_std^2 I) labelled by ``teacher`` (regression targets)."""
-    g = torch.Generator().manual_seed(seed + 1)
+    g = derive(seed, "teacher-data")  # not the teacher's own stream (seed + 1 was seed k + 1's teacher)
     input_dim = next(m for m in teacher.modules() if isinstance(m, nn.Linear)).in_features
     x = torch.randn(n_train + n_test, input_dim, generator=g) * input_std
     with torch.no_grad():
@@ -341,8 +342,9 @@ def prune_to_nodes(student: ReLUNet, keep: Sequence[Tensor], reinit: bool = Fals
     widths = [len(k) for k in keep]
     lin = student.linears
     bn = any(isinstance(m, nn.BatchNorm1d) for m in student)
-    torch.manual_seed(seed)
-    small = ReLUNet(lin[0].in_features, widths, lin[-1].out_features, batchnorm=bn)
+    with torch.random.fork_rng(devices=[]):  # the caller's global stream is left as it was
+        torch.manual_seed(derive_seed(seed, "pruned-student"))
+        small = ReLUNet(lin[0].in_features, widths, lin[-1].out_features, batchnorm=bn)
     if reinit:
         return small
     rows_prev = torch.arange(lin[0].in_features)
@@ -400,7 +402,7 @@ def duplicated_student(teacher: ReLUNet, copies: int = 2, seed: int = 0) -> ReLU
         >>> torch.allclose(duplicated_student(teacher, copies=3)(x), teacher(x), atol=1e-5)
         True
     """
-    g = torch.Generator().manual_seed(seed)
+    g = derive(seed, "duplicated-student")
     lin = teacher.linears
     student = ReLUNet(lin[0].in_features, [w * copies for w in teacher.widths], lin[-1].out_features)
     perms = [torch.randperm(w * copies, generator=g) for w in teacher.widths]
