@@ -521,3 +521,23 @@ def test_a_fixed_noise_multiplier_names_its_arms_by_the_noise_not_by_an_epsilon(
     names = [a.name for a in privacy_experiment.arms(cfg)]
     assert names == ["nonprivate-clean-aug0", "noise1.1-clean-aug0"]
     assert [c.name for c in privacy_experiment.claims(cfg)] == []  # no epsilon comparison without epsilon arms
+
+
+@pytest.mark.parametrize("engine", ["ghost", "opacus"])
+@pytest.mark.parametrize("given", ["none", "another"])
+def test_fit_stepping_another_optimizer_than_dp_optimizer_is_refused(engine, given):
+    """``fit(dp.model, ..., step=dp.step())`` without ``optimizer=dp.optimizer`` builds its own optimizer from the
+    TrainConfig (or steps the one given): its learning rate and schedule would not be the ones that step (ghost
+    engine) and its step would skip the clipping and the noise (Opacus engine: before, a misleading message
+    about the batch dimension). Refused before anything moves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    dp = _dpsgd(model, engine=engine)
+    before = [p.detach().clone() for p in model.parameters()]
+    other = {} if given == "none" else {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    with pytest.raises(PrivacyError, match=r"optimizer=dp\.optimizer"):
+        fit(dp.model, _data(), TrainConfig(optimizer="sgd", lr=0.1, batch_size=8, max_steps=2), step=dp.step(),
+            callbacks=[dp], **other)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    _fit(dp, _data())  # the right call trains
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

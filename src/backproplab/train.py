@@ -29,7 +29,7 @@ import random
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -325,6 +325,60 @@ def loss_step(loss_of: Callable[[Any, TrainState], Tensor | tuple[Tensor, Tensor
         if after_step is not None:
             after_step(state)
         return total
+
+    return step
+
+
+def gradient_step(gradients_of: Callable[[Batch, TrainState], tuple[Tensor, Iterable[tuple[Tensor, Tensor]]]], *,
+                  before_step: Callable[[TrainState], None] | None = None,
+                  after_step: Callable[[TrainState], None] | None = None,
+                  stepping: Callable[[], AbstractContextManager] | None = None) -> Step:
+    """:func:`loss_step`'s one variant, for a step that owns its backward (DP-SGD's clipped and noised sum)::
+
+        p.grad = None for every parameter of the optimizer   # freed before this step's activations exist
+        loss, grads = gradients_of(batch, state)             # [(parameter, its gradient)]: the step's backward
+        p.grad = g for each (p, g)
+        before_step(state)
+        with stepping():                                     # e.g. DP-SGD's licence to call optimizer.step()
+            optimizer.step()
+        after_step(state)                                    # e.g. DP-SGD's accountant
+
+    Returns the detached ``loss``. A parameter ``gradients_of`` leaves out keeps ``grad = None``, so the
+    optimizer does not move it, as after a backward that does not reach it.
+
+    Example:
+        >>> import torch
+        >>> from backproplab import build_model, load_dataset
+        >>> data = load_dataset("digits", n_train=100)
+        >>> def autograd(batch, state):                      # what loss_step's backward would give
+        ...     loss = state.loss_fn(state.net(batch.x), batch.y)
+        ...     params = [p for p in state.model.parameters() if p.requires_grad]
+        ...     return loss, zip(params, torch.autograd.grad(loss, params))
+        >>> finals = []
+        >>> for step in (standard_step, gradient_step(autograd)):
+        ...     _ = torch.manual_seed(0)
+        ...     model = build_model("mlp", data.input_shape, 10, widths=(16,))
+        ...     _ = fit(model, data, TrainConfig(lr=0.05, epochs=1, batch_size=50), step=step)
+        ...     finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        >>> torch.equal(*finals)
+        True
+    """
+
+    def step(batch: Batch, state: TrainState) -> Tensor:
+        opt = state.optimizer
+        for group in opt.param_groups:  # zero_grad(set_to_none=True) without its per-step overhead
+            for p in group["params"]:
+                p.grad = None
+        loss, grads = gradients_of(batch, state)
+        for p, g in grads:
+            p.grad = g
+        if before_step is not None:
+            before_step(state)
+        with stepping() if stepping is not None else nullcontext():
+            opt.step()
+        if after_step is not None:
+            after_step(state)
+        return loss.detach()
 
     return step
 

@@ -29,7 +29,8 @@ quietly (the list, with each message, is in the README's "DP-SGD refuses" table)
 - at every step: a buffer changed by the private forward (un-noised statistics of the data saved with the
   model); a trainable parameter the engine does not know (unfrozen or replaced after ``DPSGD(...)``); an
   optimizer step taken outside :meth:`DPSGD.step` (the user's own ``loss.backward(); optimizer.step()``, or
-  ``fit`` without ``step=dp.step()``), which would be plain SGD reported as private.
+  ``fit`` without ``step=dp.step()``), which would be plain SGD reported as private; ``fit`` stepping another
+  optimizer than ``dp.optimizer`` (one it built from the TrainConfig, say).
 
 The un-noised training loss of the private batches is not written into the run's records
 (``train_loss_withheld``), and every evaluation row says where the noise came from: the run's seed
@@ -44,7 +45,8 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +55,7 @@ from .. import _io
 from ..dist import rank_and_world
 from ..streams import derive, derive_seed
 from .._log import logger
-from ..train import TrainConfig, TrainState, loss_step
+from ..train import TrainConfig, TrainState, gradient_step, loss_step
 from .ghost_clipping import GhostClipping
 
 
@@ -676,6 +678,7 @@ class DPSGD:
         inner = loss_step(private_loss, parts=sampled, before_step=check_samples)
 
         def step(batch, state: TrainState) -> Tensor:
+            self._check_optimizer(state)
             self._check_trainable()
             with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -697,24 +700,17 @@ class DPSGD:
             self.model.verify(loss)
 
     def _ghost_step(self, poisson: Callable, private_loss: Callable) -> Callable:
-        """zero_grad; loss of a Poisson batch; noise / expected batch size on rank 0 + clipped sum (ghost
-        engine) / expected batch size; sum over ranks; optimizer.step(); account. The noise draws are
-        Opacus's, in its order."""
+        """The step on the ghost engine, in :func:`train.gradient_step`'s shape: the gradients are the noise /
+        expected batch size (rank 0; Opacus's draws, in its order) plus the clipped sum / expected batch size,
+        summed over ranks; then optimizer.step() (licensed) and the accountant."""
         import torch.distributed as dist
 
         clip = self.config.max_grad_norm
 
-        def step(batch, state: TrainState) -> Tensor:
-            opt = self.optimizer
+        def clipped_noised_gradients(batch, state: TrainState) -> tuple[Tensor, Iterable[tuple[Tensor, Tensor]]]:
+            self._check_optimizer(state)
             self._check_trainable()
-            # zero_grad(set_to_none=True) without its per-step overhead: the last step's gradients are freed
-            # before this step's activations exist, and a frozen parameter does not step on a stale one
-            params = []
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-                    if p.requires_grad:
-                        params.append(p)
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
             scale = 1.0 / self.batch_size
             ((x, y), _), = poisson(batch, state)
             if not self.model._checked and len(x):
@@ -739,17 +735,26 @@ class DPSGD:
                 with torch.no_grad():
                     for g in grads:
                         dist.all_reduce(g)
-            for p, g in zip(params, grads):
-                p.grad = g
-            self._inside_step = True
-            try:
-                opt.step()
-            finally:
-                self._inside_step = False
-            self._account()
-            return loss.detach()
+            return loss, zip(params, grads)
 
-        return step
+        return gradient_step(clipped_noised_gradients, stepping=self._licensed_step,
+                             after_step=lambda state: self._account())
+
+    @contextmanager
+    def _licensed_step(self) -> Iterator[None]:
+        """optimizer.step() is allowed inside (the guard raises PrivacyError anywhere else)."""
+        self._inside_step = True
+        try:
+            yield
+        finally:
+            self._inside_step = False
+
+    def _check_optimizer(self, state: TrainState) -> None:
+        if state.optimizer is not self.optimizer:
+            raise PrivacyError("fit was given another optimizer than dp.optimizer (or built its own from the "
+                               "TrainConfig): its learning rate and schedule would not be the ones that step, and "
+                               "on the Opacus engine its step would skip the clipping and the noise. Fix: "
+                               "fit(dp.model, data, cfg, optimizer=dp.optimizer, step=dp.step(), callbacks=[dp])")
 
 
 NOT_FROM_THE_LOADER = (
