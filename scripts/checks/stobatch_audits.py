@@ -24,6 +24,7 @@ from backproplab.data import load_dataset
 from backproplab.experiments.stobatch import _TrainingDrawView, _with_canaries, noisy_accuracies
 from backproplab.methods import privacy
 from backproplab.methods import stobatch as sb
+from backproplab.streams import derive
 from backproplab.train import TrainConfig, fit
 
 EPS, L, SEED, TRIALS = 4.0, 64, 0, 200
@@ -63,7 +64,7 @@ class _Releases:
 
     def new_run(self, trial: int) -> None:
         """A fresh, independent run of the mechanism: a fresh draw (and fresh attack randomness via ``trial``)."""
-        self.sto.redraw(torch.Generator().manual_seed(10**6 + trial))
+        self.sto.redraw(derive(SEED, "audit-redraw", trial))  # trial t's own draw (one seed path)
 
     def bias_gradient(self, index: int, labels: torch.Tensor, trial: int) -> torch.Tensor:
         self.net.load_state_dict(self.trained)
