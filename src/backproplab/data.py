@@ -42,7 +42,15 @@ from .streams import derive, derive_seed
 
 
 class DataNotFoundError(FileNotFoundError):
-    """A dataset's local files are missing; the message names the expected path and layout."""
+    """A dataset's local files are missing; the message names the expected path and layout.
+
+    Example:
+        >>> try:
+        ...     load_dataset("mnist", root="no_such_folder")
+        ... except DataNotFoundError as e:
+        ...     print("no_such_folder" in str(e))
+        True
+    """
 
 
 class DataFormatError(ValueError):
@@ -67,6 +75,20 @@ class _ArraysOnly(pickle.Unpickler):
 
 @dataclass(frozen=True)
 class Data:
+    """Data.
+
+    A dataset in memory: training and test tensors (examples along dimension 0) and the number of classes (0 for
+    regression targets, whose ``output_dim`` is the targets' width).
+
+    Example:
+        >>> import torch
+        >>> data = Data("toy", torch.randn(10, 3), torch.randint(0, 2, (10,)), torch.randn(4, 3), torch.zeros(4), 2)
+        >>> data.input_shape, data.output_dim
+        ((3,), 2)
+        >>> small = data.subset(6, seed=1, rest_to_test=True)     # 6 drawn by the seed; the other 4 join the test set
+        >>> len(small.x_train), len(small.x_test)
+        (6, 8)
+    """
     name: str
     x_train: Tensor
     y_train: Tensor
@@ -144,10 +166,27 @@ def load_dataset(name: str, *, n_train: int | None = None, seed: int = 0,
 
 
 def default_root() -> Path:
+    """default_root.
+
+    Where dataset files are looked for: ``$BACKPROPLAB_DATA``, else ``data`` (relative to the working folder).
+
+    Example:
+        >>> import os
+        >>> os.environ.get("BACKPROPLAB_DATA") is not None or default_root().name == "data"
+        True
+    """
     return Path(os.environ.get("BACKPROPLAB_DATA", "data"))
 
 
 def cache_dir() -> Path:
+    """cache_dir.
+
+    Where generated data are cached (MNIST-1D): ``$BACKPROPLAB_CACHE``, else ``~/.cache/backproplab``.
+
+    Example:
+        >>> os.environ.get("BACKPROPLAB_CACHE") is not None or cache_dir().parts[-2:] == (".cache", "backproplab")
+        True
+    """
     return Path(os.environ.get("BACKPROPLAB_CACHE", Path.home() / ".cache" / "backproplab"))
 
 
@@ -183,7 +222,15 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
 
 @register_dataset("digits")
 def digits(seed: int = 0, root: Path | None = None, test_fraction: float = 0.2, unit_range: bool = False) -> Data:
-    """``unit_range=True`` keeps pixels in [0, 1] (for methods whose sensitivity bounds assume it)."""
+    """``unit_range=True`` keeps pixels in [0, 1] (for methods whose sensitivity bounds assume it).
+
+    Example:
+        >>> data = digits(seed=0)
+        >>> data.input_shape, data.num_classes, len(data.x_train) + len(data.x_test)      # scikit-learn's 1,797
+        ((1, 8, 8), 10, 1797)
+        >>> abs(float(data.x_train.mean())) < 1e-5                                       # standardised on train
+        True
+    """
     _io.require("sklearn", "lab", "the digits dataset (scikit-learn's)")
     from sklearn.datasets import load_digits
 
@@ -196,7 +243,16 @@ def digits(seed: int = 0, root: Path | None = None, test_fraction: float = 0.2, 
 
 @register_dataset("mnist1d")
 def mnist1d(seed: int = 0, root: Path | None = None, num_samples: int = 5000, generator_seed: int = 42) -> Data:
-    """MNIST-1D made locally; ``seed`` only affects subsets (the split is the generator's 80/20)."""
+    """MNIST-1D made locally; ``seed`` only affects subsets (the split is the generator's 80/20).
+
+    Example:
+        >>> data = mnist1d(num_samples=500)
+        >>> data.input_shape, data.num_classes, len(data.x_train), len(data.x_test)
+        ((1, 40), 10, 400, 100)
+
+    References:
+        Greydanus, "Scaling down deep learning" (MNIST-1D), arXiv:2011.14439, 2020.
+    """
     path = cache_dir() / f"mnist1d_{num_samples}_{generator_seed}.npz"
     if path.exists():
         with np.load(path) as z:

@@ -21,17 +21,32 @@ import torch.distributed as dist
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) outside a process group."""
+    """(rank, world size) of this process: (0, 1) outside a process group.
+
+    Example:
+        >>> rank_and_world()                  # a plain process: no group
+        (0, 1)
+    """
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def rank() -> int:
-    """This process's rank (0 outside a process group)."""
+    """This process's rank (0 outside a process group).
+
+    Example:
+        >>> rank()
+        0
+    """
     return rank_and_world()[0]
 
 
 def world_size() -> int:
-    """The process group's size (1 outside one)."""
+    """The process group's size (1 outside one).
+
+    Example:
+        >>> world_size()
+        1
+    """
     return rank_and_world()[1]
 
 

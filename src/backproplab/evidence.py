@@ -109,7 +109,12 @@ class Claim:
 
 @dataclass
 class Verdict:
-    """What one run says about one claim. ``estimate`` and the interval are in the metric's units."""
+    """What one run says about one claim. ``estimate`` and the interval are in the metric's units.
+
+    Example:
+        >>> Verdict("demo", "reproduced", 0.015, 0.003, 0.027, 3, 0.01, scale="quick").summary()
+        'demo: reproduced (estimate 0.015, 95% CI [0.003, 0.027], n=3 paired seeds, quick scale)'
+    """
 
     claim: str
     outcome: Outcome
@@ -287,7 +292,15 @@ def judge(claim: Claim, arm: Mapping[int, float], baseline: Mapping[int, float] 
 
 
 def with_precondition(verdict: Verdict, failed: Sequence[str]) -> Verdict:
-    """The verdict made inconclusive because the claims in ``failed`` were not reproduced in this run."""
+    """The verdict made inconclusive because the claims in ``failed`` were not reproduced in this run.
+
+    Example:
+        >>> v = Verdict("b", "reproduced", 0.1, 0.05, 0.15, 3, 0.02, 0.95, "quick", [0, 1, 2], "")
+        >>> with_precondition(v, ["a"]).outcome
+        'inconclusive'
+        >>> v.note
+        'precondition not met in this run: a not reproduced, so this run cannot show the effect'
+    """
     if not failed:
         return verdict
     verdict.outcome = "inconclusive"
@@ -298,7 +311,18 @@ def with_precondition(verdict: Verdict, failed: Sequence[str]) -> Verdict:
 
 def judge_all(claims: Iterable[Claim], values: Mapping[str, Mapping[int, float]], *, scale: str = "") -> list[Verdict]:
     """Judge claims in order from ``{arm: {seed: value}}`` per metric (``values[f"{arm}:{metric}"]``),
-    applying each claim's ``requires``. Claims whose arms have no results are skipped."""
+    applying each claim's ``requires``. Claims whose arms have no results are skipped.
+
+    Example:
+        >>> a = Claim("a", "p", "Fig. 1", "A beats B.", "acc", arm="A", direction="greater", margin=0.0,
+        ...           paper_value="", baseline="B")
+        >>> b = Claim("b", "p", "Fig. 2", "C beats B, given a.", "acc", arm="C", direction="greater", margin=0.0,
+        ...           paper_value="", baseline="B", requires=("a",))
+        >>> values = {"A:acc": {0: 0.80, 1: 0.81, 2: 0.79}, "B:acc": {0: 0.90, 1: 0.91, 2: 0.905},
+        ...           "C:acc": {0: 0.95, 1: 0.97, 2: 0.955}}
+        >>> [(v.claim, v.outcome) for v in judge_all([a, b], values)]      # b alone would be reproduced
+        [('a', 'contradicted'), ('b', 'inconclusive')]
+    """
     out: dict[str, Verdict] = {}
     for c in claims:
         a = values.get(f"{c.arm}:{c.metric}")

@@ -47,7 +47,19 @@ class _SignSTE(torch.autograd.Function):
 
 
 class Sign(nn.Module):
-    """Binary activation sign(x) with the clipped straight-through estimator as its derivative."""
+    """Binary activation sign(x) with the clipped straight-through estimator as its derivative.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([-2.0, -0.5, 0.5, 2.0], requires_grad=True)
+        >>> y = Sign()(x)
+        >>> y.sum().backward()
+        >>> y.tolist(), x.grad.tolist()                 # gradient 1 inside [-1, 1], 0 outside
+        ([-1.0, -1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0])
+
+    References:
+        Hubara, Courbariaux, Soudry, El-Yaniv and Bengio, "Binarized neural networks", NeurIPS 2016.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SignSTE.apply(x)
@@ -166,6 +178,19 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
+    """SmallCNN.
+
+    Convolution blocks (conv 3x3, optional BatchNorm, activation, 2x max-pool) of ``channels``, then a hidden
+    linear layer and the classifier ``head``; 1-D or 2-D inputs (``input_shape`` = (C, L) or (C, H, W)).
+
+    Example:
+        >>> import torch
+        >>> model = SmallCNN((1, 8, 8), 10, channels=(4, 8), hidden=16)
+        >>> tuple(model(torch.randn(2, 1, 8, 8)).shape), model.head.out_features
+        ((2, 10), 10)
+        >>> tuple(SmallCNN((1, 40), 10, channels=(4,), hidden=16)(torch.randn(2, 1, 40)).shape)   # 1-D signals
+        (2, 10)
+    """
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
                  hidden: int = 128, batchnorm: bool = False, activation: str = "relu"):
         super().__init__()
@@ -193,7 +218,20 @@ class WuCNN(nn.Module):
     """The MSGD authors' small CNN (Wu et al., ICML 2020, their Fashion-MNIST network): conv 1->10 5x5,
     max-pool 2, ReLU, conv 10->10 5x5, max-pool 2, ReLU, linear -> 50, ReLU, linear 50 -> classes, every
     weight and bias drawn from N(0, ``init_std``^2) (their 0.02). On 28x28 inputs the flattened features
-    are their 160; inputs under 16 wide (digits' 8x8) get padding 2 so both 5-wide convolutions fit."""
+    are their 160; inputs under 16 wide (digits' 8x8) get padding 2 so both 5-wide convolutions fit.
+
+    Example:
+        >>> import torch
+        >>> model = WuCNN((1, 28, 28), 10)
+        >>> tuple(model(torch.randn(2, 1, 28, 28)).shape)
+        (2, 10)
+        >>> abs(float(torch.cat([p.detach().flatten() for p in model.parameters()]).std()) - 0.02) < 0.002
+        True
+
+    References:
+        Wu, Hu, Xiong, Huan, Braverman and Zhu, "On the noisy gradient descent that generalizes as SGD",
+        ICML 2020.
+    """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (10, 10),
                  hidden: int = 50, init_std: float = 0.02):
@@ -220,6 +258,20 @@ VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 class VGG(nn.Module):
+    """VGG.
+
+    Stages of 3x3 convolutions (``config``: widths, and "M" for a 2x max-pool), global average pooling and a
+    linear ``head``; ``width`` scales every stage.
+
+    Example:
+        >>> import torch
+        >>> model = VGG((3, 32, 32), 10, width=0.125)
+        >>> tuple(model(torch.randn(2, 3, 32, 32)).shape)
+        (2, 10)
+
+    References:
+        Simonyan and Zisserman, "Very deep convolutional networks for large-scale image recognition", ICLR 2015.
+    """
     def __init__(self, input_shape: Sequence[int], num_classes: int, config: Sequence = VGG11,
                  batchnorm: bool = False, width: float = 1.0, activation: str = "relu"):
         super().__init__()
@@ -251,6 +303,20 @@ class VGG(nn.Module):
 
 
 class BasicBlock(nn.Module):
+    """BasicBlock.
+
+    Two 3x3 convolutions with BatchNorm and the identity (or a 1x1 projection) added back.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> block = BasicBlock(nn.Conv2d, nn.BatchNorm2d, nn.ReLU, 4, 8, stride=2)
+        >>> tuple(block(torch.randn(2, 4, 8, 8)).shape)
+        (2, 8, 4, 4)
+
+    References:
+        He, Zhang, Ren and Sun, "Deep residual learning for image recognition", CVPR 2016.
+    """
     def __init__(self, conv, bn, act, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
@@ -269,6 +335,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """ResNet.
+
+    ResNet-18's layout with the CIFAR stem (one 3x3 convolution, no max-pool); ``width`` scales the stages.
+
+    Example:
+        >>> import torch
+        >>> model = ResNet((3, 32, 32), 10, width=0.125)
+        >>> tuple(model(torch.randn(2, 3, 32, 32)).shape)
+        (2, 10)
+
+    References:
+        He, Zhang, Ren and Sun, "Deep residual learning for image recognition", CVPR 2016.
+    """
     def __init__(self, input_shape: Sequence[int], num_classes: int, blocks: Sequence[int] = (2, 2, 2, 2),
                  width: float = 1.0, activation: str = "relu"):
         super().__init__()
@@ -317,14 +396,35 @@ class _BinaryWeight(torch.autograd.Function):
 
 class BinaryConv(nn.Conv2d):
     """A convolution whose weights are binarized to +-1 in the forward pass (real-valued weights are the
-    ones trained, through the straight-through estimator); no bias (BatchNorm follows)."""
+    ones trained, through the straight-through estimator); no bias (BatchNorm follows).
+
+    Example:
+        >>> import torch
+        >>> conv = BinaryConv(1, 1, 2, bias=False)
+        >>> x = torch.ones(1, 1, 2, 2)
+        >>> conv(x).item() == torch.where(conv.weight >= 0, 1.0, -1.0).sum().item()   # +-1 weights on a ones input
+        True
+
+    References:
+        Courbariaux, Bengio and David, "BinaryConnect: Training deep neural networks with binary weights during
+        propagations", NeurIPS 2015.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, _BinaryWeight.apply(self.weight), None)
 
 
 class BinaryLinear(nn.Linear):
-    """A linear layer with binarized weights (see :class:`BinaryConv`)."""
+    """A linear layer with binarized weights (see :class:`BinaryConv`).
+
+    Example:
+        >>> import torch
+        >>> layer = BinaryLinear(3, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+        >>> out = layer(x)
+        >>> torch.equal(out, x.detach() @ torch.where(layer.weight >= 0, 1.0, -1.0).T)
+        True
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, _BinaryWeight.apply(self.weight), None)
@@ -334,7 +434,17 @@ class BinaryVGG(nn.Module):
     """A binarized VGG-style network (Hubara et al. 2016 / Courbariaux et al. 2016 layout): binary weights
     in every convolution and linear layer, BatchNorm after each, and binary (Sign) activations between
     them; the input stays real-valued. Stages of two 3x3 convolutions and a 2x2 max-pool, then a hidden
-    binary linear layer and the classifier (BatchNorm on the logits, as in BinaryNet)."""
+    binary linear layer and the classifier (BatchNorm on the logits, as in BinaryNet).
+
+    Example:
+        >>> import torch
+        >>> model = BinaryVGG((1, 8, 8), 10, channels=(8, 16), hidden=32)
+        >>> tuple(model(torch.randn(4, 1, 8, 8)).shape)
+        (4, 10)
+
+    References:
+        Hubara et al., "Binarized neural networks", NeurIPS 2016; Courbariaux et al., BinaryConnect, NeurIPS 2015.
+    """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
                  hidden: int = 128):

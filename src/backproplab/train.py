@@ -61,7 +61,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Reject values the loop cannot run with, before anything trains (ValueError naming the field)."""
+    """Reject values the loop cannot run with, before anything trains (ValueError naming the field).
+
+    Example:
+        >>> check_config(TrainConfig(lr=0.1))
+        >>> check_config(TrainConfig(lr=float("nan")))
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.lr=nan: must be a finite number >= 0
+    """
     for name in ("lr", "momentum", "weight_decay"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -138,12 +146,33 @@ class Step(Protocol):
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """cross_entropy.
+
+    The mean (or ``reduction``) over examples of -log softmax(outputs)[target].
+
+    Example:
+        >>> import torch
+        >>> out, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+        >>> by_hand = -out.log_softmax(1)[torch.arange(2), y].mean()
+        >>> torch.allclose(cross_entropy(out, y), by_hand)
+        True
+    """
     return F.cross_entropy(outputs, targets, reduction=reduction)
 
 
 def mse(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Squared error averaged over output dimensions, then reduced over examples. Outputs and targets must have
-    the same shape: (B, 1) against (B,) would broadcast to (B, B), every output against every target."""
+    the same shape: (B, 1) against (B,) would broadcast to (B, B), every output against every target.
+
+    Example:
+        >>> import torch
+        >>> float(mse(torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2)))      # (1 + 9) / 2
+        5.0
+        >>> mse(torch.zeros(4, 1), torch.zeros(4))
+        Traceback (most recent call last):
+        ...
+        ValueError: mse: outputs of shape (4, 1) and targets of shape (4,) differ ...
+    """
     if outputs.shape != targets.shape:
         raise ValueError(f"mse: outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} "
                          "differ (broadcasting would compare every output with every target). Fix: give the targets "
@@ -175,6 +204,14 @@ TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """make_optimizer.
+
+    Example:
+        >>> from torch import nn
+        >>> opt = make_optimizer(nn.Linear(2, 1), TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9))
+        >>> type(opt).__name__, opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+        ('SGD', 0.1, 0.9)
+    """
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; available: {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[cfg.optimizer](model, cfg)
@@ -220,7 +257,19 @@ class EpochLR:
 
 
 class StepDecay(EpochLR):
-    """Callback: lr = base_lr * factor^(epoch // every), by torch's ``StepLR``."""
+    """Callback: lr = base_lr * factor^(epoch // every), by torch's ``StepLR``.
+
+    Example:
+        >>> import torch
+        >>> from backproplab import build_model, load_dataset
+        >>> data = load_dataset("digits", n_train=100)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(8,))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.4)
+        >>> _ = fit(model, data, TrainConfig(epochs=3, batch_size=50), optimizer=opt,
+        ...         callbacks=[StepDecay(every=1, factor=0.5)])
+        >>> opt.param_groups[0]["lr"]            # halved before the second and the third epoch: 0.4 * 0.5^2
+        0.1
+    """
 
     def __init__(self, every: int, factor: float = 0.2):
         self.every, self.factor = every, factor
@@ -228,6 +277,20 @@ class StepDecay(EpochLR):
 
 
 def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """apply_transforms.
+
+    Each name is looked up in :data:`TRANSFORMS` and applied in order; an unknown name raises, listing the
+    registered ones.
+
+    Example:
+        >>> import backproplab, torch
+        >>> from torch import nn
+        >>> model = apply_transforms(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), ["linear_backprop"])
+        >>> x = torch.randn(3, 2, requires_grad=True)
+        >>> model(x).sum().backward()                    # tanh's derivative taken as 1: the gradient is W's column sums
+        >>> torch.allclose(x.grad, model[0].weight.sum(0).expand(3, 2))
+        True
+    """
     for name in names:
         if name not in TRANSFORMS:
             raise ValueError(f"unknown model transform {name!r}; available: {', '.join(sorted(TRANSFORMS)) or 'none'}")
@@ -239,6 +302,14 @@ def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
 
 def seed_everything(seed: int) -> None:
+    """seed_everything.
+
+    Example:
+        >>> import torch
+        >>> seed_everything(3); a = torch.rand(2)
+        >>> seed_everything(3); torch.equal(a, torch.rand(2))
+        True
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -247,7 +318,18 @@ def seed_everything(seed: int) -> None:
 @contextmanager
 def isolated_rng(seed: int) -> Iterator[None]:
     """Run a block with every generator (Python, NumPy, torch) seeded by ``seed``, then give the caller its
-    own states back: work cached across runs (a pretrained model) leaves the run's random stream alone."""
+    own states back: work cached across runs (a pretrained model) leaves the run's random stream alone.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0); before = torch.get_rng_state()
+        >>> with isolated_rng(5):
+        ...     inside = torch.rand(1)
+        >>> torch.equal(torch.get_rng_state(), before)          # the caller's stream is where it was
+        True
+        >>> seed_everything(5); torch.equal(torch.rand(1), inside)
+        True
+    """
     saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -262,6 +344,16 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """resolve_device.
+
+    ``"auto"``: CUDA when present, else the CPU; a CUDA device asked for without CUDA raises, naming the fix.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("auto").type in ("cpu", "cuda")
+        True
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -385,7 +477,16 @@ def gradient_step(gradients_of: Callable[[Batch, TrainState], tuple[Tensor, Iter
 
 def batch_chunks(batch: Batch, state: TrainState) -> Iterator[tuple[Batch, float]]:
     """``loss_step`` parts: a batch larger than ``config.chunk_size`` in chunks weighted by their share,
-    so the gradients add up to the whole batch's mean-loss gradient (BatchNorm sees chunk statistics)."""
+    so the gradients add up to the whole batch's mean-loss gradient (BatchNorm sees chunk statistics).
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> batch = Batch(torch.arange(10.0).unsqueeze(1), torch.zeros(10), torch.arange(10))
+        >>> state = SimpleNamespace(config=TrainConfig(chunk_size=4))
+        >>> [(len(part.x), weight) for part, weight in batch_chunks(batch, state)]     # weights: each chunk's share
+        [(4, 0.4), (4, 0.4), (2, 0.2)]
+    """
     n, cs = len(batch.x), state.config.chunk_size
     if n <= cs:
         yield batch, 1.0
@@ -428,7 +529,19 @@ def evaluate_batches(model: nn.Module, batches: Iterable, loss_fn: Callable[...,
                      classification: bool | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Mean loss (and accuracy) of ``model`` in eval mode over an iterable of ``(x, y)`` batches.
 
-    ``classification=None``: accuracy is reported when the targets are integers."""
+    ``classification=None``: accuracy is reported when the targets are integers.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model, x, y = nn.Linear(2, 3), torch.randn(6, 2), torch.randint(0, 3, (6,))
+        >>> res = evaluate_batches(model, [(x[:4], y[:4]), (x[4:], y[4:])], cross_entropy)
+        >>> abs(res["loss"] - float(cross_entropy(model(x), y))) < 1e-6          # the mean over all 6 examples
+        True
+        >>> abs(res["acc"] - float((model(x).argmax(1) == y).float().mean())) < 1e-6
+        True
+    """
     was_training = model.training
     model.eval()
     total, correct, count = 0.0, 0, 0
@@ -465,7 +578,13 @@ def _pair(item: Any, device: torch.device | None) -> tuple[Tensor, Tensor]:
 
 def fit_device(device: str, model: nn.Module) -> torch.device:
     """Where ``fit`` trains: ``"model"`` is the device of the model's parameters, anything else
-    :func:`resolve_device`'s answer."""
+    :func:`resolve_device`'s answer.
+
+    Example:
+        >>> from torch import nn
+        >>> fit_device("model", nn.Linear(1, 1)), fit_device("cpu", nn.Linear(1, 1))
+        (device(type='cpu'), device(type='cpu'))
+    """
     return _model_device(model) if device == "model" else resolve_device(device)
 
 
@@ -767,7 +886,18 @@ def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1, sh
     """This rank's example order for ``epoch``: exactly ``torch.utils.data.DistributedSampler``'s with
     ``seed=derive_seed(seed, "epoch-order")`` (a permutation seeded by that plus the epoch, padded by wrapping to
     a multiple of ``world``, strided by rank), as a tensor. The run's seed is hashed first so that seed k's
-    epoch e + 1 is not seed k + 1's epoch e, as ``seed + epoch`` would make it."""
+    epoch e + 1 is not seed k + 1's epoch e, as ``seed + epoch`` would make it.
+
+    Example:
+        >>> from torch.utils.data import DistributedSampler
+        >>> sampler = DistributedSampler(range(10), num_replicas=2, rank=1, seed=derive_seed(3, "epoch-order"))
+        >>> sampler.set_epoch(4)
+        >>> epoch_order(10, epoch=4, seed=3, rank=1, world=2).tolist() == list(sampler)
+        True
+
+    References:
+        PyTorch's ``torch.utils.data.DistributedSampler`` (the order it reproduces).
+    """
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch-order") + epoch))
     else:

@@ -321,7 +321,13 @@ class GhostRule:
     """A layer type's rule: ``build(module, calls, owned) -> _Rule`` (None: use torch.func for this layer), with
     ``calls`` the layer's recorded calls and their output gradients and ``owned`` whether the one output
     gradient is the rule's alone to overwrite; ``capture(output)``, if given, runs at the forward and keeps in
-    ``_Call.stats`` what the backward would free (GroupNorm's statistics)."""
+    ``_Call.stats`` what the backward would free (GroupNorm's statistics).
+
+    Example:
+        >>> rule = GHOST_RULES[nn.GroupNorm]
+        >>> rule.capture is not None, GHOST_RULES[nn.Linear].capture is None     # GroupNorm keeps its statistics
+        (True, True)
+    """
 
     build: Callable[[nn.Module, Calls, bool], _Rule | None]
     capture: Callable[[Tensor], Any] | None = None

@@ -33,7 +33,15 @@ from ..train import TrainConfig, cross_entropy, evaluate, evaluate_batches, fit,
 
 
 def pixel_unshuffle_order(channels: int, dims: int = 2) -> Tensor:
-    """perm such that ``InvertibleDownsample(x) == pixel_unshuffle(x, 2)[:, perm]``."""
+    """perm such that ``InvertibleDownsample(x) == pixel_unshuffle(x, 2)[:, perm]``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> mine = InvertibleDownsample()(x)
+        >>> torch.equal(mine, torch.nn.functional.pixel_unshuffle(x, 2)[:, pixel_unshuffle_order(3)])
+        True
+    """
     sub = 2**dims
     return torch.tensor([c * sub + s for s in range(sub) for c in range(channels)])
 

@@ -122,6 +122,21 @@ class LinearBackward(nn.Module):
       a custom ``autograd.Function`` with identity ``backward`` and ``jvp``.
 
     Forward hooks on the activation run as before, since the module itself is still what is called.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> act = linear_backprop(nn.Sequential(nn.Tanh()))[0]
+        >>> isinstance(act, LinearBackward), act._original_class is nn.Tanh
+        (True, True)
+        >>> x = torch.tensor([0.5, 3.0], requires_grad=True)
+        >>> y = act(x)
+        >>> y.sum().backward()
+        >>> torch.allclose(y, torch.tanh(x)), x.grad.tolist()          # tanh forward, derivative 1 backward
+        (True, [1.0, 1.0])
+
+    References:
+        Yazdani, "Linear Backprop in non-linear networks", NeurIPS 2018 workshop.
     """
 
     _original_class: type[nn.Module]
@@ -264,7 +279,13 @@ def linear_backprop_scope(model: nn.Module, **kwargs) -> Iterator[nn.Module]:
 
 def is_switchable(model: nn.Module, activations: Sequence[type[nn.Module]] = KNOWN_ACTIVATIONS,
                   **kwargs) -> bool:
-    """Whether :func:`linear_backprop` would switch any module of ``model``."""
+    """Whether :func:`linear_backprop` would switch any module of ``model``.
+
+    Example:
+        >>> from torch import nn
+        >>> is_switchable(nn.Sequential(nn.Linear(2, 2), nn.ReLU())), is_switchable(nn.Linear(2, 2))
+        (True, False)
+    """
     return any(isinstance(m, tuple(activations)) for m in model.modules())
 
 

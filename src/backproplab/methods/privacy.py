@@ -61,6 +61,16 @@ from .ghost_clipping import GhostClipping
 
 @dataclass
 class DPConfig:
+    """DPConfig.
+
+    DP-SGD's settings: the noise multiplier sigma (or ``target_epsilon``, from which the accountant derives
+    it), the clip C, delta, the accountant, the noise source and the clipping engine.
+
+    Example:
+        >>> cfg = DPConfig(noise_multiplier=None, target_epsilon=4.0, delta=1e-5)
+        >>> cfg.max_grad_norm, cfg.accountant, cfg.engine
+        (1.0, 'rdp', 'ghost')
+    """
     noise_multiplier: float | None = 1.0  # None: derived from target_epsilon
     max_grad_norm: float = 1.0
     target_epsilon: float | None = None
@@ -71,7 +81,15 @@ class DPConfig:
 
 
 class PrivacyError(ValueError):
-    """A model, loop or setting that would void DP-SGD's guarantee; the message names it and the fix."""
+    """A model, loop or setting that would void DP-SGD's guarantee; the message names it and the fix.
+
+    Example:
+        >>> from torch import nn
+        >>> check_private(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+        Traceback (most recent call last):
+        ...
+        backproplab.methods.privacy.PrivacyError: ...BatchNorm mixes the examples of a batch...
+    """
 
 
 def prepare_model(model: nn.Module, quiet: bool = False) -> nn.Module:
@@ -81,7 +99,17 @@ def prepare_model(model: nn.Module, quiet: bool = False) -> nn.Module:
     Opacus's ``ModuleValidator.fix`` replaces only the BatchNorm layers its validator flags, which are those
     with trainable parameters: ``BatchNorm(affine=False)`` or a frozen one would stay and mix examples. Each
     BatchNorm becomes ``GroupNorm(min(32, C), C)`` as Opacus's fix makes it, keeping ``affine`` and frozen
-    parameters frozen."""
+    parameters frozen.
+
+    Example:
+        >>> from torch import nn
+        >>> model = prepare_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), quiet=True)
+        >>> [type(m).__name__ for m in model]
+        ['Conv2d', 'GroupNorm', 'ReLU']
+
+    References:
+        Opacus's ``ModuleValidator.fix`` (the replacement it makes); Wu and He, "Group normalization", ECCV 2018.
+    """
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
@@ -312,7 +340,19 @@ class NoiseInOrder(Mapping):
     """``{parameter: its noise}``, each drawn when first read, every earlier one first: the stream (and so the
     values) is that of drawing them all in order up front, but a consumer that reads them in order (the ghost
     engine, layer by layer, freeing each layer's kept tensors as it goes) never holds all the noise beside all
-    the kept tensors."""
+    the kept tensors.
+
+    Example:
+        >>> import torch
+        >>> params = [torch.zeros(2), torch.zeros(3)]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> lazy = NoiseInOrder(params, lambda p: torch.randn(p.shape, generator=g))
+        >>> late = lazy[params[1]]                       # reading the second draws the first before it
+        >>> g2 = torch.Generator().manual_seed(0)
+        >>> upfront = [torch.randn(p.shape, generator=g2) for p in params]
+        >>> torch.equal(late, upfront[1]), torch.equal(lazy[params[0]], upfront[0])
+        (True, True)
+    """
 
     def __init__(self, params: list[Tensor], draw: Callable[[Tensor], Tensor]):
         self._params, self._draw = params, draw
@@ -1039,6 +1079,15 @@ def _check_settings(n: int, batch_size: int, steps: int, config: DPConfig) -> No
 
 
 def planned_steps(cfg: TrainConfig, n: int) -> int:
+    """planned_steps.
+
+    The number of steps a TrainConfig plans on n examples: ``max_steps`` if set, else epochs * ceil(n / B)
+    (what the accountant is calibrated for).
+
+    Example:
+        >>> planned_steps(TrainConfig(epochs=3, batch_size=64), n=1000), planned_steps(TrainConfig(max_steps=7), n=1000)
+        (48, 7)
+    """
     return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(n / cfg.batch_size)
 
 

@@ -29,6 +29,20 @@ from ..train import EpochLR, loss_step
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """get_submodule.
+
+    ``model.get_submodule(path)``, with an error listing the module names when the path is wrong.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> get_submodule(model, "0").out_features
+        3
+        >>> get_submodule(model, "head")
+        Traceback (most recent call last):
+        ...
+        ValueError: model has no submodule 'head'; available: 0, 1
+    """
     try:
         return model.get_submodule(path)
     except AttributeError:
@@ -37,7 +51,25 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
 
 
 def reset_module(module: nn.Module, initializer: Callable[[nn.Module], None] | None = None) -> None:
-    """Re-draw every parameter of ``module``: ``initializer(m)`` or each submodule's ``reset_parameters``."""
+    """Re-draw every parameter of ``module``: ``initializer(m)`` or each submodule's ``reset_parameters``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> head = nn.Linear(4, 2)
+        >>> before = head.weight.detach().clone()
+        >>> reset_module(head)
+        >>> torch.equal(head.weight, before)
+        False
+        >>> reset_module(nn.ReLU())
+        Traceback (most recent call last):
+        ...
+        ValueError: ReLU has nothing to re-initialise (no reset_parameters)
+
+    References:
+        Li, Xiong, Wang, Huan and Dou, "RIFLE: Backpropagation in depth for deep transfer learning through
+        re-initializing the fully-connected layer", ICML 2020.
+    """
     found = False
     for m in module.modules():
         if initializer is not None and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -256,7 +288,15 @@ class CyclicLR(CosineLR):
 
 def head_param_groups(model: nn.Module, head: str = "head") -> list[dict]:
     """``[{"params": head's}, {"params": the rest}]``: the authors' two groups, so the head's learning rate
-    can restart per period (:class:`CosineLR` with ``restart=[0]``)."""
+    can restart per period (:class:`CosineLR` with ``restart=[0]``).
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> groups = head_param_groups(model, head="2")
+        >>> [len(g["params"]) for g in groups], groups[0]["params"][0] is model[2].weight
+        ([2, 2], True)
+    """
     ids = {id(p) for p in get_submodule(model, head).parameters()}
     return [{"params": [p for p in model.parameters() if id(p) in ids]},
             {"params": [p for p in model.parameters() if id(p) not in ids]}]
@@ -434,7 +474,18 @@ def with_stochastic_depth(model: nn.Module, p_last: float = 0.5) -> nn.Module:
 
 
 def layer_grad_norms(model: nn.Module, names: Sequence[str]) -> dict[str, float]:
-    """The l2 norm of the gradient (``.grad``) of each named submodule's parameters together."""
+    """The l2 norm of the gradient (``.grad``) of each named submodule's parameters together.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> norms = layer_grad_norms(model, ["1"])
+        >>> g = torch.cat([model[1].weight.grad.flatten(), model[1].bias.grad])
+        >>> abs(norms["1"] - float(g.norm())) < 1e-6
+        True
+    """
     norms: dict[str, Tensor | float] = {}
     for n in names:
         grads = [p.grad.detach().reshape(-1) for p in get_submodule(model, n).parameters() if p.grad is not None]

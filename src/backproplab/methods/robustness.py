@@ -198,7 +198,21 @@ def adversarial_loss(attack: Callable[..., Tensor], alpha: float = 1.0, **attack
 
 
 def gaussian_augmentation(sigma: float) -> Callable:
-    """``loss_terms`` training on x + N(0, sigma^2 I) (Cohen et al.'s noise augmentation)."""
+    """``loss_terms`` training on x + N(0, sigma^2 I) (Cohen et al.'s noise augmentation).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model, x, y = nn.Linear(3, 2), torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])
+        >>> loss_terms = gaussian_augmentation(0.5)
+        >>> _ = torch.manual_seed(0); a = loss_terms(model, x, y)
+        >>> _ = torch.manual_seed(0); noise = 0.5 * torch.randn_like(x)
+        >>> torch.allclose(a, torch.nn.functional.cross_entropy(model(x + noise), y))
+        True
+
+    References:
+        Cohen, Rosenfeld and Kolter, "Certified adversarial robustness via randomized smoothing", ICML 2019.
+    """
 
     def loss_terms(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x + sigma * torch.randn_like(x)), y)
@@ -300,7 +314,15 @@ ABSTAIN = -1
 
 def check_smoothing(sigma: float, alpha: float, num_classes: int, **sample_sizes: int) -> None:
     """Refuse settings under which randomized smoothing's answer means nothing (a negative or NaN radius, a
-    class chosen from no sample): ValueError naming the argument and its range."""
+    class chosen from no sample): ValueError naming the argument and its range.
+
+    Example:
+        >>> check_smoothing(0.25, 0.001, 10, n0=100, n=1000)
+        >>> check_smoothing(0.0, 0.001, 10, n0=100, n=1000)
+        Traceback (most recent call last):
+        ...
+        ValueError: sigma=0.0: the smoothing noise must be a finite number > 0
+    """
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma={sigma!r}: the smoothing noise must be a finite number > 0")
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
@@ -433,7 +455,18 @@ def pixeldp_epsilon(size: float, sigma: float, sensitivity: float, delta: float,
 
 
 def pixeldp_robust(e_lower_top: float, e_upper_second: float, eps: float, delta: float) -> bool:
-    """Lecuyer et al.'s robustness condition: E_lb(top) > e^{2 eps} E_ub(second) + (1 + e^eps) delta."""
+    """Lecuyer et al.'s robustness condition: E_lb(top) > e^{2 eps} E_ub(second) + (1 + e^eps) delta.
+
+    Example:
+        >>> pixeldp_robust(0.9, 0.05, eps=0.5, delta=1e-5)       # 0.9 > e^1 * 0.05 + (1 + e^0.5) 1e-5
+        True
+        >>> pixeldp_robust(0.5, 0.3, eps=0.5, delta=1e-5)        # 0.5 < e^1 * 0.3
+        False
+
+    References:
+        Lecuyer, Atlidakis, Geambasu, Hsu and Jana, "Certified robustness to adversarial examples with
+        differential privacy", IEEE S&P 2019 (Proposition 1).
+    """
     if eps > 300:  # e^{2 eps} overflows: only a zero right-hand side can still be beaten
         return e_upper_second == 0 and delta == 0 and e_lower_top > 0
     return e_lower_top > math.exp(2 * eps) * e_upper_second + (1 + math.exp(eps)) * delta
@@ -442,7 +475,18 @@ def pixeldp_robust(e_lower_top: float, e_upper_second: float, eps: float, delta:
 def pixeldp_certified_size(e_lower_top: float, e_upper_second: float, sigma: float, sensitivity: float,
                            delta: float, mechanism: str = "gaussian", max_size: float = 10.0) -> float:
     """The largest attack size L at which :func:`pixeldp_robust` holds (0 if none), by bisection
-    (the condition is monotone in L). The Gaussian mechanism's bound is only valid for eps <= 1."""
+    (the condition is monotone in L). The Gaussian mechanism's bound is only valid for eps <= 1.
+
+    Example:
+        >>> size = pixeldp_certified_size(0.9, 0.05, sigma=1.0, sensitivity=1.0, delta=1e-5)
+        >>> eps = lambda s: pixeldp_epsilon(s, 1.0, 1.0, 1e-5, "gaussian")
+        >>> holds = lambda s: eps(s) <= 1 and pixeldp_robust(0.9, 0.05, eps(s), 1e-5)   # the Gaussian bound: eps <= 1
+        >>> size > 0, holds(size), holds(1.01 * size)                   # the largest size at which it holds
+        (True, True, False)
+
+    References:
+        Lecuyer et al., IEEE S&P 2019.
+    """
     def ok(size: float) -> bool:
         eps = pixeldp_epsilon(size, sigma, sensitivity, delta, mechanism)
         if mechanism == "gaussian" and eps > 1:

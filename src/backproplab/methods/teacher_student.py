@@ -170,7 +170,23 @@ def set_firing_rate(teacher: ReLUNet, rate: float, input_std: float = 10.0, cali
 def coactivation(model: nn.Module, x: Tensor) -> list[dict[str, float]]:
     """Per hidden layer: the mean firing rate P(i) and the co-activation ratio, the mean over node pairs i != j of
     P(j fires | i fires). Under independence the ratio equals the firing rate; the paper's premise is nodes that
-    rarely fire together, a ratio well below 1 and a firing rate well below 1/2."""
+    rarely fire together, a ratio well below 1 and a firing rate well below 1/2.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = nn.Linear(1, 2)
+        >>> with torch.no_grad():                          # node 0 fires when x > 0, node 1 when x < 0: never together
+        ...     _ = layer.weight.copy_(torch.tensor([[1.0], [-1.0]])); _ = layer.bias.zero_()
+        >>> model = nn.Sequential(layer, nn.ReLU(), nn.Linear(2, 1))
+        >>> stats = coactivation(model, torch.randn(10_000, 1, generator=torch.Generator().manual_seed(0)))
+        >>> abs(stats[0]["firing_rate"] - 0.5) < 0.02, stats[0]["coactivation_ratio"]
+        (True, 0.0)
+
+    References:
+        Tian, Jiang, Gong and Morcos, "Luck matters: Understanding training dynamics of deep ReLU networks",
+        arXiv:1905.13405, 2019.
+    """
     out = []
     for h in hidden_activations(model, x):
         fires = (h > 0).double()
@@ -185,7 +201,17 @@ def coactivation(model: nn.Module, x: Tensor) -> list[dict[str, float]]:
 
 def teacher_data(teacher: nn.Module, n_train: int = 100_000, n_test: int = 10_000, input_std: float = 10.0,
                  seed: int = 0) -> Data:
-    """Gaussian inputs N(0, input_std^2 I) labelled by ``teacher`` (regression targets)."""
+    """Gaussian inputs N(0, input_std^2 I) labelled by ``teacher`` (regression targets).
+
+    Example:
+        >>> import torch
+        >>> teacher = make_teacher(input_dim=3, widths=(4,), output_dim=2, seed=0)
+        >>> data = teacher_data(teacher, n_train=50, n_test=10, input_std=2.0, seed=1)
+        >>> tuple(data.x_train.shape), tuple(data.y_test.shape)
+        ((50, 3), (10, 2))
+        >>> torch.allclose(teacher(data.x_train), data.y_train)        # the targets are the teacher's outputs
+        True
+    """
     g = derive(seed, "teacher-data")  # not the teacher's own stream (seed + 1 was seed k + 1's teacher)
     input_dim = next(m for m in teacher.modules() if isinstance(m, nn.Linear)).in_features
     x = torch.randn(n_train + n_test, input_dim, generator=g) * input_std
@@ -307,7 +333,15 @@ def luck_ranks(corr_init: Tensor, corr_final: Tensor) -> Tensor:
 
 
 def fan_out_norms(model: nn.Module) -> list[Tensor]:
-    """Per hidden layer, the norm of each node's outgoing weights (columns of the next Linear)."""
+    """Per hidden layer, the norm of each node's outgoing weights (columns of the next Linear).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> torch.allclose(fan_out_norms(model)[0], model[2].weight.norm(dim=0))   # node j: column j of the next layer
+        True
+    """
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return [nxt.weight.detach().norm(dim=0) for nxt in linears[1:]]
 
@@ -317,7 +351,17 @@ def fan_out_ratio(best_corr: Tensor, fan_out: Tensor, fan_out_init: Tensor | Non
     """Within one layer: the mean fan-out of the unmatched student nodes (best correlation with any
     teacher node < ``unmatched``) over that of the matched ones (>= ``matched``); each node's fan-out taken
     relative to its own value at initialisation when ``fan_out_init`` is given. Below 1 is the paper's
-    L-shape. NaN when either group is empty. Pooling layers would mix their different initial scales."""
+    L-shape. NaN when either group is empty. Pooling layers would mix their different initial scales.
+
+    Example:
+        >>> import torch
+        >>> best = torch.tensor([0.95, 0.92, 0.1, 0.2])      # two matched nodes, two unmatched
+        >>> fan_out_ratio(best, torch.tensor([2.0, 2.0, 0.5, 0.5]))
+        0.25
+
+    References:
+        Tian et al., arXiv:1905.13405, 2019 (the L-shape: unmatched nodes' fan-out shrinks).
+    """
     value = fan_out / fan_out_init if fan_out_init is not None else fan_out
     lo, hi = value[best_corr < unmatched], value[best_corr >= matched]
     return float(lo.mean() / hi.mean()) if len(lo) and len(hi) else float("nan")

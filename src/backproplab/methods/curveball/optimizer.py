@@ -30,7 +30,21 @@ ModelFn = Callable[[], Tensor]
 
 
 class NonFiniteCurveBallError(FloatingPointError):
-    """The loss or the 2x2 solve was not finite; the weights were left unchanged."""
+    """The loss or the 2x2 solve was not finite; the weights were left unchanged.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> opt = CurveBall(model.parameters(), model=model)
+        >>> before = model.weight.detach().clone()
+        >>> x, y = torch.full((4, 2), float("nan")), torch.tensor([0, 1, 0, 1])
+        >>> try:
+        ...     opt.step(lambda: model(x), CrossEntropy(y))
+        ... except NonFiniteCurveBallError:
+        ...     print(torch.equal(model.weight, before))
+        True
+    """
 
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -541,7 +555,20 @@ class CurveBall(torch.optim.Optimizer):
 
 
 def curveball_step(batch, state) -> Tensor:
-    """The training loop's step for ``optimizer=curveball``."""
+    """The training loop's step for ``optimizer=curveball``.
+
+    The step ``fit`` uses for ``optimizer="curveball"``: ``opt.step(lambda: net(x), CrossEntropy(y))`` (or
+    :class:`MeanSquaredError` for ``loss="mse"``), returning the detached loss.
+
+    Example:
+        >>> from backproplab import build_model, load_dataset
+        >>> from backproplab.train import TrainConfig, fit
+        >>> data = load_dataset("digits", n_train=128)
+        >>> model = build_model("mlp", data.input_shape, 10, widths=(16,))
+        >>> rows = fit(model, data, TrainConfig(optimizer="curveball", lr=0, momentum=0, epochs=2, batch_size=64))
+        >>> rows[-1]["train_loss"] < rows[0]["train_loss"]
+        True
+    """
     net, y = state.net, batch.y
     loss_obj = CrossEntropy(y) if state.config.loss == "cross_entropy" else MeanSquaredError(y)
     if state.config.loss == "mse" and y.dim() == 1:
@@ -551,7 +578,15 @@ def curveball_step(batch, state) -> Tensor:
 
 
 def curveball_from_config(model: nn.Module, cfg) -> CurveBall:
-    """``optimizer=curveball``: lr <= 0 and momentum <= 0 mean automatic beta and rho."""
+    """``optimizer=curveball``: lr <= 0 and momentum <= 0 mean automatic beta and rho.
+
+    Example:
+        >>> from torch import nn
+        >>> from backproplab.train import TrainConfig
+        >>> opt = curveball_from_config(nn.Linear(2, 2), TrainConfig(optimizer="curveball", lr=0, momentum=0.9))
+        >>> opt.param_groups[0]["auto_lr"], opt.param_groups[0]["auto_momentum"], opt.param_groups[0]["momentum"]
+        (True, False, 0.9)
+    """
     return CurveBall(model.parameters(), model=model, lr=max(cfg.lr, 0.0), momentum=max(cfg.momentum, 0.0),
                      auto_lr=cfg.lr <= 0, auto_momentum=cfg.momentum <= 0)
 

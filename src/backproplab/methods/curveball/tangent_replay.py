@@ -50,14 +50,32 @@ from ...models import PairwiseMaxPool1d
 
 
 class NoReplay(Exception):
-    """Raised by a rule's ``record``: this call cannot be replayed; the message says why."""
+    """Raised by a rule's ``record``: this call cannot be replayed; the message says why.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5), nn.Linear(3, 1))      # train mode: a random mask
+        >>> tape = TangentTape(list(model.parameters()))
+        >>> with nn.modules.module.register_module_forward_hook(tape.hook):
+        ...     out = model(torch.randn(4, 2))
+        >>> tape.check(out); tape.reason
+        'Dropout is in train mode (its mask is not recorded)'
+    """
 
 
 @dataclass(frozen=True)
 class TangentRule:
     """One layer type's tangent rule: ``record(module, x, output) -> kept`` at the forward and
     ``replay(module, kept, t, tangents) -> output tangent`` afterwards (see the module docstring).
-    ``has_params``: the rule reads parameter tangents, so it runs even when the input tangent is zero."""
+    ``has_params``: the rule reads parameter tangents, so it runs even when the input tangent is zero.
+
+    Example:
+        >>> from torch import nn
+        >>> rule = TANGENT_RULES[nn.Tanh]
+        >>> rule.record is keep_output, rule.has_params, TANGENT_RULES[nn.Linear].has_params
+        (True, False, True)
+    """
 
     record: Callable[[nn.Module, Tensor, Tensor], Any]
     replay: Callable[[nn.Module, Any, Tensor | None, dict[int, Tensor]], Tensor | None]
@@ -68,19 +86,48 @@ TANGENT_RULES: dict[type[nn.Module], TangentRule] = {}
 
 
 def keep_input(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
-    """``record`` for a rule that needs the layer's input (refused when the layer overwrote it in place)."""
+    """``record`` for a rule that needs the layer's input (refused when the layer overwrote it in place).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> x = torch.randn(2)
+        >>> keep_input(nn.GELU(), x, None) is x
+        True
+        >>> keep_input(nn.ELU(inplace=True), x, None)
+        Traceback (most recent call last):
+        ...
+        backproplab.methods.curveball.tangent_replay.NoReplay: ELU(inplace=True) overwrote the input ...
+    """
     if getattr(module, "inplace", False):
         raise NoReplay(f"{type(module).__name__}(inplace=True) overwrote the input its tangent rule needs")
     return x
 
 
 def keep_output(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
-    """``record`` for an elementwise activation whose derivative is a function of its output."""
+    """``record`` for an elementwise activation whose derivative is a function of its output.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> y = torch.tanh(torch.randn(3))
+        >>> keep_output(nn.Tanh(), None, y) is y          # tanh' = 1 - y^2: the output is all the rule needs
+        True
+    """
     return output
 
 
 def keep_nothing(module: nn.Module, x: Tensor, output: Tensor) -> None:
-    """``record`` for a linear parameter-free layer: its tangent is the layer applied to the tangent."""
+    """``record`` for a linear parameter-free layer: its tangent is the layer applied to the tangent.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> keep_nothing(nn.Flatten(), torch.randn(2, 3), None) is None
+        True
+        >>> TANGENT_RULES[nn.Flatten].record is keep_nothing
+        True
+    """
     return None
 
 
@@ -123,7 +170,16 @@ def register_tangent_rule(*layer_types: type[nn.Module],
 
 
 def param_tangents(module: nn.Module, tangents: dict[int, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-    """The tangents of ``module.weight`` and ``module.bias`` (None where absent or not being moved)."""
+    """The tangents of ``module.weight`` and ``module.bias`` (None where absent or not being moved).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 3)
+        >>> tw = torch.ones(3, 2)
+        >>> param_tangents(layer, {id(layer.weight): tw})[0] is tw, param_tangents(layer, {})
+        (True, (None, None))
+    """
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     return (tangents.get(id(weight)) if weight is not None else None,
             tangents.get(id(bias)) if bias is not None else None)
