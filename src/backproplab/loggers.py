@@ -26,7 +26,19 @@ def _numbers(row: dict) -> dict[str, float]:
 
 class CSVLogger:
     """Appends each evaluation to ``path`` (a CSV with a header). Rows gaining a new column rewrite the
-    file from the history with the widened header; resuming rewrites it from the restored history."""
+    file from the history with the widened header; resuming rewrites it from the restored history.
+
+    Example:
+        >>> import csv
+        >>> from backproplab import build_model, load_dataset
+        >>> from backproplab.train import TrainConfig, fit
+        >>> data = load_dataset("digits", n_train=100)
+        >>> rows = fit(build_model("mlp", data.input_shape, 10, widths=(8,)), data,
+        ...            TrainConfig(epochs=2, batch_size=50), callbacks=[CSVLogger("metrics.csv")])
+        >>> table = list(csv.DictReader(open("metrics.csv")))
+        >>> len(table) == len(rows), float(table[-1]["test_acc"]) == rows[-1]["test_acc"]
+        (True, True)
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -95,7 +107,16 @@ class TensorBoardLogger:
 
 
 def make_loggers(names: str | list[str] | tuple[str, ...], out_dir: str | os.PathLike) -> list[Any]:
-    """``"csv,tensorboard"`` -> the logger callbacks writing into ``out_dir`` (``metrics.csv``, ``tensorboard/``)."""
+    """``"csv,tensorboard"`` -> the logger callbacks writing into ``out_dir`` (``metrics.csv``, ``tensorboard/``).
+
+    Example:
+        >>> [type(x).__name__ for x in make_loggers("csv", "run")]
+        ['CSVLogger']
+        >>> make_loggers("csv,csv", "run")
+        Traceback (most recent call last):
+        ...
+        ValueError: logger(s) 'csv' named twice: every event would be written twice
+    """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOGGERS]

@@ -29,15 +29,41 @@ LABELS = {
 
 
 def is_percent(metric: str) -> bool:
+    """is_percent.
+
+    Whether a metric is a fraction plotted as a percentage (accuracies, separability).
+
+    Example:
+        >>> is_percent("test_acc"), is_percent("train_loss")
+        (True, False)
+    """
     return metric.endswith(("acc", "accuracy", "separability"))
 
 
 def label(metric: str) -> str:
+    """label.
+
+    The axis label of a metric: a known name's label, else the name with spaces.
+
+    Example:
+        >>> label("grad_norm_head")
+        'grad norm head'
+    """
     return LABELS.get(metric, metric.replace("_", " "))
 
 
 def mean_band(runs: Sequence[list[dict]], metric: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, mean, half-width of the 95% t-interval) over seeds, truncated to the shortest run (0 for one seed)."""
+    """(x, mean, half-width of the 95% t-interval) over seeds, truncated to the shortest run (0 for one seed).
+
+    Example:
+        >>> from scipy import stats
+        >>> runs = [[{"epoch": 1, "acc": a}, {"epoch": 2, "acc": a + 0.1}] for a in (0.5, 0.6, 0.7)]
+        >>> xs, mean, half = mean_band(runs, "acc")
+        >>> xs.tolist(), [round(float(m), 6) for m in mean]
+        ([1.0, 2.0], [0.6, 0.7])
+        >>> bool(abs(half[0] - stats.t.ppf(0.975, 2) * 0.1 / 3 ** 0.5) < 1e-9)          # sd 0.1 over 3 seeds
+        True
+    """
     length = min(len(r) for r in runs)
     xs = np.array([row[x] for row in runs[0][:length]], dtype=float)
     ys = np.array([[row[metric] for row in r[:length]] for r in runs], dtype=float)
@@ -79,7 +105,14 @@ MIN_FONT = 8.0  # points: 17 px at DPI; no legend, tick or label in a saved figu
 
 
 def save(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG at :data:`DPI`, every text at least :data:`MIN_FONT` points."""
+    """Write ``fig`` as a PNG at :data:`DPI`, every text at least :data:`MIN_FONT` points.
+
+    Example:
+        >>> fig, axes = subplots(1, 2)
+        >>> path = save(fig, "figure.png")
+        >>> open(path, "rb").read(8) == bytes([137, 80, 78, 71, 13, 10, 26, 10])   # a PNG file
+        True
+    """
     for text in fig.findobj(matplotlib.text.Text):
         if text.get_fontsize() < MIN_FONT:
             text.set_fontsize(MIN_FONT)
@@ -92,5 +125,15 @@ def save(fig, path: str | Path) -> Path:
 
 
 def subplots(rows: int, cols: int, size: tuple[float, float] = (5.0, 3.7)):
+    """subplots.
+
+    A grid of ``rows`` x ``cols`` axes (always 2-D), each ``size`` inches.
+
+    Example:
+        >>> fig, axes = subplots(2, 3)
+        >>> axes.shape, fig.get_size_inches().tolist()
+        ((2, 3), [15.0, 7.4])
+        >>> import matplotlib.pyplot as plt; plt.close(fig)
+    """
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
     return fig, axes

@@ -55,7 +55,14 @@ def git_commit() -> str | None:
 
 
 def provenance(device: Any = None) -> dict:
-    """The record written into each run's ``config.json`` and ``final.json`` and each ``summary.json``."""
+    """The record written into each run's ``config.json`` and ``final.json`` and each ``summary.json``.
+
+    Example:
+        >>> import torch
+        >>> record = provenance("cpu")
+        >>> record["torch"] == torch.__version__, record["code"] == code_hash(), record["device"]
+        (True, True, 'cpu')
+    """
     import numpy
     import torch
 
@@ -68,5 +75,10 @@ def provenance(device: Any = None) -> dict:
 
 def is_stale(record: Any) -> bool:
     """Whether a run's recorded provenance names other code than this one (a run made before provenance
-    was recorded counts as stale: nothing says which code made it)."""
+    was recorded counts as stale: nothing says which code made it).
+
+    Example:
+        >>> is_stale(provenance()), is_stale({"code": "0" * 16}), is_stale(None)
+        (False, True, True)
+    """
     return not (isinstance(record, dict) and record.get("code") == code_hash())
