@@ -260,7 +260,19 @@ def _listing(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status. Ctrl-C and the file system's refusals (no space left, no
     permission, a read-only folder, a symlink loop) end it with one line, never a traceback: every file is
-    written whole or not at all, finished runs are kept, and the same command resumes."""
+    written whole or not at all, finished runs are kept, and the same command resumes.
+
+    Example:
+        >>> main(["run", "baselines", "--scale", "smoke", "--executor", "local", "--out", "res", "--no-progress"])
+        baselines: ... reproduced, ... contradicted (... s); results in res/baselines
+        report: res/report.html (... s)
+        0
+        >>> import json
+        >>> json.load(open("res/baselines/summary.json"))["scale"]
+        'smoke'
+        >>> main(["run", "baselines", "--set", "no_such_key=1", "--out", "res"])       # a clear error, no traceback
+        2
+    """
     try:
         code = _main(argv)
         if _in_torchrun():  # every file is written and closed: leave without the finalization where a rank can
@@ -623,6 +635,14 @@ def _run_on_ray(args, configs, scale: str) -> int:
 
 
 def dist_initialized() -> bool:
+    """dist_initialized.
+
+    Whether this process is in a torch.distributed group (under torchrun, after ``init_distributed``).
+
+    Example:
+        >>> dist_initialized()
+        False
+    """
     import torch.distributed as dist
 
     return dist.is_initialized()

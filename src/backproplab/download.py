@@ -49,6 +49,14 @@ class DownloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """RemoteFile.
+
+    One official file: its name on every mirror, its published digest and, where published, its size.
+
+    Example:
+        >>> SOURCES["mnist"].files[0].name, SOURCES["mnist"].files[0].digest.split(":")[0]
+        ('train-images-idx3-ubyte.gz', 'sha256')
+    """
     name: str  # the file's name on every mirror
     digest: str  # "sha256:<hex>" or "md5:<hex>"
     size: int | None = None  # bytes, where published
@@ -56,6 +64,14 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class Source:
+    """Source.
+
+    Where a dataset's official files come from and where they go under the data root.
+
+    Example:
+        >>> sorted(SOURCES), SOURCES["cifar10"].archive
+        (['cifar10', 'fashion_mnist', 'mnist', 'svhn'], 'tar.gz')
+    """
     folder: str  # where under the data root the loader looks
     mirrors: tuple[str, ...]  # base URLs, tried in order
     files: tuple[RemoteFile, ...]
@@ -106,6 +122,25 @@ def get(name: str, root: str | os.PathLike | None = None, *, mirrors: list[str] 
     Files already there with the published digest are kept. ``mirrors``: base URLs to use instead of the
     built-in list (an institutional mirror, or a test server). ``progress``: a bar per file on stderr
     (default: when stderr is a terminal). Raises :class:`DownloadError` naming each mirror's failure.
+
+    Example (a mirror on this machine):
+        >>> import functools, hashlib, http.server, pathlib, threading
+        >>> _ = pathlib.Path("mirror").mkdir(exist_ok=True); _ = pathlib.Path("mirror/a.bin").write_bytes(b"hello")
+        >>> class Quiet(http.server.SimpleHTTPRequestHandler):
+        ...     def log_message(self, *args):
+        ...         pass
+        >>> server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory="mirror"))
+        >>> threading.Thread(target=server.serve_forever, daemon=True).start()
+        >>> SOURCES["demo"] = Source("demo", (f"http://127.0.0.1:{server.server_port}/",),
+        ...                          (RemoteFile("a.bin", "sha256:" + hashlib.sha256(b"hello").hexdigest()),))
+        >>> (get("demo", root="data", progress=False) / "a.bin").read_bytes()
+        b'hello'
+        >>> _ = pathlib.Path("mirror/a.bin").write_bytes(b"tampered")              # a mirror serving another file
+        >>> get("demo", root="elsewhere", progress=False)
+        Traceback (most recent call last):
+        ...
+        backproplab.download.DownloadError: a.bin: no mirror delivered the official file; ...(a corrupt or ...
+        >>> server.shutdown(); del SOURCES["demo"]
     """
     if name not in SOURCES:
         raise ValueError(f"no download for dataset {name!r}; available: {', '.join(sorted(SOURCES))} (digits, "

@@ -39,13 +39,30 @@ class RunFailed(RuntimeError):
 
 class ExecutorSetupError(ValueError):
     """The executor cannot run these jobs as asked (an unreachable cluster, resources it does not have, a
-    storage path that is not a folder); raised before any run is submitted, naming the option."""
+    storage path that is not a folder); raised before any run is submitted, naming the option.
+
+    Example:
+        >>> _ = open("not_a_folder", "w").write("x")
+        >>> RayExecutor(storage="not_a_folder").check()
+        Traceback (most recent call last):
+        ...
+        backproplab.executors.ExecutorSetupError: --storage not_a_folder: is a file, not a folder ...
+    """
 
 
 class LocalExecutor:
     """Runs the jobs one after another in this process (under torchrun: every rank runs every job). ``bar``: a
     progress bar shared by several calls (``reproduce``'s one bar over every experiment's runs, with the time
-    left); by default each call has its own."""
+    left); by default each call has its own.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> jobs = [NS(exp=NS(name="demo"), arm=NS(name="a"), seed=s) for s in range(3)]
+        >>> done = []
+        >>> LocalExecutor().run(jobs, lambda job: done.append(job.seed), progress=False, on_done=lambda job: None)
+        >>> done                                              # in order, in this process
+        [0, 1, 2]
+    """
 
     device = None
 
@@ -69,7 +86,15 @@ class LocalExecutor:
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    """Runs done of ``total``, the rate and the time left, on standard error (a log file gets a line every 20 s)."""
+    """Runs done of ``total``, the rate and the time left, on standard error (a log file gets a line every 20 s).
+
+    Example:
+        >>> bar = progress_bar(3, "runs", enabled=True)          # a tqdm bar, on standard error
+        >>> _ = bar.update(2)
+        >>> bar.n, bar.total, bar.unit
+        (2, 3, 'run')
+        >>> bar.close()
+    """
     return tqdm(total=total, desc=desc or "runs", unit="run", disable=not enabled, file=sys.stderr,
                 mininterval=0.2 if sys.stderr.isatty() else 20)
 
@@ -96,7 +121,19 @@ def _remote_run(job, storage: str | None, run_job: Callable[[Any], dict]) -> dic
 @dataclass
 class RayExecutor:
     """Every run a Ray task. ``address``: None starts Ray on this machine; ``"auto"`` or ``"HOST:PORT"`` joins
-    a running cluster."""
+    a running cluster.
+
+    Example:
+        >>> RayExecutor().device, RayExecutor(gpus_per_run=0.5).device       # where a run's model goes
+        (None, 'cuda')
+        >>> RayExecutor(address="127.0.0.1:1").check()                       # nothing listens there: fails at once
+        Traceback (most recent call last):
+        ...
+        backproplab.executors.ExecutorSetupError: --address 127.0.0.1:1: no Ray cluster answers there ...
+
+    References:
+        Moritz et al., "Ray: A distributed framework for emerging AI applications", OSDI 2018.
+    """
 
     address: str | None = None
     cpus_per_run: float = 1

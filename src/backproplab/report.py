@@ -108,7 +108,15 @@ ARTIFACT_CHECKS = ("tuning", "metric", "scale", "premise")  # what rules out our
 
 def unchecked(rec: dict, claim: str) -> list[str]:
     """The artifact checks a recorded "contradicted" verdict of ``claim`` still lacks (none for other verdicts
-    and for the lab's extensions, which say nothing about the paper)."""
+    and for the lab's extensions, which say nothing about the paper).
+
+    Example:
+        >>> rec = {"verdicts": [{"claim": "x", "outcome": "contradicted"}],
+        ...        "claims": [{"id": "x", "extension": ""}],
+        ...        "artifact_checks": {"x": {"tuning": "lr tuned on validation: still -3 points", "metric": " "}}}
+        >>> unchecked(rec, "x")                          # a blank entry is not a check
+        ['metric', 'scale', 'premise']
+    """
     verdict = next((v for v in rec.get("verdicts") or [] if v.get("claim") == claim), {})
     c = next((c for c in rec.get("claims") or [] if c.get("id") == claim), {})
     if verdict.get("outcome") != "contradicted" or c.get("extension"):
@@ -214,7 +222,15 @@ def record_markdown(rec: dict) -> str:
 
 
 def recorded_verdicts(source: str | Path = RECORDED) -> dict[str, dict]:
-    """{claim id: the recorded full-scale verdict, with the record's provenance} from ``source``."""
+    """{claim id: the recorded full-scale verdict, with the record's provenance} from ``source``.
+
+    Example:
+        >>> recorded = recorded_verdicts()
+        >>> sorted({v["experiment"] for v in recorded.values()})
+        ['curveball', 'linear_backprop', 'luck_matters', 'msgd', 'rifle', 'stobatch']
+        >>> [claim for claim, v in recorded.items() if v["unchecked"]]   # each contradiction carries its checks
+        []
+    """
     out: dict[str, dict] = {}
     for path in sorted(Path(source).glob("*.json")):
         try:

@@ -537,7 +537,7 @@ def evaluate_batches(model: nn.Module, batches: Iterable, loss_fn: Callable[...,
         >>> _ = torch.manual_seed(0)
         >>> model, x, y = nn.Linear(2, 3), torch.randn(6, 2), torch.randint(0, 3, (6,))
         >>> res = evaluate_batches(model, [(x[:4], y[:4]), (x[4:], y[4:])], cross_entropy)
-        >>> abs(res["loss"] - float(cross_entropy(model(x), y))) < 1e-6          # the mean over all 6 examples
+        >>> abs(res["loss"] - cross_entropy(model(x), y).item()) < 1e-6          # the mean over all 6 examples
         True
         >>> abs(res["acc"] - float((model(x).argmax(1) == y).float().mean())) < 1e-6
         True
