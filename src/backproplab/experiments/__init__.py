@@ -257,7 +257,12 @@ _SETTING_FIELDS = (("data", ("datasets", "dataset")),
 
 
 def run_setting(cfg: Any, scale: str) -> str:
-    """This run's setting in one line, from its config: scale, seeds, data, model and budget fields."""
+    """This run's setting in one line, from its config: scale, seeds, data, model and budget fields.
+
+    Example:
+        >>> run_setting(make_config(get("baselines"), ["seeds=3"], scale="smoke"), "smoke")
+        'smoke scale, 3 seeds; data: digits; model: mlp; budget: epochs 2; n_train 300; batch_size 64'
+    """
     parts = [f"{scale} scale, {getattr(cfg, 'seeds', '?')} seeds"]
     for label, names in _SETTING_FIELDS:
         values = []
@@ -285,6 +290,18 @@ def register(experiment: Experiment) -> Experiment:
 
 
 def get(name: str) -> Experiment:
+    """get.
+
+    The experiment registered under ``name`` (a built-in one is imported on first use).
+
+    Example:
+        >>> get("baselines").name
+        'baselines'
+        >>> get("nope")
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.ConfigError: unknown experiment 'nope'; available: baselines, curveball, ...
+    """
     if name in REGISTRY:
         return REGISTRY[name]
     if name in BUILTIN:
@@ -293,11 +310,23 @@ def get(name: str) -> Experiment:
 
 
 def all_experiments() -> list[Experiment]:
+    """all_experiments.
+
+    Example:
+        >>> [e.name for e in all_experiments()][:3]
+        ['baselines', 'curveball', 'msgd']
+    """
     return [get(n) for n in BUILTIN] + [e for n, e in REGISTRY.items() if n not in BUILTIN]
 
 
 def all_claims() -> list[tuple[Experiment, Claim]]:
-    """Every claim of every experiment, at the full-scale default config."""
+    """Every claim of every experiment, at the full-scale default config.
+
+    Example:
+        >>> claims = all_claims()
+        >>> len({c.id for _, c in claims}) == len(claims)          # claim ids are unique across experiments
+        True
+    """
     return [(e, c) for e in all_experiments() for c in e.claims(e.config())]
 
 
@@ -353,7 +382,12 @@ def _range_words(f: dataclasses.Field, tp: Any) -> str:
 
 
 def describe_fields(config_cls: type) -> str:
-    """``KEY (type[, range], default D): meaning``, one line per field, for ``--help`` and config errors."""
+    """``KEY (type[, range], default D): meaning``, one line per field, for ``--help`` and config errors.
+
+    Example:
+        >>> describe_fields(type(get("baselines").config())).splitlines()[0]
+        '  seeds (int, at least 1, at most 100000, default 5): paired seeds per arm (0..N-1); each seed is ...'
+    """
     hints = typing.get_type_hints(config_cls)
     lines = []
     for f in dataclasses.fields(config_cls):
@@ -364,7 +398,12 @@ def describe_fields(config_cls: type) -> str:
 
 
 def paper_scale_names() -> list[str]:
-    """The experiments with a ``--scale paper`` config."""
+    """The experiments with a ``--scale paper`` config.
+
+    Example:
+        >>> paper_scale_names()
+        ['curveball', 'msgd', 'linear_backprop', 'stobatch']
+    """
     return [exp.name for exp in all_experiments() if exp.paper]
 
 
@@ -384,6 +423,15 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
     then typed values, then ``key=value`` strings.
 
     Raises :class:`ConfigError` naming the bad key or value and listing the valid keys and types.
+
+    Example:
+        >>> cfg = make_config(get("baselines"), ["seeds=3", "epochs=4"], scale="smoke")
+        >>> cfg.seeds, cfg.epochs, cfg.n_train                     # n_train from the smoke scale's overrides
+        (3, 4, 300)
+        >>> make_config(get("baselines"), ["seeds=0"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.ConfigError: bad value 0 for 'seeds' in experiment 'baselines': expected a number ...
     """
     scale = scale or ("quick" if quick else "full")
     if scale not in SCALES:
@@ -498,6 +546,15 @@ def check_n_train(cfg: Any, datasets: Sequence[str]) -> None:
 
 
 def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    """check_choices.
+
+    Example:
+        >>> check_choices("optimizers", ["sgd"], ["sgd", "adam"])
+        >>> check_choices("optimizers", ["sgd", "lion"], ["sgd", "adam"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.ConfigError: bad value 'lion' for 'optimizers': unknown; choose from sgd, adam
+    """
     bad = [v for v in values if v not in allowed]
     if bad:
         raise ConfigError(f"bad value {', '.join(map(repr, bad))} for {name!r}: unknown; choose from "
@@ -526,12 +583,26 @@ def private_selection_note(cfg: Any) -> str:
 
 def identity(cfg: Any) -> dict:
     """The fields of ``cfg`` that decide results (all but :data:`NOT_IDENTITY`), JSON-normalised. ``validation``
-    appears only when set, so runs made before the field existed keep their identity."""
+    appears only when set, so runs made before the field existed keep their identity.
+
+    Example:
+        >>> a = make_config(get("baselines"), ["seeds=3", "device=cpu"], scale="smoke")
+        >>> b = make_config(get("baselines"), ["seeds=5"], scale="smoke")
+        >>> identity(a) == identity(b)                   # more seeds or another device: the same results folder
+        True
+        >>> identity(a) == identity(make_config(get("baselines"), ["epochs=3"], scale="smoke"))
+        False
+    """
     return json.loads(json.dumps(identity_of(dataclasses.asdict(cfg))))
 
 
 def identity_of(config: dict) -> dict:
-    """The identity part of a config written as a dict (a ``summary.json``'s, say): see :func:`identity`."""
+    """The identity part of a config written as a dict (a ``summary.json``'s, say): see :func:`identity`.
+
+    Example:
+        >>> identity_of({"seeds": 3, "device": "cpu", "epochs": 2, "validation": 0.0})
+        {'epochs': 2}
+    """
     record = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
     if not record.get("validation"):
         record.pop("validation", None)
@@ -550,7 +621,18 @@ def _barrier() -> None:
 
 def validation_split(data: Any, fraction: float, seed: int) -> Any:
     """``data`` with a random ``fraction`` of its training set (seeded) as the evaluation split; the test set
-    is dropped, so nothing tuned on this can see it."""
+    is dropped, so nothing tuned on this can see it.
+
+    Example:
+        >>> import torch
+        >>> from backproplab.data import Data
+        >>> data = Data("toy", torch.arange(10.0).unsqueeze(1), torch.zeros(10), torch.ones(4, 1), torch.ones(4), 0)
+        >>> split = validation_split(data, 0.2, seed=0)
+        >>> len(split.x_train), len(split.x_test)                            # the test set is gone
+        (8, 2)
+        >>> sorted(torch.cat([split.x_train, split.x_test]).flatten().tolist()) == list(range(10))
+        True
+    """
     import torch
 
     n = len(data.x_train)

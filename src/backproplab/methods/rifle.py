@@ -137,7 +137,22 @@ class RIFLESchedule:
     ``step()`` counts optimizer steps; after steps ``round(k T / (K + 1))``, k = 1..K (T = ``total_steps``),
     the head is re-initialised by :func:`reinit_head`, so the last reset leaves a full period of
     training. ``resets`` lists the steps after which it happened. ``state_dict`` / ``load_state_dict``
-    resume the count."""
+    resume the count.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> schedule = RIFLESchedule(model[2], opt, total_steps=12, times=2)
+        >>> before = model[2].weight.detach().clone()
+        >>> done = [schedule.step() for _ in range(12)]
+        >>> schedule.resets, torch.equal(model[2].weight, before)       # after steps round(k 12 / 3), k = 1, 2
+        ([4, 8], False)
+
+    References:
+        Li, Xiong, Wang, Huan and Dou, ICML 2020 (arXiv:2007.03349), Algorithm 1.
+    """
 
     def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, times: int = 3,
                  initializer: Callable[[nn.Module], None] | None = None):
@@ -280,7 +295,22 @@ class CosineLR(EpochLR):
 
 
 class CyclicLR(CosineLR):
-    """The cyclic-LR baseline: every group's cosine restarts at each RIFLE period start (SGDR-style)."""
+    """The cyclic-LR baseline: every group's cosine restarts at each RIFLE period start (SGDR-style).
+
+    Example:
+        >>> import math
+        >>> from backproplab import build_model, fit, load_dataset, TrainConfig
+        >>> data = load_dataset("digits", n_train=100)
+        >>> cyclic = CyclicLR(times=1)                                   # two periods of 3 epochs in 6
+        >>> _ = fit(build_model("mlp", data.input_shape, 10, widths=(8,)), data,
+        ...         TrainConfig(lr=0.1, epochs=6, batch_size=50), callbacks=[cyclic])
+        >>> got = [round(cyclic.lr_at(e)[0], 6) for e in range(6)]
+        >>> got == [round(0.1 * (1 + math.cos(math.pi * (e % 3) / 3)) / 2, 6) for e in range(6)]
+        True
+
+    References:
+        Loshchilov and Hutter, "SGDR: Stochastic gradient descent with warm restarts", ICLR 2017.
+    """
 
     def __init__(self, times: int = 3, every: int | None = None, min_lr: float = 0.0):
         super().__init__(times, restart=True, every=every, min_lr=min_lr)
@@ -404,7 +434,21 @@ def penalized_step(penalty: Callable[[nn.Module], Tensor] | None = None, disturb
 
 class DropConnectLinear(nn.Module):
     """A linear layer whose weights (not activations) are dropped with probability p in training:
-    y = x (W * M)^T / (1 - p) + b, one Bernoulli mask M per forward pass; ``last_mask`` keeps it."""
+    y = x (W * M)^T / (1 - p) + b, one Bernoulli mask M per forward pass; ``last_mask`` keeps it.
+
+    Example:
+        >>> import torch
+        >>> layer = DropConnectLinear(nn.Linear(3, 2), p=0.5)
+        >>> x = torch.randn(4, 3)
+        >>> y = layer(x)                                             # training: one mask for this forward
+        >>> torch.allclose(y, x @ (layer.linear.weight * layer.last_mask / 0.5).T + layer.linear.bias)
+        True
+        >>> torch.equal(layer.eval()(x), layer.linear(x))            # at test: the plain layer
+        True
+
+    References:
+        Wan, Zeiler, Zhang, LeCun and Fergus, "Regularization of neural networks using DropConnect", ICML 2013.
+    """
 
     def __init__(self, linear: nn.Linear, p: float = 0.5):
         super().__init__()
@@ -426,7 +470,21 @@ class DropConnectLinear(nn.Module):
 
 class StochasticDepthBlock(nn.Module):
     """A residual block whose residual branch is dropped with probability p in training (Huang et al.
-    2016): out = act(shortcut(x) + m * branch(x)), m ~ Bernoulli(1 - p); at test m = 1 - p."""
+    2016): out = act(shortcut(x) + m * branch(x)), m ~ Bernoulli(1 - p); at test m = 1 - p.
+
+    Example:
+        >>> import torch
+        >>> block = BasicBlock(nn.Conv2d, nn.BatchNorm2d, nn.ReLU, 4, 4, stride=1).eval()
+        >>> x = torch.randn(2, 4, 5, 5)
+        >>> dropped = StochasticDepthBlock(block, p=1.0).eval()        # at test the branch is scaled by 1 - p = 0
+        >>> torch.allclose(dropped(x), block.act2(block.shortcut(x)))
+        True
+        >>> torch.allclose(StochasticDepthBlock(block, p=0.0).eval()(x), block(x))   # p = 0: the block itself
+        True
+
+    References:
+        Huang, Sun, Liu, Sedra and Weinberger, "Deep networks with stochastic depth", ECCV 2016.
+    """
 
     def __init__(self, block: BasicBlock, p: float):
         super().__init__()
@@ -444,7 +502,14 @@ class StochasticDepthBlock(nn.Module):
 
 
 def with_head_dropout(model: nn.Module, p: float = 0.5, head: str = "head") -> nn.Module:
-    """Dropout on the head's input (in place)."""
+    """Dropout on the head's input (in place).
+
+    Example:
+        >>> from backproplab import build_model
+        >>> model = with_head_dropout(build_model("mlp", (4,), 3, widths=(8,)), p=0.3)
+        >>> [type(m).__name__ for m in model.head], model.head[0].p
+        (['Dropout', 'Linear'], 0.3)
+    """
     parent, _, name = head.rpartition(".")
     owner = get_submodule(model, parent) if parent else model
     setattr(owner, name, nn.Sequential(nn.Dropout(p), getattr(owner, name)))
@@ -452,7 +517,14 @@ def with_head_dropout(model: nn.Module, p: float = 0.5, head: str = "head") -> n
 
 
 def with_dropconnect(model: nn.Module, p: float = 0.5, head: str = "head") -> nn.Module:
-    """DropConnect on the head's weights (in place)."""
+    """DropConnect on the head's weights (in place).
+
+    Example:
+        >>> from backproplab import build_model
+        >>> model = with_dropconnect(build_model("mlp", (4,), 3, widths=(8,)), p=0.3)
+        >>> type(model.head).__name__, model.head.p
+        ('DropConnectLinear', 0.3)
+    """
     parent, _, name = head.rpartition(".")
     owner = get_submodule(model, parent) if parent else model
     layer = getattr(owner, name)
@@ -463,7 +535,14 @@ def with_dropconnect(model: nn.Module, p: float = 0.5, head: str = "head") -> nn
 
 
 def with_stochastic_depth(model: nn.Module, p_last: float = 0.5) -> nn.Module:
-    """Stochastic depth on every ResNet ``BasicBlock``, drop probability rising linearly to ``p_last``."""
+    """Stochastic depth on every ResNet ``BasicBlock``, drop probability rising linearly to ``p_last``.
+
+    Example:
+        >>> from backproplab import build_model
+        >>> model = with_stochastic_depth(build_model("resnet18", (3, 8, 8), 10, width=0.125), p_last=0.5)
+        >>> [round(m.p, 3) for m in model.modules() if isinstance(m, StochasticDepthBlock)]   # rising linearly
+        [0.062, 0.125, 0.188, 0.25, 0.312, 0.375, 0.438, 0.5]
+    """
     blocks = [(parent, name) for parent in model.modules() for name, c in parent.named_children()
               if isinstance(c, BasicBlock)]
     if not blocks:
