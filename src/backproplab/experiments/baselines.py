@@ -54,10 +54,27 @@ class BaselineArm(Arm):
 
 
 def arms(cfg: BaselinesConfig) -> list[BaselineArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (16, True)
+    """
     return [BaselineArm(d, m, o) for d in cfg.datasets for m in cfg.models for o in cfg.optimizers]
 
 
 def claims(cfg: BaselinesConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (4, True)
+    """
     if not {"sgd", "momentum"} <= set(cfg.optimizers):
         return []
     return quoted([Claim(

@@ -311,6 +311,14 @@ class CNNArm(Arm):
 
 
 def arms(cfg: CurveBallConfig) -> list[Arm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (36, True)
+    """
     toy = [ToyArm(p, m) for p in cfg.problems for m in cfg.toy_methods]
     cnn = [CNNArm(d, b, m) for d in cfg.datasets for b in cfg.batchnorm for m in cfg.cnn_methods]
     return toy + cnn
@@ -321,6 +329,15 @@ def seeds_for(cfg: CurveBallConfig, arm: Arm) -> int:
 
 
 def claims(cfg: CurveBallConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (14, True)
+    """
     out = []
     titles = {"rosenbrock": "the Rosenbrock function", "rosenbrock_u1": "the stochastic Rosenbrock function (U[0,1])",
               "rosenbrock_u3": "the stochastic Rosenbrock function (U[0,3])",

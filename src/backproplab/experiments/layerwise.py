@@ -72,6 +72,14 @@ class LayerwiseArm(Arm):
 
 
 def arms(cfg: LayerwiseConfig) -> list[LayerwiseArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (8, True)
+    """
     return [LayerwiseArm(d, kind, k) for d in _datasets(cfg)
             for kind, ks in (("greedy", cfg.ks), ("e2e", cfg.e2e_ks)) for k in ks]
 
@@ -90,6 +98,15 @@ QUOTES = {
 
 
 def claims(cfg: LayerwiseConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (6, True)
+    """
     out = []
     acc = "final test accuracy (fraction)"
     for d in _datasets(cfg):

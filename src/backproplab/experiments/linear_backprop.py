@@ -65,6 +65,14 @@ class LBPArm(Arm):
 
 
 def arms(cfg: LinearBackpropConfig) -> list[LBPArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (12, True)
+    """
     settings = ["points", *(f"{d}-{a}" for d in cfg.datasets for a in cfg.activations), "binary"]
     return [LBPArm(s, m) for s in settings for m in METHODS]
 
@@ -80,6 +88,15 @@ QUOTES = {
 
 
 def claims(cfg: LinearBackpropConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (7, True)
+    """
     out = [Claim("linear_backprop.fig1.five_points", PAPER, "Fig. 1",
                  "Overfitting 5 random points with a sigmoid MLP, linear backprop reaches a lower training error than "
                  "backprop in the same number of iterations.", "train_loss", LBPArm("points", "lbp").name, "less",

@@ -74,6 +74,14 @@ class LuckArm(Arm):
 
 
 def arms(cfg: LuckConfig) -> list[LuckArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (9, True)
+    """
     kinds = [f"mult{m}" for m in cfg.multipliers] + ["random_teacher", "teacher2020", "bn_student", "bn_cnn_digits",
                                                      "two_layer"]
     return [LuckArm(k) for k in kinds]
@@ -97,6 +105,15 @@ QUOTES = {
 
 
 def claims(cfg: LuckConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (12, True)
+    """
     top = f"mult{_max_mult(cfg)}"
     out = [
         Claim("luck_matters.lucky_nodes_specialize", PAPER, "Section 5 / Fig. 5 (luck)",

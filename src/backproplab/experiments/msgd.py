@@ -109,6 +109,14 @@ def _datasets(cfg: MSGDConfig) -> list[str]:
 
 
 def arms(cfg: MSGDConfig) -> list[MSGDArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (3, True)
+    """
     return [MSGDArm(d, m) for d in _datasets(cfg) for m in cfg.methods]
 
 
@@ -138,6 +146,15 @@ QUOTES = {
 
 
 def claims(cfg: MSGDConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (2, True)
+    """
     out = []
     acc = "final test accuracy (fraction of the held-out pool)"
     for d in _datasets(cfg):

@@ -99,6 +99,14 @@ class PrivacyArm(Arm):
 
 
 def arms(cfg: PrivacyConfig) -> list[PrivacyArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (12, True)
+    """
     return [PrivacyArm(p, a, s) for p in _privacy_levels(cfg) for a in cfg.adversarial for s in cfg.augment_sigmas]
 
 
@@ -117,6 +125,15 @@ QUOTES = {
 
 
 def claims(cfg: PrivacyConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (6, True)
+    """
     have = {a.name for a in arms(cfg)}
     acc = "clean test accuracy (fraction)"
     out = []

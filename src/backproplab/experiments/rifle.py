@@ -183,6 +183,14 @@ class RifleArm(Arm):
 
 
 def arms(cfg: RifleConfig) -> list[RifleArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (12, True)
+    """
     return [RifleArm(a) for a in cfg.arms]
 
 
@@ -204,6 +212,15 @@ QUOTES = {
 
 
 def claims(cfg: RifleConfig) -> list[Claim]:
+    """The claims ``cfg`` can judge (the paper's, quoted, and the lab's extensions), over its arms' final metrics.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (9, True)
+    """
     acc = "target test accuracy (fraction of the target pool)"
     have = set(cfg.arms)
     out = []

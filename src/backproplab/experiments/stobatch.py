@@ -96,6 +96,14 @@ class StoBatchArm(Arm):
 
 
 def arms(cfg: StoBatchExpConfig) -> list[StoBatchArm]:
+    """The experiment's arms for ``cfg``, typed records; ``arm.name`` is the results folder.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> quick = arms(make_config(EXPERIMENT, scale="quick"))
+        >>> len(quick), len({arm.name for arm in quick}) == len(quick)      # each arm its own results folder
+        (13, True)
+    """
     out = [StoBatchArm("nonprivate")]
     for e in cfg.epsilons:
         kinds = ["stobatch", "stobatch_paper"] + (["dpsgd_adv", "dpsgd_smooth"] if cfg.dp_baselines else [])
@@ -117,7 +125,15 @@ QUOTES = {"stobatch": "abstract: \"An end-to-end theoretical analysis and evalua
 
 def claims(cfg: StoBatchExpConfig) -> list[Claim]:
     """The paper's claims are judged on paper mode, read as the authors' evaluation reads it (the training draw,
-    BatchNorm on the test batch); the corrected mode and the fresh-noise reading are extensions."""
+    BatchNorm on the test batch); the corrected mode and the fresh-noise reading are extensions.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> names, found = {arm.name for arm in arms(cfg)}, claims(cfg)
+        >>> len(found), all(c.arm in names and c.baseline in names | {None} for c in found)   # judged on its arms
+        (21, True)
+    """
     if not cfg.dp_baselines:
         return []
     mid = cfg.attack_sizes[len(cfg.attack_sizes) // 2]
