@@ -72,7 +72,7 @@ def test_the_code_hash_follows_the_source_files(tmp_path, monkeypatch):
         provenance.code_hash.cache_clear()
         assert provenance.code_hash() == same
         train = copy / "train.py"
-        train.write_text(train.read_text().replace("lr: float = 0.05", "lr: float = 0.06"))
+        train.write_text(train.read_text().replace("lr: float = option(0.05", "lr: float = option(0.06"))
         provenance.code_hash.cache_clear()
         changed = provenance.code_hash()
     finally:

@@ -342,3 +342,25 @@ def test_a_line_cut_short_by_a_crash_is_left_out(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
     with pytest.raises(ValueError):
         _io.read_jsonl(path)
+
+
+def test_every_bounded_train_config_field_is_checked_from_its_declaration():
+    """#36 item 4: TrainConfig's limits live on its fields (``fields.option``) and ``check_config`` reads them:
+    every numeric field with a lower bound refuses the value just below it (and NaN for a float), naming the
+    field; the fields declared without one (batch_size <= 0 means the whole set; any int is a seed) take it."""
+    import dataclasses
+
+    from backproplab.train import check_config
+
+    bounded = [f for f in dataclasses.fields(TrainConfig)
+               if f.metadata.get("ge") is not None and type(f.default) in (int, float)]
+    assert {f.name for f in bounded} >= {"lr", "momentum", "weight_decay", "epochs", "max_steps", "eval_every",
+                                         "checkpoint_every", "chunk_size", "eval_batch_size", "finite_check_every"}
+    for f in bounded:
+        below = f.metadata["ge"] - (0.5 if isinstance(f.default, float) else 1)
+        for bad in ([below, float("nan")] if isinstance(f.default, float) else [below]):
+            with pytest.raises(ValueError, match=rf"TrainConfig\.{f.name}="):
+                check_config(TrainConfig(**{f.name: bad}))
+        check_config(TrainConfig(**{f.name: f.metadata["ge"]}))  # the bound itself is allowed
+    check_config(TrainConfig(batch_size=-1, seed=-5))
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))

@@ -23,6 +23,7 @@ epoch, so a resumed run ends with exactly the metrics of an uninterrupted one (t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -44,6 +45,7 @@ from tqdm import tqdm
 
 from . import _io
 from .data import Data
+from .fields import option
 from .dist import init_distributed, leave_distributed, rank_and_world, shutdown_distributed  # noqa: F401 (API)
 from .streams import derive_seed
 
@@ -70,23 +72,23 @@ def check_config(cfg: TrainConfig) -> None:
         ...
         ValueError: TrainConfig.lr=nan: must be a finite number >= 0
     """
-    for name in ("lr", "momentum", "weight_decay"):
-        value = getattr(cfg, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"TrainConfig.{name}={value!r}: must be a finite number >= 0")
-    for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "finite_check_every"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)!r}: must be >= 0")
-    for name in ("chunk_size", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)!r}: must be >= 1")
+    for f in dataclasses.fields(cfg):  # each number within the bound its field declares (option's ge)
+        value, ge = getattr(cfg, f.name), f.metadata.get("ge")
+        if ge is None or isinstance(f.default, bool) or not isinstance(f.default, (int, float)):
+            continue
+        if isinstance(f.default, float):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= ge):
+                raise ValueError(f"TrainConfig.{f.name}={value!r}: must be a finite number >= {ge:g}")
+        elif value < ge:
+            raise ValueError(f"TrainConfig.{f.name}={value!r}: must be >= {ge:g}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; available: {', '.join(LOSSES)}")
 
 
 @dataclass
 class TrainConfig:
-    """What the loop needs; experiments embed these fields in their own config dataclasses.
+    """What the loop needs; experiments embed these fields in their own config dataclasses. Each field carries
+    its meaning and its lower bound (:func:`~backproplab.fields.option`), which :func:`check_config` enforces.
 
     Example:
         >>> cfg = TrainConfig(optimizer="adam", lr=1e-3, epochs=2)
@@ -94,22 +96,23 @@ class TrainConfig:
         (64, 0)
     """
 
-    optimizer: str = "sgd"  # sgd | adam | gd (full-batch SGD) | anything in OPTIMIZERS
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 64  # global batch; <= 0 means the whole training set
-    epochs: int = 10
-    max_steps: int = 0  # > 0: stop after this many steps (a step budget)
-    eval_every: int = 0  # 0: evaluate at each epoch's end; > 0: every N steps
-    eval_train: bool = False  # also evaluate loss/accuracy on the whole training set
-    checkpoint_every: int = 0  # 0: no periodic checkpoints
-    loss: str = "cross_entropy"  # cross_entropy | mse
-    chunk_size: int = 2048  # larger batches are accumulated in chunks of this size
-    eval_batch_size: int = 2048
-    finite_check_every: int = 1  # check the loss for NaN/inf every N steps (each is a host sync on GPUs)
-    seed: int = 0
-    device: str = "model"  # model (wherever its parameters are) | cpu | cuda | cuda:N | auto
+    optimizer: str = option("sgd", "sgd | adam | gd (full-batch SGD) | anything in OPTIMIZERS")
+    lr: float = option(0.05, "learning rate")
+    momentum: float = option(0.0, "SGD momentum")
+    weight_decay: float = option(0.0, "L2 weight decay (the optimizer's)")
+    batch_size: int = option(64, "global batch; <= 0 means the whole training set", ge=None)
+    epochs: int = option(10, "passes over the training set")
+    max_steps: int = option(0, "> 0: stop after this many steps (a step budget)")
+    eval_every: int = option(0, "0: evaluate at each epoch's end; > 0: every N steps")
+    eval_train: bool = option(False, "also evaluate loss/accuracy on the whole training set")
+    checkpoint_every: int = option(0, "0: no periodic checkpoints")
+    loss: str = option("cross_entropy", "cross_entropy | mse")
+    chunk_size: int = option(2048, "larger batches are accumulated in chunks of this size", ge=1)
+    eval_batch_size: int = option(2048, "examples per evaluation batch", ge=1)
+    finite_check_every: int = option(1, "check the loss for NaN/inf every N steps (each is a host sync on GPUs)")
+    seed: int = option(0, "the run's seed: the global generators, and every other stream derived from it",
+                       ge=None)
+    device: str = option("model", "model (wherever its parameters are) | cpu | cuda | cuda:N | auto")
 
 
 class Batch(NamedTuple):

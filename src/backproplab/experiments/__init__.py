@@ -47,6 +47,7 @@ from .. import _io
 from .._log import logger
 from ..dist import rank
 from ..evidence import Claim, Verdict, judge_all
+from ..fields import option
 from ..streams import derive
 
 SCALES = ("smoke", "quick", "full", "paper")
@@ -59,25 +60,6 @@ class ConfigError(ValueError):
 
 
 MAX_SEEDS = 100_000
-
-
-def option(default: Any, help: str, *, ge: float = 0, gt: float | None = None, lt: float | None = None,
-           le: float | None = None) -> Any:
-    """A config field with its meaning and its range, declared where the field is.
-
-    ``help`` is the one line ``backproplab run NAME --help`` prints. The bounds apply to a number and to each
-    item of a list of numbers: ``ge`` (default 0: no config number is negative), ``gt``, ``lt``, ``le``; every
-    number must also be finite and fit float32. :func:`check_values` enforces them before anything trains.
-
-    Example:
-        >>> from dataclasses import dataclass, fields
-        >>> @dataclass
-        ... class Demo:
-        ...     epochs: int = option(3, "training epochs", ge=1)
-        >>> fields(Demo)[0].metadata["ge"], Demo().epochs
-        (1, 3)
-    """
-    return dataclasses.field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "lt": lt, "le": le})
 
 
 @dataclass
