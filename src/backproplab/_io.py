@@ -53,9 +53,7 @@ def _umask() -> int:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """write_text.
-
-    Written to a temporary file beside ``path`` and renamed over it: a crash leaves the old file or the new one.
+    """Written to a temporary file beside ``path`` and renamed over it: a crash leaves the old file or the new one.
 
     Example:
         >>> write_text("note.txt", "first"); write_text("note.txt", "second")
@@ -66,9 +64,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """write_bytes.
-
-    Atomic as :func:`write_text`.
+    """Atomic as :func:`write_text`.
 
     Example:
         >>> write_bytes("blob.bin", bytes([0, 255]))
@@ -107,7 +103,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """write_jsonl.
+    """Rows as JSON lines, written atomically (non-finite numbers as null).
 
     Example:
         >>> write_jsonl("rows.jsonl", [{"step": 1}, {"step": 2}])
@@ -155,9 +151,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
-    """torch_save.
-
-    Atomic as :func:`write_text`; read back with ``torch.load(path, weights_only=True)`` (no unpickling of code).
+    """Atomic as :func:`write_text`; read back with ``torch.load(path, weights_only=True)`` (no unpickling of code).
 
     Example:
         >>> import torch

@@ -635,9 +635,7 @@ def _run_on_ray(args, configs, scale: str) -> int:
 
 
 def dist_initialized() -> bool:
-    """dist_initialized.
-
-    Whether this process is in a torch.distributed group (under torchrun, after ``init_distributed``).
+    """Whether this process is in a torch.distributed group (under torchrun, after ``init_distributed``).
 
     Example:
         >>> dist_initialized()

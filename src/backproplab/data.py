@@ -75,9 +75,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 @dataclass(frozen=True)
 class Data:
-    """Data.
-
-    A dataset in memory: training and test tensors (examples along dimension 0) and the number of classes (0 for
+    """A dataset in memory: training and test tensors (examples along dimension 0) and the number of classes (0 for
     regression targets, whose ``output_dim`` is the targets' width).
 
     Example:
@@ -166,9 +164,7 @@ def load_dataset(name: str, *, n_train: int | None = None, seed: int = 0,
 
 
 def default_root() -> Path:
-    """default_root.
-
-    Where dataset files are looked for: ``$BACKPROPLAB_DATA``, else ``data`` (relative to the working folder).
+    """Where dataset files are looked for: ``$BACKPROPLAB_DATA``, else ``data`` (relative to the working folder).
 
     Example:
         >>> import os
@@ -179,9 +175,7 @@ def default_root() -> Path:
 
 
 def cache_dir() -> Path:
-    """cache_dir.
-
-    Where generated data are cached (MNIST-1D): ``$BACKPROPLAB_CACHE``, else ``~/.cache/backproplab``.
+    """Where generated data are cached (MNIST-1D): ``$BACKPROPLAB_CACHE``, else ``~/.cache/backproplab``.
 
     Example:
         >>> os.environ.get("BACKPROPLAB_CACHE") is not None or cache_dir().parts[-2:] == (".cache", "backproplab")

@@ -49,9 +49,7 @@ class DownloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """RemoteFile.
-
-    One official file: its name on every mirror, its published digest and, where published, its size.
+    """One official file: its name on every mirror, its published digest and, where published, its size.
 
     Example:
         >>> SOURCES["mnist"].files[0].name, SOURCES["mnist"].files[0].digest.split(":")[0]
@@ -64,9 +62,7 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class Source:
-    """Source.
-
-    Where a dataset's official files come from and where they go under the data root.
+    """Where a dataset's official files come from and where they go under the data root.
 
     Example:
         >>> sorted(SOURCES), SOURCES["cifar10"].archive

@@ -178,9 +178,7 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """SmallCNN.
-
-    Convolution blocks (conv 3x3, optional BatchNorm, activation, 2x max-pool) of ``channels``, then a hidden
+    """Convolution blocks (conv 3x3, optional BatchNorm, activation, 2x max-pool) of ``channels``, then a hidden
     linear layer and the classifier ``head``; 1-D or 2-D inputs (``input_shape`` = (C, L) or (C, H, W)).
 
     Example:
@@ -258,9 +256,7 @@ VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 class VGG(nn.Module):
-    """VGG.
-
-    Stages of 3x3 convolutions (``config``: widths, and "M" for a 2x max-pool), global average pooling and a
+    """Stages of 3x3 convolutions (``config``: widths, and "M" for a 2x max-pool), global average pooling and a
     linear ``head``; ``width`` scales every stage.
 
     Example:
@@ -303,9 +299,7 @@ class VGG(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """BasicBlock.
-
-    Two 3x3 convolutions with BatchNorm and the identity (or a 1x1 projection) added back.
+    """Two 3x3 convolutions with BatchNorm and the identity (or a 1x1 projection) added back.
 
     Example:
         >>> import torch
@@ -335,9 +329,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet.
-
-    ResNet-18's layout with the CIFAR stem (one 3x3 convolution, no max-pool); ``width`` scales the stages.
+    """ResNet-18's layout with the CIFAR stem (one 3x3 convolution, no max-pool); ``width`` scales the stages.
 
     Example:
         >>> import torch

@@ -29,9 +29,7 @@ LABELS = {
 
 
 def is_percent(metric: str) -> bool:
-    """is_percent.
-
-    Whether a metric is a fraction plotted as a percentage (accuracies, separability).
+    """Whether a metric is a fraction plotted as a percentage (accuracies, separability).
 
     Example:
         >>> is_percent("test_acc"), is_percent("train_loss")
@@ -41,9 +39,7 @@ def is_percent(metric: str) -> bool:
 
 
 def label(metric: str) -> str:
-    """label.
-
-    The axis label of a metric: a known name's label, else the name with spaces.
+    """The axis label of a metric: a known name's label, else the name with spaces.
 
     Example:
         >>> label("grad_norm_head")
@@ -125,9 +121,7 @@ def save(fig, path: str | Path) -> Path:
 
 
 def subplots(rows: int, cols: int, size: tuple[float, float] = (5.0, 3.7)):
-    """subplots.
-
-    A grid of ``rows`` x ``cols`` axes (always 2-D), each ``size`` inches.
+    """A grid of ``rows`` x ``cols`` axes (always 2-D), each ``size`` inches.
 
     Example:
         >>> fig, axes = subplots(2, 3)

@@ -149,9 +149,7 @@ class Step(Protocol):
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """cross_entropy.
-
-    The mean (or ``reduction``) over examples of -log softmax(outputs)[target].
+    """The mean (or ``reduction``) over examples of -log softmax(outputs)[target].
 
     Example:
         >>> import torch
@@ -207,7 +205,7 @@ TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """make_optimizer.
+    """The optimizer ``cfg.optimizer`` names, built by its entry in :data:`OPTIMIZERS`.
 
     Example:
         >>> from torch import nn
@@ -280,9 +278,7 @@ class StepDecay(EpochLR):
 
 
 def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """apply_transforms.
-
-    Each name is looked up in :data:`TRANSFORMS` and applied in order; an unknown name raises, listing the
+    """Each name is looked up in :data:`TRANSFORMS` and applied in order; an unknown name raises, listing the
     registered ones.
 
     Example:
@@ -305,7 +301,7 @@ def apply_transforms(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
 
 def seed_everything(seed: int) -> None:
-    """seed_everything.
+    """Seed Python's, NumPy's and torch's global generators with ``seed`` (what builds the model).
 
     Example:
         >>> import torch
@@ -347,9 +343,7 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 
 def resolve_device(device: str) -> torch.device:
-    """resolve_device.
-
-    ``"auto"``: CUDA when present, else the CPU; a CUDA device asked for without CUDA raises, naming the fix.
+    """``"auto"``: CUDA when present, else the CPU; a CUDA device asked for without CUDA raises, naming the fix.
 
     Example:
         >>> resolve_device("cpu")

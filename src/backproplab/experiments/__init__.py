@@ -272,9 +272,7 @@ def register(experiment: Experiment) -> Experiment:
 
 
 def get(name: str) -> Experiment:
-    """get.
-
-    The experiment registered under ``name`` (a built-in one is imported on first use).
+    """The experiment registered under ``name`` (a built-in one is imported on first use).
 
     Example:
         >>> get("baselines").name
@@ -292,7 +290,7 @@ def get(name: str) -> Experiment:
 
 
 def all_experiments() -> list[Experiment]:
-    """all_experiments.
+    """Every experiment: the built-in ones in :data:`BUILTIN`'s order, then those registered.
 
     Example:
         >>> [e.name for e in all_experiments()][:3]
@@ -390,7 +388,14 @@ def paper_scale_names() -> list[str]:
 
 
 def describe_paper_scale(exp: Experiment) -> str:
-    """``--scale paper`` for ``--help``: the overrides, the datasets to fetch first, and the gaps left."""
+    """``--scale paper`` for ``--help``: the overrides, the datasets to fetch first, and the gaps left.
+
+    Example:
+        >>> print(describe_paper_scale(get("baselines")))
+        --scale paper: none for 'baselines' (with one: curveball, msgd, linear_backprop, stobatch)
+        >>> describe_paper_scale(get("msgd")).startswith("--scale paper (the paper's setting, for a GPU:")
+        True
+    """
     if not exp.paper:
         return f"--scale paper: none for {exp.name!r} (with one: {', '.join(paper_scale_names())})"
     sets = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in exp.paper.items())
@@ -514,7 +519,16 @@ def check_values(exp: Experiment, cfg: Any) -> None:
 
 
 def check_n_train(cfg: Any, datasets: Sequence[str]) -> None:
-    """``n_train`` must not exceed any dataset's training set (0 means all of it)."""
+    """``n_train`` must not exceed any dataset's training set (0 means all of it).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> check_n_train(NS(n_train=0, data_root=""), ["digits"])              # 0: all of it
+        >>> check_n_train(NS(n_train=5000, data_root=""), ["digits"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.ConfigError: bad value 5000 for 'n_train': dataset 'digits' has 1438 training ...
+    """
     from ..data import DataNotFoundError, load_dataset
 
     for name in datasets:
@@ -528,7 +542,7 @@ def check_n_train(cfg: Any, datasets: Sequence[str]) -> None:
 
 
 def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
-    """check_choices.
+    """Raise :class:`ConfigError` for any of ``values`` not in ``allowed``, listing the choices.
 
     Example:
         >>> check_choices("optimizers", ["sgd"], ["sgd", "adam"])
@@ -546,7 +560,16 @@ def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> N
 def check_private_validation(cfg: Any, private_arms: bool) -> None:
     """A validation split of a private training set is private data: choosing a grid point by a metric on it
     (``sweep``) releases it beyond what each run's epsilon accounts for. Refuse it unless the config declares
-    the split public (``validation_public=true``, recorded with every run)."""
+    the split public (``validation_public=true``, recorded with every run).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> check_private_validation(NS(validation=0.2, validation_public=True), private_arms=True)
+        >>> check_private_validation(NS(validation=0.2), private_arms=True)
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.ConfigError: validation=0.2 on a private training set: ...
+    """
     if getattr(cfg, "validation", 0) > 0 and private_arms and not getattr(cfg, "validation_public", False):
         raise ConfigError(
             f"validation={cfg.validation:g} on a private training set: choosing among runs by a metric on that "
@@ -556,7 +579,13 @@ def check_private_validation(cfg: Any, private_arms: bool) -> None:
 
 
 def private_selection_note(cfg: Any) -> str:
-    """What each private run records about selection on its validation split."""
+    """What each private run records about selection on its validation split.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> private_selection_note(NS(validation=0))
+        'no selection on a validation split'
+    """
     if not getattr(cfg, "validation", 0):
         return "no selection on a validation split"
     return ("validation split declared public (validation_public=true): selection on it is not accounted in "
@@ -655,7 +684,14 @@ def plan(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = 
          warn: bool = True) -> list[Job]:
     """The runs of ``exp`` still to do under ``out`` (all of them with ``resume=False``). A finished run made by
     other code (see :mod:`backproplab.provenance`) is kept and counted in a warning (``warn``), or with
-    ``rerun_stale`` started over."""
+    ``rerun_stale`` started over.
+
+    Example:
+        >>> exp = get("baselines")
+        >>> jobs = plan(exp, make_config(exp, ["seeds=2"], scale="smoke"), out="planned", warn=False)
+        >>> [(job.seed, job.arm.name) for job in jobs]                # seed-major: every arm's seed 0 first
+        [(0, 'digits-mlp-sgd'), (0, 'digits-mlp-momentum'), (1, 'digits-mlp-sgd'), (1, 'digits-mlp-momentum')]
+    """
     from ..provenance import is_stale
     from ..train import resolve_device
 
@@ -750,6 +786,18 @@ def tuned(exp_dir: str | Path, what: str, key: dict, compute: Callable[[], Any])
     ``key`` (every config value the tuning depends on) and the code hash, so other settings or other code never
     reuse it. A file lock makes a second process wait for the first instead of tuning twice; a missing or
     unreadable file is computed again. ``compute`` must be deterministic and return a JSON value.
+
+    Example:
+        >>> calls = []
+        >>> def compute():
+        ...     calls.append(1)
+        ...     return 0.3
+        >>> tuned("exp", "lr", {"grid": [0.1, 0.3]}, compute), tuned("exp", "lr", {"grid": [0.1, 0.3]}, compute)
+        (0.3, 0.3)
+        >>> len(calls)                                        # computed once, read back the second time
+        1
+        >>> _ = tuned("exp", "lr", {"grid": [0.1, 1.0]}, compute); len(calls)       # another key: tuned anew
+        2
     """
     from ..provenance import code_hash
 
@@ -873,7 +921,16 @@ def check_data_present(cfg: Any) -> None:
 
 def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, overwrite: bool = False) -> None:
     """Raise :class:`ConfigError` if ``out`` cannot hold results, or results of another config stand where this
-    one would write."""
+    one would write.
+
+    Example:
+        >>> _ = open("a_file", "w").write("x")
+        >>> exp = get("baselines")
+        >>> preflight(exp, make_config(exp, scale="smoke"), "a_file")
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.ConfigError: --out a_file: is a file, not a folder; name a folder for the results
+    """
     out = Path(out)
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if out.exists() and not out.is_dir():

@@ -61,9 +61,7 @@ from .ghost_clipping import GhostClipping
 
 @dataclass
 class DPConfig:
-    """DPConfig.
-
-    DP-SGD's settings: the noise multiplier sigma (or ``target_epsilon``, from which the accountant derives
+    """DP-SGD's settings: the noise multiplier sigma (or ``target_epsilon``, from which the accountant derives
     it), the clip C, delta, the accountant, the noise source and the clipping engine.
 
     Example:
@@ -1079,9 +1077,7 @@ def _check_settings(n: int, batch_size: int, steps: int, config: DPConfig) -> No
 
 
 def planned_steps(cfg: TrainConfig, n: int) -> int:
-    """planned_steps.
-
-    The number of steps a TrainConfig plans on n examples: ``max_steps`` if set, else epochs * ceil(n / B)
+    """The number of steps a TrainConfig plans on n examples: ``max_steps`` if set, else epochs * ceil(n / B)
     (what the accountant is calibrated for).
 
     Example:

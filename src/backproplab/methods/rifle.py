@@ -29,9 +29,7 @@ from ..train import EpochLR, loss_step
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    """get_submodule.
-
-    ``model.get_submodule(path)``, with an error listing the module names when the path is wrong.
+    """``model.get_submodule(path)``, with an error listing the module names when the path is wrong.
 
     Example:
         >>> from torch import nn

@@ -146,9 +146,7 @@ def spectral_norm_w1(weight: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class NoiseScales:
-    """NoiseScales.
-
-    The scales :func:`noise_scales` computes: the sensitivities and the Laplace scales of the input, latent and
+    """The scales :func:`noise_scales` computes: the sensitivities and the Laplace scales of the input, latent and
     output-coefficient noise (see the module docstring).
 
     Example:
@@ -369,9 +367,7 @@ def ensemble_attack(model: StoBatchNet, x: Tensor, y: Tensor, max_size: float, s
 
 @dataclass
 class StoBatchConfig:
-    """StoBatchConfig.
-
-    StoBatch's settings (Phan et al. 2020): the budgets eps2 (auto-encoder) and eps3 (classifier), the disjoint
+    """StoBatch's settings (Phan et al. 2020): the budgets eps2 (auto-encoder) and eps3 (classifier), the disjoint
     batch size L and the workers averaged per step, the adversarial weight and attack, the W1 bound, and the mode
     (``paper_compat``: the authors' code; otherwise the corrected mechanism with its own noise).
 
