@@ -720,11 +720,8 @@ class DPSGD:
             self._check_trainable()
             with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                self._inside_step = True
-                try:
+                with self._licensed_step():
                     return inner(batch, state)
-                finally:
-                    self._inside_step = False
 
         return step
 
