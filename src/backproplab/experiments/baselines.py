@@ -14,9 +14,11 @@ import numpy as np
 
 from .. import plots
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..models import build_model
-from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train, final_values,
-               option)
+from .registry import Arm, Experiment, ExperimentConfig
+from .config import check_choices, check_n_train
+from .runner import Results, Run, final_values
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "gd")
 PAPER = "Sutskever et al., ICML 2013"

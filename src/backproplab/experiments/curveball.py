@@ -49,10 +49,12 @@ from torch import nn
 
 from .. import _io, plots
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..methods.curveball import CurveBall
 from ..models import build_model
 from ..streams import derive
-from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, option
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from .runner import Results, Run
 
 PROBLEMS = ("rosenbrock", "rosenbrock_u1", "rosenbrock_u3", "rahimi_recht", "rahimi_recht_stochastic")
 TOY_METHODS = ("sgd", "adam", "lbfgs", "newton", "lm", "curveball")

@@ -25,8 +25,10 @@ from ..data import DataNotFoundError, load_dataset
 from ..evidence import Claim, quoted
 from ..methods.layerwise import GreedyLayerwiseTrainer, LayerwiseCNN, parameter_count, probe, \
     retrain_smaller_classifier
+from ..fields import option
 from ..train import StepDecay, cross_entropy, evaluate
-from . import Arm, Experiment, ExperimentConfig, Results, Run, option
+from .registry import Arm, Experiment, ExperimentConfig
+from .runner import Results, Run
 
 PAPER = "Belilovsky et al., ICML 2019 (arXiv:1812.11446)"
 EQUIVALENCE_MARGIN = 0.02  # 2 points of test accuracy: "competitive with end-to-end"

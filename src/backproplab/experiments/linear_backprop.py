@@ -30,10 +30,12 @@ import torch
 
 from .. import _io, plots
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..methods.linear_backprop import linear_backprop
 from ..models import build_model
 from ..streams import derive, derive_seed
-from . import Arm, Experiment, ExperimentConfig, Results, Run, option
+from .registry import Arm, Experiment, ExperimentConfig
+from .runner import Results, Run
 
 METHODS = {"bp": "backprop", "lbp": "linear backprop"}
 PAPER = "Yazdani, NeurIPS 2018 workshop (Linear Backprop in non-linear networks)"

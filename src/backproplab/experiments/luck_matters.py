@@ -28,11 +28,13 @@ import torch
 
 from .. import plots
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..methods import teacher_student as ts
 from ..models import build_model
 from ..streams import derive
 from ..train import evaluate, mse
-from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, option
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from .runner import Results, Run
 
 PAPER = "Tian et al., arXiv:1905.13405 2019 (Luck Matters); Tian, ICML 2020"
 

@@ -39,10 +39,12 @@ import numpy as np
 from .. import plots
 from ..data import DataNotFoundError, load_dataset
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..methods import msgd
 from ..models import build_model
-from . import (MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_n_train,
-               final_values, option, validation_split)
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from .config import check_choices, check_n_train
+from .runner import Results, Run, final_values, validation_split
 
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
 LARGE = ("large_sgd", "large_weighted")
@@ -82,7 +84,7 @@ class MSGDConfig(ExperimentConfig):
 def large_batch(cfg: MSGDConfig, n: int) -> int:
     """B = large_factor x b, which must lie strictly between b and n: B = n would make large-batch SGD full-batch
     GD (and its weighted twin MSGD-Fisher), B = b plain SGD."""
-    from . import ConfigError
+    from .registry import ConfigError
 
     big = cfg.large_factor * cfg.batch_size
     if not cfg.batch_size < big < n:

@@ -25,12 +25,14 @@ import torch
 from .. import plots
 from ..data import Data, load_dataset
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..methods import privacy, robustness
 from ..models import build_model
 from ..streams import derive
 from ..train import loss_step
-from . import (Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation, option,
-               private_selection_note)
+from .registry import Arm, Experiment, ExperimentConfig
+from .config import check_choices, check_private_validation, private_selection_note
+from .runner import Results, Run
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 CLAIM_RADIUS = 0.5  # l2 radius at which the certification claim is judged

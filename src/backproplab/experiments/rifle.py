@@ -42,11 +42,14 @@ from torch import nn
 from .. import _io, plots
 from ..data import Data, load_dataset
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..methods import rifle
 from ..models import build_model
 from ..streams import derive
 from ..train import TrainConfig, fit, isolated_rng
-from . import MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, option
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from .config import check_choices
+from .runner import Results, Run
 
 PAPER = "Li et al., ICML 2020 (arXiv:2007.03349)"
 

@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from .. import plots
 from ..data import Data
 from ..evidence import Claim, quoted
+from ..fields import option
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
 from ..streams import derive
-from . import (MAX_SEEDS, Arm, Experiment, ExperimentConfig, Results, Run, check_choices, check_private_validation,
-               option)
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from .config import check_choices, check_private_validation
+from .runner import Results, Run
 
 PAPER = "Phan et al., ICML 2020 (arXiv:1903.09822)"
 

@@ -1,0 +1,143 @@
+"""The experiments' types and the registry that finds them by name.
+
+An experiment is an :class:`Experiment` record: its config dataclass (a subclass of :class:`ExperimentConfig`
+whose fields are :func:`~backproplab.fields.option` declarations), its typed :class:`Arm` records, ``run_arm``,
+``claims`` and ``analyze``. The built-in ones live in one module each, named in :data:`BUILTIN` and imported on
+first use; :func:`register` adds a user's own. Nothing here parses a config (:mod:`.config`) or runs anything
+(:mod:`.runner`): both import this module, never the reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from ..evidence import Claim
+from ..fields import option
+
+SCALES = ("smoke", "quick", "full", "paper")
+
+
+class ConfigError(ValueError):
+    """A ``--set`` key or value does not fit the experiment's config, or results of another config are in the way."""
+
+
+MAX_SEEDS = 100_000
+
+
+@dataclass
+class ExperimentConfig:
+    seeds: int = option(5, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when present)")
+    data_root: str = option("", "where local dataset files live ('' = $BACKPROPLAB_DATA or ./data)")
+    linear_backprop: bool = option(False, "train every model of the experiment with linear backprop")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: none); does not change results")
+    log: str = option("", "also log each evaluation as csv and/or tensorboard (comma-separated), beside metrics.jsonl")
+    validation: float = option(
+        0.0, "> 0: hold out this fraction of the training set, report on it (not the test set)", lt=1)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A typed arm. Subclasses declare fields; ``name`` (the results folder) joins them with ``-``."""
+
+    @property
+    def name(self) -> str:
+        return "-".join(_token(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _token(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    config: type
+    arms: Callable[[Any], list[Any]]
+    run_arm: Callable[[Any], dict]  # runner.Run -> the run's final metrics
+    analyze: Callable[[Any], list[str]]  # runner.Results -> notes (and figures written beside them)
+    claims: Callable[[Any], list[Claim]] = lambda cfg: []
+    smoke: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quick: dict[str, Any] = dataclasses.field(default_factory=dict)
+    table_metrics: tuple[str, ...] = ("test_acc", "test_loss", "train_loss")
+    seeds_for: Callable[[Any, Any], int] | None = None  # per-arm seed count (default: cfg.seeds)
+    load_trained: Callable[[Any, Any, Path], tuple] | None = None  # (model, data, sigma) for `certify`
+    paper_setting: str = ""  # the papers' data, model and budget, as they ran the claims judged here
+    deviations: tuple[str, ...] = ()  # how this lab's setting differs from the paper's, and why
+    # ``--scale paper`` (for a GPU): the config overrides that put the paper's dataset, model and budget where
+    # the config can express them, and what of the paper's setting it still cannot (said by --help and the run)
+    paper: dict[str, Any] = dataclasses.field(default_factory=dict)
+    paper_gaps: tuple[str, ...] = ()
+
+    def seeds_of(self, cfg: Any) -> Callable[[Any], int]:
+        return (lambda arm: self.seeds_for(cfg, arm)) if self.seeds_for else (lambda arm: cfg.seeds)
+
+    def arm_named(self, cfg: Any, name: str) -> Any:
+        by_name = {a.name: a for a in self.arms(cfg)}
+        if name not in by_name:
+            raise ConfigError(f"experiment {self.name!r} has no arm {name!r} under this config; arms: "
+                              f"{', '.join(by_name)}")
+        return by_name[name]
+
+
+# Built-in experiments by name -> module; each module defines EXPERIMENT. Nothing is registered by importing.
+BUILTIN = {name: f"{__package__}.{name}" for name in
+           ("baselines", "curveball", "msgd", "linear_backprop", "layerwise", "rifle", "luck_matters", "privacy",
+            "stobatch")}
+
+
+REGISTRY: dict[str, Experiment] = {}  # experiments a user adds with register()
+
+
+def register(experiment: Experiment) -> Experiment:
+    """Add an experiment of your own (built-ins come from :data:`BUILTIN`)."""
+    REGISTRY[experiment.name] = experiment
+    return experiment
+
+
+def get(name: str) -> Experiment:
+    """The experiment registered under ``name`` (a built-in one is imported on first use).
+
+    Example:
+        >>> get("baselines").name
+        'baselines'
+        >>> get("nope")
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: unknown experiment 'nope'; available: baselines, curveball, ...
+    """
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name in BUILTIN:
+        return importlib.import_module(BUILTIN[name]).EXPERIMENT
+    raise ConfigError(f"unknown experiment {name!r}; available: {', '.join([*BUILTIN, *REGISTRY])}")
+
+
+def all_experiments() -> list[Experiment]:
+    """Every experiment: the built-in ones in :data:`BUILTIN`'s order, then those registered.
+
+    Example:
+        >>> [e.name for e in all_experiments()][:3]
+        ['baselines', 'curveball', 'msgd']
+    """
+    return [get(n) for n in BUILTIN] + [e for n, e in REGISTRY.items() if n not in BUILTIN]
+
+
+def all_claims() -> list[tuple[Experiment, Claim]]:
+    """Every claim of every experiment, at the full-scale default config.
+
+    Example:
+        >>> claims = all_claims()
+        >>> len({c.id for _, c in claims}) == len(claims)          # claim ids are unique across experiments
+        True
+    """
+    return [(e, c) for e in all_experiments() for c in e.claims(e.config())]
