@@ -54,7 +54,24 @@ class DataNotFoundError(FileNotFoundError):
 
 
 class DataFormatError(ValueError):
-    """A dataset file is corrupt, inconsistent or hostile; the message names the file and what was expected."""
+    """A dataset file is corrupt, inconsistent or hostile; the message names the file and what was expected.
+
+    Example:
+        A CIFAR-10 batch whose pickle would run a command is refused before anything runs, naming the file:
+
+        >>> import os, pathlib, pickle, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "cifar-10-batches-py"
+        >>> folder.mkdir()
+        >>> class Hostile:
+        ...     def __reduce__(self):
+        ...         return os.system, ("echo this must not run",)
+        >>> for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        ...     _ = (folder / name).write_bytes(pickle.dumps(Hostile()))
+        >>> cifar10(root=folder.parent)
+        Traceback (most recent call last):
+        ...
+        backproplab.data.DataFormatError: .../data_batch_1: not a CIFAR-10 python batch (refused to load posix.system...
+    """
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -284,6 +301,25 @@ def _missing(name: str, expected: Path, layout: str, root: Path) -> DataNotFound
 
 @register_dataset("cifar10")
 def cifar10(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
+    """CIFAR-10 from the official python batches (``root/cifar-10-batches-py/data_batch_1..5`` and ``test_batch``),
+    read by a restricted unpickler that loads only arrays, lists and bytes; each row of ``b'data'`` is the red, green
+    and blue 32 x 32 planes in turn.
+
+    Example:
+        >>> import pathlib, pickle, tempfile, numpy as np
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "cifar-10-batches-py"
+        >>> folder.mkdir()
+        >>> rng = np.random.default_rng(0)
+        >>> for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
+        ...     batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        ...     _ = (folder / name).write_bytes(pickle.dumps(batch))
+        >>> data = cifar10(root=folder.parent, unit_range=True)
+        >>> data.x_train.shape, data.x_test.shape
+        (torch.Size([10, 3, 32, 32]), torch.Size([3, 3, 32, 32]))
+        >>> row = batch[b"data"][2]                                   # the last test image: planes R, G, B
+        >>> bool((data.x_test[2] * 255).round().to(torch.uint8).flatten().numpy().tolist() == row.tolist())
+        True
+    """
     root = root or default_root()
     folder = root / "cifar-10-batches-py"
     layout = "cifar-10-batches-py/data_batch_1 .. data_batch_5 and test_batch, the python pickle version"
@@ -396,16 +432,77 @@ def _idx_dataset(name: str, root: Path | None, unit_range: bool = False) -> Data
 
 @register_dataset("mnist")
 def mnist(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
+    """MNIST from its four official IDX files under ``root/mnist/`` (or torchvision's ``root/MNIST/raw/``),
+    gzipped or not: images scaled to [0, 1] (``unit_range``) or standardised with the training statistics.
+    ``backproplab data get mnist`` downloads them.
+
+    Example:
+        >>> import pathlib, tempfile, numpy as np
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "mnist").mkdir()
+        >>> def write_idx(path, array):          # IDX: 0, 0, 0x08 (unsigned bytes), ndim, then each size big-endian
+        ...     sizes = b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+        ...     _ = path.write_bytes(bytes([0, 0, 8, array.ndim]) + sizes + array.astype(np.uint8).tobytes())
+        >>> images = np.random.default_rng(0).integers(0, 256, (10, 28, 28))
+        >>> for split, rows in (("train", slice(0, 6)), ("t10k", slice(6, 10))):
+        ...     write_idx(root / "mnist" / f"{split}-images-idx3-ubyte", images[rows])
+        ...     write_idx(root / "mnist" / f"{split}-labels-idx1-ubyte", np.arange(10)[rows])
+        >>> data = mnist(root=root, unit_range=True)
+        >>> data.x_train.shape, data.y_test.tolist()
+        (torch.Size([6, 1, 28, 28]), [6, 7, 8, 9])
+        >>> bool((data.x_test[:, 0] == torch.tensor(images[6:] / 255, dtype=torch.float32)).all())
+        True
+    """
     return _idx_dataset("mnist", root, unit_range)
 
 
 @register_dataset("fashion_mnist")
 def fashion_mnist(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
+    """Fashion-MNIST: MNIST's IDX layout under ``root/fashion_mnist/`` (or torchvision's ``root/FashionMNIST/raw/``),
+    gzipped or not; see :func:`mnist`.
+
+    Example:
+        >>> import gzip, pathlib, tempfile, numpy as np
+        >>> raw = pathlib.Path(tempfile.mkdtemp()) / "FashionMNIST" / "raw"      # torchvision's layout, gzipped
+        >>> raw.mkdir(parents=True)
+        >>> def write_idx(path, array):
+        ...     sizes = b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+        ...     content = bytes([0, 0, 8, array.ndim]) + sizes + array.astype(np.uint8).tobytes()
+        ...     _ = path.write_bytes(gzip.compress(content))
+        >>> images = np.random.default_rng(1).integers(0, 256, (8, 28, 28))
+        >>> for split, rows in (("train", slice(0, 5)), ("t10k", slice(5, 8))):
+        ...     write_idx(raw / f"{split}-images-idx3-ubyte.gz", images[rows])
+        ...     write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(8)[rows])
+        >>> data = fashion_mnist(root=raw.parent.parent)                # standardised with the training statistics
+        >>> train = torch.tensor(images[:5] / 255, dtype=torch.float32)
+        >>> torch.allclose(data.x_test[:, 0], (torch.tensor(images[5:] / 255, dtype=torch.float32) - train.mean())
+        ...                / train.std(), atol=1e-5)
+        True
+    """
     return _idx_dataset("fashion_mnist", root, unit_range)
 
 
 @register_dataset("svhn")
 def svhn(seed: int = 0, root: Path | None = None, unit_range: bool = False) -> Data:
+    """SVHN's cropped digits (format 2): ``root/svhn/train_32x32.mat`` and ``test_32x32.mat``, X of 32 x 32 x 3 x N
+    pixels and y of N labels in 1..10, where 10 stands for the digit 0.
+
+    Example:
+        >>> import pathlib, tempfile, numpy as np
+        >>> from scipy.io import savemat
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "svhn"
+        >>> folder.mkdir()
+        >>> rng = np.random.default_rng(0)
+        >>> for split, labels in (("train", [10, 1, 2]), ("test", [10, 9])):
+        ...     pixels = rng.integers(0, 256, (32, 32, 3, len(labels)), dtype=np.uint8)
+        ...     savemat(folder / f"{split}_32x32.mat", {"X": pixels, "y": np.array(labels)[:, None]})
+        >>> data = svhn(root=folder.parent, unit_range=True)
+        >>> data.x_test.shape, data.y_train.tolist(), data.y_test.tolist()          # label 10 is the digit 0
+        (torch.Size([2, 3, 32, 32]), [0, 1, 2], [0, 9])
+        >>> bool((data.x_test[1] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy().tolist()
+        ...      == pixels[..., 1].tolist())                          # X[row, col, channel, n] is image n
+        True
+    """
     from scipy.io import loadmat
 
     root = root or default_root()

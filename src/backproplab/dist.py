@@ -53,7 +53,15 @@ def world_size() -> int:
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
     """Join the process group torchrun describes in the environment; (rank, world size). The group is
     left at interpreter exit if the script does not call :func:`shutdown_distributed` itself: a rank
-    that exits with gloo's threads still running can abort and fail the whole torchrun job."""
+    that exits with gloo's threads still running can abort and fail the whole torchrun job.
+
+    Example:
+        Outside torchrun (no ``WORLD_SIZE`` above 1) it joins nothing: one process of rank 0.
+
+        >>> import os
+        >>> "WORLD_SIZE" in os.environ, init_distributed(), dist.is_initialized()
+        (False, (0, 1), False)
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
@@ -81,7 +89,14 @@ def shutdown_distributed(wait: bool = True) -> None:
     ("terminate called without an active exception") and fail the whole torchrun job. ``wait``: meet
     the other ranks first (not after an error, when they may never come). Garbage is collected after: objects
     in reference cycles (a training state holding a DistributedDataParallel wrapper, say) can keep the group
-    alive past ``destroy_process_group`` until the interpreter's finalization."""
+    alive past ``destroy_process_group`` until the interpreter's finalization.
+
+    Example:
+        Without a process group it does nothing, so a script may call it unconditionally:
+
+        >>> shutdown_distributed(), dist.is_initialized()
+        (None, False)
+    """
     if dist.is_initialized():
         if wait:
             dist.barrier()
@@ -97,7 +112,17 @@ def leave_distributed(code: int = 0) -> NoReturn:
     hooked on the model's parameters, hold it) and is then destroyed during finalization, where a rank has
     been seen to abort ("terminate called without an active exception", SIGABRT) now and then, failing the
     torchrun job after all its work was written. Make it the last line of a script whose ranks have closed
-    every file they wrote; ``backproplab`` under torchrun ends this way itself."""
+    every file they wrote; ``backproplab`` under torchrun ends this way itself.
+
+    Example:
+        The process ends with the code given, its output flushed first:
+
+        >>> import subprocess, sys
+        >>> script = "from backproplab.dist import leave_distributed; print('written', end=''); leave_distributed(3)"
+        >>> done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        >>> done.returncode, done.stdout
+        (3, 'written')
+    """
     import logging
 
     shutdown_distributed()

@@ -55,7 +55,25 @@ TIMING_KEYS = ("examples_per_s", "step_time", "wall_time")
 class NonFiniteLossError(FloatingPointError):
     """The training loss (or an evaluated loss) became NaN or infinite: the run diverged.
 
-    ``step`` and ``epoch`` say where; ``last`` is the last metrics row whose values were all finite (or None)."""
+    ``step`` and ``epoch`` say where; ``last`` is the last metrics row whose values were all finite (or None).
+
+    Example:
+        Gradient descent on a least-squares fit diverges once the step passes 2 / (the loss's largest curvature):
+
+        >>> import math
+        >>> from torch import nn
+        >>> from backproplab.data import Data
+        >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+        >>> data = Data("toy", x, x.sum(1, keepdim=True), x[:8], x[:8].sum(1, keepdim=True), 0)
+        >>> try:
+        ...     fit(nn.Linear(3, 1), data, TrainConfig(lr=10.0, batch_size=8, epochs=20, loss="mse"), progress=False)
+        ... except NonFiniteLossError as diverged:
+        ...     print(diverged.step > 0, math.isfinite(diverged.last["train_loss"]))
+        True True
+        >>> rows = fit(nn.Linear(3, 1), data, TrainConfig(lr=0.05, batch_size=8, epochs=20, loss="mse"), progress=False)
+        >>> rows[-1]["train_loss"] < 1e-3                                      # a step below the limit converges
+        True
+    """
 
     def __init__(self, message: str, step: int = 0, epoch: int = 0, last: dict | None = None):
         super().__init__(message)
@@ -116,6 +134,27 @@ class TrainConfig:
 
 
 class Batch(NamedTuple):
+    """Batch.
+
+    One training batch as a step receives it: inputs, targets and the examples' positions in the training set.
+
+    Example:
+        Over an epoch the positions are exactly :func:`epoch_order`'s permutation, batch after batch:
+
+        >>> from torch import nn
+        >>> from backproplab.data import Data
+        >>> data = Data("toy", torch.randn(10, 2), torch.zeros(10, dtype=torch.long), torch.randn(2, 2),
+        ...             torch.zeros(2, dtype=torch.long), 2)
+        >>> seen = []
+        >>> def recording_step(batch, state):
+        ...     seen.append(batch.index)
+        ...     assert torch.equal(batch.x, data.x_train[batch.index])
+        ...     return standard_step(batch, state)
+        >>> _ = fit(nn.Linear(2, 2), data, TrainConfig(batch_size=4, epochs=1, seed=3), step=recording_step,
+        ...         progress=False)
+        >>> torch.equal(torch.cat(seen), epoch_order(10, epoch=0, seed=3)), [len(i) for i in seen]
+        (True, [4, 4, 2])
+    """
     x: Tensor
     y: Tensor
     index: Tensor  # positions of the examples in the training set (for per-example weighting)
@@ -123,6 +162,24 @@ class Batch(NamedTuple):
 
 @dataclass
 class TrainState:
+    """TrainState.
+
+    What a step and the callbacks see of the run: the model, the optimizer, the counters and the history so far; a
+    callback that sets ``stop`` ends training after the current step.
+
+    Example:
+        >>> from torch import nn
+        >>> from backproplab.data import Data
+        >>> data = Data("toy", torch.randn(12, 2), torch.zeros(12, dtype=torch.long), torch.randn(2, 2),
+        ...             torch.zeros(2, dtype=torch.long), 2)
+        >>> class StopAtStep5:
+        ...     def on_step_end(self, state):
+        ...         state.stop = state.step == 5
+        >>> rows = fit(nn.Linear(2, 2), data, TrainConfig(batch_size=4, epochs=10), callbacks=[StopAtStep5()],
+        ...            progress=False)
+        >>> rows[-1]["step"], round(rows[-1]["epoch"], 2)             # 3 steps per epoch: 5 steps are 1.67 epochs
+        (5, 1.67)
+    """
     model: nn.Module  # the bare model
     net: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
@@ -142,6 +199,34 @@ class TrainState:
 
 
 class Step(Protocol):
+    """Step.
+
+    The step plug point: ``step(batch, state) -> loss``, one training iteration, returning the detached loss.
+
+    Example:
+        A step written out by hand trains exactly as the default :func:`standard_step`:
+
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from backproplab.data import Data
+        >>> data = Data("toy", torch.randn(16, 3), torch.randint(0, 2, (16,)), torch.randn(4, 3),
+        ...             torch.randint(0, 2, (4,)), 2)
+        >>> def by_hand(batch, state):
+        ...     state.optimizer.zero_grad()
+        ...     loss = F.cross_entropy(state.net(batch.x), batch.y)
+        ...     loss.backward()
+        ...     state.optimizer.step()
+        ...     return loss.detach()
+        >>> weights = []
+        >>> for step in (by_hand, None):                              # None: the loop's standard_step
+        ...     model = nn.Linear(3, 2)
+        ...     with torch.no_grad():
+        ...         _ = model.weight.fill_(0.1), model.bias.zero_()
+        ...     _ = fit(model, data, TrainConfig(batch_size=4, epochs=2), step=step, progress=False)
+        ...     weights.append(model.weight.detach().clone())
+        >>> torch.equal(*weights)
+        True
+    """
     def __call__(self, batch: Batch, state: TrainState) -> Tensor: ...
 
 
@@ -499,7 +584,26 @@ def _model_loss(batch: Batch, state: TrainState) -> Tensor:
 
 standard_step: Step = loss_step(_model_loss, parts=batch_chunks)
 standard_step.__doc__ = """``zero_grad; mean loss over the batch .backward(); optimizer.step()``, in chunks of
-``config.chunk_size`` for large batches (full-batch GD), DDP's all-reduce only on the last chunk."""
+``config.chunk_size`` for large batches (full-batch GD), DDP's all-reduce only on the last chunk.
+
+Example:
+    A batch larger than ``chunk_size`` is accumulated in chunks, each weighted by its share: the step equals the
+    whole batch's (full-batch GD on 10 examples in chunks of 4, 4 and 2):
+
+    >>> from torch import nn
+    >>> from backproplab.data import Data
+    >>> data = Data("toy", torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,)),
+    ...             torch.randn(2, 3, dtype=torch.float64), torch.randint(0, 2, (2,)), 2)
+    >>> weights = []
+    >>> for chunk in (4, 2048):
+    ...     model = nn.Linear(3, 2).double()
+    ...     with torch.no_grad():
+    ...         _ = model.weight.fill_(0.1), model.bias.zero_()
+    ...     _ = fit(model, data, TrainConfig(optimizer="gd", lr=0.5, max_steps=3, chunk_size=chunk), progress=False)
+    ...     weights.append(model.weight.detach().clone())
+    >>> torch.allclose(*weights, rtol=1e-12, atol=0)
+    True
+"""
 
 
 @torch.no_grad()
