@@ -209,7 +209,16 @@ def _bounds(f: dataclasses.Field) -> list[tuple[str, float, Callable[[float, flo
 def check_values(exp: Experiment, cfg: Any) -> None:
     """Every number of the config (and every item of a list of numbers) finite, within float32 and within the
     bounds its field declares (:func:`option`); lists non-empty; datasets known; a device that exists. Raises
-    ConfigError naming the key, the value and the range."""
+    ConfigError naming the key, the value and the range.
+
+    Example:
+        >>> cfg = make_config(get("baselines"), scale="smoke")
+        >>> cfg.sgd_lr = float("inf")                                   # set past make_config, caught before training
+        >>> check_values(get("baselines"), cfg)
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value inf for 'sgd_lr' in experiment 'baselines': expected ...
+    """
     from ..data import DATASETS
     from ..train import resolve_device
 

@@ -39,7 +39,18 @@ _NO_VALIDATION = ("experiment {name!r} (this arm) does not load its data through
 
 @dataclass
 class Run:
-    """What ``run_arm`` gets: the config, the arm, the seed and where to write, all set up by the runner."""
+    """What ``run_arm`` gets: the config, the arm, the seed and where to write, all set up by the runner.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from backproplab.experiments import get, make_config
+        >>> cfg = make_config(get("baselines"), ["checkpoint_every=50"], scale="smoke")
+        >>> run = Run(cfg, get("baselines").arms(cfg)[0], seed=2, dir=Path("out/a/seed2"), exp_dir=Path("out"),
+        ...           resume=True, device="cpu")
+        >>> tc = run.train_config(lr=0.1)                 # the run's seed, device and checkpointing, the values given
+        >>> tc.seed, tc.device, tc.checkpoint_every, tc.lr
+        (2, 'cpu', 50, 0.1)
+    """
 
     cfg: Any
     arm: Any
@@ -102,7 +113,21 @@ class Run:
 
 
 class Results:
-    """Finished runs of the current config only: arms of ``cfg`` and seeds ``0..seeds-1``."""
+    """Finished runs of the current config only: arms of ``cfg`` and seeds ``0..seeds-1``.
+
+    Example:
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from types import SimpleNamespace as Arm
+        >>> exp_dir = Path(tempfile.mkdtemp())
+        >>> for seed, (score, status) in enumerate([(0.6, "ok"), (0.7, "ok"), (None, "diverged")]):
+        ...     (exp_dir / "new" / f"seed{seed}").mkdir(parents=True)
+        ...     final = {"score": score, "status": status}
+        ...     _ = (exp_dir / "new" / f"seed{seed}" / "final.json").write_text(json.dumps(final))
+        >>> results = Results(exp_dir, cfg=None, arms=[Arm(name="new")], seeds_of=lambda arm: 4)
+        >>> results.values("new", "score"), results.seeds("new"), results.diverged("new")
+        ({0: 0.6, 1: 0.7}, [0, 1], [2])
+    """
 
     def __init__(self, exp_dir: Path, cfg: Any, arms: Sequence[Any], seeds_of: Callable[[Any], int]):
         self.exp_dir, self.cfg = exp_dir, cfg
@@ -177,7 +202,15 @@ def validation_split(data: Any, fraction: float, seed: int) -> Any:
 
 @dataclass
 class Job:
-    """One (experiment, arm, seed) run, as the runner hands it to an executor."""
+    """One (experiment, arm, seed) run, as the runner hands it to an executor.
+
+    Example:
+        >>> from backproplab.experiments import get, make_config
+        >>> exp = get("baselines")
+        >>> job = plan(exp, make_config(exp, ["seeds=1"], scale="smoke"), out="results", device="cpu")[0]
+        >>> job.run_dir.as_posix(), job.label
+        ('results/baselines/digits-mlp-sgd/seed0', 'baselines digits-mlp-sgd seed 0')
+    """
 
     exp: Experiment
     cfg: Any
@@ -252,7 +285,19 @@ def _read_provenance(run_dir: Path) -> Any:
 
 def run_job(job: Job) -> dict:
     """One run: its folder (started over if another config's, or with resume off), its seed, ``run_arm``,
-    then ``final.json`` (written last: its presence marks the run done). Returns the final record."""
+    then ``final.json`` (written last: its presence marks the run done). Returns the final record.
+
+    Example:
+        >>> import json, tempfile
+        >>> from backproplab.experiments import get, make_config
+        >>> exp = get("baselines")
+        >>> job = plan(exp, make_config(exp, ["seeds=1"], scale="smoke"), out=tempfile.mkdtemp(), device="cpu")[0]
+        >>> final = run_job(job)
+        >>> final["status"], final == json.load(open(job.run_dir / "final.json"))       # written last: the run is done
+        ('ok', True)
+        >>> json.load(open(job.run_dir / "config.json"))["seed"], run_job(job) == final   # a finished run is read back
+        (0, True)
+    """
     import torch.distributed as dist
 
     run_dir, record = job.run_dir, identity(job.cfg)
@@ -385,7 +430,19 @@ def _run_job_locked(job: Job, record: dict) -> dict:
 
 
 def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = "full") -> Path:
-    """Judge the claims on the finished runs, analyze, and write ``summary.json``; returns the folder."""
+    """Judge the claims on the finished runs, analyze, and write ``summary.json``; returns the folder.
+
+    Example:
+        >>> import json, tempfile
+        >>> from backproplab.experiments import get, make_config
+        >>> exp, out = get("baselines"), tempfile.mkdtemp()
+        >>> cfg = make_config(exp, ["seeds=1", "optimizers=sgd"], scale="smoke")
+        >>> for job in plan(exp, cfg, out=out, device="cpu"):
+        ...     _ = run_job(job)
+        >>> summary = json.load(open(finish(exp, cfg, out, scale="smoke") / "summary.json"))
+        >>> summary["arms"], summary["scale"], summary["seeds"]
+        (['digits-mlp-sgd'], 'smoke', 1)
+    """
     from ..provenance import is_stale, provenance
 
     exp_dir = Path(out) / exp.name
@@ -414,7 +471,17 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
         overwrite: bool = False, scale: str = "full", executor: Any = None, threads: int | None = None,
         rerun_stale: bool = False) -> Path:
     """Run every arm and seed of ``exp`` under ``out/<name>/`` on ``executor`` (default: one after another in
-    this process, :class:`backproplab.executors.LocalExecutor`), judge the claims, analyze; returns the folder."""
+    this process, :class:`backproplab.executors.LocalExecutor`), judge the claims, analyze; returns the folder.
+
+    Example:
+        >>> import tempfile
+        >>> from backproplab.experiments import get, make_config
+        >>> exp, out = get("baselines"), tempfile.mkdtemp()
+        >>> cfg = make_config(exp, ["seeds=1", "optimizers=sgd"], scale="smoke")
+        >>> folder = run(exp, cfg, out=out, progress=False)
+        >>> sorted(p.name for p in folder.iterdir() if p.suffix == ".json"), plan(exp, cfg, out=out)   # nothing left
+        (['summary.json'], [])
+    """
     from ..executors import LocalExecutor
 
     preflight(exp, cfg, out, resume, overwrite)
@@ -428,7 +495,17 @@ def run(exp: Experiment, cfg: Any, out: str | Path = "results", resume: bool = T
 def check_data_present(cfg: Any) -> None:
     """Every dataset the config names that lives in files (``backproplab data get`` fetches it) is there: a
     missing one raises :class:`~backproplab.data.DataNotFoundError` naming the file and the command before
-    anything trains (a paper-scale CurveBall run would otherwise find out after its toy problems)."""
+    anything trains (a paper-scale CurveBall run would otherwise find out after its toy problems).
+
+    Example:
+        >>> import tempfile
+        >>> from types import SimpleNamespace as Config
+        >>> check_data_present(Config(datasets=("digits",), data_root=""))        # made locally: nothing to check
+        >>> check_data_present(Config(datasets=("mnist",), data_root=tempfile.mkdtemp()))
+        Traceback (most recent call last):
+        ...
+        backproplab.data.DataNotFoundError: mnist: .../train-images-idx3-ubyte ...`backproplab data get mnist ...
+    """
     from ..data import load_dataset
     from ..download import SOURCES
 
@@ -466,7 +543,35 @@ def preflight(exp: Experiment, cfg: Any, out: str | Path, resume: bool = True, o
 
 
 def judge_claims(exp: Experiment, cfg: Any, results: Results, scale: str) -> list[Verdict]:
-    """The verdict on each claim of ``exp`` whose arms have finished runs, seeds paired."""
+    """The verdict on each claim of ``exp`` whose arms have finished runs, seeds paired.
+
+    Example:
+        Paired seeds: the verdict's estimate is the mean of the per-seed differences, and its interval is scipy's
+        t-interval of them:
+
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from scipy import stats
+        >>> from types import SimpleNamespace as Arm
+        >>> from backproplab.evidence import Claim
+        >>> from backproplab.experiments import Experiment, ExperimentConfig
+        >>> exp_dir = Path(tempfile.mkdtemp())
+        >>> scores = {"new": [0.61, 0.72, 0.66, 0.70], "old": [0.55, 0.70, 0.60, 0.62]}
+        >>> for arm, values in scores.items():
+        ...     for seed, score in enumerate(values):
+        ...         (exp_dir / arm / f"seed{seed}").mkdir(parents=True)
+        ...         _ = (exp_dir / arm / f"seed{seed}" / "final.json").write_text(json.dumps({"score": score}))
+        >>> claim = Claim("toy.new_wins", "a paper", "Table 1", "new > old", "score", "new", "greater", 0.0, "-",
+        ...               baseline="old")
+        >>> exp = Experiment("toy", "", ExperimentConfig, arms=lambda cfg: [], run_arm=lambda run: {},
+        ...                  analyze=lambda res: [], claims=lambda cfg: [claim])
+        >>> results = Results(exp_dir, None, [Arm(name="new"), Arm(name="old")], lambda arm: 4)
+        >>> (verdict,) = judge_claims(exp, ExperimentConfig(), results, scale="quick")
+        >>> diffs = [a - b for a, b in zip(scores["new"], scores["old"])]
+        >>> low, high = stats.t.interval(0.95, 3, loc=sum(diffs) / 4, scale=stats.sem(diffs))
+        >>> verdict.outcome, bool(abs(verdict.ci_low - low) < 1e-9), bool(abs(verdict.ci_high - high) < 1e-9)
+        ('reproduced', True, True)
+    """
     claims = exp.claims(cfg)
     values = {}
     for c in claims:
@@ -505,5 +610,17 @@ def _check_identity(run_dir: Path, record: dict, replace: bool) -> None:
 
 
 def final_values(results: Results, arm: str, key: str) -> list[float]:
-    """One final metric of an arm, seed order."""
+    """One final metric of an arm, seed order.
+
+    Example:
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from types import SimpleNamespace as Arm
+        >>> exp_dir = Path(tempfile.mkdtemp())
+        >>> for seed, score in enumerate([0.6, 0.7]):
+        ...     (exp_dir / "new" / f"seed{seed}").mkdir(parents=True)
+        ...     _ = (exp_dir / "new" / f"seed{seed}" / "final.json").write_text(json.dumps({"score": score}))
+        >>> final_values(Results(exp_dir, None, [Arm(name="new")], lambda arm: 2), "new", "score")
+        [0.6, 0.7]
+    """
     return [f[key] for f in results.final_list(arm) if key in f]

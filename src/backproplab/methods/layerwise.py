@@ -145,7 +145,26 @@ class AuxClassifier(nn.Sequential):
 class BlockStack(nn.Module):
     """Any trunk of blocks with one auxiliary classifier per block; ``forward`` = trunk + the last
     auxiliary classifier. What :class:`GreedyLayerwiseTrainer` trains: build one from your own stages,
-    ``BlockStack([stage1, stage2], [head1, head2])``, each head taking its block's output."""
+    ``BlockStack([stage1, stage2], [head1, head2])``, each head taking its block's output.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> blocks = [nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 8), nn.ReLU())]
+        >>> stack = BlockStack(blocks, [nn.Linear(8, 3), nn.Linear(8, 3)])
+        >>> x = torch.randn(5, 4)
+        >>> torch.equal(stack(x), stack.aux[1](blocks[1](blocks[0](x))))           # the trunk, then the last head
+        True
+        >>> torch.equal(stack.truncated(1)(x), stack.aux[0](blocks[0](x)))        # the network after stage 1
+        True
+        >>> BlockStack(blocks, [nn.Linear(8, 3)])
+        Traceback (most recent call last):
+        ...
+        ValueError: greedy layerwise training needs one auxiliary classifier per block; got 2 blocks and 1 auxiliary ...
+
+    References:
+        Belilovsky, Eickenberg and Oyallon, ICML 2019 (arXiv:1812.11446), Section 3.
+    """
 
     def __init__(self, blocks: Sequence[nn.Module], aux: Sequence[nn.Module]):
         super().__init__()

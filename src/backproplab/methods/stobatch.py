@@ -340,7 +340,24 @@ def ensemble_attack(model: StoBatchNet, x: Tensor, y: Tensor, max_size: float, s
                     generator: torch.Generator | None = None) -> Tensor:
     """The authors' training ensemble: one attack size drawn uniformly in (0, max_size] per step, the batch cut in
     thirds attacked by I-FGSM, MIM and PGD with a random start (Madry et al.), step max_size / steps, l-inf,
-    against the noisy model, pixels kept in [0, 1]."""
+    against the noisy model, pixels kept in [0, 1].
+
+    Example:
+        Every attacked input stays within the one size drawn for the step (the generator's first draw times
+        ``max_size``) and within the pixel range:
+
+        >>> import torch
+        >>> net = StoBatchNet()
+        >>> x, y = torch.rand(6, *net.input_shape), torch.randint(0, 10, (6,))
+        >>> adv = ensemble_attack(net, x, y, max_size=0.3, steps=3, latent_noise=torch.zeros(1, *net.latent_shape),
+        ...                       generator=torch.Generator().manual_seed(0))
+        >>> size = float(torch.rand((), generator=torch.Generator().manual_seed(0))) * 0.3
+        >>> bool((adv - x).abs().max() <= size + 1e-6), bool(adv.min() >= 0 and adv.max() <= 1), adv.shape == x.shape
+        (True, True, True)
+
+    References:
+        Kurakin et al. 2017 (I-FGSM); Dong et al., CVPR 2018 (MIM); Madry et al., ICLR 2018 (PGD).
+    """
     from .robustness import mim, pgd
 
     size = float(torch.rand((), generator=generator)) * max_size
@@ -742,7 +759,27 @@ def certify_pixeldp(model: StoBatchNet, x: Tensor, latent_scale: float, n0: int,
                     num_classes: int, generator: torch.Generator | None = None) -> tuple[int, float]:
     """(class, certified l1 attack size) from fresh Laplace latent noise at ``latent_scale``: n0 draws select
     the class, n fresh draws give Clopper-Pearson bounds on its probability and the runner-up's, and the
-    Laplace PixelDP condition gives the size (0 if not robust)."""
+    Laplace PixelDP condition gives the size (0 if not robust).
+
+    Example:
+        A network that predicts class 3 under any noise wins all n draws, so its bound is the Clopper-Pearson one for
+        n of n, alpha^(1/n), and its size is the Laplace PixelDP size at that bound:
+
+        >>> import torch
+        >>> from backproplab.methods.robustness import pixeldp_certified_size
+        >>> net = StoBatchNet()
+        >>> with torch.no_grad():
+        ...     _ = net.out.weight.zero_(), net.out.bias.zero_(), net.out.bias.index_fill_(0, torch.tensor(3), 5.0)
+        >>> label, size = certify_pixeldp(net, torch.rand(*net.input_shape), latent_scale=1.0, n0=10, n=100, alpha=0.05,
+        ...                               num_classes=10, generator=torch.Generator().manual_seed(0))
+        >>> bound = 0.05 ** (1 / 100)
+        >>> expected = pixeldp_certified_size(bound, 1 - bound, 1.0, l1_sensitivity(net), 0.0, mechanism="laplace")
+        >>> label, size > 0, abs(size - expected) < 1e-9
+        (3, True, True)
+
+    References:
+        Lecuyer et al., IEEE S&P 2019 (PixelDP, Laplace mechanism); Phan et al., ICML 2020 (arXiv:1903.09822).
+    """
     from .robustness import lower_confidence_bound, pixeldp_certified_size
 
     model.eval()
@@ -777,6 +814,21 @@ def certify_pixeldp_paper(model: StoBatchNet, x: Tensor, input_scale: float, lat
     prediction under the training noise alone). The same counts pick the class and bound its
     probability, and the bound is evaluated at the training latent scale, not at the scale sampled.
     Returns (class, l1 size) like :func:`certify_pixeldp`, a list of them for a batch.
+
+    Example:
+        A batch gives what each of its inputs gives alone under the same draws (one draw per iteration, shared by the
+        batch, as the authors feed their test batch):
+
+        >>> import torch
+        >>> net = StoBatchNet()
+        >>> x = torch.rand(2, *net.input_shape)
+        >>> fixed_in, fixed_latent = torch.zeros(net.input_shape), torch.zeros(net.latent_shape)
+        >>> certify = lambda inputs: certify_pixeldp_paper(net, inputs, 0.1, 0.2, fixed_in, fixed_latent, n=50,
+        ...                                                alpha=0.05, num_classes=10,
+        ...                                                generator=torch.Generator().manual_seed(0))
+        >>> batch = certify(x)
+        >>> len(batch), batch[0] == certify(x[0]), batch[1] == certify(x[1:])[0]
+        (2, True, True)
     """
     from .robustness import lower_confidence_bound, pixeldp_certified_size, upper_confidence_bound
 
