@@ -44,7 +44,23 @@ ATTEMPTS = 3  # tries per mirror (each resumes the .part file)
 
 
 class DownloadError(RuntimeError):
-    """No mirror delivered a file with the published digest; the message lists each mirror's failure."""
+    """No mirror delivered a file with the published digest; the message lists each mirror's failure.
+
+    Example:
+        A mirror where nothing listens is named with its failure:
+
+        >>> import hashlib, socket
+        >>> with socket.socket() as s:                            # a free port on this machine, closed again
+        ...     _ = s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        >>> SOURCES["demo"] = Source("demo", (f"http://127.0.0.1:{port}/",),
+        ...                          (RemoteFile("a.bin", "sha256:" + hashlib.sha256(b"hello").hexdigest()),))
+        >>> try:
+        ...     get("demo", root="data", progress=False)
+        ... except DownloadError as e:
+        ...     print(f"127.0.0.1:{port}" in str(e))
+        True
+        >>> del SOURCES["demo"]
+    """
 
 
 @dataclass(frozen=True)

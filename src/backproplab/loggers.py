@@ -69,7 +69,21 @@ class CSVLogger:
 
 
 class TensorBoardLogger:
-    """Writes each evaluation's numbers as TensorBoard scalars (tag = metric name, step = training step)."""
+    """Writes each evaluation's numbers as TensorBoard scalars (tag = metric name, step = training step).
+
+    Example:
+        >>> from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        >>> from backproplab import build_model, load_dataset
+        >>> from backproplab.train import TrainConfig, fit
+        >>> data = load_dataset("digits", n_train=100)
+        >>> rows = fit(build_model("mlp", data.input_shape, 10, widths=(8,)), data, TrainConfig(epochs=2),
+        ...            callbacks=[TensorBoardLogger("tb")], progress=False)
+        >>> events = EventAccumulator("tb")
+        >>> _ = events.Reload()
+        >>> [(e.step, round(e.value, 6)) for e in events.Scalars("test_acc")] == [
+        ...     (r["step"], round(r["test_acc"], 6)) for r in rows]
+        True
+    """
 
     def __init__(self, log_dir: str | os.PathLike):
         try:

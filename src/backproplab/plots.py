@@ -70,7 +70,22 @@ def mean_band(runs: Sequence[list[dict]], metric: str, x: str = "epoch") -> tupl
 
 def curves(ax, runs_by_label: dict[str, Sequence[list[dict]]], metric: str, x: str = "epoch",
            log: bool | None = None, legend: bool = True) -> None:
-    """One line per label: the mean over its runs, with the 95% band; ``log=None`` decides from the data."""
+    """One line per label: the mean over its runs, with the 95% band; ``log=None`` decides from the data.
+
+    Example:
+        >>> import numpy as np
+        >>> from scipy import stats
+        >>> runs = [[{"epoch": 1, "test_acc": a}, {"epoch": 2, "test_acc": b}] for a, b in ((0.5, 0.7), (0.6, 0.9))]
+        >>> fig, axes = subplots(1, 1)
+        >>> curves(axes[0][0], {"sgd": runs}, "test_acc")
+        >>> line = axes[0][0].get_lines()[0]
+        >>> line.get_label(), line.get_ydata().round(6).tolist()           # the mean over runs, in percent
+        ('sgd (n=2)', [55.0, 80.0])
+        >>> half = stats.t.ppf(0.975, 1) * stats.sem([70.0, 90.0])           # the band at epoch 2: a 95% t-interval
+        >>> band = axes[0][0].collections[0].get_paths()[0].vertices[:, 1]
+        >>> bool(np.isclose(band.max(), min(80.0 + half, 100.0)))            # clipped to 100%
+        True
+    """
     scale = 100.0 if is_percent(metric) else 1.0
     values = []
     for name, runs in runs_by_label.items():

@@ -75,7 +75,22 @@ def _finals(exp_dir: Path, summary: dict, arm: str, problems: list[str]) -> list
 
 def final_table(exp_dir: Path, summary: dict, metrics: list[str],
                 problems: list[str] | None = None) -> list[tuple[str, int, int, dict[str, tuple[float, float]]]]:
-    """[(arm, finished seeds, diverged seeds, {metric: (mean, sd)})] from each run's final.json."""
+    """[(arm, finished seeds, diverged seeds, {metric: (mean, sd)})] from each run's final.json.
+
+    Example:
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> exp_dir = Path(tempfile.mkdtemp())
+        >>> for seed, (acc, status) in enumerate([(0.8, "ok"), (0.9, "ok"), (None, "diverged")]):
+        ...     run = exp_dir / "sgd" / f"seed{seed}"
+        ...     run.mkdir(parents=True)
+        ...     _ = (run / "config.json").write_text(json.dumps({"config": {"lr": 0.1}}))
+        ...     _ = (run / "final.json").write_text(json.dumps({"test_acc": acc, "status": status}))
+        >>> table = final_table(exp_dir, {"arms": ["sgd"], "config": {"lr": 0.1}}, ["test_acc"])
+        >>> [(arm, ok, diverged, {m: tuple(round(v, 4) for v in s) for m, s in stats.items()})
+        ...  for arm, ok, diverged, stats in table]
+        [('sgd', 2, 1, {'test_acc': (0.85, 0.0707)})]
+    """
     problems = [] if problems is None else problems
     rows = []
     for arm in summary.get("arms", []):
@@ -386,7 +401,18 @@ def _template() -> jinja2.Template:
 
 def build_report(results_dir: str | Path, out_file: str | Path | None = None, recorded: str | Path = RECORDED) -> Path:
     """Write ``report.html`` (or ``out_file``) for every experiment under ``results_dir``, each verdict beside the
-    full-scale verdict recorded in ``recorded`` (see :func:`record`)."""
+    full-scale verdict recorded in ``recorded`` (see :func:`record`).
+
+    Example:
+        >>> import tempfile
+        >>> from backproplab.experiments import get, make_config, run
+        >>> out = tempfile.mkdtemp()
+        >>> _ = run(get("baselines"), make_config(get("baselines"), ["seeds=2", "optimizers=sgd,momentum"],
+        ...                                          scale="smoke"), out=out, progress=False, scale="smoke")
+        >>> page = build_report(out).read_text()
+        >>> "baselines" in page, "digits-mlp-momentum" in page
+        (True, True)
+    """
     results_dir = Path(results_dir)
     exp_dirs = sorted(p.parent for p in results_dir.glob("*/summary.json"))
     if not exp_dirs:

@@ -153,7 +153,21 @@ REFUSAL_RULES: list[Callable[[nn.Module], str | None]] = []
 
 def register_refusal(rule: Callable[[nn.Module], str | None]) -> Callable[[nn.Module], str | None]:
     """Add a per-layer rule to :func:`check_private`: ``rule(module)`` returns why DP-SGD cannot train a model
-    holding that module, with the fix, or None."""
+    holding that module, with the fix, or None.
+
+    Example:
+        >>> from torch import nn
+        >>> @register_refusal
+        ... def _no_embeddings(module):
+        ...     if isinstance(module, nn.Embedding):
+        ...         return "this lab has no per-example rule for Embedding; use a Linear layer on one-hot inputs"
+        >>> try:
+        ...     check_private(nn.Sequential(nn.Embedding(5, 2), nn.Linear(2, 2)))
+        ... except PrivacyError as e:
+        ...     print(str(e).splitlines()[1].strip()[:35])
+        layer '0' (Embedding): this lab has
+        >>> REFUSAL_RULES.remove(_no_embeddings)
+    """
     REFUSAL_RULES.append(rule)
     return rule
 

@@ -223,7 +223,14 @@ def teacher_data(teacher: nn.Module, n_train: int = 100_000, n_test: int = 10_00
 def gaussian_teacher(seed: int = 0, root=None, version: str = "2019", input_dim: int = 20,
                      widths: tuple[int, ...] = (10, 15, 20, 25), output_dim: int = 100, train_size: int = 100_000,
                      test_size: int = 10_000, input_std: float = 10.0) -> Data:
-    """The Luck Matters teacher's data: the foundation's ``gaussian_teacher`` dataset."""
+    """The Luck Matters teacher's data: the foundation's ``gaussian_teacher`` dataset.
+
+    Example:
+        >>> data = gaussian_teacher(seed=0, input_dim=4, widths=(6,), output_dim=3, train_size=50, test_size=10)
+        >>> teacher = make_teacher(4, (6,), 3, "2019", 0, 10.0)               # the same teacher, rebuilt
+        >>> data.x_train.shape, data.y_train.shape, torch.allclose(teacher(data.x_train), data.y_train)
+        (torch.Size([50, 4]), torch.Size([50, 3]), True)
+    """
     teacher = make_teacher(input_dim, widths, output_dim, version, seed, input_std)
     return teacher_data(teacher, train_size, test_size, input_std, seed)
 
