@@ -29,6 +29,20 @@ QUOTES = {"baselines.momentum_trains_faster": "abstract: \"well-initialized netw
 
 @dataclass
 class BaselinesConfig(ExperimentConfig):
+    """BaselinesConfig.
+
+    Example:
+        ``--set`` values are parsed by each field's type; an optimizer the experiment does not know is refused:
+
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["optimizers=sgd,adam", "epochs=3"])
+        >>> cfg.optimizers, cfg.epochs, cfg.sgd_lr
+        (('sgd', 'adam'), 3, 0.05)
+        >>> make_config(EXPERIMENT, ["optimizers=sgd,lion"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 'lion' for 'optimizers': unknown; choose from ...
+    """
     datasets: tuple[str, ...] = option(("digits", "mnist1d"), "datasets to train on")
     models: tuple[str, ...] = option(("mlp", "cnn"), "architectures (mlp, cnn)")
     optimizers: tuple[str, ...] = option(OPTIMIZERS, "optimizers compared")
@@ -50,6 +64,12 @@ class BaselinesConfig(ExperimentConfig):
 
 @dataclass(frozen=True)
 class BaselineArm(Arm):
+    """BaselineArm.
+
+    Example:
+        >>> BaselineArm("digits", "mlp", "momentum").name                  # dataset, model, optimizer
+        'digits-mlp-momentum'
+    """
     dataset: str
     model: str
     optimizer: str

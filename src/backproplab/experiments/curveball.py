@@ -78,6 +78,20 @@ QUOTES = {
 
 @dataclass
 class CurveBallConfig(ExperimentConfig):
+    """CurveBallConfig.
+
+    Example:
+        The toy problems and the CNN comparison are configured apart; a tolerance must be positive:
+
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["problems=rosenbrock", "toy_seeds=2"], scale="quick")
+        >>> cfg.problems, cfg.toy_seeds, cfg.max_iters                # quick's iteration budget, the seeds given
+        (('rosenbrock',), 2, 1500)
+        >>> make_config(EXPERIMENT, ["tol=0"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 0.0 for 'tol' in experiment 'curveball': expected ...
+    """
     problems: tuple[str, ...] = option(PROBLEMS, "toy problems (Rosenbrock family, Rahimi-Recht linear network)")
     toy_methods: tuple[str, ...] = option(TOY_METHODS, "optimizers on the toy problems")
     toy_seeds: int = option(10, "random starts per toy problem", ge=1)
@@ -297,6 +311,12 @@ def _tuned_lr(problem: str, method: str, cfg_key: str) -> float | None:
 
 @dataclass(frozen=True)
 class ToyArm(Arm):
+    """ToyArm.
+
+    Example:
+        >>> ToyArm("rosenbrock", "curveball").name                     # a toy problem and its solver
+        'toy-rosenbrock-curveball'
+    """
     problem: str
     method: str
 
@@ -307,6 +327,12 @@ class ToyArm(Arm):
 
 @dataclass(frozen=True)
 class CNNArm(Arm):
+    """CNNArm.
+
+    Example:
+        >>> CNNArm("digits", "bn", "curveball").name                   # dataset, BatchNorm or not, optimizer
+        'digits-bn-curveball'
+    """
     dataset: str
     batchnorm: str  # "bn" | "nobn"
     method: str

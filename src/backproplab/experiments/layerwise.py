@@ -36,6 +36,19 @@ EQUIVALENCE_MARGIN = 0.02  # 2 points of test accuracy: "competitive with end-to
 
 @dataclass
 class LayerwiseConfig(ExperimentConfig):
+    """LayerwiseConfig.
+
+    Example:
+        Auxiliary-classifier depths are a list of positive integers:
+
+        >>> from backproplab.experiments import make_config
+        >>> make_config(EXPERIMENT, ["ks=1,2"], scale="quick").ks
+        (1, 2)
+        >>> make_config(EXPERIMENT, ["ks=0"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 0 for 'ks' in ...: expected a number at least 1
+    """
     datasets: tuple[str, ...] = option(("auto",), "auto: digits, mnist1d, and cifar10 if its files are present")
     ks: tuple[int, ...] = option((1, 2, 3), "auxiliary-classifier depths k compared", ge=1)
     e2e_ks: tuple[int, ...] = option((3,), "k values given an end-to-end baseline", ge=1)
@@ -64,6 +77,12 @@ def _datasets(cfg: LayerwiseConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class LayerwiseArm(Arm):
+    """LayerwiseArm.
+
+    Example:
+        >>> LayerwiseArm("digits", "greedy", 3).name, LayerwiseArm("digits", "e2e", 3).name
+        ('digits-greedy_k3', 'digits-e2e_k3')
+    """
     dataset: str
     kind: str  # "greedy" | "e2e"
     k: int

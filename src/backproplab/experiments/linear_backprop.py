@@ -44,6 +44,19 @@ EQUIVALENCE_MARGIN = 0.01  # 1 point of test accuracy
 
 @dataclass
 class LinearBackpropConfig(ExperimentConfig):
+    """LinearBackpropConfig.
+
+    Example:
+        A learning-rate sweep is a comma-separated list, each value positive:
+
+        >>> from backproplab.experiments import make_config
+        >>> make_config(EXPERIMENT, ["points_lrs=0.1,0.3"]).points_lrs
+        (0.1, 0.3)
+        >>> make_config(EXPERIMENT, ["points_lrs=0.1,0"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 0.0 for 'points_lrs' in ...: expected a number above 0
+    """
     n_inits: int = option(50, "initialisations per seed in the 5-point experiment", ge=1)
     points_iters: int = option(2000, "iterations of the 5-point fit", ge=1)
     points_lrs: tuple[float, ...] = option(
@@ -62,6 +75,12 @@ class LinearBackpropConfig(ExperimentConfig):
     binary_hidden: int = option(128, "width of its hidden binary linear layer", ge=1)
 @dataclass(frozen=True)
 class LBPArm(Arm):
+    """LBPArm.
+
+    Example:
+        >>> LBPArm("points", "lbp").name, LBPArm("digits-relu", "bp").name     # a setting and the method
+        ('points-lbp', 'digits-relu-bp')
+    """
     setting: str  # "points", "binary" or "<dataset>-<activation>"
     method: str  # "bp" | "lbp"
 

@@ -41,6 +41,20 @@ PAPER = "Tian et al., arXiv:1905.13405 2019 (Luck Matters); Tian, ICML 2020"
 
 @dataclass
 class LuckConfig(ExperimentConfig):
+    """LuckConfig.
+
+    Example:
+        The student widths are multiples of the teacher's; the BatchNorm teacher's firing rate is a fraction:
+
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["multipliers=1,5"], scale="quick")
+        >>> cfg.multipliers, cfg.teacher_widths
+        ((1, 5), (10, 15, 20, 25))
+        >>> make_config(EXPERIMENT, ["bn_teacher_firing=1"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 1.0 for 'bn_teacher_firing' in ...: expected ... below 1
+    """
     teacher_widths: tuple[int, ...] = option((10, 15, 20, 25), "hidden widths of the teacher", ge=1)
     multipliers: tuple[int, ...] = option((1, 2, 5, 10), "student width = multiplier x teacher width", ge=1)
     train_size: int = option(100_000, "teacher-labelled training inputs", ge=1)
@@ -72,6 +86,12 @@ def _max_mult(cfg: LuckConfig) -> int:
 
 @dataclass(frozen=True)
 class LuckArm(Arm):
+    """LuckArm.
+
+    Example:
+        >>> LuckArm("mult5").name                                       # a student 5 times the teacher's width
+        'mult5'
+    """
     kind: str  # "mult<m>", "random_teacher", "teacher2020", "bn_student", "bn_cnn_digits"
 
 

@@ -54,6 +54,19 @@ PAPER = "Wu et al., ICML 2020 (arXiv:1906.07405)"
 
 @dataclass
 class MSGDConfig(ExperimentConfig):
+    """MSGDConfig.
+
+    Example:
+        The large batch B = large_factor x b must lie strictly between b and n; the message says how to fix it:
+
+        >>> from backproplab.experiments import make_config
+        >>> make_config(EXPERIMENT, ["n_train=400", "large_factor=10"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 10 for 'large_factor': ... e.g. large_factor=3
+        >>> large_batch(make_config(EXPERIMENT, ["n_train=400", "large_factor=3"]), 400)
+        150
+    """
     datasets: tuple[str, ...] = option(("auto",), "auto: fashion_mnist if present, else digits and mnist1d")
     methods: tuple[str, ...] = option(
         SMALL + LARGE, "arms: GD, GLD, SGD, the MSGD weightings, and the large-batch pair")
@@ -96,6 +109,12 @@ def large_batch(cfg: MSGDConfig, n: int) -> int:
 
 @dataclass(frozen=True)
 class MSGDArm(Arm):
+    """MSGDArm.
+
+    Example:
+        >>> MSGDArm("mnist1d", "msgd_fisher").name                     # dataset, method
+        'mnist1d-msgd_fisher'
+    """
     dataset: str
     method: str
 

@@ -40,6 +40,21 @@ CLAIM_RADIUS = 0.5  # l2 radius at which the certification claim is judged
 
 @dataclass
 class PrivacyConfig(ExperimentConfig):
+    """PrivacyConfig.
+
+    Example:
+        An unknown DP engine is refused, and so is selection on a validation split of the private training set:
+
+        >>> from backproplab.experiments import make_config
+        >>> make_config(EXPERIMENT, ["engine=jax"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 'jax' for 'engine': unknown; choose from ghost, opacus
+        >>> make_config(EXPERIMENT, ["validation=0.2"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: validation=0.2 on a private training set: ...
+    """
     dataset: str = option("digits", "dataset (digits offline; local files for the others)")
     epsilons: tuple[float, ...] = option((1.0, 3.0, 8.0), "target epsilons of the DP arms", gt=0)
     nonprivate: bool = option(True, "also train a non-private arm")
@@ -82,6 +97,13 @@ def _privacy_levels(cfg: PrivacyConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class PrivacyArm(Arm):
+    """PrivacyArm.
+
+    Example:
+        >>> arm = PrivacyArm("eps1", "adv", 0.5)                        # privacy level, training, augmentation noise
+        >>> arm.name, arm.private, PrivacyArm("nonprivate", "clean", 0.0).private
+        ('eps1-adv-aug0.5', True, False)
+    """
     level: str  # "nonprivate", "eps<target epsilon>" or "noise<noise multiplier>"
     training: str  # "clean" | "adv"
     augment_sigma: float

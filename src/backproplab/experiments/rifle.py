@@ -60,6 +60,19 @@ LAYERS = ("stem", "layers.0", "layers.1", "layers.2", "layers.3")  # deepest (ne
 
 @dataclass
 class RifleConfig(ExperimentConfig):
+    """RifleConfig.
+
+    Example:
+        The arms are chosen by name from the experiment's list:
+
+        >>> from backproplab.experiments import make_config
+        >>> make_config(EXPERIMENT, ["arms=l2,l2_rifle"]).arms
+        ('l2', 'l2_rifle')
+        >>> make_config(EXPERIMENT, ["arms=l2,rifle"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 'rifle' for 'arms': unknown; choose from l2, ...
+    """
     arms: tuple[str, ...] = option(ARMS, "fine-tuning arms compared")
     width: float = option(0.125, "width multiplier of the ResNet", gt=0)
     pretrain_epochs: int = option(15, "epochs of the source model", ge=1)
@@ -182,6 +195,12 @@ def method_times(method: str, cfg: RifleConfig) -> int:
 
 @dataclass(frozen=True)
 class RifleArm(Arm):
+    """RifleArm.
+
+    Example:
+        >>> RifleArm("l2sp_rifle").name                                 # the arm is its method
+        'l2sp_rifle'
+    """
     method: str
 
 

@@ -47,6 +47,19 @@ CERT_SIZE = 0.1  # the l1 size at which the certification claim is judged (one o
 
 @dataclass
 class StoBatchExpConfig(ExperimentConfig):
+    """StoBatchExpConfig.
+
+    Example:
+        The DP-SGD baselines' engine is chosen by name; an unknown one is refused:
+
+        >>> from backproplab.experiments import make_config
+        >>> make_config(EXPERIMENT, ["epsilons=1,4"], scale="quick").epsilons
+        (1.0, 4.0)
+        >>> make_config(EXPERIMENT, ["dp_engine=jax"])
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 'jax' for 'dp_engine': unknown; choose from ghost, ...
+    """
     dataset: str = option(
         "digits", "or cifar10 / mnist / fashion_mnist / svhn from local files (pixels kept in [0, 1])")
     epsilons: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0), "total privacy budgets compared", gt=0)
@@ -89,6 +102,12 @@ class StoBatchExpConfig(ExperimentConfig):
 
 @dataclass(frozen=True)
 class StoBatchArm(Arm):
+    """StoBatchArm.
+
+    Example:
+        >>> StoBatchArm("stobatch", 4.0).name, StoBatchArm("nonprivate").name      # a kind, and its epsilon if private
+        ('stobatch_eps4', 'nonprivate')
+    """
     kind: str  # nonprivate | stobatch | stobatch_paper | dpsgd_adv | dpsgd_smooth | audit_{stobatch,paper,dpsgd,leaky}
     epsilon: float | None = None
 
