@@ -134,7 +134,17 @@ class Toy(nn.Module):
     (W1 then W2), so CurveBall can replay tangents through it. ``flat()`` / ``set_flat`` / ``residuals(v)``
     give Newton and Levenberg-Marquardt the flat parameter vector. ``sample()`` draws what one iteration
     sees (Rosenbrock's eps, or a mini-batch of indices) and is passed to every evaluation of that
-    iteration; ``evals`` counts residual evaluations (forward passes)."""
+    iteration; ``evals`` counts residual evaluations (forward passes).
+
+    Example:
+        Rosenbrock's residuals at the classic start (-1.2, 1) are (1 - x, 10 (y - x^2)), whose squares sum to the
+        textbook f(-1.2, 1) = 24.2:
+
+        >>> toy = Toy("rosenbrock", seed=0)
+        >>> r = toy(toy.sample())
+        >>> toy.flat().tolist(), [round(v, 6) for v in r.tolist()], round(float((r ** 2).sum()), 6)
+        ([-1.2, 1.0], [2.2, -4.4], 24.2)
+    """
 
     def __init__(self, problem: str, seed: int, rr_batch: int = 100):
         super().__init__()
@@ -225,7 +235,16 @@ def lbfgs(params, lr: float) -> torch.optim.LBFGS:
 
 def solve_toy(problem: str, method: str, seed: int, cfg: CurveBallConfig, lr: float | None = None,
               max_iters: int | None = None) -> dict:
-    """Iterate until solved or ``max_iters``; returns iterations, forward passes, success, final loss, path."""
+    """Iterate until solved or ``max_iters``; returns iterations, forward passes, success, final loss, path.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, scale="quick")
+        >>> result = solve_toy("rosenbrock", "curveball", seed=0, cfg=cfg)
+        >>> x, y = result["path"][-1]
+        >>> result["solved"], ((x - 1) ** 2 + (y - 1) ** 2) ** 0.5 < cfg.tol       # within tol of the minimum (1, 1)
+        (True, True)
+    """
     from ..methods.curveball import MeanSquaredError
 
     toy = Toy(problem, seed, cfg.rr_batch)  # its own generators: the initial point and each iteration's sample
@@ -353,6 +372,16 @@ def arms(cfg: CurveBallConfig) -> list[Arm]:
 
 
 def seeds_for(cfg: CurveBallConfig, arm: Arm) -> int:
+    """seeds_for.
+
+    Per-arm seed count: a toy arm runs ``toy_seeds`` random starts, a CNN arm ``seeds``.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["toy_seeds=4", "seeds=2"])
+        >>> seeds_for(cfg, ToyArm("rosenbrock", "sgd")), seeds_for(cfg, CNNArm("digits", "bn", "sgd"))
+        (4, 2)
+    """
     return cfg.toy_seeds if isinstance(arm, ToyArm) else cfg.seeds
 
 
@@ -400,7 +429,20 @@ def claims(cfg: CurveBallConfig) -> list[Claim]:
 
 
 class ForwardCounter:
-    """Callback: counts the model's forward calls in train mode (the step's passes; evaluation excluded)."""
+    """Callback: counts the model's forward calls in train mode (the step's passes; evaluation excluded).
+
+    Example:
+        One forward per SGD step; the evaluations (in eval mode) are not counted:
+
+        >>> from backproplab import build_model, load_dataset
+        >>> from backproplab.train import TrainConfig, fit
+        >>> data = load_dataset("digits", n_train=100)
+        >>> rows = fit(build_model("mlp", data.input_shape, 10, widths=(8,)), data,
+        ...            TrainConfig(batch_size=10, max_steps=7, eval_every=2), callbacks=[ForwardCounter()],
+        ...            progress=False)
+        >>> rows[-1]["forward_passes"], len(rows) > 1
+        (7, True)
+    """
 
     def __init__(self):
         self.count = 0
@@ -518,7 +560,15 @@ def run_arm(run: Run) -> dict:
 def curve_mean(history: list[dict], key: str) -> float:
     """The mean of ``key`` over every step of the run: each evaluation row holds the mean over the steps since
     the previous row, so the steps-weighted mean of the rows is the area under the per-step curve divided by
-    the number of steps."""
+    the number of steps.
+
+    Example:
+        Rows at steps 10 and 30 hold the means over steps 1-10 and 11-30; their steps-weighted mean is the mean
+        over all 30 steps:
+
+        >>> round(curve_mean([{"step": 10, "train_loss": 1.0}, {"step": 30, "train_loss": 0.5}], "train_loss"), 6)
+        0.666667
+    """
     total, steps, last = 0.0, 0, 0
     for row in history:
         if key in row and row["step"] > last:

@@ -160,7 +160,17 @@ def decay_schedule(cfg: LayerwiseConfig, kind: str) -> StepDecay:
     """Each arm's step decay fitted to its own budget: a greedy stage trains ``epochs_per_block`` epochs and
     decays every ``decay_every``; end-to-end training runs blocks x as many epochs, so it decays every
     blocks x ``decay_every`` epochs: the same number of decays at the same fractions of its run (a decay
-    copied from the stage would leave it at lr x 0.2^7 for most of its 40 epochs)."""
+    copied from the stage would leave it at lr x 0.2^7 for most of its 40 epochs).
+
+    Example:
+        With 4 blocks, end-to-end training runs 4 times a stage's epochs and decays 4 times as rarely, so both
+        decay at the same fractions of their runs:
+
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["epochs_per_block=10", "decay_every=5"])
+        >>> decay_schedule(cfg, "greedy").every, decay_schedule(cfg, "e2e").every, len(cfg.widths)
+        (5, 20, 4)
+    """
     every = cfg.decay_every * (len(cfg.widths) if kind == "e2e" else 1)
     return StepDecay(every, cfg.decay_factor)
 

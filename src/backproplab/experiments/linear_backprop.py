@@ -165,7 +165,13 @@ TUNING_SEED = 10_000  # its initialisations choose each method's learning rate; 
 
 
 def five_points() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5 points every initialisation of every seed fits: x ~ U[-2, 2] (1-D), y ~ N(0, 1), drawn once."""
+    """The 5 points every initialisation of every seed fits: x ~ U[-2, 2] (1-D), y ~ N(0, 1), drawn once.
+
+    Example:
+        >>> x, y = five_points()
+        >>> x.shape, bool(x.abs().max() <= 2), torch.equal(x, five_points()[0])      # the same points every call
+        (torch.Size([5, 1]), True, True)
+    """
     g = derive(0, "five-points")  # one set of points for every seed
     return (torch.rand(5, 1, generator=g) * 4 - 2), torch.randn(5, 1, generator=g)
 

@@ -278,7 +278,18 @@ PRUNING_ARMS = ("lucky_finetuned", "random_finetuned", "reinit", "lucky_rewound"
 
 def lucky_nodes(corr: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
     """Per layer, every student node whose best correlation with a teacher node reaches ``threshold``
-    (duplicates of one teacher node included); each teacher node's best student when none does."""
+    (duplicates of one teacher node included); each teacher node's best student when none does.
+
+    Example:
+        Rows are teacher nodes, columns student nodes:
+
+        >>> corr = torch.tensor([[0.90, 0.20, 0.95],
+        ...                      [0.10, 0.30, 0.20]])
+        >>> lucky_nodes([corr], 0.8)[0].tolist()          # students 0 and 2 both reach teacher 0 (duplicates kept)
+        [0, 2]
+        >>> lucky_nodes([corr], 0.99)[0].tolist()         # none reaches it: each teacher's best student
+        [1, 2]
+    """
     out = []
     for c in corr:
         keep = torch.nonzero(c.max(0).values >= threshold).flatten()

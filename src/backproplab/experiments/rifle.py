@@ -187,7 +187,14 @@ def _key(layer: str) -> str:
 
 
 def method_times(method: str, cfg: RifleConfig) -> int:
-    """How many times the arm re-initialises the head."""
+    """How many times the arm re-initialises the head.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["times=3"])
+        >>> method_times("l2", cfg), method_times("l2_rifle", cfg), method_times("l2_rifle_k2", cfg)
+        (0, 3, 2)
+    """
     if method.startswith("l2_rifle_k"):
         return int(method.removeprefix("l2_rifle_k"))
     return cfg.times if "rifle" in method else 0
