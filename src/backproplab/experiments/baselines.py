@@ -110,6 +110,27 @@ def claims(cfg: BaselinesConfig) -> list[Claim]:
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Trains one arm for one seed (``run`` is set up by the runner) and returns its last metrics row.
+
+    Example:
+        The metrics returned are those of the model the run saved, evaluated again on the seed's split:
+
+        >>> import tempfile, torch
+        >>> from backproplab.data import load_dataset
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> from backproplab.train import cross_entropy, evaluate
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "optimizers=momentum"], scale="smoke")
+        >>> job = plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu")[0]
+        >>> final = run_job(job)                                  # seeds every generator, then run_arm(Run)
+        >>> data = load_dataset("digits", seed=0, n_train=cfg.n_train, rest_to_test=True)
+        >>> model = build_model("mlp", data.input_shape, data.num_classes)
+        >>> model.load_state_dict(torch.load(job.run_dir / "model.pt", weights_only=True))
+        <All keys matched successfully>
+        >>> abs(evaluate(model, data.x_test, data.y_test, cross_entropy)["acc"] - final["test_acc"]) < 1e-9
+        True
+    """
     cfg, arm = run.cfg, run.arm
     data = run.data(arm.dataset, n_train=cfg.n_train or None, rest_to_test=True)
     model = run.prepare_model(build_model(arm.model, data.input_shape, data.num_classes))
@@ -122,6 +143,23 @@ def run_arm(run: Run) -> dict:
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (learning curves per dataset and model) and one note per dataset/model pair: each arm's mean and sd.
+
+    Example:
+        The note's numbers are the mean and sample sd of the arms' final accuracies over seeds:
+
+        >>> import re, tempfile, numpy as np
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["seeds=2", "optimizers=sgd"], scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
+        >>> acc = np.array(list(results.values("digits-mlp-sgd", "test_acc").values()))
+        >>> mean, sd = map(float, re.search(r"sgd ([0-9.]+)% [(]sd ([0-9.]+)[)]", analyze(results)[0]).groups())
+        >>> bool(abs(mean - 100 * acc.mean()) < 0.05), bool(abs(sd - 100 * acc.std(ddof=1)) < 0.05)
+        (True, True)
+    """
     cfg = res.cfg
     pairs = [(d, m) for d in cfg.datasets for m in cfg.models]
     for metric, fname in (("test_acc", "test_accuracy.png"), ("train_loss", "train_loss.png")):

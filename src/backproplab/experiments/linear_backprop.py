@@ -290,6 +290,30 @@ def _five_points(run: Run, method: str) -> dict:
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Trains one arm for one seed: the 5-point fit, the binarized network, or the MLP/CNN comparison, with backprop
+    (``bp``) or linear backprop (``lbp``); returns its metrics.
+
+    Example:
+        Linear backprop changes the backward pass only: the saved network, run forward as a plain CNN, gives the
+        accuracy the linear-backprop arm reported:
+
+        >>> import tempfile
+        >>> from backproplab.data import load_dataset
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> from backproplab.train import cross_entropy, evaluate
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1"], scale="smoke")
+        >>> job = next(j for j in plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu")
+        ...            if j.arm.name == "digits-relu-lbp")
+        >>> final = run_job(job)
+        >>> data = load_dataset("digits", seed=0)
+        >>> model = build_model("cnn", data.input_shape, data.num_classes, channels=cfg.cnn_channels, activation="relu")
+        >>> model.load_state_dict(torch.load(job.run_dir / "model.pt", weights_only=True))
+        <All keys matched successfully>
+        >>> abs(evaluate(model, data.x_test, data.y_test, cross_entropy)["acc"] - final["test_acc"]) < 1e-9
+        True
+    """
     cfg, arm = run.cfg, run.arm
     if arm.setting == "points":
         return _five_points(run, arm.method)

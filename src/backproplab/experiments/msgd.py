@@ -215,6 +215,28 @@ def claims(cfg: MSGDConfig) -> list[Claim]:
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Trains one arm (GD, SGD, GLD or an MSGD weighting) for one seed; returns its last metrics row.
+
+    Example:
+        The GD arm's reported accuracies are its saved model's, on the seed's subset and the pool left out:
+
+        >>> import tempfile, torch
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> from backproplab.train import cross_entropy, evaluate
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "methods=gd"], scale="smoke")
+        >>> job = plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu")[0]
+        >>> final = run_job(job)
+        >>> data = load_dataset("digits", seed=0, n_train=cfg.n_train, rest_to_test=True)
+        >>> model = _model(cfg, data)
+        >>> model.load_state_dict(torch.load(job.run_dir / "model.pt", weights_only=True))
+        <All keys matched successfully>
+        >>> test, train = (evaluate(model, x, y, cross_entropy) for x, y in ((data.x_test, data.y_test),
+        ...                                                                  (data.x_train, data.y_train)))
+        >>> abs(test["acc"] - final["test_acc"]) < 1e-9, abs(train["acc"] - final["train_full_acc"]) < 1e-9
+        (True, True)
+    """
     cfg, arm = run.cfg, run.arm
     data = run.data(arm.dataset, n_train=cfg.n_train, rest_to_test=True)
     n, b = len(data.x_train), cfg.batch_size
@@ -288,6 +310,22 @@ def _tuned_gld_sigma(key: str, dataset: str, device: str) -> float:
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (test accuracy by step, small and large batch) and notes: each method's mean final accuracy, GD's and
+    SGD's training accuracy, and constant GLD's chosen sigma.
+
+    Example:
+        >>> import re, tempfile, numpy as np
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["seeds=2", "methods=gd,sgd"], scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
+        >>> note = analyze(results)[0]
+        >>> mean_acc = lambda m: 100 * np.mean(list(results.values(f"digits-{m}", "test_acc").values()))
+        >>> [bool(abs(float(re.search(rf"{m} ([0-9.]+)%", note).group(1)) - mean_acc(m)) < 0.05) for m in ("gd", "sgd")]
+        [True, True]
+    """
     cfg = res.cfg
     datasets = _datasets(cfg)
     for fname, group in (("small_batch_noise.png", [m for m in cfg.methods if m in SMALL]),

@@ -229,6 +229,22 @@ def certify_run(model, data: Data, sigma: float, n0: int, n: int, alpha: float, 
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Trains one arm (non-private, or DP-SGD at a target epsilon; clean or adversarial; with or without Gaussian
+    augmentation), then attacks and certifies it; returns the metrics.
+
+    Example:
+        A DP-SGD arm spends no more than its target epsilon, by the accountant that chose its noise:
+
+        >>> import tempfile
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "epsilons=1"], scale="smoke")
+        >>> job = next(j for j in plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu") if j.arm.private)
+        >>> final = run_job(job)
+        >>> job.arm.name, final["epsilon_rdp"] <= 1.0 + 1e-6, final["noise_multiplier"] > 0
+        ('eps1-clean-aug0', True, True)
+    """
     cfg, arm = run.cfg, run.arm
     eps, sigma = arm.epsilon, arm.augment_sigma
     # pixels in [0, 1], not standardised with the private training set's own statistics (an unaccounted release)
@@ -282,6 +298,22 @@ def _both(first, second):
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (privacy-utility, PGD accuracy by attack size, certified accuracy by radius) and notes: each level's
+    clean accuracy and the epsilon it spent.
+
+    Example:
+        >>> import re, tempfile, numpy as np
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["seeds=2", "epsilons=8"], scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
+        >>> note = next(n for n in analyze(results) if n.startswith("privacy-utility: eps8"))
+        >>> spent = np.mean(list(results.values("eps8-clean-aug0", "epsilon_rdp").values()))
+        >>> bool(abs(float(re.search(r"RDP ([0-9.]+)", note).group(1)) - spent) < 0.005)
+        True
+    """
     cfg, exp_dir = res.cfg, res.exp_dir
     levels = _privacy_levels(cfg)
     finals = {arm.name: res.final_list(arm.name) for arm in arms(cfg)}
