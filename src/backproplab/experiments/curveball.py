@@ -528,6 +528,26 @@ def _to_target(history: list[dict], target: float) -> tuple[float | None, float 
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Runs one arm for one seed: a toy problem solved from the seed's start (learning rate tuned once, on a tuning
+    seed), or the CNN trained for the budget; returns its metrics.
+
+    Example:
+        A toy run's saved path ends where it reports: within ``tol`` of the minimum (1, 1) when solved, after as
+        many iterations as the path has steps:
+
+        >>> import json, tempfile
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "toy_seeds=1", "toy_methods=curveball"], scale="smoke")
+        >>> jobs = plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu")
+        >>> job = next(j for j in jobs if j.arm.name.startswith("toy"))
+        >>> final = run_job(job)
+        >>> path = json.load(open(job.run_dir / "path.json"))
+        >>> (x, y), solved = path[-1], final["solved"]
+        >>> solved, ((x - 1) ** 2 + (y - 1) ** 2) ** 0.5 < cfg.tol, final["iterations"] == len(path) - 1
+        (True, True, True)
+    """
     cfg, arm = run.cfg, run.arm
     if isinstance(arm, ToyArm):
         key = json.dumps({k: v for k, v in cfg.__dict__.items() if k in ("max_iters", "tol", "linear_tol", "rr_batch")},
@@ -600,6 +620,23 @@ def _toy_table(res: Results) -> dict[str, dict[str, tuple[float, float, int, int
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (toy paths, CNN curves by step and by wall time) and notes: iterations to tolerance per toy method,
+    wall time per CNN method, and steps to the target accuracy.
+
+    Example:
+        >>> import re, tempfile, numpy as np
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["toy_methods=curveball", "datasets=digits", "cnn_methods=momentum"],
+        ...                   scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: seeds_for(cfg, arm))
+        >>> note = next(n for n in analyze(results) if n.startswith("toy rosenbrock"))
+        >>> iterations = list(results.values("toy-rosenbrock-curveball", "iterations").values())
+        >>> bool(float(re.search(r"curveball ([0-9.]+)±", note).group(1)) == np.mean(iterations))
+        True
+    """
     cfg, exp_dir = res.cfg, res.exp_dir
     notes = []
     table = _toy_table(res)

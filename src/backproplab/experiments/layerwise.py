@@ -182,6 +182,25 @@ def _train_config(run: Run, epochs: int):
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Trains one arm for one seed (greedy block by block, or end to end), probes the frozen features after each block
+    with a logistic regression, and retrains a narrower final classifier on the greedy trunk; returns the metrics.
+
+    Example:
+        >>> import json, tempfile
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> from backproplab.methods.layerwise import AuxClassifier
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "ks=1", "e2e_ks=1"], scale="smoke")
+        >>> jobs = plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu")
+        >>> job = next(j for j in jobs if j.arm.kind == "greedy")
+        >>> final = run_job(job)
+        >>> rows = [json.loads(line) for line in open(job.run_dir / "metrics.jsonl")]
+        >>> gain = rows[-1]["linear_separability"] - rows[0]["linear_separability"]
+        >>> head = sum(p.numel() for p in AuxClassifier(cfg.widths[-1], 10, 1, 2).parameters())
+        >>> [row["depth"] for row in rows], final["separability_gain"] == gain, final["classifier_params"] == head
+        ([1, 2, 3], True, True)
+    """
     cfg, arm = run.cfg, run.arm
     data = run.data(arm.dataset).to(run.device)
     model = run.prepare_model(LayerwiseCNN(data.input_shape, data.num_classes, cfg.widths, cfg.downsample, k=arm.k))
@@ -215,6 +234,23 @@ def run_arm(run: Run) -> dict:
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (accuracy and linear separability by depth) and notes: the probe's accuracy by depth for each k, and the
+    size reduction.
+
+    Example:
+        >>> import re, tempfile, numpy as np
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["seeds=2", "ks=1", "e2e_ks=1"], scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
+        >>> note = next(n for n in analyze(results) if "linear-probe accuracy by depth" in n)
+        >>> runs = results.runs("digits-greedy_k1")
+        >>> by_depth = np.mean([[row["linear_separability"] for row in rows] for rows in runs], 0)
+        >>> [float(v) for v in re.findall(r"([0-9.]+)%", note)] == [round(100 * v, 1) for v in by_depth]
+        True
+    """
     cfg = res.cfg
     datasets = _datasets(cfg)
     fig, axes = plots.subplots(2, len(datasets))

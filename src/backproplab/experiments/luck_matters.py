@@ -206,6 +206,29 @@ class CorrelationMonitor:
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Trains one student (or the BatchNorm CNN) for one seed and measures how its nodes match the teacher's: best
+    correlations per layer, coverage, the luck rank at initialisation, fan-out norms, BatchNorm biases; returns them.
+
+    Example:
+        The reported test loss is the saved student's mean squared error against the teacher on the seed's data:
+
+        >>> import tempfile, torch
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> from backproplab.train import evaluate, mse
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "multipliers=1"], scale="smoke")
+        >>> job = next(j for j in plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu") if j.arm.kind == "mult1")
+        >>> final = run_job(job)
+        >>> teacher = ts.make_teacher(widths=cfg.teacher_widths, version="2019", seed=0)
+        >>> data = ts.teacher_data(teacher, cfg.train_size, cfg.test_size, seed=0)
+        >>> student = ts.ReLUNet(20, list(cfg.teacher_widths), 100)
+        >>> student.load_state_dict(torch.load(job.run_dir / "model.pt", weights_only=True))
+        <All keys matched successfully>
+        >>> loss = evaluate(student, data.x_test, data.y_test, mse, classification=False)["loss"]
+        >>> abs(loss - final["test_loss"]) < 1e-6 * loss
+        True
+    """
     cfg, kind = run.cfg, run.arm.kind
     if kind == "bn_cnn_digits":
         data = run.data("digits")
@@ -323,6 +346,24 @@ def _pruning(cfg: LuckConfig, student, initial, corr, data, run: Run) -> dict:
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (correlation by epoch and layer, coverage by width, fan-out, BatchNorm biases) and notes on each of the
+    paper's observations.
+
+    Example:
+        >>> import re, tempfile, numpy as np
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["seeds=2"], scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
+        >>> note = next(n for n in analyze(results) if n.startswith("over-parameterization"))
+        >>> loss = {m: np.mean(list(results.values(f"mult{m}", "test_loss").values())) for m in cfg.multipliers}
+        >>> reported = {m: float(re.search(rf"x{m}: ([0-9]+[.][0-9]+)", note.split("eval loss")[1]).group(1))
+        ...             for m in cfg.multipliers}
+        >>> all(abs(reported[m] - loss[m]) < 0.005 for m in cfg.multipliers)
+        True
+    """
     cfg, exp_dir = res.cfg, res.exp_dir
     runs = res.all_runs()
     depth = len(cfg.teacher_widths)

@@ -282,6 +282,26 @@ def claims(cfg: RifleConfig) -> list[Claim]:
 
 
 def run_arm(run: Run) -> dict:
+    """run_arm.
+
+    Fine-tunes the pretrained network on the target task for one seed with the arm's method (L2 or L2-SP, RIFLE's
+    head re-initialisations, dropout, DropConnect, stochastic depth, label noise, a cyclic learning rate); returns
+    the metrics with the layers' gradient norms and direction changes.
+
+    Example:
+        The stem's reported movement is the distance between the saved network's stem and the pretrained one's:
+
+        >>> import tempfile, torch
+        >>> from backproplab.experiments import make_config, plan, run_job
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "arms=l2"], scale="smoke")
+        >>> job = plan(EXPERIMENT, cfg, out=tempfile.mkdtemp(), device="cpu")[0]
+        >>> final = run_job(job)
+        >>> saved, start = torch.load(job.run_dir / "model.pt", weights_only=True), pretrained(cfg, job.exp_dir, "cpu")
+        >>> stem = [k for k in start if k.startswith("stem.") and k.rsplit(".", 1)[1] in ("weight", "bias")]
+        >>> moved = sum(float((saved[k] - start[k]).pow(2).sum()) for k in stem) ** 0.5       # its parameters
+        >>> moved > 0, abs(moved - final["stem_update_norm"]) < 1e-6
+        (True, True)
+    """
     cfg, method = run.cfg, run.arm.method
     weights = pretrained(cfg, run.exp_dir, run.device)
     data = target_data(cfg, run.seed)
@@ -336,6 +356,23 @@ def _paired(res: Results, arm: str, base: str, metric: str) -> str:
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (per-layer gradient norms and direction changes) and notes: target accuracy by arm, the paired
+    differences from L2, direction changes and gradient norms between resets.
+
+    Example:
+        >>> import re, tempfile, numpy as np
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["seeds=2", "arms=l2,l2_rifle"], scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
+        >>> note = analyze(results)[0]
+        >>> [bool(abs(float(re.search(rf"{a} ([0-9.]+)%", note).group(1))
+        ...           - 100 * np.mean(list(results.values(a, "test_acc").values()))) < 0.05)
+        ...  for a in ("l2", "l2_rifle")]
+        [True, True]
+    """
     cfg = res.cfg
     runs = res.all_runs()
     fig, axes = plots.subplots(1, 3)
