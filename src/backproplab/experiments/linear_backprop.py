@@ -205,7 +205,18 @@ def fit_five_points(cfg: LinearBackpropConfig, method: str, lr: float, seed: int
     layers are stacked side by side (one batched matrix product per layer, independent per initialisation)
     and, for ``lbp``, switched by :func:`linear_backprop` like any model. Returns the MSE of each
     initialisation per iteration (NaN after a divergence), the final hidden activations and, on ``grid``,
-    the fitted functions."""
+    the fitted functions.
+
+    Example:
+        The initialisations stacked side by side train independently: the first of three follows exactly the path it
+        follows alone:
+
+        >>> from backproplab.experiments import make_config
+        >>> three = fit_five_points(make_config(EXPERIMENT, ["n_inits=3", "points_iters=30"]), "lbp", 0.3, seed=1)
+        >>> alone = fit_five_points(make_config(EXPERIMENT, ["n_inits=1", "points_iters=30"]), "lbp", 0.3, seed=1)
+        >>> three["losses"].shape, bool(np.allclose(three["losses"][0], alone["losses"][0], rtol=1e-5, atol=1e-7))
+        ((3, 30), True)
+    """
     x, y = five_points()
     inits = []
     for i in range(cfg.n_inits):
@@ -246,7 +257,18 @@ _TUNED: dict[tuple, float] = {}
 
 
 def tuned_points_lr(cfg: LinearBackpropConfig, method: str) -> float:
-    """The learning rate of ``points_lrs`` with the lowest median final MSE on the tuning seed."""
+    """The learning rate of ``points_lrs`` with the lowest median final MSE on the tuning seed.
+
+    Example:
+        The choice equals a brute-force search over the sweep on the tuning seed:
+
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["n_inits=4", "points_iters=40", "points_lrs=0.03,0.3,3"])
+        >>> median = lambda lr: np.median(np.nan_to_num(fit_five_points(cfg, "bp", lr, TUNING_SEED)["losses"][:, -1],
+        ...                                             nan=np.inf))
+        >>> tuned_points_lr(cfg, "bp") == min(cfg.points_lrs, key=median)
+        True
+    """
     key = (method, cfg.n_inits, cfg.points_iters, cfg.points_widths, cfg.points_lrs)
     if key not in _TUNED:
         def score(lr: float) -> float:
@@ -333,6 +355,23 @@ def run_arm(run: Run) -> dict:
 
 
 def analyze(res: Results) -> list[str]:
+    """analyze.
+
+    Figures (the 5-point fits, hidden activations, learning curves) and notes: the median final MSE and iterations
+    to fit of each method, and each comparison's accuracies.
+
+    Example:
+        >>> import re, tempfile
+        >>> from backproplab.experiments import Results, make_config, run
+        >>> cfg = make_config(EXPERIMENT, ["seeds=2", "datasets=digits", "activations=relu"], scale="smoke")
+        >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
+        >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
+        >>> note = analyze(results)[0]
+        >>> reported = float(re.search(r"median final MSE backprop ([0-9]+[.][0-9]+)", note).group(1))
+        >>> median = np.median(list(results.values("points-bp", "train_loss").values()))   # of the seeds' medians
+        >>> bool(abs(reported - median) <= 0.005 * median)                                 # 3 significant figures
+        True
+    """
     cfg, exp_dir = res.cfg, res.exp_dir
     notes = []
     fig, axes = plots.subplots(1, 3)  # 1. five points

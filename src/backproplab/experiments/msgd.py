@@ -273,7 +273,17 @@ TUNING_SEED = 10_000  # tunes constant GLD's sigma; never one of the evaluated s
 
 
 def tuned_gld_sigma(cfg: MSGDConfig, dataset: str, device: str) -> float:
-    """Constant GLD's sigma: the one of ``cfg.gld_sigmas`` with the best validation accuracy."""
+    """Constant GLD's sigma: the one of ``cfg.gld_sigmas`` with the best validation accuracy.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["gld_sigmas=0.003,0.03", "datasets=digits"], scale="smoke")
+        >>> tuned_gld_sigma(cfg, "digits", "cpu") in cfg.gld_sigmas
+        True
+        >>> cfg.gld_sigmas, cfg.gld_sigma = (), 0.02                    # no sweep (a library caller's config)
+        >>> tuned_gld_sigma(cfg, "digits", "cpu")
+        0.02
+    """
     if not cfg.gld_sigmas:
         return cfg.gld_sigma
     return _tuned_gld_sigma(json.dumps(_gld_tuning_key(cfg), sort_keys=True), dataset, device)

@@ -113,7 +113,17 @@ def _split(data: Data, classes: range) -> Data:
 
 
 def target_data(cfg: RifleConfig, seed: int) -> Data:
-    """Classes 5-9: ``per_class`` training images each, drawn by ``seed``; all the others are the test pool."""
+    """Classes 5-9: ``per_class`` training images each, drawn by ``seed``; all the others are the test pool.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> data = target_data(make_config(EXPERIMENT, ["per_class=7"]), seed=0)
+        >>> data.num_classes, torch.bincount(data.y_train).tolist()              # digits 5-9 relabelled 0-4
+        (5, [7, 7, 7, 7, 7])
+        >>> train = {tuple(row.flatten().tolist()) for row in data.x_train}
+        >>> any(tuple(row.flatten().tolist()) in train for row in data.x_test)    # the test pool is the rest
+        False
+    """
     full = load_dataset("digits", seed=seed, root=cfg.data_root or None)
     pooled = replace(full, x_train=torch.cat([full.x_train, full.x_test]),
                      y_train=torch.cat([full.y_train, full.y_test]))
@@ -129,7 +139,19 @@ def target_data(cfg: RifleConfig, seed: int) -> Data:
 
 def pretrained(cfg: RifleConfig, exp_dir: Path, device: str) -> dict:
     """The source model's weights, trained once (``pretrain_seed``) and cached (atomically) under
-    ``exp_dir/_pretrained``."""
+    ``exp_dir/_pretrained``.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from backproplab.experiments import make_config
+        >>> cfg, folder = make_config(EXPERIMENT, scale="smoke"), Path(tempfile.mkdtemp())
+        >>> first = pretrained(cfg, folder, "cpu")                                # trained, then cached
+        >>> again = pretrained(cfg, folder, "cpu")                                # read back
+        >>> cached = {p.name for p in (folder / "_pretrained").iterdir()}
+        >>> {"model.pt", "stamp.json"} <= cached, all(torch.equal(first[k], again[k]) for k in first)
+        (True, True)
+    """
     folder = exp_dir / "_pretrained"
     stamp = {"width": cfg.width, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr, "seed": cfg.pretrain_seed,
              "momentum": cfg.pretrain_momentum, "weight_decay": cfg.pretrain_weight_decay,
