@@ -150,7 +150,21 @@ def record(results_dir: str | Path, dest: str | Path = RECORDED, docs: str | Pat
     ``checks``: a JSON file ``{claim id: {"tuning": ..., "metric": ..., "scale": ..., "premise": ...}}``, the
     checks (with their numbers) that rule out our own artifact behind a "contradicted" verdict of the paper's
     claim; kept in the record as ``artifact_checks``. Until all four are there the write-up and the report say
-    "contradicted, not yet checked for our artifacts" (:func:`unchecked`)."""
+    "contradicted, not yet checked for our artifacts" (:func:`unchecked`).
+
+    Example:
+        Only a full-scale run is a record; a smoke run is refused, naming its summary:
+
+        >>> import tempfile
+        >>> from backproplab.experiments import get, make_config, run
+        >>> out = tempfile.mkdtemp()
+        >>> _ = run(get("baselines"), make_config(get("baselines"), ["seeds=1", "optimizers=sgd"], scale="smoke"),
+        ...         out=out, progress=False, scale="smoke")
+        >>> record(out, dest=tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        ValueError: .../baselines/summary.json: scale 'smoke'; only full-scale verdicts are recorded
+    """
     extra = json.loads(Path(checks).read_text()) if checks is not None else {}
     if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
         raise ValueError(f"{checks}: expected {{claim id: {{check: text}}}} with checks among {ARTIFACT_CHECKS}")

@@ -96,7 +96,18 @@ class MSGDConfig(ExperimentConfig):
 
 def large_batch(cfg: MSGDConfig, n: int) -> int:
     """B = large_factor x b, which must lie strictly between b and n: B = n would make large-batch SGD full-batch
-    GD (and its weighted twin MSGD-Fisher), B = b plain SGD."""
+    GD (and its weighted twin MSGD-Fisher), B = b plain SGD.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> cfg = make_config(EXPERIMENT, ["batch_size=50", "large_factor=4"])
+        >>> large_batch(cfg, n=1000)
+        200
+        >>> large_batch(cfg, n=200)                                     # B = n would be full-batch GD
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: bad value 4 for 'large_factor': ... e.g. large_factor=2
+    """
     from .registry import ConfigError
 
     big = cfg.large_factor * cfg.batch_size

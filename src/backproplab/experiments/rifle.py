@@ -175,7 +175,27 @@ def pretrained(cfg: RifleConfig, exp_dir: Path, device: str) -> dict:
 
 class GradNormMonitor:
     """Callback: the gradient norm of each named layer at every step (``norms[layer][step - 1]``), and
-    its mean over the steps since the last evaluation in the history (``grad_norm_<layer>``)."""
+    its mean over the steps since the last evaluation in the history (``grad_norm_<layer>``).
+
+    Example:
+        With the whole training set as the batch, the first step's gradient norm of a layer is the norm of the full
+        loss's gradient at the initial weights:
+
+        >>> import copy
+        >>> from torch import nn
+        >>> from backproplab.data import Data
+        >>> from backproplab.train import TrainConfig, fit
+        >>> x, y = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> start = copy.deepcopy(model)
+        >>> monitor = GradNormMonitor(layers=("0", "2"))
+        >>> _ = fit(model, Data("toy", x, y, x, y, 2), TrainConfig(batch_size=20, epochs=2), callbacks=[monitor],
+        ...         progress=False)
+        >>> torch.nn.functional.cross_entropy(start(x), y).backward()
+        >>> by_hand = torch.cat([p.grad.flatten() for p in start[0].parameters()]).norm()
+        >>> len(monitor.norms["0"]), abs(monitor.norms["0"][0] - float(by_hand)) < 1e-6
+        (2, True)
+    """
 
     def __init__(self, layers: tuple[str, ...] = LAYERS):
         self.layers = layers

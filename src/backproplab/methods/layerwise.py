@@ -377,7 +377,18 @@ def probe(model: LayerwiseCNN, depth: int, data: Data, config: TrainConfig, p: i
           width: int | None = None) -> float:
     """Test accuracy of a classifier trained on the frozen features after ``depth`` blocks: p = 0 is the
     linear separability probe (logistic regression on 2x2-averaged features, fitted to convergence by
-    :func:`linear_probe`; ``config`` is not used), p > 0 the 'CNN-p' probe trained with ``config``."""
+    :func:`linear_probe`; ``config`` is not used), p > 0 the 'CNN-p' probe trained with ``config``.
+
+    Example:
+        Features after a random first block still separate the digits well; the probe fits a logistic regression on
+        them to convergence:
+
+        >>> from backproplab.data import load_dataset
+        >>> data = load_dataset("digits")
+        >>> net = LayerwiseCNN(data.input_shape, 10, widths=(16, 16), downsample=(1,))
+        >>> probe(net, 1, data, None) > 0.8
+        True
+    """
     trunk = nn.Sequential(*model.blocks[:depth])
     feats = replace(data, x_train=_features(trunk, data.x_train), x_test=_features(trunk, data.x_test))
     if p == 0:
@@ -394,7 +405,19 @@ def probe(model: LayerwiseCNN, depth: int, data: Data, config: TrainConfig, p: i
 
 def retrain_smaller_classifier(model: LayerwiseCNN, data: Data, config: TrainConfig, width: int) -> tuple[float, int]:
     """The paper's size reduction: a narrower final classifier (k convs of ``width``) on the frozen trunk.
-    Returns (test accuracy, parameters of the new classifier)."""
+    Returns (test accuracy, parameters of the new classifier).
+
+    Example:
+        >>> from backproplab.data import load_dataset
+        >>> from backproplab.train import TrainConfig
+        >>> data = load_dataset("digits", n_train=200)
+        >>> net = LayerwiseCNN(data.input_shape, 10, widths=(8, 16), downsample=(1,), k=2)
+        >>> acc, params = retrain_smaller_classifier(net, data, TrainConfig(epochs=1), width=4)
+        >>> 0 <= acc <= 1, params == sum(p.numel() for p in AuxClassifier(16, 10, 2, 2, 4).parameters())
+        (True, True)
+        >>> params < sum(p.numel() for p in net.aux[-1].parameters())                # narrower than the trained one
+        True
+    """
     trunk = nn.Sequential(*model.blocks)
     feats = replace(data, x_train=_features(trunk, data.x_train), x_test=_features(trunk, data.x_test))
     seed_everything(config.seed)
