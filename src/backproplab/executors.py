@@ -34,7 +34,31 @@ ATTEMPTS = ".attempts"  # under the experiment folder: one line per attempt at a
 
 
 class RunFailed(RuntimeError):
-    """Some runs failed for their own reasons; each one's error is in ``error.json`` in its folder."""
+    """Some runs failed for their own reasons; each one's error is in ``error.json`` in its folder.
+
+    Example:
+        A run that fails for its own reason is recorded in its folder, the others finish, then the executor raises:
+
+        >>> import json, os, tempfile, ray
+        >>> from backproplab.experiments import get, make_config, plan, run_job
+        >>> exp = get("baselines")
+        >>> jobs = plan(exp, make_config(exp, ["seeds=2", "optimizers=sgd"], scale="smoke"), out=tempfile.mkdtemp())
+        >>> def run_job_failing_seed1(job):
+        ...     if job.seed == 1:
+        ...         raise RuntimeError("the data went missing")
+        ...     return run_job(job)
+        >>> os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        'disabled'
+        >>> try:
+        ...     RayExecutor(max_retries=0, num_cpus=2).run(jobs, run_job_failing_seed1, progress=False)
+        ... except RunFailed as e:
+        ...     print(e)
+        1 of 2 runs failed: baselines digits-mlp-sgd seed 1
+        >>> error = json.load(open(jobs[1].run_dir / "error.json"))["error"]
+        >>> error.endswith("RuntimeError: the data went missing"), (jobs[0].run_dir / "final.json").exists()
+        (True, True)
+        >>> ray.shutdown()
+    """
 
 
 class ExecutorSetupError(ValueError):

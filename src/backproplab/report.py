@@ -198,7 +198,15 @@ def _md(text: object) -> str:
 def record_markdown(rec: dict) -> str:
     """The write-up of one recorded full-scale run, generated from the record alone (never edited by hand):
     where and when it ran, the paper's setting and this run's, the deviations, every verdict with its interval
-    (the paper's claims, then the lab's extensions apart), and the analysis notes the run wrote."""
+    (the paper's claims, then the lab's extensions apart), and the analysis notes the run wrote.
+
+    Example:
+        >>> import json
+        >>> rec = json.loads((RECORDED / "rifle.json").read_text())              # a shipped full-scale record
+        >>> page = record_markdown(rec)
+        >>> page.splitlines()[0], all(v["claim"] in page for v in rec["verdicts"])    # every verdict is written up
+        ('# rifle: recorded full-scale verdicts', True)
+    """
     prov = rec.get("provenance") or {}
     claims = {c["id"]: c for c in rec.get("claims") or []}
     lines = [f"# {rec['experiment']}: recorded full-scale verdicts", "",

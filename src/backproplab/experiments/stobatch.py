@@ -221,6 +221,17 @@ def noisy_accuracies(model: sb.StoBatchNet, sto: sb.StoBatch, data: Data, batch:
     batch's own statistics, as the authors' evaluation does (BatchNorm in training mode, running statistics
     left untouched); the corrected mode has no shared draw (its training noise is per example), so all three
     are its per-example reading, in inference mode.
+
+    Example:
+        The corrected mode draws its noise per example, so its three readings are one and the same:
+
+        >>> from backproplab.data import load_dataset
+        >>> data = load_dataset("digits", unit_range=True)
+        >>> net = sb.StoBatchNet(data.input_shape, 10)
+        >>> sto = sb.StoBatch(net, len(data.x_train), sb.StoBatchConfig(batch=64, steps=10, eps2=2.0, eps3=2.0))
+        >>> acc = noisy_accuracies(net, sto, data, batch=64, seed=0)
+        >>> sorted(acc), acc["acc_training_draw"] == acc["acc_shared_draw"] == acc["acc_fresh_noise"]
+        (['acc_fresh_noise', 'acc_shared_draw', 'acc_training_draw'], True)
     """
     import copy
 

@@ -716,7 +716,22 @@ def project_w1(model: StoBatchNet, bound: float) -> None:
 
 def averaged_gradient(sto: StoBatch, data, step: int, batch_indices: list[int], num_classes: int = 10) -> list[Tensor]:
     """The mean over ``batch_indices`` of each disjoint batch's released gradient (corrected) or loss gradient
-    (paper mode): the reference for the distributed run."""
+    (paper mode): the reference for the distributed run.
+
+    Example:
+        The corrected mode's reference is the mean of the batches' releases, each as :meth:`StoBatch.release` gives
+        it (its noise drawn from the batch and the step):
+
+        >>> import torch
+        >>> from types import SimpleNamespace as Data
+        >>> net = StoBatchNet()
+        >>> sto = StoBatch(net, n=64, config=StoBatchConfig(batch=16, steps=4, eps2=1.0, eps3=1.0))
+        >>> data = Data(x_train=torch.rand(64, *net.input_shape), y_train=torch.randint(0, 10, (64,)))
+        >>> release = lambda i: sto.release(i, 0, data.x_train[sto.batches[i]], data.y_train[sto.batches[i]], 10)
+        >>> mean = averaged_gradient(sto, data, step=0, batch_indices=[0, 2])
+        >>> all(torch.allclose(m, (a + b) / 2, atol=1e-6) for m, a, b in zip(mean, release(0), release(2)))
+        True
+    """
     grads = None
     params = list(sto.model.parameters())
     for index in batch_indices:
