@@ -394,7 +394,7 @@ def analyze(res: Results) -> list[str]:
     Example:
         >>> import re, tempfile, numpy as np
         >>> from backproplab.experiments import Results, make_config, run
-        >>> cfg = make_config(EXPERIMENT, ["seeds=2"], scale="smoke")
+        >>> cfg = make_config(EXPERIMENT, ["seeds=1", "dp_baselines=false"], scale="smoke")
         >>> folder = run(EXPERIMENT, cfg, out=tempfile.mkdtemp(), progress=False)
         >>> results = Results(folder, cfg, arms(cfg), lambda arm: cfg.seeds)
         >>> note = next(n for n in analyze(results) if n.startswith("non-private reference"))
