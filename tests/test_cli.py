@@ -62,8 +62,8 @@ def test_bad_values_fail_before_training(tmp_path, capsys, bad, expect):
 def test_config_parsing_types():
     exp = experiments.get("baselines")
     cfg = experiments.make_config(exp, ["adam_lr=0.01", "models=cnn", "epochs=4"], quick=True, seeds=5)
-    assert cfg.adam_lr == 0.01 and cfg.models == ("cnn",) and cfg.epochs == 4 and cfg.seeds == 5
-    assert experiments.make_config(exp, quick=True).epochs == exp.quick["epochs"]
+    assert cfg.adam_lr == 0.01 and cfg.models == ("cnn",) and cfg.train.epochs == 4 and cfg.seeds == 5
+    assert experiments.make_config(exp, quick=True).train.epochs == exp.quick["epochs"]
 
 
 def test_run_writes_layout_and_report_has_one_figure_section_per_experiment(tmp_path):
@@ -186,10 +186,13 @@ def test_run_name_help_lists_every_config_key_with_type_default_and_meaning(caps
             main(["run", exp.name, "--help"])
         assert stop.value.code == 0
         out = capsys.readouterr().out
-        for f in dataclasses.fields(exp.config):
-            line = next((ln for ln in out.splitlines() if ln.startswith(f"  {f.name} (")), None)
-            assert line is not None, (exp.name, f.name)
-            assert f"default {f.default!r}" in line and re.search(r"\): \S", line), line  # a meaning follows
+        for key in experiments.config_keys(exp.config):  # a training phase's keys included (bn_lr, ...)
+            line = next((ln for ln in out.splitlines() if ln.startswith(f"  {key.name} (")), None)
+            assert line is not None, (exp.name, key.name)
+            assert f"default {key.field.default!r}" in line and re.search(r"\): \S", line), line  # a meaning follows
+        for f in dataclasses.fields(exp.config):  # each phase is named with what it trains
+            if f.metadata.get("phase") is not None:
+                assert f"training phase {f.name!r}: {f.metadata['help']}]" in out, (exp.name, f.name)
 
 
 def test_list_verbose_shows_each_experiments_claims(capsys):

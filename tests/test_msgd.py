@@ -214,6 +214,7 @@ def test_constant_gld_sigma_is_chosen_by_validation_accuracy_inside_the_training
     the tuning seed: the test pool is never seen."""
     from backproplab import train
     from backproplab.data import load_dataset
+    from backproplab.experiments import build_config
     from backproplab.experiments import msgd as experiment
 
     accuracy = {0.003: 0.5, 0.01: 0.9, 0.03: 0.7}
@@ -225,7 +226,7 @@ def test_constant_gld_sigma_is_chosen_by_validation_accuracy_inside_the_training
 
     monkeypatch.setattr(train, "fit", fake_fit)
     experiment._tuned_gld_sigma.cache_clear()
-    cfg = experiment.MSGDConfig(datasets=("digits",), n_train=300, steps=5)
+    cfg = build_config(experiment.MSGDConfig, {"datasets": ("digits",), "n_train": 300, "steps": 5})
     assert experiment.tuned_gld_sigma(cfg, "digits", "cpu") == 0.01
     assert len(seen) == 3
     full = load_dataset("digits", seed=experiment.TUNING_SEED, n_train=300, rest_to_test=True)

@@ -98,7 +98,7 @@ def test_rifle_runs_at_a_scale_where_it_can_act_with_the_authors_k():
     for scale in ("quick", "full"):
         cfg = experiments.make_config(experiments.get("rifle"), [], scale=scale)
         assert cfg.per_class >= 60 and rf.method_times("l2_rifle", cfg) == 1
-        steps_per_period = cfg.epochs * math.ceil(5 * cfg.per_class / cfg.batch_size) // (cfg.times + 1)
+        steps_per_period = cfg.train.epochs * math.ceil(5 * cfg.per_class / cfg.train.batch_size) // (cfg.times + 1)
         assert steps_per_period >= 100, steps_per_period
     headline = [c for c in rf.claims(rf.RifleConfig()) if c.id == "rifle.l2_rifle_vs_l2"]
     assert headline and headline[0].arm == "l2_rifle"
@@ -142,6 +142,6 @@ def test_msgd_judges_at_every_scale_where_its_premise_can_hold():
         assert ms._datasets(cfg) == ["mnist1d"], (scale, ms._datasets(cfg))
         assert {"gd", "sgd"} <= set(cfg.methods) and set(cfg.methods) & {"msgd_cov", "msgd_fisher", "msgd_bernoulli",
                                                                            "msgd_fisher_b"}
-        assert cfg.steps >= 2000 and cfg.n_train > cfg.large_factor * cfg.batch_size
+        assert cfg.train.max_steps >= 2000 and cfg.n_train > cfg.large_factor * cfg.batch_size
         premise = [c for c in ms.claims(cfg) if c.id == "msgd.sgd_beats_gd.mnist1d"]
         assert premise and premise[0].baseline.endswith("-gd")

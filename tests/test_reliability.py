@@ -286,8 +286,8 @@ def test_any_set_value_is_rejected_with_a_one_line_error_or_is_valid(key, value)
         return
     # accepted: every numeric field is finite and in range, and the arms can be built
     for name in ("epochs", "batch_size", "seeds"):
-        assert getattr(cfg, name) >= 1
-    assert cfg.sgd_lr > 0 and cfg.weight_decay >= 0 and 0 <= cfg.n_train <= 1438 and cfg.datasets
+        assert experiments.config_values(cfg)[name] >= 1
+    assert cfg.sgd_lr > 0 and cfg.train.weight_decay >= 0 and 0 <= cfg.n_train <= 1438 and cfg.datasets
     assert experiments.get("baselines").arms(cfg)
 
 
@@ -301,7 +301,8 @@ def test_accepted_values_run(tmp_path_factory, key, value):
                                       else [f"{key}={value}"], scale="smoke")
     except experiments.ConfigError:
         return
-    cfg = type(cfg)(**{**cfg.__dict__, "epochs": min(cfg.epochs, 2), "seeds": 1, "optimizers": ("sgd",)})
+    cfg = experiments.build_config(type(cfg), {**experiments.config_values(cfg), "epochs": min(cfg.train.epochs, 2),
+                                               "seeds": 1, "optimizers": ("sgd",)})
     exp_dir = experiments.run(exp, cfg, out=tmp_path_factory.mktemp("run"), progress=False)
     final = json.loads((exp_dir / "digits-mlp-sgd" / "seed0" / "final.json").read_text())
     assert final["status"] in ("ok", "diverged")

@@ -192,7 +192,8 @@ def _certify(args) -> int:
     if exp.load_trained is None:
         print(f"backproplab: experiment {exp.name!r} does not support certify (no load_trained)", file=sys.stderr)
         return 2
-    cfg = exp.config(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()})
+    cfg = experiments.build_config(exp.config, {k: tuple(v) if isinstance(v, list) else v
+                                                for k, v in record["config"].items()})
     model, data, sigma = exp.load_trained(cfg, exp.arm_named(cfg, record["arm"]), run_dir)
     sigma = args.sigma if args.sigma is not None else sigma
     examples = min(args.examples, len(data.x_test))

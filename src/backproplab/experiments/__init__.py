@@ -25,17 +25,19 @@ this config's own runs over, never another's).
 
 
 from ..fields import option
-from .config import (DEVICE, FLOAT32_MAX, NOT_IDENTITY, check_choices, check_n_train, check_private_validation,
-                     check_values, describe_fields, describe_paper_scale, identity, identity_of, make_config,
-                     paper_scale_names, private_selection_note, run_setting)
+from .config import (DEVICE, FLOAT32_MAX, NOT_IDENTITY, ConfigKey, build_config, check_choices, check_n_train,
+                     check_private_validation, check_values, config_keys, config_values, describe_fields,
+                     describe_paper_scale, identity, identity_of, make_config, paper_scale_names,
+                     private_selection_note, run_setting)
 from .registry import (BUILTIN, MAX_SEEDS, REGISTRY, SCALES, Arm, ConfigError, Experiment, ExperimentConfig,
-                       all_claims, all_experiments, get, register)
+                       RUN_OWNED, all_claims, all_experiments, get, register, training_phase)
 from .runner import (Job, Results, Run, check_data_present, final_values, finish, judge_claims, plan, preflight, run,
                      run_job, tuned, validation_split)
 
-__all__ = ["BUILTIN", "DEVICE", "FLOAT32_MAX", "MAX_SEEDS", "NOT_IDENTITY", "REGISTRY", "SCALES", "Arm", "ConfigError",
+__all__ = ["BUILTIN", "DEVICE", "FLOAT32_MAX", "MAX_SEEDS", "NOT_IDENTITY", "REGISTRY", "RUN_OWNED", "SCALES", "Arm",
+           "ConfigError", "ConfigKey", "build_config", "config_keys", "config_values",
            "Experiment", "ExperimentConfig", "Job", "Results", "Run", "all_claims", "all_experiments",
            "check_choices", "check_data_present", "check_n_train", "check_private_validation", "check_values",
            "describe_fields", "describe_paper_scale", "final_values", "finish", "get", "identity", "identity_of",
            "judge_claims", "make_config", "option", "paper_scale_names", "plan", "preflight", "private_selection_note",
-           "register", "run", "run_job", "run_setting", "tuned", "validation_split"]
+           "register", "run", "run_job", "run_setting", "training_phase", "tuned", "validation_split"]

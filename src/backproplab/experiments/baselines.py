@@ -16,7 +16,8 @@ from .. import plots
 from ..evidence import Claim, quoted
 from ..fields import option
 from ..models import build_model
-from .registry import Arm, Experiment, ExperimentConfig
+from ..train import TrainConfig
+from .registry import Arm, Experiment, ExperimentConfig, training_phase
 from .config import check_choices, check_n_train
 from .runner import Results, Run, final_values
 
@@ -36,7 +37,7 @@ class BaselinesConfig(ExperimentConfig):
 
         >>> from backproplab.experiments import make_config
         >>> cfg = make_config(EXPERIMENT, ["optimizers=sgd,adam", "epochs=3"])
-        >>> cfg.optimizers, cfg.epochs, cfg.sgd_lr
+        >>> cfg.optimizers, cfg.train.epochs, cfg.sgd_lr
         (('sgd', 'adam'), 3, 0.05)
         >>> make_config(EXPERIMENT, ["optimizers=sgd,lion"])
         Traceback (most recent call last):
@@ -46,16 +47,18 @@ class BaselinesConfig(ExperimentConfig):
     datasets: tuple[str, ...] = option(("digits", "mnist1d"), "datasets to train on")
     models: tuple[str, ...] = option(("mlp", "cnn"), "architectures (mlp, cnn)")
     optimizers: tuple[str, ...] = option(OPTIMIZERS, "optimizers compared")
-    epochs: int = option(30, "training epochs per run", ge=1)
-    batch_size: int = option(64, "mini-batch size", ge=1)
+    # what every arm shares; each arm chooses its optimizer, learning rate (below) and momentum
+    train: TrainConfig = training_phase("the training of every arm",
+                                        epochs=option(30, "training epochs per run", ge=1),
+                                        batch_size=option(64, "mini-batch size", ge=1),
+                                        weight_decay=option(0.0, "L2 weight decay, every arm"),
+                                        eval_every=option(0, "steps between evaluations (0: at each epoch's end)"))
     sgd_lr: float = option(0.05, "learning rate of plain SGD", gt=0)
     momentum_lr: float = option(0.05, "learning rate of SGD with momentum", gt=0)
     momentum: float = option(0.9, "momentum of the momentum arm")
     adam_lr: float = option(1e-3, "Adam's learning rate", gt=0)
     gd_lr: float = option(0.5, "learning rate of full-batch GD", gt=0)
-    weight_decay: float = option(0.0, "L2 weight decay, every arm")
     n_train: int = option(0, "0: the whole training set; else a per-seed subset, the rest joins the test set")
-    eval_every: int = option(0, "steps between evaluations (0: at each epoch's end)")
     def validate(self) -> None:
         check_n_train(self, self.datasets)
         check_choices("optimizers", self.optimizers, OPTIMIZERS)
@@ -134,11 +137,9 @@ def run_arm(run: Run) -> dict:
     cfg, arm = run.cfg, run.arm
     data = run.data(arm.dataset, n_train=cfg.n_train or None, rest_to_test=True)
     model = run.prepare_model(build_model(arm.model, data.input_shape, data.num_classes))
-    tc = run.train_config(optimizer="sgd" if arm.optimizer == "momentum" else arm.optimizer,
+    tc = run.train_config(cfg.train, optimizer="sgd" if arm.optimizer == "momentum" else arm.optimizer,
                           lr=getattr(cfg, f"{arm.optimizer}_lr"),
-                          momentum=cfg.momentum if arm.optimizer == "momentum" else 0.0,
-                          weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                          eval_every=cfg.eval_every)
+                          momentum=cfg.momentum if arm.optimizer == "momentum" else 0.0)
     return run.fit(model, data, tc)[-1]
 
 
@@ -173,7 +174,7 @@ def analyze(res: Results) -> list[str]:
         acc = {o: np.array(final_values(res, BaselineArm(d, m, o).name, "test_acc")) for o in cfg.optimizers}
         acc = {o: a for o, a in acc.items() if len(a)}
         if acc:
-            notes.append(f"{d}/{m} after {cfg.epochs} epochs, final test accuracy: " + ", ".join(
+            notes.append(f"{d}/{m} after {cfg.train.epochs} epochs, final test accuracy: " + ", ".join(
                 f"{o} {100 * a.mean():.1f}% (sd {100 * a.std(ddof=1) if len(a) > 1 else 0:.1f})"
                 for o, a in sorted(acc.items(), key=lambda kv: -kv[1].mean())) + ".")
     return notes

@@ -25,6 +25,78 @@ FLOAT32_MAX = 3.0e38
 NOT_IDENTITY = ("seeds", "device", "checkpoint_every", "log")
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigKey:
+    """One ``--set`` key: its field (help line and bounds), its type, and where the value lives: a top-level
+    field of the config (``phase`` None) or field ``attr`` of an embedded training phase."""
+    name: str
+    field: dataclasses.Field
+    type: Any
+    phase: str | None
+    attr: str
+
+
+def config_keys(config_cls: type) -> list[ConfigKey]:
+    """The config's ``--set`` keys in declaration order: its own fields, and in place of each embedded
+    :func:`~backproplab.experiments.registry.training_phase` the phase's keys (prefix + ``TrainConfig`` field).
+
+    Example:
+        >>> [k.name for k in config_keys(get("layerwise").config)][-6:]
+        ['lr', 'momentum', 'weight_decay', 'batch_size', 'small_width', 'probe_all_arms']
+        >>> key = config_keys(get("layerwise").config)[-6]
+        >>> key.phase, key.attr, key.type, key.field.metadata["gt"]     # held at cfg.train.lr, above 0
+        ('train', 'lr', <class 'float'>, 0)
+    """
+    hints = typing.get_type_hints(config_cls)
+    keys = []
+    for f in dataclasses.fields(config_cls):
+        phase = f.metadata.get("phase")
+        if phase is None:
+            keys.append(ConfigKey(f.name, f, hints[f.name], None, f.name))
+            continue
+        phase_hints = typing.get_type_hints(type(f.default_factory()))
+        keys += [ConfigKey(phase[attr], spec, phase_hints[attr], f.name, attr)
+                 for attr, spec in f.metadata["keys"].items()]
+    return keys
+
+
+def config_values(cfg: Any) -> dict[str, Any]:
+    """The config as ``--set`` key -> value (flat: a phase's keys in place of the phase), as ``config.json``
+    records it.
+
+    Example:
+        >>> cfg = make_config(get("layerwise"), ["lr=0.05"], scale="smoke")
+        >>> cfg.train.lr, config_values(cfg)["lr"]
+        (0.05, 0.05)
+    """
+    return {k.name: getattr(getattr(cfg, k.phase), k.attr) if k.phase else getattr(cfg, k.name)
+            for k in config_keys(type(cfg))}
+
+
+def build_config(config_cls: type, values: dict[str, Any]) -> Any:
+    """The config from ``--set`` key -> typed value (the others at their defaults): the inverse of
+    :func:`config_values`.
+
+    Example:
+        >>> cfg = make_config(get("layerwise"), ["lr=0.05", "seeds=2"], scale="smoke")
+        >>> build_config(type(cfg), config_values(cfg)) == cfg
+        True
+    """
+    keys = {k.name: k for k in config_keys(config_cls)}
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ConfigError(f"unknown keys {', '.join(unknown)} for {config_cls.__name__}")
+    top = {name: v for name, v in values.items() if keys[name].phase is None}
+    phases: dict[str, dict[str, Any]] = {}
+    for name, v in values.items():
+        if keys[name].phase is not None:
+            phases.setdefault(keys[name].phase, {})[keys[name].attr] = v
+    for f in dataclasses.fields(config_cls):
+        if f.metadata.get("phase") is not None:
+            top[f.name] = dataclasses.replace(f.default_factory(), **phases.get(f.name, {}))
+    return config_cls(**top)
+
+
 _SETTING_FIELDS = (("data", ("datasets", "dataset")),
                    ("model", ("models", "model", "widths", "width", "teacher_widths", "batchnorm")),
                    ("budget", ("epochs", "epochs_per_block", "pretrain_epochs", "steps", "max_iters", "n_train",
@@ -38,12 +110,13 @@ def run_setting(cfg: Any, scale: str) -> str:
         >>> run_setting(make_config(get("baselines"), ["seeds=3"], scale="smoke"), "smoke")
         'smoke scale, 3 seeds; data: digits; model: mlp; budget: epochs 2; n_train 300; batch_size 64'
     """
-    parts = [f"{scale} scale, {getattr(cfg, 'seeds', '?')} seeds"]
+    flat = config_values(cfg)
+    parts = [f"{scale} scale, {flat.get('seeds', '?')} seeds"]
     for label, names in _SETTING_FIELDS:
         values = []
         for name in names:
-            if hasattr(cfg, name) and getattr(cfg, name) not in (0, "", ()):  # 0: the field's "all" / unset
-                value = getattr(cfg, name)
+            if name in flat and flat[name] not in (0, "", ()):  # 0: the field's "all" / unset
+                value = flat[name]
                 text = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
                 values.append(text if label == "data" or name in ("models", "model") else f"{name} {text}")
         if values:
@@ -106,12 +179,15 @@ def describe_fields(config_cls: type) -> str:
         >>> describe_fields(type(get("baselines").config())).splitlines()[0]
         '  seeds (int, at least 1, at most 100000, default 5): paired seeds per arm (0..N-1); each seed is ...'
     """
-    hints = typing.get_type_hints(config_cls)
-    lines = []
-    for f in dataclasses.fields(config_cls):
-        kind = ", ".join(filter(None, (_type_name(hints[f.name]), _range_words(f, hints[f.name]))))
-        lines.append(f"  {f.name} ({kind}, default {f.default!r})"
-                     + (f": {f.metadata['help']}" if "help" in f.metadata else ""))
+    keys, lines = config_keys(config_cls), []
+    for i, key in enumerate(keys):
+        if key.phase is not None and (i == 0 or keys[i - 1].phase != key.phase):  # what a phase's keys train
+            count = sum(k.phase == key.phase for k in keys)
+            lines.append(f"  [the next {count} key{'s' * (count > 1)} set training phase {key.phase!r}: "
+                         f"{config_cls.__dataclass_fields__[key.phase].metadata['help']}]")
+        kind = ", ".join(filter(None, (_type_name(key.type), _range_words(key.field, key.type))))
+        lines.append(f"  {key.name} ({kind}, default {key.field.default!r})"
+                     + (f": {key.field.metadata['help']}" if "help" in key.field.metadata else ""))
     return "\n".join(lines)
 
 
@@ -151,7 +227,7 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
 
     Example:
         >>> cfg = make_config(get("baselines"), ["seeds=3", "epochs=4"], scale="smoke")
-        >>> cfg.seeds, cfg.epochs, cfg.n_train                     # n_train from the smoke scale's overrides
+        >>> cfg.seeds, cfg.train.epochs, cfg.n_train               # n_train from the smoke scale's overrides
         (3, 4, 300)
         >>> make_config(get("baselines"), ["seeds=0"])
         Traceback (most recent call last):
@@ -169,8 +245,7 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
             k, v = item.split("=", 1)
             pairs[k.strip()] = v
         overrides = pairs
-    hints = typing.get_type_hints(exp.config)
-    valid = {f.name for f in dataclasses.fields(exp.config)}
+    hints = {key.name: key.type for key in config_keys(exp.config)}
     if scale == "paper" and not exp.paper:
         raise ConfigError(f"experiment {exp.name!r} has no paper scale (its paper's setting is its full scale or "
                           f"not expressible here); experiments with one: {', '.join(paper_scale_names())}")
@@ -178,7 +253,7 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
                               "paper": dict(exp.paper)}[scale]
     values.update({k: v for k, v in typed.items() if v is not None})
     for key, raw in overrides.items():
-        if key not in valid:
+        if key not in hints:
             raise ConfigError(f"unknown key {key!r} for experiment {exp.name!r}. Valid keys:\n"
                               f"{describe_fields(exp.config)}")
         try:
@@ -186,7 +261,10 @@ def make_config(exp: Experiment, overrides: dict[str, str] | Sequence[str] = (),
         except ValueError:
             raise ConfigError(f"bad value {raw!r} for {key!r} in experiment {exp.name!r}: expected "
                               f"{_type_name(hints[key])}. Valid keys:\n{describe_fields(exp.config)}") from None
-    cfg = exp.config(**values)
+    try:
+        cfg = build_config(exp.config, values)
+    except ConfigError as e:  # a typed value or a scale's override naming no key: the experiment's own bug
+        raise ConfigError(f"experiment {exp.name!r}: {e}") from None
     check_values(exp, cfg)
     check = getattr(cfg, "validate", None)
     if check is not None:
@@ -220,13 +298,14 @@ def check_values(exp: Experiment, cfg: Any) -> None:
         backproplab.experiments.registry.ConfigError: bad value inf for 'sgd_lr' in experiment 'baselines': expected ...
     """
     from ..data import DATASETS
-    from ..train import resolve_device
+    from ..train import check_config, resolve_device
 
     def fail(key: str, value: Any, want: str) -> None:
         raise ConfigError(f"bad value {value!r} for {key!r} in experiment {exp.name!r}: {want}")
 
-    for f in dataclasses.fields(cfg):
-        key, value = f.name, getattr(cfg, f.name)
+    flat = config_values(cfg)
+    for config_key in config_keys(type(cfg)):
+        f, key, value = config_key.field, config_key.name, flat[config_key.name]
         items = value if isinstance(value, tuple) else (value,)
         if isinstance(value, tuple) and not value:
             fail(key, value, "the list must not be empty")
@@ -242,6 +321,12 @@ def check_values(exp: Experiment, cfg: Any) -> None:
                     fail(key, v, f"expected a number {words} {bound:g}"
                          + (" (more seeds than planning can take in reasonable time: a typo?)"
                             if key == "seeds" and words == "at most" else ""))
+    for f in dataclasses.fields(cfg):  # the loop's own checks on each embedded phase, fixed values included
+        if f.metadata.get("phase") is not None:
+            try:
+                check_config(getattr(cfg, f.name))
+            except ValueError as e:
+                raise ConfigError(f"experiment {exp.name!r}, training phase {f.name!r}: {e}") from None
     for key in ("datasets", "dataset"):
         names = getattr(cfg, key, None)
         default = next((f.default for f in dataclasses.fields(cfg) if f.name == key), None)
@@ -351,7 +436,7 @@ def identity(cfg: Any) -> dict:
         >>> identity(a) == identity(make_config(get("baselines"), ["epochs=3"], scale="smoke"))
         False
     """
-    return json.loads(json.dumps(identity_of(dataclasses.asdict(cfg))))
+    return json.loads(json.dumps(identity_of(config_values(cfg))))
 
 
 def identity_of(config: dict) -> dict:

@@ -53,7 +53,9 @@ from ..fields import option
 from ..methods.curveball import CurveBall
 from ..models import build_model
 from ..streams import derive
-from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from ..train import TrainConfig
+from .config import build_config, config_values
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig, training_phase
 from .runner import Results, Run
 
 PROBLEMS = ("rosenbrock", "rosenbrock_u1", "rosenbrock_u3", "rahimi_recht", "rahimi_recht_stochastic")
@@ -102,8 +104,9 @@ class CurveBallConfig(ExperimentConfig):
     datasets: tuple[str, ...] = option(("digits", "mnist1d"), "datasets of the CNN comparison")
     cnn_methods: tuple[str, ...] = option(CNN_METHODS, "optimizers of the CNN comparison")
     batchnorm: tuple[str, ...] = option(("nobn", "bn"), "CNN variants: without / with BatchNorm")
-    epochs: int = option(10, "CNN training epochs", ge=1)
-    batch_size: int = option(64, "CNN mini-batch size", ge=1)
+    # what the CNN arms share; each arm chooses its optimizer and its tuned learning rate (CurveBall: lambda)
+    train: TrainConfig = training_phase("the CNN arms' training", epochs=option(10, "CNN training epochs", ge=1),
+                                        batch_size=option(64, "CNN mini-batch size", ge=1))
     momentum_lrs: tuple[float, ...] = option((0.01, 0.03, 0.1), "SGD+momentum's learning-rate sweep (CNN)", gt=0)
     momentum: float = option(0.9, "momentum of the SGD baseline")
     adam_lrs: tuple[float, ...] = option((3e-4, 1e-3, 3e-3), "Adam's learning-rate sweep (CNN)", gt=0)
@@ -336,7 +339,7 @@ def solve_toy(problem: str, method: str, seed: int, cfg: CurveBallConfig, lr: fl
 
 @functools.cache
 def _tuned_lr(problem: str, method: str, cfg_key: str) -> float | None:
-    cfg = CurveBallConfig(**json.loads(cfg_key))
+    cfg = build_config(CurveBallConfig, json.loads(cfg_key))
     if method not in TUNING_GRID:
         return None
     trials = [(solve_toy(problem, method, TUNING_SEED, cfg, lr), lr) for lr in TUNING_GRID[method]]
@@ -497,18 +500,17 @@ def _cnn_optimizer(model: nn.Module, cfg: CurveBallConfig, method: str, value: f
 
 
 def _cnn_train_config(run_or_none, cfg: CurveBallConfig, method: str, lr: float | None, n_train: int, **fields):
-    from ..train import TrainConfig
-
     if method == "curveball":  # the optimizer itself comes from _cnn_optimizer (lr holds its initial lambda)
         settings = dict(optimizer="curveball", lr=cfg.curveball_lr, momentum=cfg.curveball_momentum)
     elif method == "momentum":
         settings = dict(optimizer="sgd", lr=lr, momentum=cfg.momentum)
     else:
         settings = dict(optimizer="adam", lr=lr)
-    settings.update(batch_size=cfg.batch_size, epochs=cfg.epochs,
-                    eval_every=max(1, n_train // cfg.batch_size // cfg.evals_per_epoch))
+    settings.update(eval_every=max(1, n_train // cfg.train.batch_size // cfg.evals_per_epoch))
     settings.update(fields)
-    return run_or_none.train_config(**settings) if run_or_none is not None else TrainConfig(**settings)
+    if run_or_none is None:  # the tuning runs: their own seed and device come in `fields`
+        return replace(cfg.train, **settings)
+    return run_or_none.train_config(cfg.train, **settings)
 
 
 @functools.cache
@@ -519,7 +521,7 @@ def _tuned_cnn_lr(dataset: str, batchnorm: str, method: str, cfg_key: str, data_
     from ..data import load_dataset
     from ..train import fit, isolated_rng, seed_everything
 
-    cfg = CurveBallConfig(**json.loads(cfg_key))
+    cfg = build_config(CurveBallConfig, json.loads(cfg_key))
     grid = {"momentum": cfg.momentum_lrs, "adam": cfg.adam_lrs, "curveball": cfg.curveball_lambdas}[method]
     data = load_dataset(dataset, seed=TUNING_SEED, root=data_root or None)
     n_fit = int(0.8 * len(data.x_train))
@@ -570,8 +572,8 @@ def run_arm(run: Run) -> dict:
     """
     cfg, arm = run.cfg, run.arm
     if isinstance(arm, ToyArm):
-        key = json.dumps({k: v for k, v in cfg.__dict__.items() if k in ("max_iters", "tol", "linear_tol", "rr_batch")},
-                         sort_keys=True)
+        key = json.dumps({k: v for k, v in config_values(cfg).items()
+                          if k in ("max_iters", "tol", "linear_tol", "rr_batch")}, sort_keys=True)
         lr = run.tuned(f"toy-{arm.problem}-{arm.method}", json.loads(key),
                        lambda: _tuned_lr(arm.problem, arm.method, key))
         t = time.perf_counter()
@@ -582,7 +584,7 @@ def run_arm(run: Run) -> dict:
         _io.write_jsonl(run.dir / "metrics.jsonl", [result])
         return result
     data = run.data(arm.dataset)
-    key = json.dumps({k: v for k, v in cfg.__dict__.items()
+    key = json.dumps({k: v for k, v in config_values(cfg).items()
                       if k in ("epochs", "batch_size", "momentum_lrs", "adam_lrs", "curveball_lambdas", "momentum",
                                "evals_per_epoch", "curveball_lr", "curveball_momentum")}, sort_keys=True)
     lr = run.tuned(f"cnn-{arm.dataset}-{arm.batchnorm}-{arm.method}", {**json.loads(key), "data_root": cfg.data_root},
@@ -709,7 +711,7 @@ def analyze(res: Results) -> list[str]:
             axes[0][col].set_title(f"{d} / CNN {b}")
             walls = {m: np.mean([r[-1]["wall_time"] for r in rs]) for m, rs in by_method.items() if rs}
             if "curveball" in walls and len(walls) > 1:
-                notes.append(f"{d} / CNN {b}, {cfg.epochs} epochs: mean wall time " + ", ".join(
+                notes.append(f"{d} / CNN {b}, {cfg.train.epochs} epochs: mean wall time " + ", ".join(
                     f"{m} {w:.1f} s" for m, w in walls.items()) + " (the per-iteration claims ignore wall time).")
             target = TARGET_ACC.get(d)
             parts = []

@@ -26,8 +26,8 @@ from ..evidence import Claim, quoted
 from ..methods.layerwise import GreedyLayerwiseTrainer, LayerwiseCNN, parameter_count, probe, \
     retrain_smaller_classifier
 from ..fields import option
-from ..train import StepDecay, cross_entropy, evaluate
-from .registry import Arm, Experiment, ExperimentConfig
+from ..train import StepDecay, TrainConfig, cross_entropy, evaluate
+from .registry import Arm, Experiment, ExperimentConfig, training_phase
 from .runner import Results, Run
 
 PAPER = "Belilovsky et al., ICML 2019 (arXiv:1812.11446)"
@@ -57,10 +57,12 @@ class LayerwiseConfig(ExperimentConfig):
     epochs_per_block: int = option(10, "epochs each block trains")
     decay_every: int = option(5, "epochs between lr decays", ge=1)
     decay_factor: float = option(0.2, "lr multiplier at each decay")
-    lr: float = option(0.05, "SGD learning rate", gt=0)
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "L2 weight decay")
-    batch_size: int = option(64, "mini-batch size", ge=1)
+    # every block's and the end-to-end network's SGD; each arm's epochs follow from epochs_per_block
+    train: TrainConfig = training_phase("SGD of the blocks and of the end-to-end networks", optimizer="sgd",
+                                        lr=option(0.05, "SGD learning rate", gt=0),
+                                        momentum=option(0.9, "SGD momentum"),
+                                        weight_decay=option(5e-4, "L2 weight decay"),
+                                        batch_size=option(64, "mini-batch size", ge=1))
     small_width: int = option(16, "block width of the size-reduction arm", ge=1)
     probe_all_arms: bool = option(True, "probe every arm's depths (False: only greedy k=min(ks), which the claim uses)")
 def _datasets(cfg: LayerwiseConfig) -> list[str]:
@@ -176,9 +178,7 @@ def decay_schedule(cfg: LayerwiseConfig, kind: str) -> StepDecay:
 
 
 def _train_config(run: Run, epochs: int):
-    cfg = run.cfg
-    return run.train_config(optimizer="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                            batch_size=cfg.batch_size, epochs=epochs)
+    return run.train_config(run.cfg.train, epochs=epochs)
 
 
 def run_arm(run: Run) -> dict:

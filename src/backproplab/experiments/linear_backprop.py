@@ -34,7 +34,8 @@ from ..fields import option
 from ..methods.linear_backprop import linear_backprop
 from ..models import build_model
 from ..streams import derive, derive_seed
-from .registry import Arm, Experiment, ExperimentConfig
+from ..train import TrainConfig
+from .registry import Arm, Experiment, ExperimentConfig, training_phase
 from .runner import Results, Run
 
 METHODS = {"bp": "backprop", "lbp": "linear backprop"}
@@ -66,11 +67,14 @@ class LinearBackpropConfig(ExperimentConfig):
     datasets: tuple[str, ...] = option(("digits", "mnist1d"), "datasets of the MLP/CNN comparison")
     activations: tuple[str, ...] = option(("relu", "sigmoid"), "activations compared")
     cnn_channels: tuple[int, ...] = option((32, 64, 128), "channels of the CNN's conv layers", ge=1)
-    epochs: int = option(15, "training epochs (MLP/CNN)", ge=1)
-    lr: float = option(1e-3, "Adam", gt=0)
-    batch_size: int = option(64, "mini-batch size", ge=1)
-    binary_epochs: int = option(15, "epochs of the binary networks", ge=1)
-    binary_lr: float = option(1e-3, "learning rate of the binary networks", gt=0)
+    # the CNNs' Adam (the binary networks' batch size too)
+    train: TrainConfig = training_phase("Adam of the CNN comparison", optimizer="adam",
+                                        epochs=option(15, "training epochs (MLP/CNN)", ge=1),
+                                        lr=option(1e-3, "Adam", gt=0),
+                                        batch_size=option(64, "mini-batch size", ge=1))
+    binary: TrainConfig = training_phase("Adam of the binary networks", prefix="binary_", optimizer="adam",
+                                         epochs=option(15, "epochs of the binary networks", ge=1),
+                                         lr=option(1e-3, "learning rate of the binary networks", gt=0))
     binary_channels: tuple[int, ...] = option((32, 64), "channels of the binarized VGG-style CNN's stages", ge=1)
     binary_hidden: int = option(128, "width of its hidden binary linear layer", ge=1)
 @dataclass(frozen=True)
@@ -343,12 +347,12 @@ def run_arm(run: Run) -> dict:
         data = run.data("digits")
         model = build_model("binary_vgg", data.input_shape, data.num_classes, channels=cfg.binary_channels,
                             hidden=cfg.binary_hidden)
-        tc = run.train_config(optimizer="adam", lr=cfg.binary_lr, batch_size=cfg.batch_size, epochs=cfg.binary_epochs)
+        tc = run.train_config(cfg.binary, batch_size=cfg.train.batch_size)
     else:
         dataset, act = arm.setting.split("-")
         data = run.data(dataset)
         model = build_model("cnn", data.input_shape, data.num_classes, channels=cfg.cnn_channels, activation=act)
-        tc = run.train_config(optimizer="adam", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs)
+        tc = run.train_config(cfg.train)
     if arm.method == "lbp":
         linear_backprop(model)
     return run.fit(model, data, tc)[-1]

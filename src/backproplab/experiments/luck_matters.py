@@ -32,8 +32,8 @@ from ..fields import option
 from ..methods import teacher_student as ts
 from ..models import build_model
 from ..streams import derive
-from ..train import evaluate, mse
-from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from ..train import TrainConfig, evaluate, mse
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig, training_phase
 from .runner import Results, Run
 
 PAPER = "Tian et al., arXiv:1905.13405 2019 (Luck Matters); Tian, ICML 2020"
@@ -59,14 +59,19 @@ class LuckConfig(ExperimentConfig):
     multipliers: tuple[int, ...] = option((1, 2, 5, 10), "student width = multiplier x teacher width", ge=1)
     train_size: int = option(100_000, "teacher-labelled training inputs", ge=1)
     test_size: int = option(10_000, "teacher-labelled test inputs", ge=1)
-    epochs: int = option(40, "student training epochs", ge=1)
-    lr: float = option(0.1, "student SGD learning rate", gt=0)
-    batch_size: int = option(64, "mini-batch size", ge=1)
-    bn_epochs: int = option(20, "epochs of the BatchNorm CNN", ge=1)
+    # the students' SGD on the teacher's outputs (the pruning arms' too, for prune_epochs; the 2-layer student's
+    # batch size)
+    train: TrainConfig = training_phase("SGD of the students", optimizer="sgd", loss="mse",
+                                        epochs=option(40, "student training epochs", ge=1),
+                                        lr=option(0.1, "student SGD learning rate", gt=0),
+                                        batch_size=option(64, "mini-batch size", ge=1))
     bn_teacher_firing: float = option(
         0.2, "bn_student's teacher: each hidden node fires on this fraction of inputs", gt=0, lt=1)
-    bn_lr: float = option(0.05, "the BatchNorm CNN on digits: SGD with momentum", gt=0)
-    bn_momentum: float = option(0.9, "momentum of the BatchNorm CNN")
+    # the BatchNorm CNN on digits
+    bn: TrainConfig = training_phase("SGD with momentum of the BatchNorm CNN on digits", prefix="bn_",
+                                     optimizer="sgd", epochs=option(20, "epochs of the BatchNorm CNN", ge=1),
+                                     lr=option(0.05, "the BatchNorm CNN on digits: SGD with momentum", gt=0),
+                                     momentum=option(0.9, "momentum of the BatchNorm CNN"))
     bn_channels: tuple[int, ...] = option((32, 64, 64), "channels of the BatchNorm CNN", ge=1)
     matched_corr: float = option(
         0.9, "fan-out groups: a student node is matched at this best correlation or above", le=1)
@@ -74,8 +79,10 @@ class LuckConfig(ExperimentConfig):
     prune_corr: float = option(0.9, "a student node is kept (lucky) when it matches some teacher node this well", le=1)
     prune_epochs: int = option(10, "the training budget of every pruning arm that trains", ge=1)
     two_layer_width: int = option(10, "hidden nodes of the 2-layer teacher", ge=1)
-    two_layer_steps: int = option(62_500, "SGD steps of the 2-layer student (the authors run 62.5k)", ge=1)
-    two_layer_lr: float = option(0.01, "its learning rate (the authors' config)", gt=0)
+    two_layer: TrainConfig = training_phase(
+        "SGD of the 2-layer student", prefix="two_layer_", names={"max_steps": "two_layer_steps"}, optimizer="sgd",
+        loss="mse", max_steps=option(62_500, "SGD steps of the 2-layer student (the authors run 62.5k)", ge=1),
+        lr=option(0.01, "its learning rate (the authors' config)", gt=0))
     student_scale: float = option(0.1, "the 2-layer student's initial weights are scaled by this")
     seeds: int = option(5, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
 
@@ -246,8 +253,7 @@ def run_arm(run: Run) -> dict:
     if kind == "bn_cnn_digits":
         data = run.data("digits")
         model = build_model("cnn", data.input_shape, data.num_classes, batchnorm=True, channels=cfg.bn_channels)
-        history = run.fit(model, data, run.train_config(optimizer="sgd", lr=cfg.bn_lr, momentum=cfg.bn_momentum,
-                                                        epochs=cfg.bn_epochs))
+        history = run.fit(model, data, run.train_config(cfg.bn))
         fractions = ts.bn_bias_fractions(model)
         return {**history[-1], "bn_negative": fractions, "bn_negative_mean": float(np.mean(list(fractions.values())))}
     if kind == "two_layer":
@@ -256,8 +262,7 @@ def run_arm(run: Run) -> dict:
         with torch.no_grad():
             for p in student.parameters():
                 p.mul_(cfg.student_scale)
-        tc = run.train_config(optimizer="sgd", lr=cfg.two_layer_lr, batch_size=cfg.batch_size,
-                              max_steps=cfg.two_layer_steps, loss="mse")
+        tc = run.train_config(cfg.two_layer, batch_size=cfg.train.batch_size)
     else:
         version = {"random_teacher": "random", "teacher2020": "2020"}.get(kind, "2019")
         mult = int(kind[4:]) if kind.startswith("mult") else _max_mult(cfg)
@@ -265,7 +270,7 @@ def run_arm(run: Run) -> dict:
         if kind == "bn_student":  # the premise of the BatchNorm reading: sparsely, rarely jointly firing nodes
             ts.set_firing_rate(teacher, cfg.bn_teacher_firing)
         student = ts.ReLUNet(20, [w * mult for w in cfg.teacher_widths], 100, batchnorm=kind == "bn_student")
-        tc = run.train_config(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, loss="mse")
+        tc = run.train_config(cfg.train)
     data = ts.teacher_data(teacher, cfg.train_size, cfg.test_size, seed=run.seed)
     x_eval = data.x_test[:5000]
     initial = copy.deepcopy(student)
@@ -351,8 +356,7 @@ def _pruning(cfg: LuckConfig, student, initial, corr, data, run: Run) -> dict:
             "lucky_rewound": ts.prune_to_nodes(initial, keep)}
     out["steps"] = {}
     for name in PRUNING_ARMS:
-        tc = run.train_config(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.prune_epochs,
-                              loss="mse")
+        tc = run.train_config(cfg.train, epochs=cfg.prune_epochs)
         history = run.fit(nets[name], data, tc, sub=f"prune_{name}")
         out[name], out["steps"][name] = loss(nets[name].cpu()), history[-1]["step"]
     return out

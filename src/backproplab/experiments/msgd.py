@@ -42,7 +42,8 @@ from ..evidence import Claim, quoted
 from ..fields import option
 from ..methods import msgd
 from ..models import build_model
-from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from ..train import TrainConfig
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig, training_phase
 from .config import check_choices, check_n_train
 from .runner import Results, Run, final_values, validation_split
 
@@ -75,8 +76,11 @@ class MSGDConfig(ExperimentConfig):
     large_factor: int = option(4, "large batch B = large_factor x b, strictly between b and n", ge=1)
     model: str = option("cnn", "\"cnn\" (our small CNN) or \"wu_cnn\" (the authors' CNN, N(0, 0.02^2) initialisation)")
     cnn_channels: tuple[int, ...] = option((16, 32), "channels of the small CNN's conv layers (model \"cnn\")", ge=1)
-    lr: float = option(0.05, "learning rate, every arm", gt=0)
-    steps: int = option(3000, "training steps per run", ge=1)
+    # every arm's steps; each arm chooses its optimizer and batch (gd: full batch; sgd: b; large_sgd: B), and
+    # batch_size above is the b of every weighting's sampling noise, so it is the method's, not this phase's
+    train: TrainConfig = training_phase("the training steps of every arm", names={"max_steps": "steps"},
+                                        eval_train=True, lr=option(0.05, "learning rate, every arm", gt=0),
+                                        max_steps=option(3000, "training steps per run", ge=1))
     evals: int = option(20, "evaluations per run", ge=1)
     gld_sigma: float = option(0.01, "constant GLD's noise std when ``gld_sigmas`` is empty")
     gld_sigmas: tuple[float, ...] = option((0.003, 0.01, 0.03), "constant GLD's sweep, chosen on validation")
@@ -255,8 +259,8 @@ def run_arm(run: Run) -> dict:
     model = run.prepare_model(_model(cfg, data))
     # plain SGD runs mini-batches of the loop; every other arm is one full-batch step per draw ("gd")
     batch = {"sgd": b, "large_sgd": big}.get(arm.method)
-    tc = run.train_config(optimizer="gd" if batch is None else "sgd", lr=cfg.lr, max_steps=cfg.steps,
-                          eval_every=max(1, cfg.steps // cfg.evals), eval_train=True,
+    tc = run.train_config(cfg.train, optimizer="gd" if batch is None else "sgd",
+                          eval_every=max(1, cfg.train.max_steps // cfg.evals),
                           **({} if batch is None else {"batch_size": batch}))
     step, callbacks, method = None, [], arm.method
     if method.startswith("gld"):
@@ -302,13 +306,14 @@ def tuned_gld_sigma(cfg: MSGDConfig, dataset: str, device: str) -> float:
 
 def _gld_tuning_key(cfg: MSGDConfig) -> dict:
     """The config values constant GLD's sigma is tuned under."""
-    return {k: getattr(cfg, k) for k in ("n_train", "model", "cnn_channels", "lr", "steps", "gld_sigmas", "gld_sigma",
-                                         "data_root")}
+    return {"lr": cfg.train.lr, "steps": cfg.train.max_steps,
+            **{k: getattr(cfg, k) for k in ("n_train", "model", "cnn_channels", "gld_sigmas", "gld_sigma",
+                                            "data_root")}}
 
 
 @functools.cache
 def _tuned_gld_sigma(key: str, dataset: str, device: str) -> float:
-    from ..train import TrainConfig, fit, isolated_rng, seed_everything
+    from ..train import fit, isolated_rng, seed_everything
 
     cfg = json.loads(key)
     data = load_dataset(dataset, seed=TUNING_SEED, root=cfg["data_root"] or None, n_train=cfg["n_train"],
@@ -363,7 +368,7 @@ def analyze(res: Results) -> list[str]:
         acc = {m: np.array(final_values(res, MSGDArm(d, m).name, "test_acc")) for m in cfg.methods}
         acc = {m: a for m, a in acc.items() if len(a)}
         if acc:
-            notes.append(f"{d}: final test accuracy after {cfg.steps} steps, mean over seeds — " +
+            notes.append(f"{d}: final test accuracy after {cfg.train.max_steps} steps, mean over seeds — " +
                          ", ".join(f"{m} {100 * a.mean():.1f}%" for m, a in acc.items()) + ".")
         if {"gd", "sgd"} <= set(acc):
             train = {m: final_values(res, MSGDArm(d, m).name, "train_full_acc") for m in ("gd", "sgd")}

@@ -29,8 +29,8 @@ from ..fields import option
 from ..methods import privacy, robustness
 from ..models import build_model
 from ..streams import derive
-from ..train import loss_step
-from .registry import Arm, Experiment, ExperimentConfig
+from ..train import TrainConfig, loss_step
+from .registry import Arm, Experiment, ExperimentConfig, training_phase
 from .config import check_choices, check_private_validation, private_selection_note
 from .runner import Results, Run
 
@@ -64,9 +64,11 @@ class PrivacyConfig(ExperimentConfig):
     max_grad_norm: float = option(1.0, "per-example clipping norm", gt=0)
     noise_multiplier: float = option(0.0, "> 0: use this noise for every DP arm instead of the target epsilon")
     widths: tuple[int, ...] = option((128,), "hidden widths of the MLP", ge=1)
-    epochs: int = option(20, "training epochs", ge=1)
-    batch_size: int = option(64, "expected Poisson batch size", ge=1)
-    lr: float = option(0.5, "SGD learning rate", gt=0)
+    # every arm's SGD; a private arm's lot is the Poisson-sampled batch of batch_size expected examples
+    train: TrainConfig = training_phase("SGD of every arm", optimizer="sgd",
+                                        epochs=option(20, "training epochs", ge=1),
+                                        batch_size=option(64, "expected Poisson batch size", ge=1),
+                                        lr=option(0.5, "SGD learning rate", gt=0))
     adv_eps: float = option(0.3, "l_inf size of training attacks")
     adv_alpha: float = option(1.0, "weight of the adversarial loss")
     adv_steps: int = option(5, "PGD steps of training attacks", ge=1)
@@ -286,7 +288,7 @@ def run_arm(run: Run) -> dict:
     # pixels in [0, 1], not standardised with the private training set's own statistics (an unaccounted release)
     data = run.data(cfg.dataset, unit_range=True)
     model = _model(cfg, data)
-    tc = run.train_config(optimizer="sgd", lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs)
+    tc = run.train_config(cfg.train)
     loss_terms = None
     if arm.training == "adv":
         loss_terms = robustness.adversarial_loss(robustness.pgd, cfg.adv_alpha, eps=cfg.adv_eps, steps=cfg.adv_steps,
@@ -300,11 +302,11 @@ def run_arm(run: Run) -> dict:
         trained = model
     else:
         model = privacy.prepare_model(model)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        opt = torch.optim.SGD(model.parameters(), lr=tc.lr)
         dpc = privacy.DPConfig(noise_multiplier=cfg.noise_multiplier or None, max_grad_norm=cfg.max_grad_norm,
                                target_epsilon=None if cfg.noise_multiplier else eps, delta=cfg.delta,
                                secure_mode=cfg.secure_mode, engine=cfg.engine)
-        dp = privacy.DPSGD(model, opt, len(data.x_train), cfg.batch_size,
+        dp = privacy.DPSGD(model, opt, len(data.x_train), tc.batch_size,
                            privacy.planned_steps(tc, len(data.x_train)), dpc, seed=run.seed)
         history = run.fit(dp.model, data, tc, optimizer=dp.optimizer, step=dp.step(loss_terms), callbacks=[dp])
         trained = dp.detach()  # evaluation and attacks need plain gradients, not per-example ones

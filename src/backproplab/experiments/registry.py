@@ -69,6 +69,56 @@ class ExperimentConfig:
         0.0, "> 0: hold out this fraction of the training set, report on it (not the test set)", lt=1)
 
 
+RUN_OWNED = ("seed", "device", "checkpoint_every")  # TrainConfig fields each run sets (Run.train_config)
+
+
+def training_phase(help: str, prefix: str = "", names: dict[str, str] | None = None, **fields: Any) -> Any:
+    """A :class:`~backproplab.train.TrainConfig` embedded in an experiment's config: one training phase.
+
+    Each keyword names a ``TrainConfig`` field. An :func:`~backproplab.fields.option` makes it a ``--set`` key,
+    ``prefix`` + the field's name (or ``names[field]``), with that option's default, help line and bounds (the
+    experiment's own words: "learning rate of the BN runs", not the loop's); a plain value is fixed by the
+    experiment and is no key. The other fields keep ``TrainConfig``'s defaults, and the run sets its own seed,
+    device and checkpointing (:data:`RUN_OWNED`). An arm that chooses a field itself (its optimizer, say) passes it to
+    ``Run.train_config`` and does not declare it here, so ``--set`` cannot reach a value the arm would override.
+
+    The keys are flat (``bn_lr``, not ``bn.lr``) and so is the config's record (``config.json``, the identity):
+    :func:`~backproplab.experiments.config.config_keys` lists them.
+
+    Example:
+        >>> from backproplab.experiments import make_config
+        >>> @dataclass
+        ... class TwoPhaseConfig(ExperimentConfig):
+        ...     train: Any = training_phase("the main runs", optimizer="adam",
+        ...                                 lr=option(1e-3, "Adam learning rate", gt=0))
+        ...     warmup: Any = training_phase("the warm-up", prefix="warmup_", epochs=option(2, "warm-up epochs"))
+        >>> mine = Experiment("two_phase", "two phases", TwoPhaseConfig, arms=lambda cfg: [],
+        ...                   run_arm=lambda run: {}, analyze=lambda results: [])
+        >>> cfg = make_config(mine, ["lr=0.01", "warmup_epochs=5"])
+        >>> type(cfg.train).__name__, cfg.train.optimizer, cfg.train.lr, cfg.warmup.epochs, cfg.warmup.lr
+        ('TrainConfig', 'adam', 0.01, 5, 0.05)
+        >>> make_config(mine, ["optimizer=sgd"])                  # fixed by the experiment: not a key
+        Traceback (most recent call last):
+        ...
+        backproplab.experiments.registry.ConfigError: unknown key 'optimizer' for experiment 'two_phase'. Valid ...
+    """
+    bad = sorted(set(fields) & set(RUN_OWNED))
+    if bad:
+        raise TypeError(f"training_phase: {', '.join(bad)} belong to each run (Run.train_config), not the config")
+    values = {name: spec.default if isinstance(spec, dataclasses.Field) else spec for name, spec in fields.items()}
+    keys = {name: spec for name, spec in fields.items() if isinstance(spec, dataclasses.Field)}
+    if set(names or {}) - set(keys):
+        raise TypeError(f"training_phase: names {sorted(set(names or {}) - set(keys))} are not option fields")
+
+    def default() -> Any:
+        from ..train import TrainConfig
+
+        return TrainConfig(**values)
+
+    key_names = {name: (names or {}).get(name, prefix + name) for name in keys}
+    return dataclasses.field(default_factory=default, metadata={"help": help, "phase": key_names, "keys": keys})
+
+
 @dataclass(frozen=True)
 class Arm:
     """A typed arm. Subclasses declare fields; ``name`` (the results folder) joins them with ``-``.

@@ -47,7 +47,7 @@ from ..methods import rifle
 from ..models import build_model
 from ..streams import derive
 from ..train import TrainConfig, fit, isolated_rng
-from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig, training_phase
 from .config import check_choices
 from .runner import Results, Run
 
@@ -75,17 +75,21 @@ class RifleConfig(ExperimentConfig):
     """
     arms: tuple[str, ...] = option(ARMS, "fine-tuning arms compared")
     width: float = option(0.125, "width multiplier of the ResNet", gt=0)
-    pretrain_epochs: int = option(15, "epochs of the source model", ge=1)
-    pretrain_lr: float = option(0.05, "source model's learning rate", gt=0)
-    pretrain_momentum: float = option(0.9, "source model's momentum")
-    pretrain_weight_decay: float = option(5e-4, "source model's weight decay")
-    pretrain_batch_size: int = option(64, "source model's batch size", ge=1)
+    # the source model's SGD (its seed is pretrain_seed, not the run's: one source model for every run)
+    pretrain: TrainConfig = training_phase("SGD of the source model", prefix="pretrain_", optimizer="sgd",
+                                           epochs=option(15, "epochs of the source model", ge=1),
+                                           lr=option(0.05, "source model's learning rate", gt=0),
+                                           momentum=option(0.9, "source model's momentum"),
+                                           weight_decay=option(5e-4, "source model's weight decay"),
+                                           batch_size=option(64, "source model's batch size", ge=1))
     pretrain_seed: int = option(0, "one source model for every arm and seed")
     per_class: int = option(60, "target training examples per class (60: hundreds of SGD steps per RIFLE period)", ge=1)
-    epochs: int = option(40, "fine-tuning epochs", ge=1)
-    batch_size: int = option(20, "fine-tuning batch size", ge=1)
-    lr: float = option(0.01, "fine-tuning learning rate", gt=0)
-    momentum: float = option(0.9, "fine-tuning momentum")
+    # every arm's fine-tuning SGD (the arm's regularizer and schedule act through the step and callbacks)
+    train: TrainConfig = training_phase("SGD of the fine-tuning", optimizer="sgd",
+                                        epochs=option(40, "fine-tuning epochs", ge=1),
+                                        batch_size=option(20, "fine-tuning batch size", ge=1),
+                                        lr=option(0.01, "fine-tuning learning rate", gt=0),
+                                        momentum=option(0.9, "fine-tuning momentum"))
     times: int = option(
         1, "RIFLE resets (and cyclic-LR restarts), the authors' run.sh K; l2_rifle_k* sweep K = 2, 3", ge=1)
     l2_alpha: float = option(1e-4, "L2 strength of every arm but L2-SP (the authors' weight decay)")
@@ -153,19 +157,16 @@ def pretrained(cfg: RifleConfig, exp_dir: Path, device: str) -> dict:
         (True, True)
     """
     folder = exp_dir / "_pretrained"
-    stamp = {"width": cfg.width, "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr, "seed": cfg.pretrain_seed,
-             "momentum": cfg.pretrain_momentum, "weight_decay": cfg.pretrain_weight_decay,
-             "batch_size": cfg.pretrain_batch_size}
+    phase = cfg.pretrain
+    stamp = {"width": cfg.width, "epochs": phase.epochs, "lr": phase.lr, "seed": cfg.pretrain_seed,
+             "momentum": phase.momentum, "weight_decay": phase.weight_decay, "batch_size": phase.batch_size}
     if (folder / "model.pt").exists() and (folder / "stamp.json").exists() and \
             json.loads((folder / "stamp.json").read_text()) == stamp:
         return torch.load(folder / "model.pt", weights_only=True)
     source = _split(load_dataset("digits", root=cfg.data_root or None), range(0, 5))
     with isolated_rng(cfg.pretrain_seed):  # the same weights whichever run trains them; the run's stream untouched
         model = build_model("resnet18", source.input_shape, 5, width=cfg.width)
-        history = fit(model, source, TrainConfig(optimizer="sgd", lr=cfg.pretrain_lr, momentum=cfg.pretrain_momentum,
-                                                 weight_decay=cfg.pretrain_weight_decay,
-                                                 batch_size=cfg.pretrain_batch_size, epochs=cfg.pretrain_epochs,
-                                                 device=device))
+        history = fit(model, source, replace(phase, device=device))
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     _io.torch_save(folder / "model.pt", state)
     _io.write_json(folder / "stamp.json", stamp)
@@ -370,14 +371,13 @@ def run_arm(run: Run) -> dict:
     restart = True if method == "cyclic_lr" else [0] if method == "l2_rifle_headlr" else []
     callbacks.append(rifle.CosineLR(cfg.times, restart=restart))
     step = rifle.penalized_step(penalty, cfg.disturb_alpha if method == "disturblabel" else 0.0, data.num_classes)
-    tc = run.train_config(optimizer="sgd", lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size,
-                          epochs=cfg.epochs)
-    optimizer = torch.optim.SGD(rifle.head_param_groups(model, "head"), lr=cfg.lr, momentum=cfg.momentum)
+    tc = run.train_config(cfg.train)
+    optimizer = torch.optim.SGD(rifle.head_param_groups(model, "head"), lr=tc.lr, momentum=tc.momentum)
     history = run.fit(model, data, tc, step=step, callbacks=callbacks, optimizer=optimizer)
     moved = sum(float((p.detach().cpu() - p0.cpu()).pow(2).sum())
                 for p, p0 in zip(model.stem.parameters(), stem_before))
-    per_epoch = math.ceil(len(data.x_train) / cfg.batch_size)
-    bounds = [e * per_epoch for e in [0, *rifle.reset_epochs(cfg.epochs, cfg.times), cfg.epochs]]
+    per_epoch = math.ceil(len(data.x_train) / tc.batch_size)
+    bounds = [e * per_epoch for e in [0, *rifle.reset_epochs(tc.epochs, cfg.times), tc.epochs]]
     windows = monitor.windows(bounds)
     after = {f"grad_after_reset_{_key(n)}": float(np.mean(v[bounds[1]:])) for n, v in monitor.norms.items()
              if len(bounds) > 2}

@@ -30,7 +30,7 @@ from .._log import logger
 from ..dist import rank
 from ..evidence import Verdict, judge_all
 from ..streams import derive
-from .config import identity, run_setting
+from .config import config_values, identity, run_setting
 from .registry import ConfigError, Experiment
 
 _NO_VALIDATION = ("experiment {name!r} (this arm) does not load its data through Run.data, so it cannot hold out a "
@@ -44,12 +44,12 @@ class Run:
     Example:
         >>> from pathlib import Path
         >>> from backproplab.experiments import get, make_config
-        >>> cfg = make_config(get("baselines"), ["checkpoint_every=50"], scale="smoke")
+        >>> cfg = make_config(get("baselines"), ["checkpoint_every=50", "epochs=3"], scale="smoke")
         >>> run = Run(cfg, get("baselines").arms(cfg)[0], seed=2, dir=Path("out/a/seed2"), exp_dir=Path("out"),
         ...           resume=True, device="cpu")
-        >>> tc = run.train_config(lr=0.1)                 # the run's seed, device and checkpointing, the values given
-        >>> tc.seed, tc.device, tc.checkpoint_every, tc.lr
-        (2, 'cpu', 50, 0.1)
+        >>> tc = run.train_config(cfg.train, lr=0.1)      # the phase, the run's seed, device and checkpoints, an lr
+        >>> tc.epochs, tc.seed, tc.device, tc.checkpoint_every, tc.lr
+        (3, 2, 'cpu', 50, 0.1)
     """
 
     cfg: Any
@@ -82,12 +82,16 @@ class Run:
             self.validation_used = True
         return data
 
-    def train_config(self, **fields):
-        """A :class:`~backproplab.train.TrainConfig` with this run's seed, device and checkpointing."""
+    def train_config(self, phase=None, **arm_fields):
+        """The training phase ``phase`` (a :class:`~backproplab.train.TrainConfig` embedded in the config by
+        :func:`~backproplab.experiments.registry.training_phase`; default: ``TrainConfig()``) for this run: its
+        seed, device and checkpointing, and the fields the arm chooses itself (``arm_fields``), which the phase
+        does not make ``--set`` keys."""
         from ..train import TrainConfig
 
-        fields.setdefault("checkpoint_every", self.cfg.checkpoint_every)
-        return TrainConfig(seed=self.seed, device=self.device, **fields)
+        arm_fields.setdefault("checkpoint_every", self.cfg.checkpoint_every)
+        return dataclasses.replace(phase if phase is not None else TrainConfig(), seed=self.seed, device=self.device,
+                                   **arm_fields)
 
     def fit(self, model, data, config, *, sub: str = "", **kwargs) -> list[dict]:
         """``train.fit`` into this run's folder (or a sub-folder), resuming; ``final.json`` is the runner's."""
@@ -460,7 +464,7 @@ def finish(exp: Experiment, cfg: Any, out: str | Path = "results", scale: str = 
             "verdicts": [v.to_dict() for v in verdicts], "notes": notes,
             "diverged": {a.name: d for a in arms if (d := results.diverged(a.name))},
             "arms": [a.name for a in arms], "table_metrics": list(exp.table_metrics),
-            "figures": sorted(p.name for p in exp_dir.glob("*.png") if p.is_file()), "config": dataclasses.asdict(cfg),
+            "figures": sorted(p.name for p in exp_dir.glob("*.png") if p.is_file()), "config": config_values(cfg),
             "provenance": provenance(), "stale_runs": stale, "paper_setting": exp.paper_setting,
             "run_setting": run_setting(cfg, scale), "deviations": list(exp.deviations)})
     _barrier()

@@ -35,7 +35,8 @@ from ..fields import option
 from ..methods import privacy, robustness
 from ..methods import stobatch as sb
 from ..streams import derive
-from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig
+from ..train import TrainConfig
+from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig, training_phase
 from .config import check_choices, check_private_validation
 from .runner import Results, Run
 
@@ -66,10 +67,15 @@ class StoBatchExpConfig(ExperimentConfig):
     batch: int = option(64, "batch size of each disjoint batch", ge=1)
     hidden: int = option(64, "units hk of the clipped hidden layer (the authors: 256)", ge=1)
     workers: int = option(2, "StoBatch's parallel workers", ge=1)
-    epochs: int = option(30, "StoBatch training epochs", ge=1)
-    dp_epochs: int = option(15, "DP-SGD baselines (per-example gradients and PGD make them the slow arms)", ge=1)
-    lr: float = option(1e-3, "Adam, StoBatch and the non-private arm", gt=0)
-    dp_lr: float = option(0.5, "SGD, the DP-SGD baselines", gt=0)
+    # StoBatch's and the non-private arm's Adam; the batch is the workers' disjoint batches together
+    train: TrainConfig = training_phase("Adam of StoBatch and of the non-private arm", optimizer="adam",
+                                        epochs=option(30, "StoBatch training epochs", ge=1),
+                                        lr=option(1e-3, "Adam, StoBatch and the non-private arm", gt=0))
+    # the DP-SGD baselines' SGD on lots of `batch` expected examples
+    dp: TrainConfig = training_phase(
+        "SGD of the DP-SGD baselines", prefix="dp_", optimizer="sgd",
+        epochs=option(15, "DP-SGD baselines (per-example gradients and PGD make them the slow arms)", ge=1),
+        lr=option(0.5, "SGD, the DP-SGD baselines", gt=0))
     dp_max_grad_norm: float = option(1.0, "DP-SGD baselines' clipping norm", gt=0)
     max_grad_norm: float = option(1.0, "StoBatch corrected mode's per-example clip C", gt=0)
     latent_scale: float = option(0.3, "StoBatch corrected mode's latent (certification) noise, Laplace scale")
@@ -89,8 +95,11 @@ class StoBatchExpConfig(ExperimentConfig):
     cert_alpha: float = option(0.01, "certification failure probability", lt=1)
     canaries: int = option(1000, "canaries inserted for the one-run privacy audit", ge=1)
     audit_guesses: int = option(200, "the one-run audit's guesses (its power: r perfect guesses certify ln(q/(1-q)))")
-    leaky_epochs: int = option(20, "the leaky control's epochs (no noise: it memorises the canaries)", ge=1)
-    leaky_lr: float = option(3e-3, "the leaky control's Adam learning rate", gt=0)
+    # the audit's leaky control: Adam without noise on batches of `batch`
+    leaky: TrainConfig = training_phase(
+        "Adam of the audit's leaky control", prefix="leaky_", optimizer="adam",
+        epochs=option(20, "the leaky control's epochs (no noise: it memorises the canaries)", ge=1),
+        lr=option(3e-3, "the leaky control's Adam learning rate", gt=0))
     dp_baselines: bool = option(True, "the DP-SGD arms (their per-example gradients make them the slow arms)")
     seeds: int = option(5, "paired seeds per arm (0..N-1); each seed is one run of every arm", ge=1, le=MAX_SEEDS)
     validation_public: bool = option(False, "the validation split a sweep selects on is public data (else refused)")
@@ -302,13 +311,12 @@ def run_arm(run: Run) -> dict:
     paper = arm.kind in ("stobatch_paper", "audit_paper")
     model = sb.StoBatchNet(data.input_shape, data.num_classes, hidden=cfg.hidden,
                            norm="batch" if paper else "group").to(run.device)
-    tc = run.train_config(optimizer="adam", lr=cfg.lr, batch_size=cfg.batch * cfg.workers, epochs=cfg.epochs)
+    tc = run.train_config(cfg.train, batch_size=cfg.batch * cfg.workers)
     eps = arm.epsilon
     if arm.kind == "nonprivate":
         history = run.fit(model, data, tc)
     elif arm.kind == "audit_leaky":  # no noise at all, trained long enough to memorise: the audit must flag it
-        history = run.fit(model, data, run.train_config(optimizer="adam", lr=cfg.leaky_lr, batch_size=cfg.batch,
-                                                        epochs=cfg.leaky_epochs))
+        history = run.fit(model, data, run.train_config(cfg.leaky, batch_size=cfg.batch))
     elif arm.kind in ("stobatch", "stobatch_paper", "audit_stobatch", "audit_paper"):
         sto = sb.StoBatch(model, len(data.x_train), sb.StoBatchConfig(
             eps2=eps / 2, eps3=eps / 2, batch=cfg.batch, workers=cfg.workers, attack_size=cfg.attack_size,
@@ -322,7 +330,7 @@ def run_arm(run: Run) -> dict:
                       "w1_norm": float(sb.spectral_norm_w1(model.encoder.weight))})
         extra.update(noisy_accuracies(model, sto, data, cfg.batch, seed))
     else:
-        tc = run.train_config(optimizer="sgd", lr=cfg.dp_lr, batch_size=cfg.batch, epochs=cfg.dp_epochs)
+        tc = run.train_config(cfg.dp, batch_size=cfg.batch)
         loss = (robustness.adversarial_loss(robustness.pgd, cfg.dp_adv_alpha, eps=cfg.attack_size,
                                             steps=cfg.dp_adv_steps, clip=(0.0, 1.0))
                 if arm.kind == "dpsgd_adv" else robustness.gaussian_augmentation(cfg.smooth_sigma)
@@ -488,7 +496,7 @@ def analyze(res: Results) -> list[str]:
                        f"{100 * mean('nonprivate', f'pgd_{mid:g}'):.1f}%.")
     for kind, label in (("audit_stobatch", "StoBatch corrected"), ("audit_paper", "StoBatch paper mode"),
                         ("audit_dpsgd", "DP-SGD"),
-                        ("audit_leaky", f"the leaky control (no noise, {cfg.leaky_epochs} epochs; must be flagged)")):
+                        ("audit_leaky", f"the leaky control (no noise, {cfg.leaky.epochs} epochs; must be flagged)")):
         a = f"{kind}_eps{max(cfg.epsilons):g}"
         if a in fin:
             lbs = [f["audit"]["epsilon_lower_bound"] for f in fin[a]]
