@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from ..methods import msgd
 from ..models import build_model
 from ..train import TrainConfig
 from .registry import MAX_SEEDS, Arm, Experiment, ExperimentConfig, training_phase
-from .config import check_choices, check_n_train
+from .config import build_config, check_choices, check_n_train
 from .runner import Results, Run, final_values, validation_split
 
 SMALL = ("gd", "gld_dynamic", "gld_const", "sgd", "msgd_cov", "msgd_fisher", "msgd_bernoulli", "msgd_fisher_b")
@@ -316,6 +316,8 @@ def _tuned_gld_sigma(key: str, dataset: str, device: str) -> float:
     from ..train import fit, isolated_rng, seed_everything
 
     cfg = json.loads(key)
+    tuning = build_config(MSGDConfig, {"model": cfg["model"], "cnn_channels": tuple(cfg["cnn_channels"]),
+                                       "lr": cfg["lr"], "steps": cfg["steps"]})
     data = load_dataset(dataset, seed=TUNING_SEED, root=cfg["data_root"] or None, n_train=cfg["n_train"],
                         rest_to_test=True)
     split = validation_split(data, 0.2, TUNING_SEED)
@@ -323,10 +325,11 @@ def _tuned_gld_sigma(key: str, dataset: str, device: str) -> float:
     with isolated_rng(TUNING_SEED):
         for sigma in cfg["gld_sigmas"]:
             seed_everything(TUNING_SEED)
-            model = _model(MSGDConfig(model=cfg["model"], cnn_channels=tuple(cfg["cnn_channels"])), split)
+            model = _model(tuning, split)
             gld = msgd.GLD(len(split.x_train), sigma=sigma)
-            tc = TrainConfig(optimizer="gd", lr=cfg["lr"], max_steps=cfg["steps"], eval_every=0, seed=TUNING_SEED,
-                             device=device)
+            # the arms' phase on the tuning seed, full batch, scored once at the end on the validation part
+            tc = replace(tuning.train, optimizer="gd", eval_every=0, eval_train=False, seed=TUNING_SEED,
+                         device=device)
             try:  # the split's "test" part is the validation set
                 acc = fit(model, split, tc, step=gld.training_step(), callbacks=[gld])[-1]["test_acc"]
             except FloatingPointError:
