@@ -28,7 +28,17 @@ NOT_IDENTITY = ("seeds", "device", "checkpoint_every", "log")
 @dataclasses.dataclass(frozen=True)
 class ConfigKey:
     """One ``--set`` key: its field (help line and bounds), its type, and where the value lives: a top-level
-    field of the config (``phase`` None) or field ``attr`` of an embedded training phase."""
+    field of the config (``phase`` None) or field ``attr`` of an embedded training phase.
+
+    Example:
+        Luck Matters' ``two_layer_steps`` is the 2-layer student's step budget, ``cfg.two_layer.max_steps``:
+
+        >>> key = next(k for k in config_keys(get("luck_matters").config) if k.name == "two_layer_steps")
+        >>> key.phase, key.attr, key.field.default
+        ('two_layer', 'max_steps', 62500)
+        >>> make_config(get("luck_matters"), ["two_layer_steps=100"]).two_layer.max_steps
+        100
+    """
     name: str
     field: dataclasses.Field
     type: Any
