@@ -157,6 +157,14 @@ def test_a_phase_refuses_run_owned_fields_and_the_loop_checks_its_fixed_values()
         training_phase("bad", names={"lr": "rate"}, lr=0.1)
 
     @dataclasses.dataclass
+    class Shadowed(ExperimentConfig):
+        lr: float = option(0.1, "a method's own rate")
+        train: train.TrainConfig = training_phase("the runs", lr=option(0.05, "SGD's rate"))
+
+    with pytest.raises(TypeError, match=r"Shadowed: keys \['lr'\] name two values"):
+        config_keys(Shadowed)
+
+    @dataclasses.dataclass
     class BadLoss(ExperimentConfig):
         train: train.TrainConfig = training_phase("the runs", loss="hinge")
 

@@ -67,6 +67,10 @@ def config_keys(config_cls: type) -> list[ConfigKey]:
         phase_hints = typing.get_type_hints(type(f.default_factory()))
         keys += [ConfigKey(phase[attr], spec, phase_hints[attr], f.name, attr)
                  for attr, spec in f.metadata["keys"].items()]
+    names = [k.name for k in keys]
+    if len(set(names)) < len(names):  # a phase's key shadowing a field or another phase's: --set would be ambiguous
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise TypeError(f"{config_cls.__name__}: keys {twice} name two values; give a phase a prefix or names=")
     return keys
 
 
