@@ -173,6 +173,20 @@ def test_a_phase_refuses_run_owned_fields_and_the_loop_checks_its_fixed_values()
                                analyze=lambda results: []))
 
 
+def test_a_dataclass_field_that_is_not_a_phase_is_recorded_as_a_dict_as_before():
+    """A user's config may hold a TrainConfig (or any dataclass) as a plain field, without ``training_phase``: it
+    is no ``--set`` key, and its record is the nested dict ``dataclasses.asdict`` gave before the phases."""
+
+    @dataclasses.dataclass
+    class Nested(ExperimentConfig):
+        inner: train.TrainConfig = dataclasses.field(default_factory=lambda: train.TrainConfig(lr=0.3))
+
+    cfg = make_config(Experiment("nested", "nested", Nested, arms=lambda cfg: [], run_arm=lambda run: {},
+                                 analyze=lambda results: []))
+    assert config_values(cfg)["inner"] == dataclasses.asdict(train.TrainConfig(lr=0.3))
+    assert experiments.identity(cfg)["inner"]["lr"] == 0.3
+
+
 def test_a_run_fills_in_only_its_own_fields_and_what_the_arm_passes(tmp_path: Path):
     cfg = make_config(_PHASED, ["lr=0.2", "checkpoint_every=5"])
     run = Run(cfg, None, seed=3, dir=tmp_path, exp_dir=tmp_path, resume=False, device="cpu")

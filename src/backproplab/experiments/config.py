@@ -83,7 +83,10 @@ def config_values(cfg: Any) -> dict[str, Any]:
         >>> cfg.train.lr, config_values(cfg)["lr"]
         (0.05, 0.05)
     """
-    return {k.name: getattr(getattr(cfg, k.phase), k.attr) if k.phase else getattr(cfg, k.name)
+    def plain(value: Any) -> Any:  # a dataclass-valued field of one's own, not a phase: a dict, as asdict gives
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+
+    return {k.name: getattr(getattr(cfg, k.phase), k.attr) if k.phase else plain(getattr(cfg, k.name))
             for k in config_keys(type(cfg))}
 
 
