@@ -695,6 +695,121 @@ def test_gram_form_of_the_second_product_equals_torch_func_jvp(bias):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def _record(model, x, how):
+    """A tape of ``model(x)``, recorded by ``recording`` or by the global forward hook."""
+    from backproplab.methods.curveball.tangent_replay import TangentTape as _TangentTape
+
+    tape = _TangentTape(list(model.parameters()))
+    if how == "recording":
+        with tape.recording(model):
+            out = model(x)
+    else:
+        with torch.nn.modules.module.register_module_forward_hook(tape.hook):
+            out = model(x)
+    tape.check(out)
+    return tape, out
+
+
+def test_recording_equals_the_forward_hook_and_puts_the_layers_back():
+    """``recording`` wraps each leaf layer's forward for the block: the same layers are recorded as by the
+    global forward hook and J v is the same to the bit; every layer's forward is put back afterwards (a forward
+    of the layer's own too), also when the forward raises; a layer called with keyword arguments is refused."""
+    from backproplab.methods.curveball.tangent_replay import TangentTape as _TangentTape
+
+    torch.manual_seed(31)
+    model = build_model("cnn", (1, 8, 8), 3, channels=(3, 4), hidden=8)
+    own = model.head.forward  # a bound method set on the instance, as a patching library would
+    model.head.forward = own
+    x = torch.randn(5, 1, 8, 8)
+    v = {id(p): torch.randn_like(p) for p in model.parameters()}
+    wrapped, _ = _record(model, x, "recording")
+    hooked, _ = _record(model, x, "hook")
+    assert wrapped.reason is None and hooked.reason is None
+    assert [m for m, _, _ in wrapped.calls] == [m for m, _, _ in hooked.calls] and len(wrapped.calls) == 10
+    assert torch.equal(wrapped.jvp(v), hooked.jvp(v))
+
+    def put_back():
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        return model.head.__dict__["forward"] is own and all("forward" not in vars(m) for m in leaves[:-1])
+
+    assert put_back()
+    with pytest.raises(RuntimeError):
+        with _TangentTape(list(model.parameters())).recording(model):
+            model(torch.randn(5, 2, 8, 8))  # two channels where the first convolution takes one
+    assert put_back()
+    tape = _TangentTape(list(model.parameters()))
+    with tape.recording(model):
+        model.features[0](input=x)
+    assert "Conv2d is called with keyword arguments" in tape.reason
+
+
+@pytest.mark.parametrize("in_place_after_pooling", [False, True])
+def test_relu_before_max_pooling_is_masked_after_the_pooling(in_place_after_pooling):
+    """Each ReLU followed by max pooling replays as gather-then-mask on the pooled values; a pooled output
+    changed in place later in the forward (an in-place ReLU after the pooling) keeps its ReLU's replay as it is.
+    Either way J v equals torch.func.jvp (float64)."""
+    torch.manual_seed(33)
+    after = [nn.ReLU(inplace=True)] if in_place_after_pooling else []
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), *after,
+                          nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(5, 1, 8, 8)
+    tape, _ = _record(model, x, "recording")
+    assert tape.reason is None
+    assert tape.masked_after_pooling == ({5} if in_place_after_pooling else {1, 4})
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    names = [n for n, _ in model.named_parameters()]
+    _, expected = torch.func.jvp(lambda *ps: functional_call(model, dict(zip(names, ps)), (x,)),
+                                 tuple(p.detach() for p in params), tuple(v))
+    torch.testing.assert_close(tape.jvp({id(p): t for p, t in zip(params, v)}), expected, rtol=1e-10, atol=1e-12)
+
+
+_SYSTEMS = {  # a11, a12, a22, b1, b2
+    "regular": (2.0, 0.5, 1.0, 1.0, 0.25),
+    "singular (z parallel to dz)": (4.0, 2.0, 1.0, 1.0, 0.5),
+    "zero curvature and gradient": (0.0, 0.0, 0.0, 0.0, 0.0),
+    "negative curvature": (-1.0, 0.2, 0.5, 0.3, 0.1),
+}
+
+
+@pytest.mark.parametrize("fixed", [dict(), dict(lr=0.1), dict(momentum=0.9), dict(first=True)],
+                         ids=["automatic", "fixed lr", "fixed momentum", "first step"])
+@pytest.mark.parametrize("system", list(_SYSTEMS))
+def test_the_host_solve_equals_the_device_solve(system, fixed):
+    """The 2x2 solve on numpy float64 scalars (on_nonfinite="raise") and on float64 tensors ("skip") agree,
+    non-finite results included (a zero system gives nan, not an exception); the regular system's solution is
+    numpy's linalg.solve."""
+    import numpy as np
+
+    first = fixed.get("first", False)
+    host = CurveBall.solve(*map(np.float64, _SYSTEMS[system]), *(np.float64(fixed[k]) if k in fixed else None
+                                                                  for k in ("lr", "momentum")), first=first)
+    device = CurveBall.solve(*map(torch.tensor, _SYSTEMS[system]), *(torch.tensor(fixed[k]) if k in fixed else None
+                                                                     for k in ("lr", "momentum")), first=first)
+    for h, d in zip(host, device):
+        assert isinstance(h, np.float64) and (h == float(d) or (math.isnan(h) and math.isnan(float(d)))), (h, d)
+    if system == "regular" and not fixed:
+        a11, a12, a22, b1, b2 = _SYSTEMS[system]
+        assert np.allclose([host[0], -host[1]], np.linalg.solve([[a11, a12], [a12, a22]], [b1, b2]))
+
+
+@pytest.mark.parametrize("fixed", [dict(), dict(lr=0.05, momentum=0.5)], ids=["automatic", "fixed"])
+def test_raise_and_skip_modes_take_the_same_steps(fixed):
+    """"raise" solves the 2x2 system on the host in double precision, "skip" on the device: on a float64
+    network ten steps (two of them Levenberg-Marquardt updates) agree in weights, rho, beta, lambda and gamma."""
+    runs = []
+    for mode in ("raise", "skip"):
+        model = _cnn_bn()
+        x, y = _batch(model)
+        opt = CurveBall(model.parameters(), model=model, on_nonfinite=mode, lambda_interval=4, **fixed)
+        for _ in range(10):
+            opt.step(lambda: model(x), CrossEntropy(y))
+        runs.append((_flat(model.parameters()), {k: float(opt.curveball_state[k]) for k in
+                                                 ("rho", "beta", "lambd", "gamma")}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
+    assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-9)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_layer_used_twice_keeps_its_parameters(mode):
     """functional_call does not restore a parameter of a layer registered twice; the optimizer must."""

@@ -11,10 +11,12 @@ References:
 from __future__ import annotations
 
 import collections
+import math
 from contextlib import contextmanager
 from typing import Any
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
@@ -48,6 +50,17 @@ class NonFiniteCurveBallError(FloatingPointError):
 
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+Scalar = Tensor | np.float64  # a 0-d tensor (the 2x2 system on the device) or a numpy scalar (on the host)
+
+
+def _where(condition: Any, a: Scalar, b: Scalar) -> Scalar:
+    """``torch.where`` for device scalars, the plain choice for host ones."""
+    return torch.where(condition, a, b) if isinstance(condition, Tensor) else (a if condition else b)
+
+
+def _zero(like: Scalar) -> Scalar:
+    return torch.zeros_like(like) if isinstance(like, Tensor) else np.float64(0.0)
 
 
 class _Call(nn.Module):
@@ -106,8 +119,10 @@ class CurveBall(torch.optim.Optimizer):
             and logging; the step itself never reads ``.grad``). The step's reverse pass yields
             GGN z + g together, so g costs a reverse pass of its own (see benchmarks/bench_curveball.py).
         lambd: initial damping lambda (paper: 1.0). auto_lambda: the Levenberg-Marquardt rule.
-        on_nonfinite: "raise" (default; one host sync per step to check) or "skip" (no sync: a
-            non-finite step leaves weights and z unchanged, counted in ``state['skipped']``).
+        on_nonfinite: "raise" (default; one host sync per step to check, which also carries the 2x2 system's
+            entries to the host, where it is solved in double precision) or "skip" (no sync: the system is
+            solved on the device in the parameters' precision, and a non-finite step leaves weights and z
+            unchanged, counted in ``state['skipped']``).
         jvp: how J z and J dz are computed with ``model``. "replay": record the one forward that builds
             the reverse graph and propagate tangents alone through the recorded layers (see
             :class:`TangentTape`); needs a plain chain of layers with a registered tangent rule
@@ -288,15 +303,11 @@ class CurveBall(torch.optim.Optimizer):
         """The step's one forward with reverse graph, recorded for tangent replay (None if it cannot be)."""
         from torch.nn.modules import module as module_globals
 
-        tape = TangentTape(params, gram=gram, model=self.model)
+        tape = TangentTape(params, gram=gram)
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
             tape._invalid("a global module forward hook is registered")
-        handle = module_globals.register_module_forward_hook(tape.hook)
-        try:
-            with torch.enable_grad():
-                outputs = model_fn()
-        finally:
-            handle.remove()
+        with tape.recording(self.model), torch.enable_grad():
+            outputs = model_fn()
         tape.check(outputs)
         if tape.reason is None:
             self.replay_refused = None
@@ -448,12 +459,15 @@ class CurveBall(torch.optim.Optimizer):
             flat /= world
             dzs = list(torch.split(flat, [d.numel() for d in dzs]))
             dzs = [d.view_as(p) for d, p in zip(dzs, params)]
-        for d, z in zip(dzs, zs):  # in place, no temporaries: dz = GGN z + g + lambda z
-            d.addcmul_(z, lambd)
+        torch._foreach_addcmul_(dzs, zs, [lambd] * len(zs))  # in place, no temporaries: dz = GGN z + g + lambda z
 
-        # pass 2: J dz, then the 2x2 system in output space
-        lr_fixed = None if group["auto_lr"] else torch.tensor(float(group["lr"]), device=lambd.device)
-        mom_fixed = None if group["auto_momentum"] else torch.tensor(float(group["momentum"]), device=lambd.device)
+        # pass 2: J dz, then the 2x2 system in output space. With on_nonfinite="raise" the finiteness check
+        # syncs with the host anyway, so the scalars cross once and the system is solved there, in double
+        # precision (numpy scalars: IEEE division, no exceptions); "skip" keeps it on the device, without a sync.
+        host = self.on_nonfinite == "raise"
+        scalar = np.float64 if host else (lambda v: torch.tensor(float(v), device=lambd.device))
+        lr_fixed = None if group["auto_lr"] else scalar(group["lr"])
+        mom_fixed = None if group["auto_momentum"] else scalar(group["momentum"])
         dot = lambda a, b: sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b))  # noqa: E731
         dz_sq = dot(dzs, dzs)  # also the finiteness check of dz: a non-finite dz must not reach z
         if need_system:
@@ -472,27 +486,33 @@ class CurveBall(torch.optim.Optimizer):
             if world > 1:
                 dist.all_reduce(out_terms)
                 out_terms /= world
-            a11 = lambd * dz_sq + out_terms[0]
-            a12 = lambd * dot(dzs, zs) + out_terms[1]
-            a22 = lambd * dot(zs, zs) + out_terms[2]
-            b1, b2 = out_terms[3], out_terms[4]
+            dtype = out_terms.dtype
+            terms = torch.cat([out_terms, torch.stack([dz_sq.to(dtype), dot(dzs, zs).to(dtype), dot(zs, zs).to(dtype),
+                                                       lambd.to(dtype), loss.to(dtype)])])
+            o11, o12, o22, b1, b2, dd, dz_z, zz, lam, loss_value = (
+                map(np.float64, terms.tolist()) if host else terms.unbind())
+            a11, a12, a22 = lam * dd + o11, lam * dz_z + o12, lam * zz + o22
             beta, rho = self.solve(a11, a12, a22, b1, b2, lr_fixed, mom_fixed, first)
             x1, x2 = beta, -rho  # the quadratic model's change for the step taken (not only at its minimiser)
-            predicted = -(x1 * b1 + x2 * b2) + 0.5 * (x1 * x1 * a11 + 2 * x1 * x2 * a12 + x2 * x2 * a22)
+            with np.errstate(all="ignore"):  # a non-finite system is caught below, as on the device
+                predicted = -(x1 * b1 + x2 * b2) + 0.5 * (x1 * x1 * a11 + 2 * x1 * x2 * a12 + x2 * x2 * a22)
         else:
             beta, rho, predicted = lr_fixed, mom_fixed, None
+            loss_value, dd = (map(np.float64, torch.stack([loss.to(dz_sq.dtype), dz_sq]).tolist()) if host
+                              else (loss, dz_sq))
 
-        ok = torch.isfinite(loss) & torch.isfinite(beta) & torch.isfinite(rho) & torch.isfinite(dz_sq)
-        if self.on_nonfinite == "raise":
-            if not bool(ok):
+        if host:
+            if not all(math.isfinite(v) for v in (loss_value, beta, rho, dd)):
                 raise NonFiniteCurveBallError(
-                    f"CurveBall step {glob['step']}: loss={float(loss):.4g}, beta={float(beta):.4g}, "
-                    f"rho={float(rho):.4g}, |dz|^2={float(dz_sq):.4g}: not finite; the weights were not changed. "
+                    f"CurveBall step {glob['step']}: loss={float(loss_value):.4g}, beta={float(beta):.4g}, "
+                    f"rho={float(rho):.4g}, |dz|^2={float(dd):.4g}: not finite; the weights were not changed. "
                     "Check the data and the model, raise lambd, or pass on_nonfinite='skip'")
-            for p, z, dz in zip(params, zs, dzs):  # z <- rho z - beta dz; w <- w + z, in place
-                z.mul_(rho).addcmul_(dz, beta, value=-1)
-                p.add_(z)
+            rho, beta = torch.tensor([rho, beta], dtype=zs[0].dtype, device=zs[0].device).unbind()
+            torch._foreach_mul_(zs, rho)  # z <- rho z - beta dz; w <- w + z, in place
+            torch._foreach_addcmul_(zs, dzs, [beta] * len(zs), value=-1)
+            torch._foreach_add_(params, zs)
         else:  # without a host sync: a non-finite step leaves z and w as they were (rho 1, beta 0)
+            ok = torch.isfinite(loss_value) & torch.isfinite(beta) & torch.isfinite(rho) & torch.isfinite(dd)
             rho = torch.where(ok, rho, torch.ones_like(rho))
             beta = torch.where(ok, beta, torch.zeros_like(beta))
             keep = ok.to(params[0].dtype)
@@ -511,9 +531,15 @@ class CurveBall(torch.optim.Optimizer):
                 new_loss, loss_avg = pair / world
             else:
                 loss_avg = loss
-            gamma = (new_loss - loss_avg) / predicted
-            glob["gamma"] = gamma.detach()
-            glob["lambd"] = self.lambda_update(lambd, gamma, group).detach()
+            if host:
+                with np.errstate(all="ignore"):
+                    gamma = (np.float64(new_loss) - np.float64(loss_avg)) / predicted
+                    new_lambd = self.lambda_update(np.float64(lambd), gamma, group)
+                glob["gamma"], glob["lambd"] = torch.tensor(gamma), torch.tensor(new_lambd, dtype=lambd.dtype)
+            else:
+                gamma = (new_loss - loss_avg) / predicted
+                glob["gamma"] = gamma.detach()
+                glob["lambd"] = self.lambda_update(lambd, gamma, group).detach()
         glob["step"] += 1
         if closure_form:  # torch.optim's contract: step(closure) returns the closure's loss
             return loss.detach()
@@ -524,34 +550,48 @@ class CurveBall(torch.optim.Optimizer):
         return group["auto_lambda"] and step % group["lambda_interval"] == 0  # steps 0, k, 2k, ... (authors)
 
     @staticmethod
-    def solve(a11: Tensor, a12: Tensor, a22: Tensor, b1: Tensor, b2: Tensor, lr: Tensor | None = None,
-              momentum: Tensor | None = None, first: bool = False) -> tuple[Tensor, Tensor]:
+    def solve(a11: Scalar, a12: Scalar, a22: Scalar, b1: Scalar, b2: Scalar, lr: Scalar | None = None,
+              momentum: Scalar | None = None, first: bool = False) -> tuple[Scalar, Scalar]:
         """(beta, rho) minimising -b^T x + 1/2 x^T A x over x = [beta, -rho], with fixed entries kept.
 
-        z = 0 (``first``, or a22 = 0) reduces to the exact line search: rho = 0, beta = b1 / a11.
+        z = 0 (``first``, or a22 = 0) reduces to the exact line search: rho = 0, beta = b1 / a11. The
+        entries are 0-d tensors (solved on the device) or numpy float64 scalars (solved on the host).
+
+        Example:
+            >>> import numpy as np
+            >>> beta, rho = CurveBall.solve(*map(np.float64, (2.0, 0.5, 1.0, 1.0, 0.25)))
+            >>> a, b = np.array([[2.0, 0.5], [0.5, 1.0]]), np.array([1.0, 0.25])
+            >>> np.allclose([beta, -rho], np.linalg.solve(a, b))
+            True
         """
+        with np.errstate(all="ignore"):  # on the host as on the device: x / 0 is inf or nan, checked by the step
+            return CurveBall._solve(a11, a12, a22, b1, b2, lr, momentum, first)
+
+    @staticmethod
+    def _solve(a11: Scalar, a12: Scalar, a22: Scalar, b1: Scalar, b2: Scalar, lr: Scalar | None,
+               momentum: Scalar | None, first: bool) -> tuple[Scalar, Scalar]:
         line = b1 / a11
         if lr is not None and momentum is not None:
             return lr, momentum
         if lr is not None:  # beta fixed: rho = (a12 beta - b2) / a22
-            rho = torch.where(a22 > 0, (a12 * lr - b2) / a22, torch.zeros_like(a22))
-            return lr, (torch.zeros_like(rho) if first else rho)
+            rho = _where(a22 > 0, (a12 * lr - b2) / a22, _zero(a22))
+            return lr, (_zero(rho) if first else rho)
         if momentum is not None:  # rho fixed: beta = (b1 + a12 rho) / a11
             return (b1 + a12 * momentum) / a11, momentum
         if first:
-            return line, torch.zeros_like(line)
+            return line, _zero(line)
         det = a11 * a22 - a12 * a12
-        regular = det > 1e-12 * (a11 * a22).abs()
-        beta = torch.where(regular, (a22 * b1 - a12 * b2) / det, line)
-        neg_rho = torch.where(regular, (a11 * b2 - a12 * b1) / det, torch.zeros_like(det))
+        regular = det > 1e-12 * abs(a11 * a22)
+        beta = _where(regular, (a22 * b1 - a12 * b2) / det, line)
+        neg_rho = _where(regular, (a11 * b2 - a12 * b1) / det, _zero(det))
         return beta, -neg_rho
 
     @staticmethod
-    def lambda_update(lambd: Tensor, gamma: Tensor, group: dict) -> Tensor:
+    def lambda_update(lambd: Scalar, gamma: Scalar, group: dict) -> Scalar:
         """Levenberg-Marquardt: gamma < low -> lambda / factor^k; gamma > high -> lambda * factor^k."""
         scale = group["lambda_factor"] ** group["lambda_interval"]
-        return torch.where(gamma < group["lambda_low"], lambd / scale,
-                           torch.where(gamma > group["lambda_high"], lambd * scale, lambd))
+        return _where(gamma < group["lambda_low"], lambd / scale,
+                      _where(gamma > group["lambda_high"], lambd * scale, lambd))
 
 
 def curveball_step(batch, state) -> Tensor:

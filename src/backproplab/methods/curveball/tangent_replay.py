@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ from torch import Tensor, nn
 from ...models import PairwiseMaxPool1d
 
 
+_UNSET = object()  # a layer without a forward of its own in its __dict__ (the usual case)
+
+
 class NoReplay(Exception):
     """Raised by a rule's ``record``: this call cannot be replayed; the message says why.
 
@@ -57,7 +61,7 @@ class NoReplay(Exception):
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5), nn.Linear(3, 1))      # train mode: a random mask
         >>> tape = TangentTape(list(model.parameters()))
-        >>> with nn.modules.module.register_module_forward_hook(tape.hook):
+        >>> with tape.recording(model):
         ...     out = model(torch.randn(4, 2))
         >>> tape.check(out); tape.reason
         'Dropout is in train mode (its mask is not recorded)'
@@ -149,7 +153,7 @@ def register_tangent_rule(*layer_types: type[nn.Module],
         >>> model = nn.Sequential(nn.Linear(3, 4), Square(), nn.Linear(4, 2))
         >>> x, v = torch.randn(5, 3), [torch.randn_like(p) for p in model.parameters()]
         >>> tape = TangentTape(list(model.parameters()))
-        >>> with nn.modules.module.register_module_forward_hook(tape.hook):
+        >>> with tape.recording(model):
         ...     out = model(x)
         >>> tape.check(out); tape.reason is None
         True
@@ -186,12 +190,14 @@ def param_tangents(module: nn.Module, tangents: dict[int, Tensor]) -> tuple[Tens
 
 
 class _ArgMax:
-    """Max pooling's argmax per output, flat over the spatial dims (saved by the forward's node)."""
+    """Max pooling's argmax per output, flat over the spatial dims (saved by the forward's node), and its output."""
 
-    __slots__ = ("index",)
+    __slots__ = ("index", "pooled", "pooled_version")
 
-    def __init__(self, index: Tensor):
+    def __init__(self, index: Tensor, pooled: Tensor):
         self.index = index
+        self.pooled = pooled
+        self.pooled_version = pooled._version
 
 
 def _kept_tensor(kept: Any) -> Tensor | None:
@@ -202,10 +208,11 @@ def _kept_tensor(kept: Any) -> Tensor | None:
 
 
 class TangentTape:
-    """Records one forward through a chain of layers (a module forward hook) so that J v can be replayed.
+    """Records one forward through a chain of layers so that J v can be replayed.
 
-    ``hook`` is the forward hook; ``check(outputs)`` closes the record; ``reason`` is None when it can be
-    replayed, else why not; ``jvp(tangents)`` returns J v for {id(parameter): tangent} (None when zero).
+    ``with tape.recording(model):`` records the forward run inside it (``hook``, a global module forward hook,
+    records the same); ``check(outputs)`` closes the record; ``reason`` is None when it can be replayed, else
+    why not; ``jvp(tangents)`` returns J v for {id(parameter): tangent} (None when zero).
 
     ``gram=True`` (the step will need J dz, single process): for a Linear layer with 2-D input called
     once, the second product reuses the reverse pass. There dz = G + lambda z with G_W = delta^T x and
@@ -214,13 +221,18 @@ class TangentTape:
     the first product. That costs B^2 (d_in + d_out) instead of B d_in d_out multiply-adds, so it is
     used where B (d_in + d_out) < d_in d_out (batch smaller than the layer).
 
+    A ReLU followed by max pooling (``masked_after_pooling``): the replay skips the ReLU and applies its mask
+    after the pooling's gather, on the pooled values, since relu'(y) at each window's argmax is [pooled > 0].
+    Exact, and a quarter of the elements for 2x2 pooling. Not when the pooled output was changed in place
+    later in the forward (an in-place ReLU after the pooling, say): then the ReLU replays as usual.
+
     Example:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
         >>> tape = TangentTape(list(model.parameters()))
         >>> x = torch.randn(5, 3)
-        >>> with nn.modules.module.register_module_forward_hook(tape.hook):
+        >>> with tape.recording(model):
         ...     out = model(x)
         >>> tape.check(out)
         >>> v = [torch.randn_like(p) for p in model.parameters()]
@@ -242,6 +254,7 @@ class TangentTape:
         self._deltas: dict[int, Tensor] = {}  # cotangents at those layers' outputs, from the reverse pass
         self._own: dict[int, Tensor] = {}  # their first product's own term x z_W^T + z_b
         self.calls: list[tuple[nn.Module, TangentRule, Any]] = []  # (layer, its rule, what the rule kept)
+        self.masked_after_pooling: set[int] = set()  # ReLU calls whose mask the next max pooling applies
         self.reason: str | None = None
         self._last_output: weakref.ref | None = None
         self._first = True
@@ -252,15 +265,53 @@ class TangentTape:
             self.reason = why
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The record as a global module forward hook: containers are skipped, their leaf layers recorded."""
         if self.reason is not None or next(module.children(), None) is not None:
             return  # containers: their leaves are recorded
-        name = type(module).__name__
         if self.module_ids is not None and id(module) not in self.module_ids:
             return  # not the model's (a loss module inside a step closure, say)
-        if any(not getattr(h, "_curveball_catch", False) for h in module._forward_hooks.values()) \
-                or module._forward_pre_hooks:
+        self._record(module, args, output)
+
+    @contextmanager
+    def recording(self, model: nn.Module) -> Iterator[None]:
+        """Records the forward of ``model`` that runs inside the block (the same record as ``hook``).
+
+        Each leaf layer's ``forward`` is wrapped for the block's duration. A global forward hook would send
+        every module call through ``nn.Module``'s hook path, which on a small network costs as much as
+        recording itself; the wrappers leave that path alone."""
+        wrapped: list[tuple[nn.Module, Any]] = []
+        try:
+            for module in model.modules():
+                if next(module.children(), None) is None:
+                    wrapped.append((module, module.__dict__.get("forward", _UNSET)))
+                    module.__dict__["forward"] = self._recorder(module)
+            yield
+        finally:
+            for module, previous in wrapped:
+                if previous is _UNSET:
+                    del module.__dict__["forward"]
+                else:
+                    module.__dict__["forward"] = previous
+
+    def _recorder(self, module: nn.Module) -> Callable:
+        forward = module.forward
+
+        def recorded_forward(*args: Any, **kwargs: Any) -> Any:
+            output = forward(*args, **kwargs)
+            if kwargs:
+                self._invalid(f"{type(module).__name__} is called with keyword arguments")
+            elif self.reason is None:
+                self._record(module, args, output)
+            return output
+
+        return recorded_forward
+
+    def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
+        name = type(module).__name__
+        if module._forward_pre_hooks or (module._forward_hooks and any(
+                not getattr(h, "_curveball_catch", False) for h in module._forward_hooks.values())):
             return self._invalid(f"{name} has forward hooks of its own")
-        if len(args) != 1 or not torch.is_tensor(args[0]) or not torch.is_tensor(output):
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return self._invalid(f"{name} is not called with one tensor in and one tensor out")
         x = args[0]
         if torch.is_autocast_enabled(x.device.type):  # the replay would mix the autocast dtypes
@@ -278,7 +329,7 @@ class TangentTape:
             kept = rule.record(module, x, output)
         except NoReplay as refusal:
             return self._invalid(str(refusal))
-        if type(module) is nn.Linear and self.gram:
+        if self.gram and type(module) is nn.Linear:
             self._use_gram_form(module, x, output)
         self.calls.append((module, rule, kept))
         kept_tensor = _kept_tensor(kept)
@@ -299,17 +350,20 @@ class TangentTape:
         if self.reason is None and (self._last_output is None or self._last_output() is not outputs):
             self._invalid("the model's output is not the last layer's output")
         if self.reason is None:
-            covered = {id(p) for m, _, _ in self.calls for p in m.parameters(recurse=False)}
+            covered = {id(p) for m, _, _ in self.calls for p in m._parameters.values() if p is not None}
             if not self.param_ids <= covered:
                 self._invalid("a parameter is used outside the recorded layers")
         for kept, version, name in self._versions:
             if self.reason is None and kept._version != version:
                 self._invalid(f"what {name} keeps for its tangent rule was modified in place later in the forward")
         self._versions = []
+        self.masked_after_pooling = {
+            i for i, ((relu, _, _), (_, _, pool)) in enumerate(zip(self.calls, self.calls[1:]))
+            if type(relu) is nn.ReLU and isinstance(pool, _ArgMax) and pool.pooled._version == pool.pooled_version}
         once = [m for m, _, _ in self.calls]
         self.gram_calls = {i for i in self.gram_calls if once.count(self.calls[i][0]) == 1}  # shared: G sums calls
         if self.reason is not None:
-            self.calls, self.gram_calls = [], set()
+            self.calls, self.gram_calls, self.masked_after_pooling = [], set(), set()
 
     @torch.no_grad()
     def jvp(self, tangents: dict[int, Tensor], lambd: Tensor | None = None) -> Tensor | None:
@@ -332,8 +386,12 @@ class TangentTape:
                     own.addmm_(kept @ kept.t(), delta)
                     t = own if t is None else own.addmm_(t, module.weight.t())
                     continue
+            if i in self.masked_after_pooling:
+                continue
             if t is not None or rule.has_params:
                 t = rule.replay(module, kept, t, tangents)
+                if i - 1 in self.masked_after_pooling:  # relu'(y) at the argmax is [pooled > 0]
+                    t = torch.ops.aten.threshold_backward.grad_input(t, kept.pooled, 0, grad_input=t)
         return t
 
 
@@ -468,9 +526,9 @@ def _max_pool_argmax(m: nn.Module, x: Tensor, output: Tensor) -> _ArgMax | Tenso
         if node is not None and type(node).__name__ == "MaxBackward0":
             # the argmax within each pair (0 or 1) as a flat input position
             pairs = torch.arange(output.shape[-1], device=output.device) * 2
-            return _ArgMax(node._saved_indices + pairs)
+            return _ArgMax(node._saved_indices + pairs, output)
     elif _pool_node(node) is not None:
-        return _ArgMax(_pool_node(node)._saved_result1.view(output.shape))
+        return _ArgMax(_pool_node(node)._saved_result1.view(output.shape), output)
     return keep_input(m, x, output)
 
 
