@@ -79,6 +79,8 @@ def _data(n=64):
 def _worker(rank, world, init_file, out_file):
     import torch.distributed as dist
 
+    from backproplab.dist import leave_distributed
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = sb.StoBatchNet()
@@ -93,7 +95,9 @@ def _worker(rank, world, init_file, out_file):
     flat /= world
     if rank == 0:
         torch.save(flat, out_file)
-    dist.destroy_process_group()
+    # meet, leave the group and exit without finalization: a bare destroy_process_group let gloo's threads
+    # abort a rank now and then ("terminate called without an active exception", seen in CI on 2026-12-04)
+    leave_distributed(0)
 
 
 @pytest.mark.slow
