@@ -346,26 +346,34 @@ def test_frozen_parameters_are_skipped():
     assert torch.equal(model[0].weight, frozen) and not torch.equal(model[2].weight, _mlp()[2].weight)
 
 
+class _NonFiniteValue(CrossEntropy):
+    """Finite output products but a non-finite loss value: only the check of the loss itself can catch it."""
+
+    def __call__(self, outputs):
+        return super().__call__(outputs) * float("nan")
+
+
 @pytest.mark.parametrize("mode", ["raise", "skip"])
-@pytest.mark.parametrize("cause", ["nan input", "overflowing product, fixed lr/momentum"])
+@pytest.mark.parametrize("cause", ["nan input", "overflowing product, fixed lr/momentum",
+                                   "the loss value alone, fixed lr/momentum"])
 def test_non_finite_loss_never_reaches_the_weights(mode, cause):
     model = _mlp()
     x, y = _batch(model)
-    fixed = {}
+    fixed = {} if cause == "nan input" else dict(lr=0.1, momentum=0.9)
+    loss = _NonFiniteValue(y) if cause.startswith("the loss value") else CrossEntropy(y)
     if cause == "nan input":
         x[0, 0] = float("nan")
-    else:  # the loss is finite but J z overflows, so dz is not; fixed beta and rho would not notice
-        fixed = dict(lr=0.1, momentum=0.9)
     before = [p.clone() for p in model.parameters()]
     opt = CurveBall(model.parameters(), model=model, on_nonfinite=mode, **fixed)
-    if fixed:
+    if fixed:  # step 1: no Levenberg-Marquardt update, so the step solves no system
         opt.curveball_state["step"] = 1
+    if cause.startswith("overflowing"):  # the loss is finite but J z overflows, so dz is not
         _set_z(opt, model, torch.full((sum(p.numel() for p in model.parameters()),), 1e307))
     if mode == "raise":
         with pytest.raises(NonFiniteCurveBallError, match="not finite"):
-            opt.step(lambda: model(x), CrossEntropy(y))
+            opt.step(lambda: model(x), loss)
     else:
-        opt.step(lambda: model(x), CrossEntropy(y))
+        opt.step(lambda: model(x), loss)
         assert int(opt.curveball_state["skipped"]) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -741,6 +749,56 @@ def test_recording_equals_the_forward_hook_and_puts_the_layers_back():
     with tape.recording(model):
         model.features[0](input=x)
     assert "Conv2d is called with keyword arguments" in tape.reason
+
+
+def test_leaf_modules_are_the_childless_modules_once_each():
+    """``_leaf_modules`` (read from ``_modules``, without ``modules()``'s names) lists the modules that ``modules()``
+    lists without children, in the same order: nested containers, a layer registered three times, empty (None)
+    child slots, and a model that is itself one layer."""
+    from backproplab.methods.curveball.tangent_replay import _leaf_modules
+
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), shared), nn.Sequential(shared, nn.Tanh()),
+                          shared, nn.Identity())
+    model.register_module("empty", None)
+    holder = nn.Module()
+    holder.register_module("slot", None)  # its only child slot is empty: a leaf
+    model.add_module("holder", holder)
+    expected = [m for m in model.modules() if next(m.children(), None) is None]
+    assert len(expected) == 6
+    assert [id(m) for m in _leaf_modules(model)] == [id(m) for m in expected]
+    lone = nn.Linear(2, 2)
+    assert _leaf_modules(lone) == [lone]
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_param_dots_equal_per_parameter_sums(cross):
+    """The step's per-parameter dz.dz (and dz.z, z.z) against exact sums over Python floats, with a gradient
+    laid out channels-last (not a view of its flat form)."""
+    from backproplab.methods.curveball.optimizer import _param_dots
+
+    torch.manual_seed(35)
+    shapes = [(4, 3, 3, 3), (4,), (5, 7)]
+    dzs, zs = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
+    dzs[0] = dzs[0].contiguous(memory_format=torch.channels_last)
+    pairs = [(dzs, dzs), (dzs, zs), (zs, zs)][:3 if cross else 1]
+    expected = torch.tensor([[math.fsum(a * b for a, b in zip(u.flatten().tolist(), w.flatten().tolist()))
+                              for u, w in zip(us, ws)] for us, ws in pairs])
+    torch.testing.assert_close(_param_dots(dzs, zs, cross), expected, rtol=1e-12, atol=0)
+
+
+def test_cross_entropy_output_products_equal_autograd():
+    """CrossEntropy's J_L = (softmax - onehot) / B and H_L v against torch.func's gradient and Hessian (B = 7, so a
+    misplaced 1/B shows); the product leaves v alone and gives the same on a second call."""
+    torch.manual_seed(36)
+    out, y, v = torch.randn(7, 4), torch.randint(0, 4, (7,)), torch.randn(7, 4)
+    hvp, grad = CrossEntropy(y).output_grad_and_hvp(out)
+    loss = lambda o: F.cross_entropy(o, y)  # noqa: E731
+    torch.testing.assert_close(grad, torch.func.grad(loss)(out), rtol=1e-12, atol=1e-14)
+    expected = (hessian(loss)(out).reshape(28, 28) @ v.reshape(-1)).view(7, 4)
+    kept = v.clone()
+    torch.testing.assert_close(hvp(v), expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(v, kept) and torch.equal(hvp(v), hvp(v))
 
 
 @pytest.mark.parametrize("in_place_after_pooling", [False, True])

@@ -58,9 +58,9 @@ def _parser(run_name: str | None = None) -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--scale", choices=experiments.SCALES, help="smoke (seconds, for tests), quick (all "
-                        "experiments in about 19 minutes on 2 CPU cores), full (settles the claims; the default) or "
-                        "paper (the paper's dataset, model and budget where the config can express them, for a GPU; "
-                        "`run NAME --help` lists them)")
+                        "experiments in about 6-7 minutes on 2 CPU cores, on Ray), full (settles the claims; the "
+                        "default) or paper (the paper's dataset, model and budget where the config can express them, "
+                        "for a GPU; `run NAME --help` lists them)")
         sp.add_argument("--quick", action="store_true", help="the same as --scale quick")
         sp.add_argument("--seeds", type=int, help="number of seeds (0..N-1; checked with the config: 1 to "
                         f"{experiments.MAX_SEEDS})")

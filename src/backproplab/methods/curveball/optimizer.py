@@ -468,8 +468,8 @@ class CurveBall(torch.optim.Optimizer):
         scalar = np.float64 if host else (lambda v: torch.tensor(float(v), device=lambd.device))
         lr_fixed = None if group["auto_lr"] else scalar(group["lr"])
         mom_fixed = None if group["auto_momentum"] else scalar(group["momentum"])
-        dot = lambda a, b: sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b))  # noqa: E731
-        dz_sq = dot(dzs, dzs)  # also the finiteness check of dz: a non-finite dz must not reach z
+        # dz.dz (also the finiteness check of dz: a non-finite dz must not reach z), dz.z and z.z per parameter
+        param_dots = _param_dots(dzs, zs, cross=need_system)
         if need_system:
             if tape is not None:
                 jdz = tape.jvp({id(p): d for p, d in zip(params, dzs)}, lambd=lambd)
@@ -481,16 +481,23 @@ class CurveBall(torch.optim.Optimizer):
                 with torch.enable_grad():
                     jdz = self._double_backward_jvp(outputs, params, dzs)
             hl_jdz = hvp(jdz)
-            out_terms = torch.stack([(jdz * hl_jdz).sum(), (jz * hl_jdz).sum(), (jz * hl_jz).sum(),
-                                     (jl * jdz).sum(), (jl * jz).sum()])
+            # the output-space products in one matrix product: rows J dz, J z; columns H_L J dz, H_L J z, J_L
+            out_terms = (torch.stack([jdz, jz]).flatten(1) @ torch.stack([hl_jdz, hl_jz, jl]).flatten(1).t()).view(-1)
             if world > 1:
                 dist.all_reduce(out_terms)
                 out_terms /= world
             dtype = out_terms.dtype
-            terms = torch.cat([out_terms, torch.stack([dz_sq.to(dtype), dot(dzs, zs).to(dtype), dot(zs, zs).to(dtype),
-                                                       lambd.to(dtype), loss.to(dtype)])])
-            o11, o12, o22, b1, b2, dd, dz_z, zz, lam, loss_value = (
-                map(np.float64, terms.tolist()) if host else terms.unbind())
+            if host:  # one transfer; the per-parameter dots summed in double precision
+                values = torch.cat([out_terms, param_dots.view(-1).to(dtype), lambd.view(1).to(dtype),
+                                    loss.view(1).to(dtype)]).tolist()
+                o11, _, b1, o12, o22, b2 = map(np.float64, values[:6])
+                n = len(params)
+                dd, dz_z, zz = (np.float64(sum(values[6 + k * n:6 + (k + 1) * n])) for k in range(3))
+                lam, loss_value = np.float64(values[-2]), np.float64(values[-1])
+            else:
+                o11, _, b1, o12, o22, b2 = out_terms.unbind()
+                dd, dz_z, zz = param_dots.sum(1).to(dtype).unbind()
+                lam, loss_value = lambd.to(dtype), loss.to(dtype)
             a11, a12, a22 = lam * dd + o11, lam * dz_z + o12, lam * zz + o22
             beta, rho = self.solve(a11, a12, a22, b1, b2, lr_fixed, mom_fixed, first)
             x1, x2 = beta, -rho  # the quadratic model's change for the step taken (not only at its minimiser)
@@ -498,8 +505,11 @@ class CurveBall(torch.optim.Optimizer):
                 predicted = -(x1 * b1 + x2 * b2) + 0.5 * (x1 * x1 * a11 + 2 * x1 * x2 * a12 + x2 * x2 * a22)
         else:
             beta, rho, predicted = lr_fixed, mom_fixed, None
-            loss_value, dd = (map(np.float64, torch.stack([loss.to(dz_sq.dtype), dz_sq]).tolist()) if host
-                              else (loss, dz_sq))
+            if host:
+                values = torch.cat([param_dots.view(-1), loss.view(1).to(param_dots.dtype)]).tolist()
+                dd, loss_value = np.float64(sum(values[:-1])), np.float64(values[-1])
+            else:
+                dd, loss_value = param_dots.sum(), loss
 
         if host:
             if not all(math.isfinite(v) for v in (loss_value, beta, rho, dd)):
@@ -592,6 +602,16 @@ class CurveBall(torch.optim.Optimizer):
         scale = group["lambda_factor"] ** group["lambda_interval"]
         return _where(gamma < group["lambda_low"], lambd / scale,
                       _where(gamma > group["lambda_high"], lambd * scale, lambd))
+
+
+def _param_dots(dzs: list[Tensor], zs: list[Tensor], cross: bool) -> Tensor:
+    """Per parameter dz.dz, and with ``cross`` dz.z and z.z too: a (1 or 3, n) tensor, one stack for all."""
+    dz_flat = [d.reshape(-1) for d in dzs]
+    dots = [torch.dot(d, d) for d in dz_flat]
+    if cross:
+        z_flat = [z.reshape(-1) for z in zs]
+        dots += [torch.dot(d, z) for d, z in zip(dz_flat, z_flat)] + [torch.dot(z, z) for z in z_flat]
+    return torch.stack(dots).view(-1, len(dzs))
 
 
 def curveball_step(batch, state) -> Tensor:

@@ -103,7 +103,7 @@ def keep_input(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
         ...
         backproplab.methods.curveball.tangent_replay.NoReplay: ELU(inplace=True) overwrote the input ...
     """
-    if getattr(module, "inplace", False):
+    if vars(module).get("inplace", False):  # set by the layer's __init__ (vars: no nn.Module.__getattr__ miss)
         raise NoReplay(f"{type(module).__name__}(inplace=True) overwrote the input its tangent rule needs")
     return x
 
@@ -184,7 +184,8 @@ def param_tangents(module: nn.Module, tangents: dict[int, Tensor]) -> tuple[Tens
         >>> param_tangents(layer, {id(layer.weight): tw})[0] is tw, param_tangents(layer, {})
         (True, (None, None))
     """
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    params = module._parameters  # read directly: nn.Module.__getattr__ is slow, and tangents are per parameter
+    weight, bias = params.get("weight"), params.get("bias")
     return (tangents.get(id(weight)) if weight is not None else None,
             tangents.get(id(bias)) if bias is not None else None)
 
@@ -198,6 +199,25 @@ class _ArgMax:
         self.index = index
         self.pooled = pooled
         self.pooled_version = pooled._version
+
+
+def _leaf_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` without children, each once, in ``model.modules()`` order (read from ``_modules``
+    directly: ``modules()`` builds every name, which costs more than the forward of a small network)."""
+    leaves: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        children = [child for child in module._modules.values() if child is not None]
+        if children:
+            stack.extend(reversed(children))
+        else:
+            leaves.append(module)
+    return leaves
 
 
 def _kept_tensor(kept: Any) -> Tensor | None:
@@ -281,10 +301,9 @@ class TangentTape:
         recording itself; the wrappers leave that path alone."""
         wrapped: list[tuple[nn.Module, Any]] = []
         try:
-            for module in model.modules():
-                if next(module.children(), None) is None:
-                    wrapped.append((module, module.__dict__.get("forward", _UNSET)))
-                    module.__dict__["forward"] = self._recorder(module)
+            for module in _leaf_modules(model):
+                wrapped.append((module, module.__dict__.get("forward", _UNSET)))
+                module.__dict__["forward"] = self._recorder(module)
             yield
         finally:
             for module, previous in wrapped:
@@ -339,8 +358,9 @@ class TangentTape:
 
     def _use_gram_form(self, module: nn.Linear, x: Tensor, output: Tensor) -> None:
         """Marks this Linear call for the Gram form of J dz where that is cheaper; keeps its output's cotangent."""
-        if x.dim() == 2 and id(module.weight) in self.param_ids:
-            d_out, d_in = module.weight.shape
+        weight = module._parameters["weight"]
+        if x.dim() == 2 and id(weight) in self.param_ids:
+            d_out, d_in = weight.shape
             if x.shape[0] * (d_in + d_out) < d_in * d_out and output.requires_grad:
                 self.gram_calls.add(len(self.calls))
                 output.register_hook(functools.partial(self._deltas.__setitem__, len(self.calls)))
@@ -494,8 +514,8 @@ def _identity(m: nn.Module, kept: None, t: Tensor, tangents: dict[int, Tensor]) 
                        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample, nn.ZeroPad1d,
                        nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle, record=keep_nothing)
 def _linear_map(m: nn.Module, kept: None, t: Tensor, tangents: dict[int, Tensor]) -> Tensor:
-    """A linear parameter-free layer: t_y = m(t)."""
-    return m(t)
+    """A linear parameter-free layer: t_y = m(t) (its forward alone: the record refused layers with hooks)."""
+    return m.forward(t)
 
 
 @register_tangent_rule(nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus,
@@ -527,8 +547,8 @@ def _max_pool_argmax(m: nn.Module, x: Tensor, output: Tensor) -> _ArgMax | Tenso
             # the argmax within each pair (0 or 1) as a flat input position
             pairs = torch.arange(output.shape[-1], device=output.device) * 2
             return _ArgMax(node._saved_indices + pairs, output)
-    elif _pool_node(node) is not None:
-        return _ArgMax(_pool_node(node)._saved_result1.view(output.shape), output)
+    elif (pool_node := _pool_node(node)) is not None:
+        return _ArgMax(pool_node._saved_result1.view(output.shape), output)
     return keep_input(m, x, output)
 
 
