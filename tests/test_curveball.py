@@ -771,6 +771,27 @@ def test_leaf_modules_are_the_childless_modules_once_each():
     assert _leaf_modules(lone) == [lone]
 
 
+def test_a_layer_whose_weight_is_a_plain_tensor_replays_as_forward_mode_does():
+    """A Linear whose weight was replaced by a plain tensor (frozen, not a parameter): the record reads parameters
+    from ``_parameters``, so the replayed step (batch below the layer width, where the Gram form is considered)
+    equals forward-mode AD's."""
+    results = []
+    for jvp in ("replay", "forward_ad"):
+        torch.manual_seed(37)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        frozen = model[2].weight.detach().clone()
+        del model[2].weight
+        model[2].weight = frozen
+        x, y = torch.randn(2, 4), torch.randint(0, 3, (2,))
+        opt = CurveBall(model.parameters(), model=model, jvp=jvp)
+        for _ in range(3):
+            opt.step(lambda: model(x), CrossEntropy(y))
+        assert opt.replay_refused == (None if jvp == "replay" else "jvp='forward_ad'")
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("cross", [True, False])
 def test_param_dots_equal_per_parameter_sums(cross):
     """The step's per-parameter dz.dz (and dz.z, z.z) against exact sums over Python floats, with a gradient

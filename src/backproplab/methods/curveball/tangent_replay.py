@@ -90,7 +90,8 @@ TANGENT_RULES: dict[type[nn.Module], TangentRule] = {}
 
 
 def keep_input(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
-    """``record`` for a rule that needs the layer's input (refused when the layer overwrote it in place).
+    """``record`` for a rule that needs the layer's input (refused when the layer overwrote it in place: its own
+    ``inplace`` attribute, as torch's layers set it in ``__init__``, is true).
 
     Example:
         >>> import torch
@@ -358,8 +359,8 @@ class TangentTape:
 
     def _use_gram_form(self, module: nn.Linear, x: Tensor, output: Tensor) -> None:
         """Marks this Linear call for the Gram form of J dz where that is cheaper; keeps its output's cotangent."""
-        weight = module._parameters["weight"]
-        if x.dim() == 2 and id(weight) in self.param_ids:
+        weight = module._parameters.get("weight")
+        if weight is not None and x.dim() == 2 and id(weight) in self.param_ids:
             d_out, d_in = weight.shape
             if x.shape[0] * (d_in + d_out) < d_in * d_out and output.requires_grad:
                 self.gram_calls.add(len(self.calls))
